@@ -1,0 +1,105 @@
+//! The domain's errors and the stable error codes every layer reports.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// A value that failed validation, naming the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+
+    /// The same error reported under another field name (e.g. `request` instead of `run`).
+    pub fn for_field(mut self, field: impl Into<String>) -> Self {
+        self.field = field.into();
+        self
+    }
+}
+
+/// A state change the state machine does not allow. Never written; always reported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{entity} cannot go from `{from}` to `{to}`")]
+pub struct TransitionError {
+    pub entity: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// Stable, snake_case error codes: part of the public contract. Clients match on these,
+/// never on messages. The mapping to HTTP statuses lives in the API crate, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not syntactically valid JSON.
+    MalformedJson,
+    /// The body was empty where a JSON document was required.
+    EmptyBody,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
+    /// The body names a field the endpoint does not know.
+    UnknownField,
+    /// The body is JSON of the wrong shape (missing field, wrong type).
+    InvalidBody,
+    /// One or more fields failed validation; see `errors[]`.
+    ValidationFailed,
+    /// A query string parameter is invalid.
+    InvalidQuery,
+    /// The body exceeds the size limit.
+    PayloadTooLarge,
+    /// The requested pipeline does not exist.
+    UnknownPipeline,
+    /// No run with that id is visible to the caller.
+    RunNotFound,
+    /// No route matches the path.
+    RouteNotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// The resource is in a state that does not allow the operation.
+    InvalidTransition,
+    /// The run already finished; it cannot be cancelled.
+    RunAlreadyFinished,
+    /// A dependency (database, bus) is unavailable.
+    ServiceUnavailable,
+    /// The server is shutting down and takes no new work.
+    ShuttingDown,
+    /// An unexpected failure; details are in the server log under the request id.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::EmptyBody => "empty_body",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnknownField => "unknown_field",
+            Self::InvalidBody => "invalid_body",
+            Self::ValidationFailed => "validation_failed",
+            Self::InvalidQuery => "invalid_query",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnknownPipeline => "unknown_pipeline",
+            Self::RunNotFound => "run_not_found",
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::InvalidTransition => "invalid_transition",
+            Self::RunAlreadyFinished => "run_already_finished",
+            Self::ServiceUnavailable => "service_unavailable",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

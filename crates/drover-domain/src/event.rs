@@ -1,0 +1,136 @@
+//! Events: the append-only record of every state change, written in the same transaction
+//! as the change itself, and the feed for live streams.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AttemptId, CorrelationId, EventSeq, ProjectId, RunId, RunStatus, StageStatus, Timestamp,
+    ValidationError,
+};
+
+/// What happened. The wire name is `<subject>.<status>`, e.g. `run.succeeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Run(RunStatus),
+    Stage(StageStatus),
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Run(status) => match status {
+                RunStatus::Queued => "run.queued",
+                RunStatus::Running => "run.running",
+                RunStatus::WaitingApproval => "run.waiting_approval",
+                RunStatus::Succeeded => "run.succeeded",
+                RunStatus::Failed => "run.failed",
+                RunStatus::Cancelled => "run.cancelled",
+            },
+            Self::Stage(status) => match status {
+                StageStatus::Pending => "stage.pending",
+                StageStatus::Dispatched => "stage.dispatched",
+                StageStatus::Running => "stage.running",
+                StageStatus::Succeeded => "stage.succeeded",
+                StageStatus::Failed => "stage.failed",
+                StageStatus::TimedOut => "stage.timed_out",
+                StageStatus::Cancelled => "stage.cancelled",
+                StageStatus::DeadLettered => "stage.dead_lettered",
+            },
+        }
+    }
+
+    /// Whether this event ends a run's event stream.
+    pub fn is_run_terminal(self) -> bool {
+        matches!(self, Self::Run(status) if status.is_terminal())
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || ValidationError::new("kind", format!("`{s}` is not an event kind"));
+        let (subject, status) = s.split_once('.').ok_or_else(unknown)?;
+        match subject {
+            "run" => status.parse().map(Self::Run).map_err(|_| unknown()),
+            "stage" => status.parse().map(Self::Stage).map_err(|_| unknown()),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        value.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An event about to be appended; the store assigns its sequence number and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub project_id: ProjectId,
+    pub run_id: Option<RunId>,
+    pub attempt_id: Option<AttemptId>,
+    pub kind: EventKind,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<CorrelationId>,
+}
+
+/// An event as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: EventSeq,
+    pub project_id: ProjectId,
+    pub run_id: Option<RunId>,
+    pub attempt_id: Option<AttemptId>,
+    pub kind: EventKind,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<CorrelationId>,
+    pub created_at: Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_wire_name() {
+        let kinds = RunStatus::ALL
+            .into_iter()
+            .map(EventKind::Run)
+            .chain(StageStatus::ALL.into_iter().map(EventKind::Stage));
+        for kind in kinds {
+            assert_eq!(kind.as_str().parse::<EventKind>().unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_rejected() {
+        for bad in ["run", "run.exploded", "env.running", ""] {
+            assert!(bad.parse::<EventKind>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_terminal_run_events_end_a_stream() {
+        assert!(EventKind::Run(RunStatus::Failed).is_run_terminal());
+        assert!(!EventKind::Run(RunStatus::Running).is_run_terminal());
+        assert!(!EventKind::Stage(StageStatus::Succeeded).is_run_terminal());
+    }
+}
