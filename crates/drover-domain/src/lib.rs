@@ -16,9 +16,12 @@ mod time;
 
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
-pub use ids::{AgentType, AttemptId, CorrelationId, EventSeq, ProjectId, RunId, StageName, WorkerId};
+pub use ids::{
+    AgentType, AttemptId, CorrelationId, EventSeq, PipelineName, ProjectId, RunId, StageName,
+    WorkerId,
+};
 pub use pipeline::{
-    Backoff, Decision, NextStep, Outcome, PipelineName, PipelineSpec, StageSpec, decide, sdlc,
+    Backoff, Decision, NextStep, Outcome, PipelineCatalog, PipelineSpec, StageSpec, decide, sdlc,
 };
 pub use run::{Run, RunRequest, RunStatus};
 pub use stage::{FencingToken, StageAttempt, StageStatus};

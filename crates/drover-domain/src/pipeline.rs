@@ -4,14 +4,12 @@
 //! The store calls [`decide`] inside the transaction that commits the attempt's result, so
 //! the decision and its effects are one atomic step.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AgentType, RunStatus, StageAttempt, StageName, StageStatus, Timestamp};
-
-/// The name of a pipeline (`sdlc`, ...).
-pub type PipelineName = crate::StageName;
+use crate::{AgentType, PipelineName, RunStatus, StageAttempt, StageName, StageStatus, Timestamp};
 
 /// Exponential backoff with jitter between attempts of one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +22,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { initial: Duration::from_secs(1), max: Duration::from_secs(60) }
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
     }
 }
 
@@ -79,7 +80,7 @@ pub fn sdlc() -> PipelineSpec {
         backoff: Backoff::default(),
     };
     PipelineSpec {
-        name: StageName::parse("sdlc").expect("built-in pipeline name is a valid slug"),
+        name: PipelineName::parse("sdlc").expect("built-in pipeline name is a valid slug"),
         description: "scaffold → validate → e2e → integration → deploy".to_owned(),
         stages: vec![
             stage("scaffold", 120),
@@ -91,13 +92,52 @@ pub fn sdlc() -> PipelineSpec {
     }
 }
 
+/// The pipelines a server knows, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineCatalog {
+    pipelines: BTreeMap<String, PipelineSpec>,
+}
+
+impl PipelineCatalog {
+    /// The pipelines built into drover: `sdlc`.
+    pub fn builtin() -> Self {
+        Self::from_specs([sdlc()])
+    }
+
+    pub fn from_specs(specs: impl IntoIterator<Item = PipelineSpec>) -> Self {
+        Self {
+            pipelines: specs
+                .into_iter()
+                .map(|spec| (spec.name.to_string(), spec))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&PipelineSpec> {
+        self.pipelines.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.pipelines.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PipelineSpec> {
+        self.pipelines.values()
+    }
+}
+
 /// How an attempt ended, as far as the engine knows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded { output: serde_json::Value },
+    Succeeded {
+        output: serde_json::Value,
+    },
     /// The agent reported failure. `retryable = false` for deterministic failures (a syntax
     /// error will not fix itself), which fail the run at once.
-    Failed { error: String, retryable: bool },
+    Failed {
+        error: String,
+        retryable: bool,
+    },
     /// The stage ran past its timeout.
     TimedOut,
     /// The worker stopped heartbeating (crashed, lost its network, was killed).
@@ -110,9 +150,15 @@ pub enum NextStep {
     /// Start the stage at `index` with its first attempt.
     Stage { index: u32 },
     /// Try the same stage again, not before `available_at`.
-    Retry { attempt: u32, available_at: Timestamp },
+    Retry {
+        attempt: u32,
+        available_at: Timestamp,
+    },
     /// The run is over.
-    FinishRun { status: RunStatus, error: Option<String> },
+    FinishRun {
+        status: RunStatus,
+        error: Option<String>,
+    },
 }
 
 /// The status the ended attempt takes, and what happens next.
@@ -152,14 +198,24 @@ pub fn decide(
             let next = if pipeline.stage(next_index).is_some() {
                 NextStep::Stage { index: next_index }
             } else {
-                NextStep::FinishRun { status: RunStatus::Succeeded, error: None }
+                NextStep::FinishRun {
+                    status: RunStatus::Succeeded,
+                    error: None,
+                }
             };
-            return Decision { attempt_status: StageStatus::Succeeded, attempt_error: None, next };
+            return Decision {
+                attempt_status: StageStatus::Succeeded,
+                attempt_error: None,
+                next,
+            };
         }
         Outcome::Failed { error, retryable } => (StageStatus::Failed, error.clone(), *retryable),
         Outcome::TimedOut => (
             StageStatus::TimedOut,
-            format!("timed out after {}", humantime_serde::re::humantime::format_duration(spec.timeout)),
+            format!(
+                "timed out after {}",
+                humantime_serde::re::humantime::format_duration(spec.timeout)
+            ),
             true,
         ),
         Outcome::LeaseExpired => (
@@ -237,12 +293,17 @@ mod tests {
     #[test]
     fn sdlc_has_the_five_seed_stages_in_order() {
         let names: Vec<_> = sdlc().stages.iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(names, ["scaffold", "validate", "e2e", "integration", "deploy"]);
+        assert_eq!(
+            names,
+            ["scaffold", "validate", "e2e", "integration", "deploy"]
+        );
     }
 
     #[test]
     fn success_moves_to_the_next_stage() {
-        let outcome = Outcome::Succeeded { output: serde_json::json!({}) };
+        let outcome = Outcome::Succeeded {
+            output: serde_json::json!({}),
+        };
         let decision = decide(&sdlc(), &attempt_at(0, 1), &outcome, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Succeeded);
         assert_eq!(decision.next, NextStep::Stage { index: 1 });
@@ -250,20 +311,32 @@ mod tests {
 
     #[test]
     fn success_of_the_last_stage_finishes_the_run() {
-        let outcome = Outcome::Succeeded { output: serde_json::json!({}) };
+        let outcome = Outcome::Succeeded {
+            output: serde_json::json!({}),
+        };
         let decision = decide(&sdlc(), &attempt_at(4, 1), &outcome, 0.5, NOW);
         assert_eq!(
             decision.next,
-            NextStep::FinishRun { status: RunStatus::Succeeded, error: None }
+            NextStep::FinishRun {
+                status: RunStatus::Succeeded,
+                error: None
+            }
         );
     }
 
     #[test]
     fn a_retryable_failure_retries_after_a_backoff() {
-        let outcome = Outcome::Failed { error: "flaky".into(), retryable: true };
+        let outcome = Outcome::Failed {
+            error: "flaky".into(),
+            retryable: true,
+        };
         let decision = decide(&sdlc(), &attempt_at(2, 1), &outcome, 0.0, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Failed);
-        let NextStep::Retry { attempt, available_at } = decision.next else {
+        let NextStep::Retry {
+            attempt,
+            available_at,
+        } = decision.next
+        else {
             panic!("expected a retry, got {:?}", decision.next)
         };
         assert_eq!(attempt, 2);
@@ -272,10 +345,15 @@ mod tests {
 
     #[test]
     fn a_deterministic_failure_fails_the_run_without_retrying() {
-        let outcome = Outcome::Failed { error: "app.py:3: invalid syntax".into(), retryable: false };
+        let outcome = Outcome::Failed {
+            error: "app.py:3: invalid syntax".into(),
+            retryable: false,
+        };
         let decision = decide(&sdlc(), &attempt_at(1, 1), &outcome, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Failed);
-        let NextStep::FinishRun { status, error } = decision.next else { panic!() };
+        let NextStep::FinishRun { status, error } = decision.next else {
+            panic!()
+        };
         assert_eq!(status, RunStatus::Failed);
         assert!(error.unwrap().contains("invalid syntax"));
     }
@@ -284,7 +362,9 @@ mod tests {
     fn the_last_allowed_attempt_is_dead_lettered() {
         let decision = decide(&sdlc(), &attempt_at(3, 3), &Outcome::LeaseExpired, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::DeadLettered);
-        let NextStep::FinishRun { status, error } = decision.next else { panic!() };
+        let NextStep::FinishRun { status, error } = decision.next else {
+            panic!()
+        };
         assert_eq!(status, RunStatus::Failed);
         assert!(error.unwrap().contains("after 3 attempts"));
     }
@@ -298,7 +378,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_jitter_stays_in_the_upper_half() {
-        let backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(10) };
+        let backoff = Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+        };
         assert_eq!(backoff.delay(1, 0.0), Duration::from_millis(500));
         assert_eq!(backoff.delay(3, 0.0), Duration::from_secs(2));
         assert_eq!(backoff.delay(30, 0.0), Duration::from_secs(5));

@@ -7,8 +7,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AgentType, AttemptId, ProjectId, RunId, StageName, Timestamp, TransitionError,
-    ValidationError, WorkerId,
+    AgentType, AttemptId, ProjectId, RunId, StageName, Timestamp, TransitionError, ValidationError,
+    WorkerId,
 };
 
 /// Where a stage attempt is in its life.
@@ -67,7 +67,10 @@ impl StageStatus {
             (self, to),
             (Pending, Dispatched | Running | Cancelled)
                 | (Dispatched, Running | Pending | Cancelled | Failed)
-                | (Running, Succeeded | Failed | TimedOut | Cancelled | DeadLettered | Pending)
+                | (
+                    Running,
+                    Succeeded | Failed | TimedOut | Cancelled | DeadLettered | Pending
+                )
         )
     }
 
@@ -75,7 +78,11 @@ impl StageStatus {
         if self.can_become(to) {
             Ok(to)
         } else {
-            Err(TransitionError { entity: "stage attempt", from: self.as_str(), to: to.as_str() })
+            Err(TransitionError {
+                entity: "stage attempt",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
         }
     }
 }

@@ -1,0 +1,436 @@
+//! drover's configuration, loaded in layers: built-in defaults, then `drover.toml` (the
+//! working directory's, or the file given with `--config`), then `DROVER_<SECTION>__<KEY>`
+//! environment variables, then command-line flags (applied by the caller through
+//! [`Config::apply`]). Everything is validated at load: an unknown key, a value of the wrong
+//! type or out of range is an error that names the key, where it came from, and why.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The file looked for in the working directory when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
+/// The data directory when neither the config nor `--data-dir` says otherwise.
+pub const DEFAULT_DATA_DIR: &str = ".drover";
+/// The API's default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where drover keeps its database, workspaces and logs.
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub bus: BusConfig,
+    pub engine: EngineConfig,
+    pub workers: WorkersConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// How long `drover up` waits for running stages and children when stopping.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH`; defaults to `sqlite://<data_dir>/drover.db`.
+    pub url: Option<String>,
+    /// Connections used for reads (SQLite writes always go through one connection).
+    pub max_connections: u32,
+    /// How long a statement waits on a locked database before failing.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// `embedded` (in-process).
+    pub url: String,
+    /// Bound of each in-process task queue; when full, attempts wait in the store.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// How often a worker heartbeats a running attempt. A lease lasts twice this long, so
+    /// a lost worker's stage is retried within 2× the interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often the dispatcher looks for due attempts when nothing woke it.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Most attempts handed to the bus in one dispatcher pass.
+    pub dispatch_batch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Run the built-in agents' workers inside the server process (`drover up`).
+    pub embedded: bool,
+    /// Attempts one agent type runs at once inside this process.
+    pub concurrency: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `drover_engine=debug,info`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            server: ServerConfig::default(),
+            store: StoreConfig::default(),
+            bus: BusConfig::default(),
+            engine: EngineConfig::default(),
+            workers: WorkersConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            // The literal is a valid socket address.
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses"),
+            body_limit_bytes: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: "embedded".to_owned(),
+            capacity: 1024,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(500),
+            dispatch_batch: 100,
+        }
+    }
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            embedded: true,
+            concurrency: 4,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Values given on the command line; they win over every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+    pub embedded_workers: Option<bool>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `./drover.toml` if it exists), then the process's
+    /// `DROVER_<SECTION>__<KEY>` variables, then `overrides`, and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.is_file() => return Err(ConfigError::MissingFile(path.into())),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        // Only variables with a section separator are config keys: `DROVER_SERVER` and
+        // `DROVER_TOKEN` are CLI settings, not sections.
+        figment = figment.merge(
+            Env::prefixed("DROVER_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let mut config: Config = figment.extract().map_err(|err| {
+            let messages: Vec<String> = err.into_iter().map(describe_figment_error).collect();
+            ConfigError::Parse(messages.join("; "))
+        })?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies command-line values on top of what was loaded.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir.clone_from(dir);
+        }
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(format) = overrides.log_format {
+            self.log.format = format;
+        }
+        if let Some(embedded) = overrides.embedded_workers {
+            self.workers.embedded = embedded;
+        }
+    }
+
+    /// Checks ranges and formats that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if let Some(url) = &self.store.url {
+            if url.strip_prefix("sqlite://").is_none_or(str::is_empty) {
+                return Err(ConfigError::Invalid {
+                    key: "store.url",
+                    message: format!("`{url}` is not supported; expected sqlite://PATH"),
+                });
+            }
+        }
+        if self.store.max_connections == 0 {
+            return invalid("store.max_connections", "must be at least 1");
+        }
+        if self.bus.url != "embedded" {
+            return Err(ConfigError::Invalid {
+                key: "bus.url",
+                message: format!("`{}` is not supported; expected `embedded`", self.bus.url),
+            });
+        }
+        if self.bus.capacity == 0 {
+            return invalid("bus.capacity", "must be at least 1");
+        }
+        let heartbeat = self.engine.heartbeat_interval;
+        if heartbeat < Duration::from_millis(100) || heartbeat > Duration::from_secs(3600) {
+            return invalid("engine.heartbeat_interval", "must be between 100ms and 1h");
+        }
+        if self.engine.poll_interval < Duration::from_millis(10) {
+            return invalid("engine.poll_interval", "must be at least 10ms");
+        }
+        if !(1..=10_000).contains(&self.engine.dispatch_batch) {
+            return invalid("engine.dispatch_batch", "must be between 1 and 10000");
+        }
+        if !(1..=1024).contains(&self.workers.concurrency) {
+            return invalid("workers.concurrency", "must be between 1 and 1024");
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return invalid("server.body_limit_bytes", "must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// The store URL, derived from the data directory unless set explicitly.
+    pub fn store_url(&self) -> String {
+        match &self.store.url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("drover.db").display()),
+        }
+    }
+
+    /// How long a lease lasts without a heartbeat.
+    pub fn lease_duration(&self) -> Duration {
+        self.engine.heartbeat_interval * 2
+    }
+}
+
+/// Renders one figment error as `key: problem (from source)`, naming the exact
+/// environment variable or file the bad value came from.
+fn describe_figment_error(err: figment::Error) -> String {
+    let path: Vec<String> = err.path.iter().map(|p| p.to_lowercase()).collect();
+    let key = if path.is_empty() {
+        "config".to_owned()
+    } else {
+        path.join(".")
+    };
+    let source = match &err.metadata {
+        Some(meta) if meta.name.contains("environment") => {
+            format!(
+                "environment variable DROVER_{}",
+                path.join("__").to_uppercase()
+            )
+        }
+        Some(meta) => match &meta.source {
+            Some(source) => source.to_string(),
+            None => meta.name.to_string(),
+        },
+        None => "defaults".to_owned(),
+    };
+    format!("{key}: {} (from {source})", err.kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    fn load_in(jail: &Jail) -> Result<Config, ConfigError> {
+        let _ = jail;
+        Config::load(None, &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_apply_with_no_file_and_no_variables() {
+        Jail::expect_with(|jail| {
+            let config = load_in(jail).expect("defaults are valid");
+            assert_eq!(config, Config::default());
+            assert_eq!(config.store_url(), "sqlite://.drover/drover.db");
+            assert_eq!(config.lease_duration(), Duration::from_secs(10));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_file_then_the_environment_then_flags_win() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "drover.toml",
+                "data_dir = \"from-file\"\n[engine]\nheartbeat_interval = \"2s\"\n[server]\nlisten = \"127.0.0.1:9000\"\n",
+            )?;
+            jail.set_env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "750ms");
+            jail.set_env("DROVER_SERVER", "http://ignored:1");
+            let overrides = Overrides {
+                data_dir: Some("from-flag".into()),
+                ..Overrides::default()
+            };
+            let config = Config::load(None, &overrides).expect("valid");
+            assert_eq!(config.data_dir, PathBuf::from("from-flag"));
+            assert_eq!(config.engine.heartbeat_interval, Duration::from_millis(750));
+            assert_eq!(config.server.listen.port(), 9000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.create_file("drover.toml", "[engine]\nheartbeat = \"2s\"\n")?;
+            let message = load_in(jail).unwrap_err().to_string();
+            assert!(
+                message.contains("engine.heartbeat: unknown field"),
+                "{message}"
+            );
+            assert!(message.contains("engine"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_and_its_source() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DROVER_ENGINE__DISPATCH_BATCH", "lots");
+            let message = load_in(jail).unwrap_err().to_string();
+            assert!(message.contains("engine.dispatch_batch"), "{message}");
+            assert!(
+                message.contains("DROVER_ENGINE__DISPATCH_BATCH"),
+                "{message}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_out_of_range_value_names_the_key_and_the_rule() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "1ms");
+            let message = load_in(jail).unwrap_err().to_string();
+            assert_eq!(
+                message,
+                "invalid configuration: engine.heartbeat_interval: must be between 100ms and 1h"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unsupported_bus_is_rejected() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DROVER_BUS__URL", "kafka://x");
+            let message = load_in(jail).unwrap_err().to_string();
+            assert!(message.contains("bus.url"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        Jail::expect_with(|_jail| {
+            let err = Config::load(Some(Path::new("nope.toml")), &Overrides::default());
+            assert!(matches!(err, Err(ConfigError::MissingFile(_))));
+            Ok(())
+        });
+    }
+}

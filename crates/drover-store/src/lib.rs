@@ -1,0 +1,208 @@
+//! The store: drover's source of truth.
+//!
+//! Every state change of a run or a stage attempt goes through [`Store`], which checks it
+//! against the domain's state machines and appends the matching [`Event`] in the same
+//! transaction. Queries that serve users take the caller's [`ProjectId`]; the few that
+//! serve the engine's internal loops (dispatch, lease reaping) span all projects and say so
+//! in their names' documentation. After each commit the new events are published to
+//! in-process subscribers ([`Store::subscribe`]), so live streams never race the database.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use drover_domain::{
+    AttemptId, CorrelationId, Event, EventSeq, FencingToken, Outcome, PipelineCatalog,
+    PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt, StageStatus,
+    Timestamp, TransitionError, WorkerId,
+};
+use tokio::sync::broadcast;
+
+pub use sqlite::{SqliteStore, SqliteStoreOptions};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What can go wrong in the store. Business-rule errors (not found, already finished,
+/// illegal transition) are distinct from infrastructure failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("run {0} not found")]
+    RunNotFound(RunId),
+    #[error("run {id} already finished ({status})")]
+    RunAlreadyFinished { id: RunId, status: RunStatus },
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("cannot open the store at {url}: {message}")]
+    Open { url: String, message: String },
+    #[error("the database schema is newer than this drover binary ({0}); upgrade drover")]
+    SchemaTooNew(String),
+    #[error("migrating the store failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A run to create, with the pipeline it follows.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub project_id: ProjectId,
+    pub pipeline: PipelineSpec,
+    pub request: RunRequest,
+    pub correlation_id: CorrelationId,
+}
+
+/// Which runs to list: newest first, strictly older than `before` when paginating.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub status: Option<RunStatus>,
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
+/// Which events to list: oldest first, strictly after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub run_id: Option<RunId>,
+    pub after: Option<EventSeq>,
+    pub limit: u32,
+}
+
+/// A worker's claim on an attempt it received from the bus.
+#[derive(Debug, Clone)]
+pub struct StartAttempt {
+    pub attempt_id: AttemptId,
+    pub token: FencingToken,
+    pub worker_id: WorkerId,
+    pub lease_until: Timestamp,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub enum StartOutcome {
+    Started(StageAttempt),
+    /// The attempt is no longer the worker's to run (cancelled, reclaimed, already taken).
+    Rejected {
+        reason: String,
+    },
+}
+
+/// The end of an attempt as reported by its worker or decided by the reaper.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub attempt_id: AttemptId,
+    pub token: FencingToken,
+    pub outcome: Outcome,
+    /// A uniform sample from `[0, 1)` for retry backoff jitter.
+    pub jitter: f64,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub enum CompletionOutcome {
+    /// The result was committed: the attempt's new state, its run, and the attempt created
+    /// next (following stage or retry), if any.
+    Applied {
+        attempt: StageAttempt,
+        run: Run,
+        next: Option<StageAttempt>,
+    },
+    /// The token is not current or the attempt is no longer running: nothing was written.
+    Stale { reason: String },
+}
+
+/// The result of cancelling a run: the run and the attempts that were stopped.
+#[derive(Debug, Clone)]
+pub struct CancelledRun {
+    pub run: Run,
+    pub stopped_attempts: Vec<StageAttempt>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a `queued` run and the pending first attempt of its first stage.
+    async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run>;
+
+    async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>>;
+
+    async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>>;
+
+    /// The run's attempts in pipeline order, then attempt order.
+    async fn list_attempts(
+        &self,
+        project: &ProjectId,
+        run: RunId,
+    ) -> StoreResult<Vec<StageAttempt>>;
+
+    /// Cancels a run that has not finished, and every attempt of it still active.
+    async fn cancel_run(
+        &self,
+        project: &ProjectId,
+        run: RunId,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<CancelledRun>;
+
+    async fn list_events(&self, project: &ProjectId, query: &EventQuery)
+    -> StoreResult<Vec<Event>>;
+
+    /// All projects: pending attempts whose backoff has passed, oldest first.
+    async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
+
+    /// All projects: marks these pending attempts as handed to the bus.
+    async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()>;
+
+    /// All projects: puts every `dispatched` attempt back to `pending`, for a bus that lost
+    /// its messages (the embedded bus after a restart). Returns how many were requeued.
+    async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64>;
+
+    /// Starts an attempt for a worker, if its token is current and it is still waiting;
+    /// its deadline comes from the stage's timeout in `pipelines`.
+    async fn start_attempt(
+        &self,
+        start: StartAttempt,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<StartOutcome>;
+
+    /// Extends the lease of a running attempt. `false` when the token is stale.
+    async fn renew_lease(
+        &self,
+        attempt: AttemptId,
+        token: FencingToken,
+        lease_until: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// Hands a running attempt back (graceful shutdown): it becomes `pending` again with a
+    /// new fencing token, so the old worker's late result is rejected.
+    async fn release_attempt(
+        &self,
+        attempt: AttemptId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// Commits the end of an attempt, fenced by its token, and everything it causes (next
+    /// stage, retry, end of the run), decided by [`drover_domain::decide`], in one
+    /// transaction.
+    async fn complete_attempt(
+        &self,
+        completion: Completion,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<CompletionOutcome>;
+
+    /// All projects: running attempts whose lease ran out before `now`.
+    async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
+
+    /// All projects: running attempts past their stage timeout.
+    async fn overdue_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
+
+    /// Counts attempts by status (for metrics and `readyz`).
+    async fn count_attempts_by_status(&self) -> StoreResult<Vec<(StageStatus, u64)>>;
+
+    /// Committed events, as they commit. A subscriber that falls behind gets
+    /// `RecvError::Lagged` and must catch up from [`Store::list_events`].
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+}

@@ -1,0 +1,1021 @@
+//! The SQLite store: one file under the data directory, WAL journal, migrations applied on
+//! open.
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of exactly one
+//! connection (no `SQLITE_BUSY` upgrades inside transactions, no lock convoys), while reads
+//! use a separate pool that WAL lets run alongside the writer.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_domain::{
+    AgentType, AttemptId, CorrelationId, Event, EventKind, EventSeq, FencingToken, NewEvent,
+    NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest, RunStatus,
+    StageAttempt, StageName, StageSpec, StageStatus, Timestamp, WorkerId, decide,
+};
+use serde_json::json;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use tokio::sync::broadcast;
+
+use crate::{
+    CancelledRun, Completion, CompletionOutcome, EventQuery, NewRun, RunQuery, StartAttempt,
+    StartOutcome, Store, StoreError, StoreResult,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How many committed events a live subscriber may fall behind before it must catch up
+/// from the database.
+const EVENT_FEED_CAPACITY: usize = 4096;
+
+/// Connection settings for [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteStoreOptions {
+    /// `sqlite://PATH`.
+    pub url: String,
+    pub read_connections: u32,
+    pub busy_timeout: Duration,
+}
+
+/// The SQLite implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    events: broadcast::Sender<Event>,
+}
+
+macro_rules! run_columns {
+    () => {
+        "id, project_id, pipeline, request, status, correlation_id, error, created_at, \
+         updated_at, started_at, finished_at"
+    };
+}
+
+macro_rules! attempt_columns {
+    () => {
+        "id, project_id, run_id, stage, stage_index, agent, attempt, fencing_token, status, \
+         worker_id, available_at, lease_expires_at, deadline_at, output, error, created_at, \
+         started_at, finished_at"
+    };
+}
+
+macro_rules! event_columns {
+    () => {
+        "seq, project_id, run_id, attempt_id, kind, payload, correlation_id, created_at"
+    };
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub async fn open(options: &SqliteStoreOptions) -> StoreResult<Self> {
+        let open_error = |message: String| StoreError::Open {
+            url: options.url.clone(),
+            message,
+        };
+        let path = options
+            .url
+            .strip_prefix("sqlite://")
+            .ok_or_else(|| open_error("expected a sqlite:// URL".to_owned()))?;
+        if let Some(parent) = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|err| open_error(format!("cannot create {}: {err}", parent.display())))?;
+        }
+        let connect = SqliteConnectOptions::from_str(&options.url)
+            .map_err(|err| open_error(err.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(options.busy_timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect.clone())
+            .await
+            .map_err(|err| open_error(err.to_string()))?;
+        migrate(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .connect_with(connect.read_only(true))
+            .await
+            .map_err(|err| open_error(err.to_string()))?;
+        let (events, _) = broadcast::channel(EVENT_FEED_CAPACITY);
+        Ok(Self {
+            writer,
+            reader,
+            events,
+        })
+    }
+
+    /// Closes both pools, waiting for in-flight statements.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    fn publish(&self, events: Vec<Event>) {
+        for event in events {
+            // No subscribers is fine: the events are in the database.
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
+    match MIGRATOR.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::VersionMissing(version)) => Err(StoreError::SchemaTooNew(
+            format!("database has migration {version} this binary lacks"),
+        )),
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run> {
+        let first_stage = new.pipeline.stages.first().ok_or_else(|| {
+            StoreError::Corrupt(format!("pipeline `{}` has no stages", new.pipeline.name))
+        })?;
+        let run = Run {
+            id: RunId::new(),
+            project_id: new.project_id,
+            pipeline: new.pipeline.name.clone(),
+            request: new.request,
+            status: RunStatus::Queued,
+            correlation_id: new.correlation_id,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+        };
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(concat!(
+            "INSERT INTO runs (",
+            run_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(run.id.to_string())
+        .bind(run.project_id.as_str())
+        .bind(run.pipeline.as_str())
+        .bind(run.request.as_str())
+        .bind(run.status.as_str())
+        .bind(run.correlation_id.to_string())
+        .bind(None::<String>)
+        .bind(now.as_millis())
+        .bind(now.as_millis())
+        .bind(None::<i64>)
+        .bind(None::<i64>)
+        .execute(&mut *tx)
+        .await?;
+        let mut events = vec![run_event(
+            &run,
+            json!({ "request": run.request, "pipeline": run.pipeline }),
+        )];
+        let attempt = insert_attempt(&mut tx, &run, 0, first_stage, 1, now, now).await?;
+        events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(run)
+    }
+
+    async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>> {
+        let row: Option<RunRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE project_id = ? AND id = ?"
+        ))
+        .bind(project.as_str())
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(Run::try_from).transpose()
+    }
+
+    async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>> {
+        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE project_id = "
+        ));
+        sql.push_bind(project.as_str().to_owned());
+        if let Some(status) = query.status {
+            sql.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(before) = query.before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(query.limit));
+        let rows: Vec<RunRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter().map(Run::try_from).collect()
+    }
+
+    async fn list_attempts(
+        &self,
+        project: &ProjectId,
+        run: RunId,
+    ) -> StoreResult<Vec<StageAttempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE project_id = ? AND run_id = ? ",
+            "ORDER BY stage_index, attempt"
+        ))
+        .bind(project.as_str())
+        .bind(run.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(StageAttempt::try_from).collect()
+    }
+
+    async fn cancel_run(
+        &self,
+        project: &ProjectId,
+        run_id: RunId,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<CancelledRun> {
+        let mut tx = self.writer.begin().await?;
+        let mut run = fetch_run(&mut tx, project, run_id)
+            .await?
+            .ok_or(StoreError::RunNotFound(run_id))?;
+        if run.status.is_terminal() {
+            return Err(StoreError::RunAlreadyFinished {
+                id: run.id,
+                status: run.status,
+            });
+        }
+        run.status = run.status.become_(RunStatus::Cancelled)?;
+        run.error = Some(reason.to_owned());
+        run.updated_at = now;
+        run.finished_at = Some(now);
+        update_run(&mut tx, &run).await?;
+        let mut events = vec![run_event(&run, json!({ "reason": reason }))];
+
+        let active: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE run_id = ? AND status IN ('pending', 'dispatched', 'running')"
+        ))
+        .bind(run.id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut stopped = Vec::with_capacity(active.len());
+        for row in active {
+            let mut attempt = StageAttempt::try_from(row)?;
+            attempt.status = attempt.status.become_(StageStatus::Cancelled)?;
+            attempt.error = Some(reason.to_owned());
+            attempt.finished_at = Some(now);
+            attempt.lease_expires_at = None;
+            update_attempt(&mut tx, &attempt).await?;
+            events.push(attempt_event(
+                &attempt,
+                &run.correlation_id,
+                json!({ "reason": reason }),
+            ));
+            stopped.push(attempt);
+        }
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(CancelledRun {
+            run,
+            stopped_attempts: stopped,
+        })
+    }
+
+    async fn list_events(
+        &self,
+        project: &ProjectId,
+        query: &EventQuery,
+    ) -> StoreResult<Vec<Event>> {
+        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE project_id = "
+        ));
+        sql.push_bind(project.as_str().to_owned());
+        if let Some(run) = query.run_id {
+            sql.push(" AND run_id = ").push_bind(run.to_string());
+        }
+        if let Some(after) = query.after {
+            sql.push(" AND seq > ").push_bind(after.0);
+        }
+        sql.push(" ORDER BY seq LIMIT ")
+            .push_bind(i64::from(query.limit));
+        let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter().map(Event::try_from).collect()
+    }
+
+    async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE status = 'pending' AND available_at <= ? ",
+            "ORDER BY available_at LIMIT ?"
+        ))
+        .bind(now.as_millis())
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.into_iter().map(StageAttempt::try_from).collect()
+    }
+
+    async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await?;
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ",
+        );
+        sql.push_bind(now.as_millis());
+        sql.push(" WHERE status = 'pending' AND id IN (");
+        let mut ids = sql.separated(", ");
+        for id in attempts {
+            ids.push_bind(id.to_string());
+        }
+        sql.push(") RETURNING ").push(attempt_columns!());
+        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&mut *tx).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let attempt = StageAttempt::try_from(row)?;
+            events.push(NewEvent {
+                project_id: attempt.project_id.clone(),
+                run_id: Some(attempt.run_id),
+                attempt_id: Some(attempt.id),
+                kind: EventKind::Stage(StageStatus::Dispatched),
+                payload: attempt_payload(&attempt, json!({})),
+                correlation_id: None,
+            });
+        }
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(())
+    }
+
+    async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "UPDATE stage_attempts SET status = 'pending', dispatched_at = NULL ",
+            "WHERE status = 'dispatched' RETURNING ",
+            attempt_columns!()
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let count = rows.len() as u64;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let attempt = StageAttempt::try_from(row)?;
+            events.push(NewEvent {
+                project_id: attempt.project_id.clone(),
+                run_id: Some(attempt.run_id),
+                attempt_id: Some(attempt.id),
+                kind: EventKind::Stage(StageStatus::Pending),
+                payload: attempt_payload(
+                    &attempt,
+                    json!({ "reason": "requeued: the bus lost it" }),
+                ),
+                correlation_id: None,
+            });
+        }
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(count)
+    }
+
+    async fn start_attempt(
+        &self,
+        start: StartAttempt,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<StartOutcome> {
+        let mut tx = self.writer.begin().await?;
+        let Some(mut attempt) = fetch_attempt(&mut tx, start.attempt_id).await? else {
+            return Ok(StartOutcome::Rejected {
+                reason: "no such attempt".to_owned(),
+            });
+        };
+        if attempt.fencing_token != start.token {
+            return Ok(StartOutcome::Rejected {
+                reason: format!(
+                    "stale fencing token {} (current {})",
+                    start.token, attempt.fencing_token
+                ),
+            });
+        }
+        if !matches!(
+            attempt.status,
+            StageStatus::Pending | StageStatus::Dispatched
+        ) {
+            return Ok(StartOutcome::Rejected {
+                reason: format!("attempt is {}", attempt.status),
+            });
+        }
+        let mut run = fetch_run(&mut tx, &attempt.project_id, attempt.run_id)
+            .await?
+            .ok_or(StoreError::RunNotFound(attempt.run_id))?;
+        let timeout = pipelines
+            .get(run.pipeline.as_str())
+            .and_then(|p| p.stage(attempt.stage_index))
+            .map_or(Duration::from_secs(3600), |spec| spec.timeout);
+
+        attempt.status = attempt.status.become_(StageStatus::Running)?;
+        attempt.worker_id = Some(start.worker_id.clone());
+        attempt.started_at = Some(start.now);
+        attempt.lease_expires_at = Some(start.lease_until);
+        attempt.deadline_at = Some(start.now.plus(timeout));
+        update_attempt(&mut tx, &attempt).await?;
+        let mut events = Vec::new();
+        if run.status == RunStatus::Queued {
+            run.status = run.status.become_(RunStatus::Running)?;
+            run.started_at = Some(start.now);
+            run.updated_at = start.now;
+            update_run(&mut tx, &run).await?;
+            events.push(run_event(&run, json!({})));
+        }
+        events.push(attempt_event(
+            &attempt,
+            &run.correlation_id,
+            json!({ "worker_id": start.worker_id }),
+        ));
+        let events = append_events(&mut tx, events, start.now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(StartOutcome::Started(attempt))
+    }
+
+    async fn renew_lease(
+        &self,
+        attempt: AttemptId,
+        token: FencingToken,
+        lease_until: Timestamp,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE stage_attempts SET lease_expires_at = ? \
+             WHERE id = ? AND fencing_token = ? AND status = 'running'",
+        )
+        .bind(lease_until.as_millis())
+        .bind(attempt.to_string())
+        .bind(token.0)
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn release_attempt(
+        &self,
+        attempt_id: AttemptId,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await?;
+        let Some(mut attempt) = fetch_attempt(&mut tx, attempt_id).await? else {
+            return Ok(false);
+        };
+        if attempt.fencing_token != token || attempt.status != StageStatus::Running {
+            return Ok(false);
+        }
+        attempt.status = attempt.status.become_(StageStatus::Pending)?;
+        attempt.fencing_token = attempt.fencing_token.next();
+        attempt.worker_id = None;
+        attempt.lease_expires_at = None;
+        attempt.deadline_at = None;
+        attempt.started_at = None;
+        attempt.available_at = now;
+        update_attempt(&mut tx, &attempt).await?;
+        let event = NewEvent {
+            project_id: attempt.project_id.clone(),
+            run_id: Some(attempt.run_id),
+            attempt_id: Some(attempt.id),
+            kind: EventKind::Stage(StageStatus::Pending),
+            payload: attempt_payload(&attempt, json!({ "reason": "handed back by its worker" })),
+            correlation_id: None,
+        };
+        let events = append_events(&mut tx, vec![event], now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(true)
+    }
+
+    async fn complete_attempt(
+        &self,
+        completion: Completion,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<CompletionOutcome> {
+        let now = completion.now;
+        let mut tx = self.writer.begin().await?;
+        let Some(mut attempt) = fetch_attempt(&mut tx, completion.attempt_id).await? else {
+            return Ok(CompletionOutcome::Stale {
+                reason: "no such attempt".to_owned(),
+            });
+        };
+        if attempt.fencing_token != completion.token {
+            return Ok(CompletionOutcome::Stale {
+                reason: format!(
+                    "stale fencing token {} (current {})",
+                    completion.token, attempt.fencing_token
+                ),
+            });
+        }
+        if attempt.status != StageStatus::Running {
+            return Ok(CompletionOutcome::Stale {
+                reason: format!("attempt is {}", attempt.status),
+            });
+        }
+        let mut run = fetch_run(&mut tx, &attempt.project_id, attempt.run_id)
+            .await?
+            .ok_or(StoreError::RunNotFound(attempt.run_id))?;
+        let Some(pipeline) = pipelines.get(run.pipeline.as_str()) else {
+            return Err(StoreError::Corrupt(format!(
+                "run {} follows pipeline `{}`, which this server does not know",
+                run.id, run.pipeline
+            )));
+        };
+        let decision = decide(
+            pipeline,
+            &attempt,
+            &completion.outcome,
+            completion.jitter,
+            now,
+        );
+
+        attempt.status = attempt.status.become_(decision.attempt_status)?;
+        attempt.error = decision.attempt_error.clone();
+        attempt.finished_at = Some(now);
+        attempt.lease_expires_at = None;
+        if let Outcome::Succeeded { output } = &completion.outcome {
+            attempt.output = Some(output.clone());
+        }
+        update_attempt(&mut tx, &attempt).await?;
+        let detail = match &completion.outcome {
+            Outcome::Succeeded { output } => json!({ "output": output }),
+            _ => json!({ "error": attempt.error }),
+        };
+        let mut events = vec![attempt_event(&attempt, &run.correlation_id, detail)];
+
+        let mut next = None;
+        match decision.next {
+            NextStep::Stage { index } => {
+                let spec = pipeline.stage(index).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "pipeline `{}` has no stage {index}",
+                        pipeline.name
+                    ))
+                })?;
+                let created = insert_attempt(&mut tx, &run, index, spec, 1, now, now).await?;
+                events.push(attempt_event(&created, &run.correlation_id, json!({})));
+                next = Some(created);
+            }
+            NextStep::Retry {
+                attempt: number,
+                available_at,
+            } => {
+                let spec = pipeline.stage(attempt.stage_index).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "pipeline `{}` has no stage {}",
+                        pipeline.name, attempt.stage_index
+                    ))
+                })?;
+                let created = insert_attempt(
+                    &mut tx,
+                    &run,
+                    attempt.stage_index,
+                    spec,
+                    number,
+                    available_at,
+                    now,
+                )
+                .await?;
+                events.push(attempt_event(
+                    &created,
+                    &run.correlation_id,
+                    json!({ "retry_of": attempt.id, "available_at": available_at }),
+                ));
+                next = Some(created);
+            }
+            NextStep::FinishRun { status, error } => {
+                run.status = run.status.become_(status)?;
+                run.error.clone_from(&error);
+                run.updated_at = now;
+                run.finished_at = Some(now);
+                update_run(&mut tx, &run).await?;
+                events.push(run_event(&run, json!({ "error": error })));
+            }
+        }
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(CompletionOutcome::Applied { attempt, run, next })
+    }
+
+    async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE status = 'running' AND lease_expires_at < ? ",
+            "ORDER BY lease_expires_at LIMIT ?"
+        ))
+        .bind(now.as_millis())
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.into_iter().map(StageAttempt::try_from).collect()
+    }
+
+    async fn overdue_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE status = 'running' AND deadline_at < ? ",
+            "ORDER BY deadline_at LIMIT ?"
+        ))
+        .bind(now.as_millis())
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.into_iter().map(StageAttempt::try_from).collect()
+    }
+
+    async fn count_attempts_by_status(&self) -> StoreResult<Vec<(StageStatus, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM stage_attempts GROUP BY status")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter()
+            .map(|(status, count)| {
+                let status = status
+                    .parse()
+                    .map_err(|e| corrupt("stage_attempts.status", e))?;
+                Ok((status, u64::try_from(count).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+}
+
+async fn fetch_run(
+    conn: &mut SqliteConnection,
+    project: &ProjectId,
+    id: RunId,
+) -> StoreResult<Option<Run>> {
+    let row: Option<RunRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        run_columns!(),
+        " FROM runs WHERE project_id = ? AND id = ?"
+    ))
+    .bind(project.as_str())
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?;
+    row.map(Run::try_from).transpose()
+}
+
+async fn fetch_attempt(
+    conn: &mut SqliteConnection,
+    id: AttemptId,
+) -> StoreResult<Option<StageAttempt>> {
+    let row: Option<AttemptRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        attempt_columns!(),
+        " FROM stage_attempts WHERE id = ?"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?;
+    row.map(StageAttempt::try_from).transpose()
+}
+
+async fn update_run(conn: &mut SqliteConnection, run: &Run) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE runs SET status = ?, error = ?, updated_at = ?, started_at = ?, finished_at = ? \
+         WHERE id = ?",
+    )
+    .bind(run.status.as_str())
+    .bind(run.error.as_deref())
+    .bind(run.updated_at.as_millis())
+    .bind(run.started_at.map(Timestamp::as_millis))
+    .bind(run.finished_at.map(Timestamp::as_millis))
+    .bind(run.id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn update_attempt(conn: &mut SqliteConnection, attempt: &StageAttempt) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE stage_attempts SET status = ?, fencing_token = ?, worker_id = ?, \
+         available_at = ?, lease_expires_at = ?, deadline_at = ?, output = ?, error = ?, \
+         started_at = ?, finished_at = ? WHERE id = ?",
+    )
+    .bind(attempt.status.as_str())
+    .bind(attempt.fencing_token.0)
+    .bind(attempt.worker_id.as_ref().map(WorkerId::as_str))
+    .bind(attempt.available_at.as_millis())
+    .bind(attempt.lease_expires_at.map(Timestamp::as_millis))
+    .bind(attempt.deadline_at.map(Timestamp::as_millis))
+    .bind(attempt.output.as_ref().map(serde_json::Value::to_string))
+    .bind(attempt.error.as_deref())
+    .bind(attempt.started_at.map(Timestamp::as_millis))
+    .bind(attempt.finished_at.map(Timestamp::as_millis))
+    .bind(attempt.id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_attempt(
+    conn: &mut SqliteConnection,
+    run: &Run,
+    stage_index: u32,
+    spec: &StageSpec,
+    number: u32,
+    available_at: Timestamp,
+    now: Timestamp,
+) -> StoreResult<StageAttempt> {
+    let attempt = StageAttempt {
+        id: AttemptId::new(),
+        project_id: run.project_id.clone(),
+        run_id: run.id,
+        stage: spec.name.clone(),
+        stage_index,
+        agent: spec.agent.clone(),
+        attempt: number,
+        fencing_token: FencingToken::FIRST,
+        status: StageStatus::Pending,
+        worker_id: None,
+        available_at,
+        lease_expires_at: None,
+        deadline_at: None,
+        output: None,
+        error: None,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+    };
+    sqlx::query(
+        "INSERT INTO stage_attempts (id, project_id, run_id, stage, stage_index, agent, attempt, \
+         fencing_token, status, available_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(attempt.id.to_string())
+    .bind(attempt.project_id.as_str())
+    .bind(attempt.run_id.to_string())
+    .bind(attempt.stage.as_str())
+    .bind(i64::from(stage_index))
+    .bind(attempt.agent.as_str())
+    .bind(i64::from(number))
+    .bind(attempt.fencing_token.0)
+    .bind(attempt.status.as_str())
+    .bind(available_at.as_millis())
+    .bind(now.as_millis())
+    .execute(conn)
+    .await?;
+    Ok(attempt)
+}
+
+async fn append_events(
+    conn: &mut SqliteConnection,
+    events: Vec<NewEvent>,
+    now: Timestamp,
+) -> StoreResult<Vec<Event>> {
+    let mut stored = Vec::with_capacity(events.len());
+    for event in events {
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO events (project_id, run_id, attempt_id, kind, payload, correlation_id, \
+             created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(event.project_id.as_str())
+        .bind(event.run_id.map(|id| id.to_string()))
+        .bind(event.attempt_id.map(|id| id.to_string()))
+        .bind(event.kind.as_str())
+        .bind(event.payload.to_string())
+        .bind(event.correlation_id.map(|id| id.to_string()))
+        .bind(now.as_millis())
+        .fetch_one(&mut *conn)
+        .await?;
+        stored.push(Event {
+            seq: EventSeq(seq),
+            project_id: event.project_id,
+            run_id: event.run_id,
+            attempt_id: event.attempt_id,
+            kind: event.kind,
+            payload: event.payload,
+            correlation_id: event.correlation_id,
+            created_at: now,
+        });
+    }
+    Ok(stored)
+}
+
+fn run_event(run: &Run, payload: serde_json::Value) -> NewEvent {
+    NewEvent {
+        project_id: run.project_id.clone(),
+        run_id: Some(run.id),
+        attempt_id: None,
+        kind: EventKind::Run(run.status),
+        payload,
+        correlation_id: Some(run.correlation_id),
+    }
+}
+
+fn attempt_event(
+    attempt: &StageAttempt,
+    correlation_id: &CorrelationId,
+    detail: serde_json::Value,
+) -> NewEvent {
+    NewEvent {
+        project_id: attempt.project_id.clone(),
+        run_id: Some(attempt.run_id),
+        attempt_id: Some(attempt.id),
+        kind: EventKind::Stage(attempt.status),
+        payload: attempt_payload(attempt, detail),
+        correlation_id: Some(*correlation_id),
+    }
+}
+
+/// Every stage event names its stage and attempt, plus event-specific details.
+fn attempt_payload(attempt: &StageAttempt, detail: serde_json::Value) -> serde_json::Value {
+    let mut payload = json!({
+        "stage": attempt.stage,
+        "stage_index": attempt.stage_index,
+        "attempt": attempt.attempt,
+        "agent": attempt.agent,
+    });
+    if let (Some(payload), serde_json::Value::Object(detail)) = (payload.as_object_mut(), detail) {
+        payload.extend(detail);
+    }
+    payload
+}
+
+fn corrupt(column: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{column}: {err}"))
+}
+
+#[derive(FromRow)]
+struct RunRow {
+    id: String,
+    project_id: String,
+    pipeline: String,
+    request: String,
+    status: String,
+    correlation_id: String,
+    error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl TryFrom<RunRow> for Run {
+    type Error = StoreError;
+
+    fn try_from(row: RunRow) -> Result<Self, Self::Error> {
+        Ok(Run {
+            id: row.id.parse().map_err(|e| corrupt("runs.id", e))?,
+            project_id: ProjectId::parse(row.project_id)
+                .map_err(|e| corrupt("runs.project_id", e))?,
+            pipeline: PipelineName::parse(row.pipeline).map_err(|e| corrupt("runs.pipeline", e))?,
+            request: RunRequest::parse(row.request).map_err(|e| corrupt("runs.request", e))?,
+            status: row.status.parse().map_err(|e| corrupt("runs.status", e))?,
+            correlation_id: row
+                .correlation_id
+                .parse()
+                .map_err(|e| corrupt("runs.correlation_id", e))?,
+            error: row.error,
+            created_at: Timestamp::from_millis(row.created_at),
+            updated_at: Timestamp::from_millis(row.updated_at),
+            started_at: row.started_at.map(Timestamp::from_millis),
+            finished_at: row.finished_at.map(Timestamp::from_millis),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AttemptRow {
+    id: String,
+    project_id: String,
+    run_id: String,
+    stage: String,
+    stage_index: i64,
+    agent: String,
+    attempt: i64,
+    fencing_token: i64,
+    status: String,
+    worker_id: Option<String>,
+    available_at: i64,
+    lease_expires_at: Option<i64>,
+    deadline_at: Option<i64>,
+    output: Option<String>,
+    error: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl TryFrom<AttemptRow> for StageAttempt {
+    type Error = StoreError;
+
+    fn try_from(row: AttemptRow) -> Result<Self, Self::Error> {
+        let output = row
+            .output
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| corrupt("stage_attempts.output", e))?;
+        Ok(StageAttempt {
+            id: row
+                .id
+                .parse()
+                .map_err(|e| corrupt("stage_attempts.id", e))?,
+            project_id: ProjectId::parse(row.project_id)
+                .map_err(|e| corrupt("stage_attempts.project_id", e))?,
+            run_id: row
+                .run_id
+                .parse()
+                .map_err(|e| corrupt("stage_attempts.run_id", e))?,
+            stage: StageName::parse(row.stage).map_err(|e| corrupt("stage_attempts.stage", e))?,
+            stage_index: u32::try_from(row.stage_index)
+                .map_err(|e| corrupt("stage_attempts.stage_index", e))?,
+            agent: AgentType::parse(row.agent).map_err(|e| corrupt("stage_attempts.agent", e))?,
+            attempt: u32::try_from(row.attempt)
+                .map_err(|e| corrupt("stage_attempts.attempt", e))?,
+            fencing_token: FencingToken(row.fencing_token),
+            status: row
+                .status
+                .parse()
+                .map_err(|e| corrupt("stage_attempts.status", e))?,
+            worker_id: row.worker_id.map(WorkerId::new),
+            available_at: Timestamp::from_millis(row.available_at),
+            lease_expires_at: row.lease_expires_at.map(Timestamp::from_millis),
+            deadline_at: row.deadline_at.map(Timestamp::from_millis),
+            output,
+            error: row.error,
+            created_at: Timestamp::from_millis(row.created_at),
+            started_at: row.started_at.map(Timestamp::from_millis),
+            finished_at: row.finished_at.map(Timestamp::from_millis),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct EventRow {
+    seq: i64,
+    project_id: String,
+    run_id: Option<String>,
+    attempt_id: Option<String>,
+    kind: String,
+    payload: String,
+    correlation_id: Option<String>,
+    created_at: i64,
+}
+
+impl TryFrom<EventRow> for Event {
+    type Error = StoreError;
+
+    fn try_from(row: EventRow) -> Result<Self, Self::Error> {
+        Ok(Event {
+            seq: EventSeq(row.seq),
+            project_id: ProjectId::parse(row.project_id)
+                .map_err(|e| corrupt("events.project_id", e))?,
+            run_id: row
+                .run_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|e| corrupt("events.run_id", e))?,
+            attempt_id: row
+                .attempt_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|e| corrupt("events.attempt_id", e))?,
+            kind: row.kind.parse().map_err(|e| corrupt("events.kind", e))?,
+            payload: serde_json::from_str(&row.payload)
+                .map_err(|e| corrupt("events.payload", e))?,
+            correlation_id: row
+                .correlation_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|e| corrupt("events.correlation_id", e))?,
+            created_at: Timestamp::from_millis(row.created_at),
+        })
+    }
+}
