@@ -1,0 +1,95 @@
+//! What travels on the bus: task envelopes to workers, worker messages back, control
+//! broadcasts. All of it is plain serde data, the same on every backend.
+
+use std::collections::BTreeMap;
+
+use drover_domain::{
+    AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName,
+    Timestamp, WorkerId,
+};
+use serde::{Deserialize, Serialize};
+
+/// One stage attempt handed to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEnvelope {
+    /// The attempt id; unique per task.
+    pub task_id: AttemptId,
+    pub project_id: ProjectId,
+    pub run_id: RunId,
+    pub pipeline: PipelineName,
+    pub stage: StageName,
+    pub agent: AgentType,
+    pub attempt: u32,
+    pub fencing_token: FencingToken,
+    /// The user's request and any stage-specific input.
+    pub payload: serde_json::Value,
+    pub context: WorkflowContext,
+    /// When the stage times out, if it has started before.
+    pub deadline: Option<Timestamp>,
+    pub correlation_id: CorrelationId,
+    /// W3C `traceparent` of the span that dispatched the task.
+    pub traceparent: Option<String>,
+}
+
+/// What a stage needs to know about the run it belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowContext {
+    /// The run's workspace directory.
+    pub workspace: String,
+    /// Where the attempt's output log is written.
+    pub log_path: String,
+    /// Outputs of the stages that already succeeded, by stage name.
+    pub outputs: BTreeMap<String, serde_json::Value>,
+}
+
+/// How an agent's work ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum AgentResult {
+    Succeeded { output: serde_json::Value },
+    Failed { error: String, retryable: bool },
+}
+
+/// A worker's message to the engine about an attempt it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    Started {
+        attempt_id: AttemptId,
+        token: FencingToken,
+        worker_id: WorkerId,
+    },
+    Heartbeat {
+        attempt_id: AttemptId,
+        token: FencingToken,
+        worker_id: WorkerId,
+    },
+    Finished {
+        attempt_id: AttemptId,
+        token: FencingToken,
+        worker_id: WorkerId,
+        result: AgentResult,
+    },
+}
+
+impl WorkerMessage {
+    pub fn attempt_id(&self) -> AttemptId {
+        match self {
+            Self::Started { attempt_id, .. }
+            | Self::Heartbeat { attempt_id, .. }
+            | Self::Finished { attempt_id, .. } => *attempt_id,
+        }
+    }
+}
+
+/// A broadcast from the engine to all workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Stop the attempt now (run cancelled, stage timed out, lease lost): kill its
+    /// process group and report nothing.
+    Cancel {
+        attempt_id: AttemptId,
+        reason: String,
+    },
+}
