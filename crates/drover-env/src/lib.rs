@@ -1,0 +1,16 @@
+//! Where agents do their work: the on-disk layout of runs (workspace and logs), free ports,
+//! child processes run in their own process group so they can be stopped whole, and the
+//! registry of deployed apps that live as long as the server.
+//!
+//! Every process started here is a group leader that also receives `SIGKILL` if drover
+//! itself dies, and every way of stopping it signals the whole group: no orphans.
+
+mod deployments;
+mod layout;
+mod ports;
+mod process;
+
+pub use deployments::{Deployment, DeploymentError, Deployments};
+pub use layout::Layout;
+pub use ports::free_port;
+pub use process::{CommandOutput, CommandSpec, GroupChild, ProcessError, run_command};

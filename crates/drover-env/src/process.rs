@@ -1,0 +1,392 @@
+//! Child processes in their own process group.
+//!
+//! Agents run arbitrary programs that may start programs of their own (a test runner, a
+//! dev server). Each child is made the leader of a new process group, so stopping it means
+//! signalling the whole group: `SIGTERM`, a grace period, then `SIGKILL`. Each child also
+//! asks the kernel for `SIGKILL` should drover die first (`PR_SET_PDEATHSIG`), so a
+//! `kill -9` of drover leaves no app holding a port.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// How much of a command's output is kept in memory for error reports; the full output
+/// is in its log file.
+const OUTPUT_TAIL_BYTES: usize = 16 * 1024;
+/// How long a cancelled or timed-out command gets between `SIGTERM` and `SIGKILL`.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start `{program}`: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("cannot write log {path}: {source}")]
+    Log { path: PathBuf, source: io::Error },
+    #[error("waiting for `{program}` failed: {source}")]
+    Wait { program: String, source: io::Error },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("`{program}` did not finish within {timeout:?}")]
+    TimedOut { program: String, timeout: Duration },
+}
+
+/// A program to run: what, where, with which environment, and where its output goes.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub log_path: PathBuf,
+}
+
+impl CommandSpec {
+    /// The command line as a user would type it, for logs and error messages.
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.as_str())
+            .chain(self.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .current_dir(&self.cwd)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        command
+    }
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before `exec`. It calls only prctl(2),
+    // which is async-signal-safe, allocates nothing and touches no lock.
+    unsafe {
+        command
+            .pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from));
+    }
+}
+
+/// A running child that leads its own process group.
+#[derive(Debug)]
+pub struct GroupChild {
+    child: Child,
+    pgid: Pid,
+    program: String,
+    exited: bool,
+}
+
+impl GroupChild {
+    /// Starts `spec` with the given output handles.
+    pub fn spawn(spec: &CommandSpec, stdout: Stdio, stderr: Stdio) -> Result<Self, ProcessError> {
+        let child = spec
+            .command()
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                program: spec.program.clone(),
+                source,
+            })?;
+        let pid = child.id().ok_or_else(|| ProcessError::Spawn {
+            program: spec.program.clone(),
+            source: io::Error::other("child exited before its pid was read"),
+        })?;
+        let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        Ok(Self {
+            child,
+            pgid,
+            program: spec.program.clone(),
+            exited: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pgid.as_raw().unsigned_abs()
+    }
+
+    /// Waits for the group leader to exit.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|source| ProcessError::Wait {
+                program: self.program.clone(),
+                source,
+            })?;
+        self.exited = true;
+        Ok(status)
+    }
+
+    /// Sends `signal` to every process in the group. A group that is already gone is fine.
+    pub fn signal_group(&self, signal: Signal) {
+        if let Err(err) = killpg(self.pgid, signal) {
+            if err != nix::errno::Errno::ESRCH {
+                tracing::warn!(pgid = self.pgid.as_raw(), %signal, error = %err, "signalling process group failed");
+            }
+        }
+    }
+
+    /// Stops the whole group: `SIGTERM`, up to `grace` to exit, then `SIGKILL`.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+        if !self.exited {
+            self.signal_group(Signal::SIGTERM);
+            if let Ok(status) = tokio::time::timeout(grace, self.wait()).await {
+                // Members of the group may outlive the leader; they go too.
+                self.signal_group(Signal::SIGKILL);
+                return status;
+            }
+        }
+        self.signal_group(Signal::SIGKILL);
+        self.wait().await
+    }
+}
+
+impl Drop for GroupChild {
+    fn drop(&mut self) {
+        // Whatever happened, nothing of this group outlives its handle.
+        self.signal_group(Signal::SIGKILL);
+    }
+}
+
+/// What a finished command left behind.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    pub status: ExitStatus,
+    /// The last bytes of stdout and stderr, interleaved as they arrived.
+    pub output_tail: String,
+}
+
+impl CommandOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+/// Runs `spec` to completion, appending its stdout and stderr to its log file. Stops the
+/// whole process group on `cancel` or after `timeout`.
+pub async fn run_command(
+    spec: &CommandSpec,
+    cancel: &CancellationToken,
+    timeout: Option<Duration>,
+) -> Result<CommandOutput, ProcessError> {
+    let log_error = |source| ProcessError::Log {
+        path: spec.log_path.clone(),
+        source,
+    };
+    let mut log = open_log(&spec.log_path).await.map_err(log_error)?;
+    log.write_all(format!("$ {}\n", spec.display()).as_bytes())
+        .await
+        .map_err(log_error)?;
+    let log = Arc::new(Mutex::new(log));
+    let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+
+    let mut child = GroupChild::spawn(spec, Stdio::piped(), Stdio::piped())?;
+    let stdout = child.child.stdout.take();
+    let stderr = child.child.stderr.take();
+    let readers = [
+        stdout.map(|out| tokio::spawn(copy_output(out, log.clone(), tail.clone()))),
+        stderr.map(|err| tokio::spawn(copy_output(err, log.clone(), tail.clone()))),
+    ];
+
+    let deadline = async {
+        match timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        status = child.wait() => status,
+        () = cancel.cancelled() => Err(ProcessError::Cancelled),
+        () = deadline => Err(ProcessError::TimedOut {
+            program: spec.program.clone(),
+            timeout: timeout.unwrap_or_default(),
+        }),
+    };
+    let status = match outcome {
+        Ok(status) => status,
+        Err(err) => {
+            let _ = child.terminate(STOP_GRACE).await;
+            let _ = log
+                .lock()
+                .await
+                .write_all(format!("[drover] {err}\n").as_bytes())
+                .await;
+            return Err(err);
+        }
+    };
+    // Anything the command left running in its group goes now, which also closes pipes.
+    child.signal_group(Signal::SIGKILL);
+    for reader in readers.into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    }
+    let mut log = log.lock().await;
+    log.write_all(format!("[drover] exited with {status}\n").as_bytes())
+        .await
+        .map_err(log_error)?;
+    log.flush().await.map_err(log_error)?;
+    let tail = tail.lock().await;
+    Ok(CommandOutput {
+        status,
+        output_tail: String::from_utf8_lossy(&tail).into_owned(),
+    })
+}
+
+async fn open_log(path: &std::path::Path) -> io::Result<File> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+}
+
+async fn copy_output(
+    mut from: impl AsyncRead + Unpin,
+    log: Arc<Mutex<File>>,
+    tail: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut buffer = vec![0_u8; 8192];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        let chunk = &buffer[..read];
+        if let Err(err) = log.lock().await.write_all(chunk).await {
+            tracing::warn!(error = %err, "writing command output to its log failed");
+        }
+        let mut tail = tail.lock().await;
+        tail.extend_from_slice(chunk);
+        if tail.len() > OUTPUT_TAIL_BYTES {
+            let excess = tail.len() - OUTPUT_TAIL_BYTES;
+            tail.drain(..excess);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &tempfile::TempDir, script: &str) -> CommandSpec {
+        CommandSpec {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: dir.path().to_path_buf(),
+            env: vec![("GREETING".into(), "hello".into())],
+            log_path: dir.path().join("logs/cmd.log"),
+        }
+    }
+
+    /// Alive and not a zombie (an orphan's zombie waits for init to reap it).
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .map(|rest| rest.trim_start().to_owned())
+            })
+            .is_some_and(|rest| !rest.starts_with('Z'))
+    }
+
+    #[tokio::test]
+    async fn output_goes_to_the_log_and_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(&dir, "echo $GREETING; echo oops >&2; exit 3");
+        let output = run_command(&spec, &CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(3));
+        assert!(output.output_tail.contains("hello"));
+        assert!(output.output_tail.contains("oops"));
+        let log = std::fs::read_to_string(&spec.log_path).unwrap();
+        assert!(log.starts_with("$ sh -c"), "{log}");
+        assert!(
+            log.contains("hello") && log.contains("exited with"),
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelling_kills_the_whole_group_including_grandchildren() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("grandchild.pid");
+        let script = format!("sleep 600 & echo $! > {}; wait", pid_file.display());
+        let spec = spec(&dir, &script);
+        let cancel = CancellationToken::new();
+        let task = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move { run_command(&spec, &cancel, None).await })
+        };
+        let grandchild = loop {
+            if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                if let Ok(pid) = text.trim().parse::<i32>() {
+                    break pid;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(alive(grandchild));
+        cancel.cancel();
+        let result = task.await.unwrap();
+        assert!(matches!(result, Err(ProcessError::Cancelled)));
+        // Reaped by init once killed; give it a moment.
+        for _ in 0..50 {
+            if !alive(grandchild) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("grandchild {grandchild} survived cancellation");
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(&dir, "sleep 600");
+        let started = std::time::Instant::now();
+        let result = run_command(
+            &spec,
+            &CancellationToken::new(),
+            Some(Duration::from_millis(200)),
+        )
+        .await;
+        assert!(matches!(result, Err(ProcessError::TimedOut { .. })));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(&dir, "");
+        spec.program = "definitely-not-a-program-xyz".into();
+        let err = run_command(&spec, &CancellationToken::new(), None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("definitely-not-a-program-xyz"),
+            "{err}"
+        );
+    }
+}
