@@ -70,6 +70,12 @@ pub enum WorkerMessage {
         worker_id: WorkerId,
         result: AgentResult,
     },
+    /// The worker is stopping and gives the attempt back unfinished.
+    Released {
+        attempt_id: AttemptId,
+        token: FencingToken,
+        worker_id: WorkerId,
+    },
 }
 
 impl WorkerMessage {
@@ -77,7 +83,8 @@ impl WorkerMessage {
         match self {
             Self::Started { attempt_id, .. }
             | Self::Heartbeat { attempt_id, .. }
-            | Self::Finished { attempt_id, .. } => *attempt_id,
+            | Self::Finished { attempt_id, .. }
+            | Self::Released { attempt_id, .. } => *attempt_id,
         }
     }
 }

@@ -135,6 +135,17 @@ impl GroupChild {
         Ok(status)
     }
 
+    /// The leader's exit status if it has exited, without waiting.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.exited = true;
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
     /// Sends `signal` to every process in the group. A group that is already gone is fine.
     pub fn signal_group(&self, signal: Signal) {
         if let Err(err) = killpg(self.pgid, signal) {

@@ -1,0 +1,115 @@
+//! The e2e agent: starts the app on a free port, waits for its health probe, runs the
+//! manifest's checks against it, and stops it (its whole process group).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_bus::AgentResult;
+use drover_domain::AgentType;
+use drover_env::{CommandSpec, GroupChild, free_port};
+use serde_json::json;
+
+use super::probe;
+use crate::{Agent, AgentFailure, AgentTask, Manifest, into_result};
+
+pub struct E2eAgent {
+    agent_type: AgentType,
+    client: reqwest::Client,
+}
+
+impl E2eAgent {
+    pub fn new() -> Self {
+        Self {
+            agent_type: super::agent_type("e2e"),
+            client: probe::client(),
+        }
+    }
+}
+
+impl Default for E2eAgent {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Agent for E2eAgent {
+    fn agent_type(&self) -> &AgentType {
+        &self.agent_type
+    }
+
+    async fn run(&self, task: &AgentTask) -> AgentResult {
+        into_result(self.e2e(task).await)
+    }
+}
+
+impl E2eAgent {
+    async fn e2e(&self, task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
+        let manifest = Manifest::load(&task.workspace)
+            .await
+            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+        let port =
+            free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
+        let spec = app_command(&manifest, task, port);
+        task.log
+            .line(format!("starting `{}` on port {port}", spec.display()))
+            .await;
+        let log_error =
+            |err: std::io::Error| AgentFailure::transient(format!("cannot open log: {err}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(task.log.path())
+            .map_err(log_error)?;
+        let log_err = log.try_clone().map_err(log_error)?;
+        let mut app = GroupChild::spawn(&spec, Stdio::from(log), Stdio::from(log_err))
+            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+
+        let base = format!("http://127.0.0.1:{port}");
+        let health_url = format!("{base}{}", manifest.health_path);
+        let outcome = async {
+            let ready_in =
+                probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
+                    match app.try_exited() {
+                        Some(status) => Err(format!("the app exited during startup ({status})")),
+                        None => Ok(()),
+                    }
+                })
+                .await?;
+            task.log
+                .line(format!("healthy after {} ms", ready_in.as_millis()))
+                .await;
+            let results = probe::run_checks(&self.client, &base, &manifest.checks, &task.log).await;
+            match probe::failed_checks(&results) {
+                Some(failure) => Err(failure),
+                None => Ok(json!({
+                    "port": port,
+                    "ready_ms": u64::try_from(ready_in.as_millis()).unwrap_or(u64::MAX),
+                    "checks": results,
+                })),
+            }
+        }
+        .await;
+        let _ = app.terminate(Duration::from_secs(3)).await;
+        task.log.line("app stopped").await;
+        outcome
+    }
+}
+
+/// The command that starts the app on `port`, writing to the attempt's log.
+pub(super) fn app_command(manifest: &Manifest, task: &AgentTask, port: u16) -> CommandSpec {
+    CommandSpec {
+        program: manifest.start[0].clone(),
+        args: manifest.start[1..].to_vec(),
+        cwd: task.workspace.clone(),
+        env: vec![
+            ("PORT".to_owned(), port.to_string()),
+            ("HOST".to_owned(), "127.0.0.1".to_owned()),
+            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+            ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
+            ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
+        ],
+        log_path: task.log.path().to_path_buf(),
+    }
+}

@@ -1,0 +1,41 @@
+//! The built-in agents of the `sdlc` pipeline. They need nothing but Python 3 and work
+//! offline; each reads the project's `drover.json` manifest written by the scaffold stage.
+
+mod deploy;
+mod e2e;
+mod integration;
+mod probe;
+mod scaffold;
+mod validate;
+
+use std::sync::Arc;
+
+use drover_domain::AgentType;
+use drover_env::Deployments;
+
+pub use deploy::DeployAgent;
+pub use e2e::E2eAgent;
+pub use integration::IntegrationAgent;
+pub use scaffold::ScaffoldAgent;
+pub use validate::ValidateAgent;
+
+use crate::Agent;
+
+/// The Python interpreter the built-in agents use to check projects.
+pub const PYTHON: &str = "python3";
+
+/// One agent for each stage of the built-in `sdlc` pipeline.
+pub fn sdlc_agents(deployments: Deployments) -> Vec<Arc<dyn Agent>> {
+    vec![
+        Arc::new(ScaffoldAgent::new()),
+        Arc::new(ValidateAgent::new()),
+        Arc::new(E2eAgent::new()),
+        Arc::new(IntegrationAgent::new()),
+        Arc::new(DeployAgent::new(deployments)),
+    ]
+}
+
+fn agent_type(name: &str) -> AgentType {
+    // Only called with the literal names of the built-in agents, which are valid slugs.
+    AgentType::parse(name).expect("built-in agent type is a valid slug")
+}

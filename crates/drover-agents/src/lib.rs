@@ -1,0 +1,87 @@
+//! Agents and the worker runtime.
+//!
+//! An [`Agent`] does one stage's work in a run's workspace and reports an
+//! [`AgentResult`]. The [`WorkerPool`] takes tasks for its agent types from the bus, tells
+//! the engine it started, heartbeats while the agent works (so an agent may run for hours),
+//! honours cancellation by stopping the agent's process group, and publishes the result.
+//! The built-in agents ([`builtin`]) work offline: they scaffold a project from a template
+//! catalog, validate it, run it end to end, run its tests and deploy it.
+
+pub mod builtin;
+mod manifest;
+mod stage_log;
+pub mod templates;
+mod worker;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use drover_bus::{AgentResult, TaskEnvelope};
+use drover_domain::AgentType;
+use tokio_util::sync::CancellationToken;
+
+pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
+pub use stage_log::StageLog;
+pub use worker::{WorkerPool, WorkerPoolConfig};
+
+/// One stage attempt as an agent sees it.
+pub struct AgentTask {
+    pub envelope: TaskEnvelope,
+    pub workspace: PathBuf,
+    /// The attempt's log; whatever the agent runs writes here.
+    pub log: StageLog,
+    /// Fires when the attempt must stop (run cancelled, timed out, server stopping).
+    pub cancel: CancellationToken,
+}
+
+/// Something that can execute stages of one agent type.
+#[async_trait]
+pub trait Agent: Send + Sync + 'static {
+    fn agent_type(&self) -> &AgentType;
+
+    /// Does the stage's work. Failures are results, not errors: they carry whether a retry
+    /// could help.
+    async fn run(&self, task: &AgentTask) -> AgentResult;
+}
+
+/// A failure inside an agent, before it becomes an [`AgentResult::Failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentFailure {
+    pub message: String,
+    /// Whether the same attempt could succeed if tried again (a port clash, a flaky
+    /// probe), as opposed to a deterministic failure (a syntax error, a failing test).
+    pub retryable: bool,
+}
+
+impl AgentFailure {
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+impl From<AgentFailure> for AgentResult {
+    fn from(failure: AgentFailure) -> Self {
+        AgentResult::Failed {
+            error: failure.message,
+            retryable: failure.retryable,
+        }
+    }
+}
+
+/// Turns an agent body's `Result` into the result reported to the engine.
+pub fn into_result(result: Result<serde_json::Value, AgentFailure>) -> AgentResult {
+    match result {
+        Ok(output) => AgentResult::Succeeded { output },
+        Err(failure) => failure.into(),
+    }
+}
