@@ -79,8 +79,9 @@ pub struct BusConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// How often a worker heartbeats a running attempt. A lease lasts twice this long, so
-    /// a lost worker's stage is retried within 2× the interval.
+    /// How often a worker heartbeats a running attempt. A lease lasts 1.5× this long and
+    /// the reaper looks every quarter interval, so a lost worker's stage is retried within
+    /// 2× the interval.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// How often the dispatcher looks for due attempts when nothing woke it.
@@ -302,7 +303,7 @@ impl Config {
 
     /// How long a lease lasts without a heartbeat.
     pub fn lease_duration(&self) -> Duration {
-        self.engine.heartbeat_interval * 2
+        self.engine.heartbeat_interval.mul_f64(1.5)
     }
 }
 
@@ -348,7 +349,7 @@ mod tests {
             let config = load_in(jail).expect("defaults are valid");
             assert_eq!(config, Config::default());
             assert_eq!(config.store_url(), "sqlite://.drover/drover.db");
-            assert_eq!(config.lease_duration(), Duration::from_secs(10));
+            assert_eq!(config.lease_duration(), Duration::from_millis(7500));
             Ok(())
         });
     }

@@ -12,8 +12,8 @@ mod sqlite;
 use async_trait::async_trait;
 use drover_domain::{
     AttemptId, CorrelationId, Event, EventSeq, FencingToken, Outcome, PipelineCatalog,
-    PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt, StageStatus,
-    Timestamp, TransitionError, WorkerId,
+    PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt, StageName,
+    StageStatus, Timestamp, TransitionError, WorkerId,
 };
 use tokio::sync::broadcast;
 
@@ -148,6 +148,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// All projects: pending attempts whose backoff has passed, oldest first.
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
+
+    /// All projects: the runs with these ids (for building task envelopes in batches).
+    async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>>;
+
+    /// All projects: the outputs of the succeeded attempts of these runs.
+    async fn succeeded_outputs(
+        &self,
+        runs: &[RunId],
+    ) -> StoreResult<Vec<(RunId, StageName, serde_json::Value)>>;
 
     /// All projects: marks these pending attempts as handed to the bus.
     async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()>;

@@ -333,6 +333,55 @@ impl Store for SqliteStore {
         rows.into_iter().map(StageAttempt::try_from).collect()
     }
 
+    async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE id IN ("
+        ));
+        let mut list = sql.separated(", ");
+        for id in ids {
+            list.push_bind(id.to_string());
+        }
+        sql.push(")");
+        let rows: Vec<RunRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter().map(Run::try_from).collect()
+    }
+
+    async fn succeeded_outputs(
+        &self,
+        runs: &[RunId],
+    ) -> StoreResult<Vec<(RunId, StageName, serde_json::Value)>> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "SELECT run_id, stage, output FROM stage_attempts \
+             WHERE status = 'succeeded' AND output IS NOT NULL AND run_id IN (",
+        );
+        let mut list = sql.separated(", ");
+        for id in runs {
+            list.push_bind(id.to_string());
+        }
+        sql.push(") ORDER BY stage_index");
+        let rows: Vec<(String, String, String)> =
+            sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter()
+            .map(|(run, stage, output)| {
+                Ok((
+                    run.parse()
+                        .map_err(|e| corrupt("stage_attempts.run_id", e))?,
+                    StageName::parse(stage).map_err(|e| corrupt("stage_attempts.stage", e))?,
+                    serde_json::from_str(&output)
+                        .map_err(|e| corrupt("stage_attempts.output", e))?,
+                ))
+            })
+            .collect()
+    }
+
     async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()> {
         if attempts.is_empty() {
             return Ok(());

@@ -635,3 +635,28 @@ async fn data_survives_reopening_the_same_file() {
     let counts = reopened.count_attempts_by_status().await.unwrap();
     assert_eq!(counts, vec![(StageStatus::Pending, 1)]);
 }
+
+#[tokio::test]
+async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches() {
+    let fx = sqlite_fixture().await;
+    let run = new_run(&fx, "Hello World API", T0).await;
+    let other = new_run(&fx, "Todo API", T0).await;
+    let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
+    complete(&fx, &first, success(), T0).await;
+
+    let runs = fx
+        .store
+        .runs_by_ids(&[run.id, other.id, RunId::new()])
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2);
+    let outputs = fx
+        .store
+        .succeeded_outputs(&[run.id, other.id])
+        .await
+        .unwrap();
+    assert_eq!(outputs.len(), 1);
+    assert_eq!((outputs[0].0, outputs[0].1.as_str()), (run.id, "scaffold"));
+    assert_eq!(outputs[0].2, json!({ "ok": true }));
+    assert!(fx.store.runs_by_ids(&[]).await.unwrap().is_empty());
+}

@@ -1,0 +1,128 @@
+//! The dispatcher: the outbox relay. It publishes due pending attempts to the bus, then
+//! marks them dispatched. A crash between the two re-publishes on restart (at-least-once);
+//! fencing makes the duplicate harmless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use drover_bus::{BusError, TaskEnvelope, WorkflowContext};
+use drover_domain::{RunId, StageAttempt};
+use drover_store::StoreError;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Engine, now};
+
+pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
+    if !engine.bus.is_durable() {
+        // The bus forgot everything it carried; what the store says is dispatched and not
+        // started is published again.
+        match engine.store.requeue_dispatched(now()).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "requeued attempts the bus lost"),
+            Err(err) => tracing::error!(error = %err, "cannot requeue dispatched attempts"),
+        }
+    }
+    loop {
+        if let Err(err) = dispatch_due(&engine).await {
+            tracing::error!(error = %err, "dispatch pass failed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = engine.dispatch_wanted.notified() => {}
+            () = tokio::time::sleep(engine.settings.poll_interval) => {}
+        }
+    }
+}
+
+/// Publishes every due attempt, a batch at a time, until none is left or the bus is full.
+async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
+    loop {
+        let due = engine
+            .store
+            .due_attempts(now(), engine.settings.dispatch_batch)
+            .await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let envelopes = envelopes(engine, &due).await?;
+        let mut published = Vec::with_capacity(envelopes.len());
+        for (attempt, envelope) in due.iter().zip(envelopes) {
+            match engine.bus.publish_task(envelope).await {
+                Ok(()) => {
+                    published.push(attempt.id);
+                    let waited = now().since(attempt.available_at);
+                    metrics::histogram!("drover_engine_dispatch_latency_seconds", "agent" => attempt.agent.to_string())
+                        .record(waited.as_secs_f64());
+                }
+                Err(BusError::Full { topic }) => {
+                    tracing::debug!(%topic, "task queue full; the attempt waits in the store");
+                }
+                Err(err) => {
+                    tracing::warn!(attempt_id = %attempt.id, error = %err, "publish failed")
+                }
+            }
+        }
+        engine.store.mark_dispatched(&published, now()).await?;
+        metrics::counter!("drover_engine_attempts_dispatched_total")
+            .increment(published.len() as u64);
+        // A short batch means nothing else is due; an unpublishable one means wait.
+        if published.is_empty() || due.len() < engine.settings.dispatch_batch as usize {
+            return Ok(());
+        }
+    }
+}
+
+/// Builds the envelopes of a batch with two queries, however large the batch.
+async fn envelopes(engine: &Engine, due: &[StageAttempt]) -> Result<Vec<TaskEnvelope>, StoreError> {
+    let mut run_ids: Vec<RunId> = due.iter().map(|a| a.run_id).collect();
+    run_ids.sort();
+    run_ids.dedup();
+    let runs: HashMap<RunId, _> = engine
+        .store
+        .runs_by_ids(&run_ids)
+        .await?
+        .into_iter()
+        .map(|run| (run.id, run))
+        .collect();
+    let mut outputs: HashMap<RunId, BTreeMap<String, serde_json::Value>> = HashMap::new();
+    for (run, stage, output) in engine.store.succeeded_outputs(&run_ids).await? {
+        outputs
+            .entry(run)
+            .or_default()
+            .insert(stage.to_string(), output);
+    }
+    due.iter()
+        .map(|attempt| {
+            let run = runs.get(&attempt.run_id).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "attempt {} has no run {}",
+                    attempt.id, attempt.run_id
+                ))
+            })?;
+            let layout = &engine.layout;
+            Ok(TaskEnvelope {
+                task_id: attempt.id,
+                project_id: attempt.project_id.clone(),
+                run_id: attempt.run_id,
+                pipeline: run.pipeline.clone(),
+                stage: attempt.stage.clone(),
+                agent: attempt.agent.clone(),
+                attempt: attempt.attempt,
+                fencing_token: attempt.fencing_token,
+                payload: json!({ "request": run.request }),
+                context: WorkflowContext {
+                    workspace: layout.workspace(run.id).display().to_string(),
+                    log_path: layout
+                        .attempt_log(run.id, &attempt.stage, attempt.attempt)
+                        .display()
+                        .to_string(),
+                    outputs: outputs.get(&run.id).cloned().unwrap_or_default(),
+                },
+                deadline: attempt.deadline_at,
+                correlation_id: run.correlation_id,
+                traceparent: None,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,167 @@
+//! The engine: the orchestrator that moves runs forward.
+//!
+//! It never trusts the bus with state. A run and its first attempt are written to the store
+//! in one transaction; the [dispatcher](dispatcher) then publishes due attempts and marks
+//! them dispatched (a transactional outbox). The [results loop](results) commits what
+//! workers report, fenced by each attempt's token, and the store decides the next step in
+//! the same transaction. The [reaper](reaper) reclaims attempts whose worker stopped
+//! heartbeating or that ran past their timeout. Any of these may crash at any point: what
+//! was committed stays, what was not is redone, nothing is applied twice.
+
+mod dispatcher;
+mod reaper;
+mod results;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use drover_bus::{Bus, Control};
+use drover_domain::{
+    AttemptId, CorrelationId, PipelineCatalog, ProjectId, Run, RunId, RunRequest, Timestamp,
+};
+use drover_env::Layout;
+use drover_store::{NewRun, Store, StoreError};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("pipeline `{name}` does not exist; known pipelines: {known}")]
+    UnknownPipeline { name: String, known: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Timing and batching of the engine's loops.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub heartbeat_interval: Duration,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_duration: Duration,
+    /// How often the dispatcher looks for due attempts when nothing woke it.
+    pub poll_interval: Duration,
+    pub dispatch_batch: u32,
+}
+
+/// The orchestrator. Cheap to share behind an `Arc`.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    pipelines: Arc<PipelineCatalog>,
+    layout: Layout,
+    settings: EngineSettings,
+    /// Wakes the dispatcher when an attempt became due.
+    dispatch_wanted: Notify,
+}
+
+pub(crate) fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        pipelines: Arc<PipelineCatalog>,
+        layout: Layout,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            pipelines,
+            layout,
+            settings,
+            dispatch_wanted: Notify::new(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn pipelines(&self) -> &PipelineCatalog {
+        &self.pipelines
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Creates a run of `pipeline` for `request`. It is durable when this returns.
+    #[tracing::instrument(skip_all, fields(project = %project, pipeline = pipeline))]
+    pub async fn submit(
+        &self,
+        project: &ProjectId,
+        request: RunRequest,
+        pipeline: &str,
+        correlation_id: CorrelationId,
+    ) -> Result<Run, EngineError> {
+        let spec = self
+            .pipelines
+            .get(pipeline)
+            .ok_or_else(|| EngineError::UnknownPipeline {
+                name: pipeline.to_owned(),
+                known: self.pipelines.names().collect::<Vec<_>>().join(", "),
+            })?;
+        let run = self
+            .store
+            .create_run(
+                NewRun {
+                    project_id: project.clone(),
+                    pipeline: spec.clone(),
+                    request,
+                    correlation_id,
+                },
+                now(),
+            )
+            .await?;
+        metrics::counter!("drover_engine_runs_submitted_total", "pipeline" => pipeline.to_owned())
+            .increment(1);
+        tracing::info!(run_id = %run.id, "run submitted");
+        self.dispatch_wanted.notify_one();
+        Ok(run)
+    }
+
+    /// Cancels a run that has not finished and stops whatever of it is running.
+    #[tracing::instrument(skip_all, fields(project = %project, run_id = %run_id))]
+    pub async fn cancel(
+        &self,
+        project: &ProjectId,
+        run_id: RunId,
+        reason: &str,
+    ) -> Result<Run, EngineError> {
+        let cancelled = self
+            .store
+            .cancel_run(project, run_id, reason, now())
+            .await?;
+        for attempt in &cancelled.stopped_attempts {
+            self.stop_attempt(attempt.id, format!("run cancelled: {reason}"))
+                .await;
+        }
+        tracing::info!("run cancelled");
+        Ok(cancelled.run)
+    }
+
+    async fn stop_attempt(&self, attempt_id: AttemptId, reason: String) {
+        if let Err(err) = self
+            .bus
+            .publish_control(Control::Cancel { attempt_id, reason })
+            .await
+        {
+            tracing::warn!(%attempt_id, error = %err, "cannot publish a cancel");
+        }
+    }
+
+    /// Starts the dispatcher, results and reaper loops. They stop when `shutdown` fires;
+    /// wait for them with the returned tracker.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> TaskTracker {
+        let tracker = TaskTracker::new();
+        tracker.spawn(dispatcher::run(self.clone(), shutdown.clone()));
+        tracker.spawn(results::run(self.clone(), shutdown.clone()));
+        tracker.spawn(reaper::run(self.clone(), shutdown));
+        tracker.close();
+        tracker
+    }
+}
