@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,7 +21,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
-use tokio::sync::broadcast;
+use tokio::sync::{Mutex, broadcast};
 
 use crate::{
     CancelledRun, Completion, CompletionOutcome, EventQuery, NewRun, RunQuery, StartAttempt,
@@ -48,6 +49,9 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     events: broadcast::Sender<Event>,
+    /// Held from a write transaction's start until its events are published, so that
+    /// subscribers receive events in exactly the order of their sequence numbers.
+    write_order: Arc<Mutex<()>>,
 }
 
 macro_rules! run_columns {
@@ -113,6 +117,7 @@ impl SqliteStore {
             writer,
             reader,
             events,
+            write_order: Arc::new(Mutex::new(())),
         })
     }
 
@@ -143,6 +148,7 @@ async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run> {
+        let _ordered = self.write_order.lock().await;
         let first_stage = new.pipeline.stages.first().ok_or_else(|| {
             StoreError::Corrupt(format!("pipeline `{}` has no stages", new.pipeline.name))
         })?;
@@ -247,6 +253,7 @@ impl Store for SqliteStore {
         reason: &str,
         now: Timestamp,
     ) -> StoreResult<CancelledRun> {
+        let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let mut run = fetch_run(&mut tx, project, run_id)
             .await?
@@ -383,6 +390,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()> {
+        let _ordered = self.write_order.lock().await;
         if attempts.is_empty() {
             return Ok(());
         }
@@ -417,6 +425,7 @@ impl Store for SqliteStore {
     }
 
     async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64> {
+        let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
             "UPDATE stage_attempts SET status = 'pending', dispatched_at = NULL ",
@@ -452,6 +461,7 @@ impl Store for SqliteStore {
         start: StartAttempt,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<StartOutcome> {
+        let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let Some(mut attempt) = fetch_attempt(&mut tx, start.attempt_id).await? else {
             return Ok(StartOutcome::Rejected {
@@ -531,6 +541,7 @@ impl Store for SqliteStore {
         token: FencingToken,
         now: Timestamp,
     ) -> StoreResult<bool> {
+        let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let Some(mut attempt) = fetch_attempt(&mut tx, attempt_id).await? else {
             return Ok(false);
@@ -565,6 +576,7 @@ impl Store for SqliteStore {
         completion: Completion,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<CompletionOutcome> {
+        let _ordered = self.write_order.lock().await;
         let now = completion.now;
         let mut tx = self.writer.begin().await?;
         let Some(mut attempt) = fetch_attempt(&mut tx, completion.attempt_id).await? else {

@@ -1,0 +1,228 @@
+//! The one place errors become HTTP responses: RFC 9457 `application/problem+json` with a
+//! stable `code`, the request id, and field-level `errors[]` for validation. Every error
+//! of every lower layer is mapped here, and nowhere else.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use drover_domain::{ErrorCode, ValidationError};
+use drover_engine::EngineError;
+use drover_store::StoreError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::request_id::current_request_id;
+
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The HTTP status of each error code. Codes are the contract; this table is the mapping.
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::MalformedJson | ErrorCode::EmptyBody | ErrorCode::InvalidQuery => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::UnknownField
+        | ErrorCode::InvalidBody
+        | ErrorCode::ValidationFailed
+        | ErrorCode::UnknownPipeline => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RunNotFound | ErrorCode::RouteNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::InvalidTransition | ErrorCode::RunAlreadyFinished => StatusCode::CONFLICT,
+        ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn title_of(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::MalformedJson => "Malformed JSON",
+        ErrorCode::EmptyBody => "Empty request body",
+        ErrorCode::UnsupportedMediaType => "Unsupported media type",
+        ErrorCode::UnknownField => "Unknown field",
+        ErrorCode::InvalidBody => "Invalid request body",
+        ErrorCode::ValidationFailed => "Validation failed",
+        ErrorCode::InvalidQuery => "Invalid query string",
+        ErrorCode::PayloadTooLarge => "Payload too large",
+        ErrorCode::UnknownPipeline => "Unknown pipeline",
+        ErrorCode::RunNotFound => "Run not found",
+        ErrorCode::RouteNotFound => "Not found",
+        ErrorCode::MethodNotAllowed => "Method not allowed",
+        ErrorCode::InvalidTransition => "Invalid state transition",
+        ErrorCode::RunAlreadyFinished => "Run already finished",
+        ErrorCode::ServiceUnavailable => "Service unavailable",
+        ErrorCode::ShuttingDown => "Shutting down",
+        ErrorCode::Internal => "Internal error",
+    }
+}
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl From<ValidationError> for FieldError {
+    fn from(err: ValidationError) -> Self {
+        Self {
+            field: err.field,
+            message: err.message,
+        }
+    }
+}
+
+/// The RFC 9457 body of every error response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Stable snake_case code to match on.
+    pub code: String,
+    /// The request's id, also in the `X-Request-Id` header and the server's logs.
+    pub request_id: String,
+    /// Field-level problems, for validation errors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        let detail = format!("invalid fields: {}", fields.join(", "));
+        Self {
+            code: ErrorCode::ValidationFailed,
+            detail,
+            errors,
+        }
+    }
+
+    pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        status_of(self.code)
+    }
+
+    fn internal(err: &dyn std::fmt::Display) -> Self {
+        // The cause goes to the log, under this request's id; the client gets the id.
+        tracing::error!(error = %err, "internal error");
+        Self::new(
+            ErrorCode::Internal,
+            "an unexpected error occurred; see the server log for this request id",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let problem = Problem {
+            type_uri: format!("https://drover.dev/problems/{}", self.code),
+            title: title_of(self.code).to_owned(),
+            status: status.as_u16(),
+            detail: self.detail,
+            code: self.code.as_str().to_owned(),
+            request_id: current_request_id(),
+            errors: self.errors,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::RunNotFound(id) => {
+                Self::new(ErrorCode::RunNotFound, format!("no run with id {id}"))
+            }
+            StoreError::RunAlreadyFinished { id, status } => Self::new(
+                ErrorCode::RunAlreadyFinished,
+                format!(
+                    "run {id} already finished ({status}); only an unfinished run can be cancelled"
+                ),
+            ),
+            StoreError::Transition(err) => Self::new(ErrorCode::InvalidTransition, err.to_string()),
+            other => Self::internal(&other),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::UnknownPipeline { .. } => {
+                Self::new(ErrorCode::UnknownPipeline, err.to_string()).with_errors(vec![
+                    FieldError {
+                        field: "pipeline".to_owned(),
+                        message: err.to_string(),
+                    },
+                ])
+            }
+            EngineError::Store(err) => err.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_maps_to_a_client_or_server_error_status() {
+        let codes = [
+            ErrorCode::MalformedJson,
+            ErrorCode::EmptyBody,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::UnknownField,
+            ErrorCode::InvalidBody,
+            ErrorCode::ValidationFailed,
+            ErrorCode::InvalidQuery,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::UnknownPipeline,
+            ErrorCode::RunNotFound,
+            ErrorCode::RouteNotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::InvalidTransition,
+            ErrorCode::RunAlreadyFinished,
+            ErrorCode::ServiceUnavailable,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ];
+        for code in codes {
+            let status = status_of(code);
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{code}"
+            );
+            assert!(!title_of(code).is_empty());
+        }
+    }
+}

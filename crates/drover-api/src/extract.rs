@@ -1,0 +1,121 @@
+//! Extractors whose rejections are problem+json with precise codes: a body that is not
+//! JSON, is empty, names an unknown field or has the wrong shape each get their own code,
+//! as does a bad query string.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use drover_domain::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, FieldError};
+
+/// A JSON body, deserialized strictly.
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "the body must be JSON, sent with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(ErrorCode::PayloadTooLarge, rejection.body_text())
+                } else {
+                    ApiError::new(ErrorCode::MalformedJson, rejection.body_text())
+                }
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::new(
+                ErrorCode::EmptyBody,
+                "the request body is empty; send a JSON object",
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
+            ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("the body is not valid JSON: {err}"),
+            )
+        })?;
+        T::deserialize(value)
+            .map(ApiJson)
+            .map_err(|err| shape_error(&err.to_string()))
+    }
+}
+
+/// Maps serde's message about a well-formed but wrongly shaped body to a code and field.
+fn shape_error(message: &str) -> ApiError {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or_default().to_owned();
+        return ApiError::new(ErrorCode::UnknownField, message.to_owned()).with_errors(vec![
+            FieldError {
+                field,
+                message: "unknown field".to_owned(),
+            },
+        ]);
+    }
+    let field = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or("body")
+        .to_owned();
+    ApiError::new(ErrorCode::InvalidBody, message.to_owned()).with_errors(vec![FieldError {
+        field,
+        message: message.to_owned(),
+    }])
+}
+
+/// A query string, deserialized strictly.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| ApiQuery(query.0))
+            .map_err(|rejection| ApiError::new(ErrorCode::InvalidQuery, rejection.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_fields_are_told_apart() {
+        let unknown = shape_error("unknown field `colour`, expected `request` or `pipeline`");
+        assert_eq!(unknown.code, ErrorCode::UnknownField);
+        assert_eq!(unknown.errors[0].field, "colour");
+        let missing = shape_error("missing field `request`");
+        assert_eq!(missing.code, ErrorCode::InvalidBody);
+        assert_eq!(missing.errors[0].field, "request");
+    }
+}

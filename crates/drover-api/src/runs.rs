@@ -1,0 +1,414 @@
+//! `/api/v1/runs`: submit, list, show, cancel, and follow a run's events.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use drover_domain::{
+    CorrelationId, ErrorCode, Event, EventSeq, ProjectId, Run, RunId, RunRequest, RunStatus,
+};
+use drover_store::{EventQuery, RunQuery, Store};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use utoipa::IntoParams;
+
+use crate::error::{ApiError, FieldError, Problem};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::wire::{AttemptView, CreateRun, DeploymentView, EventView, RunPage, RunView};
+use crate::{AppState, Caller};
+
+const DEFAULT_PIPELINE: &str = "sdlc";
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 200;
+/// Events replayed per database read when catching up a stream.
+const REPLAY_PAGE: u32 = 500;
+/// Events buffered per SSE client; a slower client holds the replay, not memory.
+const SSE_BUFFER: usize = 256;
+
+pub(crate) fn parse_run_id(raw: &str) -> Result<RunId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::new(ErrorCode::RunNotFound, format!("no run with id {raw}")))
+}
+
+pub(crate) async fn find_run(
+    state: &AppState,
+    project: &ProjectId,
+    raw_id: &str,
+) -> Result<Run, ApiError> {
+    let id = parse_run_id(raw_id)?;
+    state
+        .engine()
+        .store()
+        .get_run(project, id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::RunNotFound, format!("no run with id {id}")))
+}
+
+/// The deployment recorded by a run's succeeded deploy stage, if any.
+fn deployment_of(
+    state: &AppState,
+    run: RunId,
+    output: Option<&serde_json::Value>,
+) -> Option<DeploymentView> {
+    let output = output?;
+    let url = output.get("url")?.as_str()?.to_owned();
+    let port = output
+        .get("port")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok());
+    let pid = output
+        .get("pid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok());
+    let live = state
+        .inner
+        .deployments
+        .get(run)
+        .is_some_and(|d| d.url == url);
+    Some(DeploymentView {
+        url,
+        port,
+        pid,
+        live,
+    })
+}
+
+/// Submit a run.
+#[utoipa::path(
+    post, path = "/api/v1/runs", tag = "runs",
+    request_body = CreateRun,
+    responses(
+        (status = 201, description = "The run was created and is durable", body = RunView,
+         headers(("Location" = String, description = "URL of the new run"))),
+        (status = 400, description = "Malformed or empty body", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown field, invalid request or unknown pipeline", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The server is shutting down", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn create_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateRun>,
+) -> Result<(StatusCode, HeaderMap, Json<RunView>), ApiError> {
+    let request = RunRequest::parse(body.request)
+        .map_err(|err| ApiError::validation(vec![FieldError::from(err)]))?;
+    if state.inner.draining.is_cancelled() {
+        return Err(ApiError::new(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down and takes no new runs",
+        ));
+    }
+    let pipeline = body.pipeline.as_deref().unwrap_or(DEFAULT_PIPELINE);
+    let run = state
+        .engine()
+        .submit(&caller.project, request, pipeline, CorrelationId::new())
+        .await?;
+    let mut headers = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/runs/{}", run.id)) {
+        headers.insert(header::LOCATION, location);
+    }
+    Ok((StatusCode::CREATED, headers, Json(RunView::new(&run, None))))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListRunsQuery {
+    /// Page size, 1 to 200 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Only runs with this status.
+    status: Option<String>,
+}
+
+/// List runs, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/runs", tag = "runs",
+    params(ListRunsQuery),
+    responses(
+        (status = 200, body = RunPage),
+        (status = 400, description = "Invalid limit, cursor or status", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_runs(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<ListRunsQuery>,
+) -> Result<Json<RunPage>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidQuery,
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            cursor
+                .parse::<RunId>()
+                .map_err(|_| ApiError::new(ErrorCode::InvalidQuery, "cursor is not a valid cursor"))
+        })
+        .transpose()?;
+    let status = query
+        .status
+        .as_deref()
+        .map(|s| {
+            s.parse::<RunStatus>()
+                .map_err(|err| ApiError::new(ErrorCode::InvalidQuery, err.message))
+        })
+        .transpose()?;
+    let store = state.engine().store();
+    // One extra row tells whether another page exists.
+    let mut runs = store
+        .list_runs(
+            &caller.project,
+            &RunQuery {
+                status,
+                before,
+                limit: limit + 1,
+            },
+        )
+        .await?;
+    let next_cursor = (runs.len() > limit as usize).then(|| {
+        runs.truncate(limit as usize);
+        runs.last().map(|run| run.id.to_string())
+    });
+    // The page's deployments in one query, whatever the page size.
+    let ids: Vec<RunId> = runs.iter().map(|run| run.id).collect();
+    let mut deploy_outputs: HashMap<RunId, serde_json::Value> = HashMap::new();
+    for (run, stage, output) in store.succeeded_outputs(&ids).await? {
+        if stage.as_str() == "deploy" {
+            deploy_outputs.insert(run, output);
+        }
+    }
+    let items = runs
+        .iter()
+        .map(|run| {
+            RunView::new(
+                run,
+                deployment_of(&state, run.id, deploy_outputs.get(&run.id)),
+            )
+        })
+        .collect();
+    Ok(Json(RunPage {
+        items,
+        next_cursor: next_cursor.flatten(),
+    }))
+}
+
+/// Show a run with all its stage attempts.
+#[utoipa::path(
+    get, path = "/api/v1/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, body = RunView),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
+    let run = find_run(&state, &caller.project, &id).await?;
+    let attempts = state
+        .engine()
+        .store()
+        .list_attempts(&caller.project, run.id)
+        .await?;
+    let deploy_output = attempts
+        .iter()
+        .rev()
+        .find(|a| a.stage.as_str() == "deploy" && a.status == drover_domain::StageStatus::Succeeded)
+        .and_then(|a| a.output.as_ref());
+    let mut view = RunView::new(&run, deployment_of(&state, run.id, deploy_output));
+    view.attempts = Some(attempts.iter().map(AttemptView::from).collect());
+    Ok(Json(view))
+}
+
+/// Cancel a run that has not finished; its running agent is stopped.
+#[utoipa::path(
+    post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, body = RunView),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run already finished", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn cancel_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
+    let id = parse_run_id(&id)?;
+    let run = state
+        .engine()
+        .cancel(&caller.project, id, "cancelled by request")
+        .await?;
+    Ok(Json(RunView::new(&run, None)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    /// Replay events after this sequence number (the `Last-Event-ID` header wins).
+    after: Option<i64>,
+}
+
+/// Follow a run's events (SSE): replays past events, then streams new ones until the run
+/// ends. Each event's `id` is its sequence number; reconnect with `Last-Event-ID`.
+#[utoipa::path(
+    get, path = "/api/v1/runs/{id}/events", tag = "runs",
+    params(("id" = String, Path, description = "Run id"), EventsQuery,
+           ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
+    responses(
+        (status = 200, description = "`text/event-stream` of EventView", content_type = "text/event-stream", body = EventView),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn run_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let run = find_run(&state, &caller.project, &id).await?;
+    let after = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidQuery,
+                        "Last-Event-ID must be an event sequence number",
+                    )
+                })?,
+        ),
+        None => query.after,
+    };
+    let store = state.engine().store().clone();
+    // Subscribe before replaying, so nothing committed in between is missed.
+    let live = store.subscribe();
+    let (sender, receiver) = mpsc::channel(SSE_BUFFER);
+    tokio::spawn(feed_run_events(
+        store,
+        caller.project,
+        run.id,
+        after.map(EventSeq),
+        live,
+        sender,
+    ));
+    Ok(Sse::new(ReceiverStream::new(receiver))
+        .keep_alive(KeepAlive::new().interval(state.inner.sse_keep_alive)))
+}
+
+type SseSender = mpsc::Sender<Result<SseEvent, Infallible>>;
+
+/// Replays then follows. Ends when the run ends, the client leaves, or the server stops.
+async fn feed_run_events(
+    store: std::sync::Arc<dyn Store>,
+    project: ProjectId,
+    run: RunId,
+    after: Option<EventSeq>,
+    mut live: broadcast::Receiver<Event>,
+    sender: SseSender,
+) {
+    let mut last = after.unwrap_or(EventSeq(0));
+    match replay(store.as_ref(), &project, run, &mut last, &sender).await {
+        Ok(Flow::Continue) => {}
+        Ok(Flow::Stop) | Err(()) => return,
+    }
+    // A run that already ended (the client resumed after its last event) has nothing more
+    // to say; one more replay covers an end committed since the first.
+    if let Ok(Some(current)) = store.get_run(&project, run).await {
+        if current.status.is_terminal() {
+            let _ = replay(store.as_ref(), &project, run, &mut last, &sender).await;
+            return;
+        }
+    }
+    loop {
+        let received = tokio::select! {
+            () = sender.closed() => return,
+            received = live.recv() => received,
+        };
+        match received {
+            Ok(event)
+                if event.run_id == Some(run) && event.project_id == project && event.seq > last =>
+            {
+                match send(&sender, &event, &mut last).await {
+                    Flow::Continue => {}
+                    Flow::Stop => return,
+                }
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                tracing::debug!(
+                    skipped,
+                    "event stream fell behind; catching up from the store"
+                );
+                match replay(store.as_ref(), &project, run, &mut last, &sender).await {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Stop) | Err(()) => return,
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+async fn replay(
+    store: &dyn Store,
+    project: &ProjectId,
+    run: RunId,
+    last: &mut EventSeq,
+    sender: &SseSender,
+) -> Result<Flow, ()> {
+    loop {
+        let query = EventQuery {
+            run_id: Some(run),
+            after: Some(*last),
+            limit: REPLAY_PAGE,
+        };
+        let page = store.list_events(project, &query).await.map_err(|err| {
+            tracing::warn!(error = %err, "cannot replay events");
+        })?;
+        for event in &page {
+            if let Flow::Stop = send(sender, event, last).await {
+                return Ok(Flow::Stop);
+            }
+        }
+        if page.len() < REPLAY_PAGE as usize {
+            return Ok(Flow::Continue);
+        }
+    }
+}
+
+async fn send(sender: &SseSender, event: &Event, last: &mut EventSeq) -> Flow {
+    *last = event.seq;
+    let data = serde_json::to_string(&EventView::from(event)).unwrap_or_default();
+    let sse = SseEvent::default()
+        .id(event.seq.to_string())
+        .event(event.kind.as_str())
+        .data(data);
+    if sender.send(Ok(sse)).await.is_err() || event.kind.is_run_terminal() {
+        return Flow::Stop;
+    }
+    Flow::Continue
+}

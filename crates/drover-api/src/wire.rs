@@ -1,0 +1,184 @@
+//! JSON wire types of `/api/v1`. They are the contract with clients (the `drover` CLI
+//! among them), kept apart from domain types so the two can evolve separately.
+
+use std::collections::BTreeMap;
+
+use drover_domain::{Event, Run, StageAttempt, Timestamp};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /api/v1/runs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    /// What to build, in the user's words, e.g. "Hello World API".
+    pub request: String,
+    /// The pipeline to run; `sdlc` when omitted.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+}
+
+/// A run, with its stage attempts when fetched alone.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunView {
+    pub id: String,
+    pub project_id: String,
+    pub pipeline: String,
+    pub request: String,
+    /// `queued|running|waiting_approval|succeeded|failed|cancelled`
+    pub status: String,
+    pub error: Option<String>,
+    pub correlation_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// The deployed app, once the deploy stage succeeded.
+    pub deployment: Option<DeploymentView>,
+    /// Every attempt of every stage, in pipeline order (only on `GET /runs/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptView>>,
+}
+
+/// Where a run's app was deployed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentView {
+    pub url: String,
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    /// Whether this server is still running the app.
+    pub live: bool,
+}
+
+/// One attempt at one stage.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    pub id: String,
+    pub stage: String,
+    pub stage_index: u32,
+    pub agent: String,
+    pub attempt: u32,
+    /// `pending|dispatched|running|succeeded|failed|timed_out|cancelled|dead_lettered`
+    pub status: String,
+    pub fencing_token: i64,
+    pub worker_id: Option<String>,
+    pub error: Option<String>,
+    pub output: Option<serde_json::Value>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub lease_expires_at: Option<String>,
+    pub deadline_at: Option<String>,
+}
+
+/// A page of runs, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunPage {
+    pub items: Vec<RunView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One event of the event log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    pub seq: i64,
+    /// `run.<status>` or `stage.<status>`.
+    pub kind: String,
+    pub project_id: String,
+    pub run_id: Option<String>,
+    pub attempt_id: Option<String>,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<String>,
+    pub created_at: String,
+}
+
+/// A pipeline and its stages.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PipelineView {
+    pub name: String,
+    pub description: String,
+    pub stages: Vec<StageView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StageView {
+    pub name: String,
+    pub agent: String,
+    pub max_attempts: u32,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PipelineList {
+    pub items: Vec<PipelineView>,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthView {
+    pub status: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, String>,
+}
+
+pub(crate) fn time(at: Timestamp) -> String {
+    humantime::format_rfc3339_millis(at.to_system_time()).to_string()
+}
+
+impl RunView {
+    pub(crate) fn new(run: &Run, deployment: Option<DeploymentView>) -> Self {
+        Self {
+            id: run.id.to_string(),
+            project_id: run.project_id.to_string(),
+            pipeline: run.pipeline.to_string(),
+            request: run.request.to_string(),
+            status: run.status.to_string(),
+            error: run.error.clone(),
+            correlation_id: run.correlation_id.to_string(),
+            created_at: time(run.created_at),
+            updated_at: time(run.updated_at),
+            started_at: run.started_at.map(time),
+            finished_at: run.finished_at.map(time),
+            deployment,
+            attempts: None,
+        }
+    }
+}
+
+impl From<&StageAttempt> for AttemptView {
+    fn from(attempt: &StageAttempt) -> Self {
+        Self {
+            id: attempt.id.to_string(),
+            stage: attempt.stage.to_string(),
+            stage_index: attempt.stage_index,
+            agent: attempt.agent.to_string(),
+            attempt: attempt.attempt,
+            status: attempt.status.to_string(),
+            fencing_token: attempt.fencing_token.0,
+            worker_id: attempt.worker_id.as_ref().map(ToString::to_string),
+            error: attempt.error.clone(),
+            output: attempt.output.clone(),
+            created_at: time(attempt.created_at),
+            started_at: attempt.started_at.map(time),
+            finished_at: attempt.finished_at.map(time),
+            lease_expires_at: attempt.lease_expires_at.map(time),
+            deadline_at: attempt.deadline_at.map(time),
+        }
+    }
+}
+
+impl From<&Event> for EventView {
+    fn from(event: &Event) -> Self {
+        Self {
+            seq: event.seq.0,
+            kind: event.kind.to_string(),
+            project_id: event.project_id.to_string(),
+            run_id: event.run_id.map(|id| id.to_string()),
+            attempt_id: event.attempt_id.map(|id| id.to_string()),
+            payload: event.payload.clone(),
+            correlation_id: event.correlation_id.map(|id| id.to_string()),
+            created_at: time(event.created_at),
+        }
+    }
+}
