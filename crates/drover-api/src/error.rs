@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use drover_domain::{ErrorCode, ValidationError};
 use drover_engine::EngineError;
 use drover_store::StoreError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::request_id::current_request_id;
@@ -57,7 +57,7 @@ fn title_of(code: ErrorCode) -> &'static str {
 }
 
 /// One invalid field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -73,7 +73,7 @@ impl From<ValidationError> for FieldError {
 }
 
 /// The RFC 9457 body of every error response.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Problem {
     /// A URI naming the kind of problem.
     #[serde(rename = "type")]
@@ -86,7 +86,7 @@ pub struct Problem {
     /// The request's id, also in the `X-Request-Id` header and the server's logs.
     pub request_id: String,
     /// Field-level problems, for validation errors.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
 }
 

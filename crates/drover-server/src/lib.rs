@@ -1,0 +1,218 @@
+//! The composition root: builds a drover server from a [`Config`] (store, bus, engine,
+//! in-process workers, deployed-app registry, HTTP API) and runs it until told to stop,
+//! then drains in order: stop taking requests and runs, let running stages finish within
+//! the grace period (or hand them back), stop the engine, stop deployed apps, close the
+//! store.
+//!
+//! A data directory belongs to one server at a time: [`Server::build`] takes an exclusive
+//! lock on it and records where the server listens in `server.json`, which is how the CLI
+//! finds a running server for a data directory.
+
+mod data_dir;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_agents::{WorkerPool, WorkerPoolConfig, builtin};
+use drover_api::AppState;
+use drover_bus::{Bus, EmbeddedBus};
+use drover_config::Config;
+use drover_domain::{PipelineCatalog, WorkerId};
+use drover_engine::{Engine, EngineSettings};
+use drover_env::{Deployments, Layout};
+use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use data_dir::{DataDirLock, ServerInfo};
+pub use telemetry::metrics_handle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error(
+        "data directory {path} is in use by another drover process{}",
+        .server.as_ref().map(|s| format!(" (pid {}, serving {})", s.pid, s.url)).unwrap_or_default()
+    )]
+    DataDirInUse {
+        path: String,
+        server: Option<ServerInfo>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What the server runs besides the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Engine and, if configured, the built-in workers (`drover up`, embedded `drover run`).
+    Full,
+    /// The API over the store only: no engine loops, no workers. For reading history and
+    /// cancelling when no server runs on the data directory.
+    Inspect,
+}
+
+/// A built server, bound to its address, not yet serving.
+pub struct Server {
+    config: Config,
+    mode: Mode,
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: SqliteStore,
+    bus: Arc<dyn Bus>,
+    engine: Arc<Engine>,
+    deployments: Deployments,
+    lock: DataDirLock,
+}
+
+impl Server {
+    /// Prepares the data directory, opens the store and binds the listener.
+    pub async fn build(mut config: Config, mode: Mode) -> Result<Self, ServerError> {
+        let lock = DataDirLock::acquire(&config.data_dir)?;
+        // From here on, paths handed to children are absolute.
+        config.data_dir = lock.path().to_path_buf();
+        let store = SqliteStore::open(&SqliteStoreOptions {
+            url: config.store_url(),
+            read_connections: config.store.max_connections,
+            busy_timeout: config.store.busy_timeout,
+        })
+        .await?;
+        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(config.bus.capacity));
+        let engine = Arc::new(Engine::new(
+            Arc::new(store.clone()),
+            bus.clone(),
+            Arc::new(PipelineCatalog::builtin()),
+            Layout::new(&config.data_dir),
+            EngineSettings {
+                heartbeat_interval: config.engine.heartbeat_interval,
+                lease_duration: config.lease_duration(),
+                poll_interval: config.engine.poll_interval,
+                dispatch_batch: config.engine.dispatch_batch,
+            },
+        ));
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        lock.publish(&ServerInfo {
+            url: format!("http://{addr}"),
+            pid: std::process::id(),
+        })?;
+        Ok(Self {
+            config,
+            mode,
+            listener,
+            addr,
+            store,
+            bus,
+            engine,
+            deployments: Deployments::new(),
+            lock,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The API's base URL, e.g. `http://127.0.0.1:7070`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves until `shutdown` fires, then drains and stops everything it started.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let Self {
+            config,
+            mode,
+            listener,
+            addr,
+            store,
+            bus,
+            engine,
+            deployments,
+            lock,
+        } = self;
+        let draining = CancellationToken::new();
+        let engine_stop = CancellationToken::new();
+        let full = mode == Mode::Full;
+        let engine_tasks = full.then(|| engine.spawn(engine_stop.clone()));
+        let workers = (full && config.workers.embedded).then(|| {
+            WorkerPool::start(
+                bus.clone(),
+                builtin::sdlc_agents(deployments.clone()),
+                WorkerPoolConfig {
+                    worker_id: WorkerId::new(format!("embedded-{}", std::process::id())),
+                    concurrency: config.workers.concurrency,
+                    heartbeat_interval: config.engine.heartbeat_interval,
+                },
+            )
+        });
+        let upkeep = telemetry::spawn_upkeep(draining.clone());
+
+        let state = AppState::new(
+            engine.clone(),
+            deployments.clone(),
+            Some(metrics_handle()),
+            draining.clone(),
+        );
+        let app = drover_api::router(state, config.server.body_limit_bytes);
+        tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
+        let http = tokio::spawn({
+            let draining = draining.clone();
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(draining.cancelled_owned())
+                    .await
+            }
+        });
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        draining.cancel();
+        let grace = config.server.shutdown_grace;
+        match tokio::time::timeout(grace, http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "HTTP server failed"),
+            Ok(Err(err)) => tracing::error!(error = %err, "HTTP server task failed"),
+            Err(_) => tracing::warn!("open HTTP connections did not close in time"),
+        }
+        if let Some(workers) = workers {
+            workers.shutdown(grace).await;
+        }
+        // Let the results of the last stages (or their hand-backs) be committed.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        engine_stop.cancel();
+        if let Some(tasks) = engine_tasks {
+            tasks.wait().await;
+        }
+        deployments.stop_all(Duration::from_secs(5)).await;
+        let _ = upkeep.await;
+        store.close().await;
+        drop(lock);
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// The store, for tests and tools that inspect what the server wrote.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+}
