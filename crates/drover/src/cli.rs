@@ -1,0 +1,122 @@
+//! The command line, as clap types. Names here are the public contract.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Control plane for fleets of AI coding agents",
+    long_about = "drover runs pipelines of agent stages (scaffold → validate → e2e → integration → deploy) \
+                  durably, each in its own workspace, and streams everything live.\n\n\
+                  Try: drover run \"Hello World API\""
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Server to talk to (default: the one serving --data-dir, else http://127.0.0.1:7070
+    /// if it answers, else an embedded instance for the command's duration).
+    #[arg(long, global = true, env = "DROVER_SERVER")]
+    pub(crate) server: Option<String>,
+    /// API token for a server that requires one.
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Config file (default: ./drover.toml if present).
+    #[arg(long, global = true, env = "DROVER_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Data directory (default: ./.drover).
+    #[arg(long, global = true, env = "DROVER_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum)]
+    pub(crate) log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the API and the built-in workers in the foreground (Ctrl-C stops gracefully).
+    Up(ServeArgs),
+    /// Run the API and engine without the built-in workers.
+    Serve(ServeArgs),
+    /// Run a request through a pipeline and follow it to the end.
+    Run(RunArgs),
+    /// Inspect and control runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// List the pipelines the server runs.
+    Pipelines,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address of the HTTP API.
+    #[arg(long)]
+    pub(crate) listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// What to build, e.g. "Hello World API".
+    #[arg(required_unless_present = "list")]
+    pub(crate) request: Option<String>,
+    /// Pipeline to run.
+    #[arg(long, default_value = "sdlc")]
+    pub(crate) pipeline: String,
+    /// Submit and print the run id without following it.
+    #[arg(long, conflicts_with = "serve")]
+    pub(crate) detach: bool,
+    /// List the built-in project templates and exit.
+    #[arg(long, conflicts_with_all = ["detach", "serve"])]
+    pub(crate) list: bool,
+    /// With an embedded instance: keep the deployed app serving until Ctrl-C.
+    #[arg(long)]
+    pub(crate) serve: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RunsCommand {
+    /// List runs, newest first.
+    Ls {
+        /// Only runs with this status.
+        #[arg(long)]
+        status: Option<String>,
+        /// How many runs to show (1-200).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Continue after this cursor (printed with the previous page).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show a run and its stage attempts.
+    Show { id: String },
+    /// Cancel a run and stop its running stage.
+    Cancel { id: String },
+    /// Print a run's logs (every stage attempt, then the deployed app).
+    Logs {
+        id: String,
+        /// Only this stage (or `app`).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only this attempt number.
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+}

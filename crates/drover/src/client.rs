@@ -1,0 +1,252 @@
+//! A typed client for `/api/v1`, used by every command that talks to a server.
+
+use std::time::Duration;
+
+use drover_api::Problem;
+use drover_api::wire::{CreateRun, EventView, PipelineList, RunPage, RunView};
+use futures::{Stream, StreamExt};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::sse::SseParser;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    #[error("cannot reach the drover server at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("{}: {} [{}]", .0.title, .0.detail, .0.code)]
+    Api(Box<Problem>),
+    #[error("unexpected response from the server ({status}): {body}")]
+    Unexpected { status: StatusCode, body: String },
+}
+
+impl ClientError {
+    /// The problem's `code` when the server refused the request.
+    #[cfg(test)]
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api(problem) => Some(&problem.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    pub(crate) fn new(base: &str, token: Option<String>) -> Self {
+        let base = base.trim_end_matches('/').to_owned();
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if is_loopback(&base) {
+            builder = builder.no_proxy();
+        }
+        // A client without TLS settings always builds.
+        let http = builder.build().expect("HTTP client builds");
+        Self { base, http, token }
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send(&self, request: RequestBuilder) -> Result<Response, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|err| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: describe(&err),
+            })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<Problem>(&body) {
+            Ok(problem) => Err(ClientError::Api(Box::new(problem))),
+            Err(_) => Err(ClientError::Unexpected { status, body }),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(request).await?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|err| ClientError::Unreachable {
+                url: self.base.clone(),
+                message: describe(&err),
+            })?;
+        serde_json::from_str(&body).map_err(|_| ClientError::Unexpected { status, body })
+    }
+
+    /// Whether a drover server answers `GET /healthz` within `timeout`.
+    pub(crate) async fn is_up(&self, timeout: Duration) -> bool {
+        let request = self
+            .request(reqwest::Method::GET, "/healthz")
+            .timeout(timeout);
+        matches!(request.send().await, Ok(response) if response.status().is_success())
+    }
+
+    pub(crate) async fn create_run(
+        &self,
+        request: &str,
+        pipeline: &str,
+    ) -> Result<RunView, ClientError> {
+        let body = CreateRun {
+            request: request.to_owned(),
+            pipeline: Some(pipeline.to_owned()),
+        };
+        self.json(
+            self.request(reqwest::Method::POST, "/api/v1/runs")
+                .json(&body),
+        )
+        .await
+    }
+
+    pub(crate) async fn get_run(&self, id: &str) -> Result<RunView, ClientError> {
+        self.json(self.request(
+            reqwest::Method::GET,
+            &format!("/api/v1/runs/{}", encode(id)),
+        ))
+        .await
+    }
+
+    pub(crate) async fn list_runs(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(status) = status {
+            query.push(("status", status.to_owned()));
+        }
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_owned()));
+        }
+        self.json(
+            self.request(reqwest::Method::GET, "/api/v1/runs")
+                .query(&query),
+        )
+        .await
+    }
+
+    pub(crate) async fn cancel_run(&self, id: &str) -> Result<RunView, ClientError> {
+        let path = format!("/api/v1/runs/{}/cancel", encode(id));
+        self.json(self.request(reqwest::Method::POST, &path)).await
+    }
+
+    pub(crate) async fn pipelines(&self) -> Result<PipelineList, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/pipelines"))
+            .await
+    }
+
+    /// The run's logs as a stream of byte chunks.
+    pub(crate) async fn logs(
+        &self,
+        id: &str,
+        stage: Option<&str>,
+        attempt: Option<u32>,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(stage) = stage {
+            query.push(("stage", stage.to_owned()));
+        }
+        if let Some(attempt) = attempt {
+            query.push(("attempt", attempt.to_string()));
+        }
+        let path = format!("/api/v1/runs/{}/logs", encode(id));
+        let response = self
+            .send(self.request(reqwest::Method::GET, &path).query(&query))
+            .await?;
+        let base = self.base.clone();
+        Ok(response.bytes_stream().map(move |chunk| {
+            chunk
+                .map(|bytes| bytes.to_vec())
+                .map_err(|err| ClientError::Unreachable {
+                    url: base.clone(),
+                    message: describe(&err),
+                })
+        }))
+    }
+
+    /// The run's events from `after` on, as they happen; ends when the run ends or the
+    /// connection drops (resume with the last seen `seq`).
+    pub(crate) async fn events(
+        &self,
+        id: &str,
+        after: Option<i64>,
+    ) -> Result<impl Stream<Item = Result<EventView, ClientError>> + use<>, ClientError> {
+        let path = format!("/api/v1/runs/{}/events", encode(id));
+        let mut request = self
+            .request(reqwest::Method::GET, &path)
+            .header("accept", "text/event-stream");
+        if let Some(after) = after {
+            request = request.header("last-event-id", after.to_string());
+        }
+        let response = self.send(request).await?;
+        let base = self.base.clone();
+        let mut parser = SseParser::default();
+        Ok(response
+            .bytes_stream()
+            .map(move |chunk| match chunk {
+                Ok(bytes) => parser
+                    .push(&bytes)
+                    .into_iter()
+                    .filter_map(|message| serde_json::from_str::<EventView>(&message.data).ok())
+                    .map(Ok)
+                    .collect::<Vec<_>>(),
+                Err(err) => vec![Err(ClientError::Unreachable {
+                    url: base.clone(),
+                    message: describe(&err),
+                })],
+            })
+            .flat_map(futures::stream::iter))
+    }
+}
+
+fn is_loopback(base: &str) -> bool {
+    let host = base.split("://").nth(1).unwrap_or(base);
+    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
+}
+
+/// Ids are UUIDs, but a user may type anything: keep the path intact.
+fn encode(segment: &str) -> String {
+    segment
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.~".contains(c) {
+                c.to_string()
+            } else {
+                format!("%{:02X}", c as u32 & 0xff)
+            }
+        })
+        .collect()
+}
+
+/// reqwest's error chain, flattened to one line.
+fn describe(err: &reqwest::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

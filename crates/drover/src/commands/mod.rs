@@ -1,0 +1,45 @@
+//! One module per command family; each returns the process exit code.
+
+mod run;
+mod runs;
+mod up;
+
+use std::process::ExitCode;
+
+use drover_config::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command};
+
+pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
+    let global = cli.global;
+    match cli.command {
+        Command::Up(args) => up::serve(&global, config, &args, true).await,
+        Command::Serve(args) => up::serve(&global, config, &args, false).await,
+        Command::Run(args) => run::run(&global, &config, &args).await,
+        Command::Runs(command) => runs::runs(&global, &config, command).await,
+        Command::Pipelines => runs::pipelines(&global, &config).await,
+    }
+}
+
+/// Fires on Ctrl-C or SIGTERM.
+pub(crate) fn interrupted() -> CancellationToken {
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+        fire.cancel();
+    });
+    token
+}

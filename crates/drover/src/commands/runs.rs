@@ -1,0 +1,135 @@
+//! `drover runs ls|show|cancel|logs` and `drover pipelines`.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use drover_config::Config;
+use drover_server::Mode;
+use futures::StreamExt;
+
+use crate::cli::{GlobalArgs, RunsCommand};
+use crate::output;
+use crate::target::Target;
+
+pub(crate) async fn runs(
+    global: &GlobalArgs,
+    config: &Config,
+    command: RunsCommand,
+) -> anyhow::Result<ExitCode> {
+    // Without a server, read the data directory through a short-lived instance that runs
+    // no engine and no workers: looking must not resume anything.
+    let target = Target::connect(global, config, Mode::Inspect).await?;
+    let result = runs_with(global, &target, command).await;
+    target.close().await?;
+    result
+}
+
+async fn runs_with(
+    global: &GlobalArgs,
+    target: &Target,
+    command: RunsCommand,
+) -> anyhow::Result<ExitCode> {
+    let client = &target.client;
+    match command {
+        RunsCommand::Ls {
+            status,
+            limit,
+            cursor,
+        } => {
+            let page = client
+                .list_runs(status.as_deref(), limit, cursor.as_deref())
+                .await?;
+            if global.json {
+                output::json(&page);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = page
+                .items
+                .iter()
+                .map(|run| {
+                    vec![
+                        run.id.clone(),
+                        run.status.clone(),
+                        run.pipeline.clone(),
+                        run.created_at.clone(),
+                        output::truncate(&run.request, 40),
+                        run.deployment
+                            .as_ref()
+                            .map(|d| d.url.clone())
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["ID", "STATUS", "PIPELINE", "CREATED", "REQUEST", "URL"],
+                &rows,
+            );
+            if let Some(cursor) = page.next_cursor {
+                output::note(format!("more: drover runs ls --cursor {cursor}"));
+            }
+        }
+        RunsCommand::Show { id } => {
+            let run = client.get_run(&id).await?;
+            if global.json {
+                output::json(&run);
+                return Ok(ExitCode::SUCCESS);
+            }
+            output::data(format!("run       {}", run.id));
+            output::data(format!("request   {}", run.request));
+            output::data(format!("pipeline  {}", run.pipeline));
+            output::data(format!("status    {}", run.status));
+            if let Some(error) = &run.error {
+                output::data(format!("error     {error}"));
+            }
+            output::data(format!("created   {}", run.created_at));
+            if let Some(finished) = &run.finished_at {
+                output::data(format!("finished  {finished}"));
+            }
+            if let Some(deployment) = &run.deployment {
+                let live = if deployment.live { "live" } else { "stopped" };
+                output::data(format!("url       {} ({live})", deployment.url));
+            }
+            output::data("");
+            output::attempts_table(run.attempts.as_deref().unwrap_or_default());
+        }
+        RunsCommand::Cancel { id } => {
+            let run = client.cancel_run(&id).await?;
+            if global.json {
+                output::json(&run);
+            } else {
+                output::note(format!("run {} cancelled", run.id));
+            }
+        }
+        RunsCommand::Logs { id, stage, attempt } => {
+            let chunks = client.logs(&id, stage.as_deref(), attempt).await?;
+            futures::pin_mut!(chunks);
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = chunks.next().await {
+                stdout.write_all(&chunk?)?;
+            }
+            stdout.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn pipelines(global: &GlobalArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    let target = Target::connect(global, config, Mode::Inspect).await?;
+    let list = target.client.pipelines().await;
+    target.close().await?;
+    let list = list?;
+    if global.json {
+        output::json(&list);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .items
+        .iter()
+        .map(|p| {
+            let stages: Vec<String> = p.stages.iter().map(|s| s.name.clone()).collect();
+            vec![p.name.clone(), stages.join(" → "), p.description.clone()]
+        })
+        .collect();
+    output::table(&["PIPELINE", "STAGES", "DESCRIPTION"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
