@@ -1,0 +1,579 @@
+//! The real server on port 0 with its own data directory, driven over HTTP: the main job
+//! end to end, every bad input's status and code, the event stream, logs and pagination.
+
+use std::time::Duration;
+
+use drover_config::Config;
+use drover_server::{Mode, Server};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct TestServer {
+    url: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), drover_server::ServerError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    async fn spawn() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.data_dir = dir.path().join("data");
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.engine.heartbeat_interval = Duration::from_millis(500);
+        let server = Server::build(config, Mode::Full)
+            .await
+            .expect("server builds");
+        let url = server.url();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        Self {
+            url,
+            http,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.at(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.at(path)).send().await.unwrap()
+    }
+
+    async fn submit(&self, request: &str) -> Value {
+        let response = self
+            .post_json("/api/v1/runs", json!({ "request": request }))
+            .await;
+        assert_eq!(response.status(), 201);
+        response.json().await.unwrap()
+    }
+
+    async fn wait_finished(&self, id: &str) -> Value {
+        for _ in 0..600 {
+            let run: Value = self
+                .get(&format!("/api/v1/runs/{id}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            if matches!(
+                run["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("run {id} did not finish");
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("server stops in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+/// Asserts a problem+json response: status, code, and the request id in body and header.
+async fn assert_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status for {code}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let header_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], code, "{problem}");
+    assert_eq!(problem["status"], status);
+    assert_eq!(problem["request_id"], header_id.as_str());
+    for field in ["type", "title", "detail"] {
+        assert!(
+            problem[field].as_str().is_some_and(|s| !s.is_empty()),
+            "{field} in {problem}"
+        );
+    }
+    problem
+}
+
+#[tokio::test]
+async fn hello_world_api_runs_to_succeeded_and_its_app_answers_until_the_server_stops() {
+    let server = TestServer::spawn().await;
+    let created = server.submit("Hello World API").await;
+    assert_eq!(created["status"], "queued");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let run = server.wait_finished(&id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let attempts = run["attempts"].as_array().unwrap();
+    let stages: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        ["scaffold", "validate", "e2e", "integration", "deploy"]
+    );
+    assert!(attempts.iter().all(|a| a["status"] == "succeeded"));
+    assert_eq!(attempts[0]["output"]["template"], "hello-world-api");
+
+    let deployment = &run["deployment"];
+    assert_eq!(deployment["live"], true);
+    let url = deployment["url"].as_str().unwrap().to_owned();
+    let answer: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert!(
+        answer["message"].as_str().unwrap().contains("Hello, World"),
+        "{answer}"
+    );
+
+    let pid = deployment["pid"].as_u64().unwrap() as i32;
+    server.stop().await;
+    assert!(
+        reqwest::get(&url).await.is_err(),
+        "the app outlived the server"
+    );
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    });
+    assert!(!alive, "deployed app {pid} was orphaned");
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_own_code_and_changes_nothing() {
+    let server = TestServer::spawn().await;
+    let runs = "/api/v1/runs";
+    let raw = |body: &'static str, content_type: &'static str| {
+        server
+            .http
+            .post(server.at(runs))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    assert_problem(
+        raw("{\"request\": ", "application/json").await.unwrap(),
+        400,
+        "malformed_json",
+    )
+    .await;
+    assert_problem(
+        raw("", "application/json").await.unwrap(),
+        400,
+        "empty_body",
+    )
+    .await;
+    assert_problem(
+        raw("request=hi", "application/x-www-form-urlencoded")
+            .await
+            .unwrap(),
+        415,
+        "unsupported_media_type",
+    )
+    .await;
+
+    let unknown = assert_problem(
+        server
+            .post_json(runs, json!({ "request": "Hello", "colour": "blue" }))
+            .await,
+        422,
+        "unknown_field",
+    )
+    .await;
+    assert_eq!(unknown["errors"][0]["field"], "colour");
+
+    let empty = assert_problem(
+        server.post_json(runs, json!({ "request": "   " })).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(
+        empty["errors"],
+        json!([{ "field": "request", "message": "must not be empty" }])
+    );
+
+    let missing =
+        assert_problem(server.post_json(runs, json!({})).await, 422, "invalid_body").await;
+    assert_eq!(missing["errors"][0]["field"], "request");
+
+    let pipeline = assert_problem(
+        server
+            .post_json(runs, json!({ "request": "Hello", "pipeline": "nope" }))
+            .await,
+        422,
+        "unknown_pipeline",
+    )
+    .await;
+    assert!(
+        pipeline["detail"].as_str().unwrap().contains("sdlc"),
+        "names the known pipelines"
+    );
+
+    let unknown_run = "/api/v1/runs/01a2001a-39f1-7541-b586-cc5e4504a789";
+    assert_problem(server.get(unknown_run).await, 404, "run_not_found").await;
+    assert_problem(
+        server.get("/api/v1/runs/not-a-run-id").await,
+        404,
+        "run_not_found",
+    )
+    .await;
+    assert_problem(
+        server.get(&format!("{unknown_run}/logs")).await,
+        404,
+        "run_not_found",
+    )
+    .await;
+    assert_problem(
+        server.get(&format!("{unknown_run}/events")).await,
+        404,
+        "run_not_found",
+    )
+    .await;
+    assert_problem(
+        server
+            .http
+            .post(server.at(&format!("{unknown_run}/cancel")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "run_not_found",
+    )
+    .await;
+    assert_problem(
+        server.get("/api/v1/runs?limit=0").await,
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert_problem(
+        server.get("/api/v1/runs?status=done").await,
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert_problem(
+        server.get("/api/v1/runs?cursor=garbage").await,
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert_problem(
+        server.get("/api/v1/runs?bogus=1").await,
+        400,
+        "invalid_query",
+    )
+    .await;
+    assert_problem(
+        server.get("/api/v1/nothing-here").await,
+        404,
+        "route_not_found",
+    )
+    .await;
+    assert_problem(
+        server.http.delete(server.at(runs)).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    let huge = json!({ "request": "x".repeat(2 * 1024 * 1024) });
+    assert_problem(server.post_json(runs, huge).await, 413, "payload_too_large").await;
+
+    let page: Value = server.get(runs).await.json().await.unwrap();
+    assert_eq!(page["items"], json!([]), "a rejected request created a run");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_request_id_is_echoed_in_the_header_and_the_problem() {
+    let server = TestServer::spawn().await;
+    let response = server
+        .http
+        .get(server.at("/api/v1/runs/nope"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["request_id"], "trace-me-42");
+
+    let generated = server.get("/healthz").await;
+    let id = generated.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 36, "a UUID is generated when none is sent: {id}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_event_stream_replays_then_resumes_after_last_event_id_without_gaps_or_duplicates() {
+    let server = TestServer::spawn().await;
+    let id = server.submit("Static Site").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Follow live from the start until the stream ends with the run.
+    let all = sse_events(&server, &id, None).await;
+    let kinds: Vec<&str> = all
+        .iter()
+        .map(|(_, e)| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"run.queued"));
+    assert_eq!(kinds.last(), Some(&"run.succeeded"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "stage.succeeded").count(), 5);
+    let seqs: Vec<i64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence strictly increases: {seqs:?}"
+    );
+
+    // Resume after the fourth event: exactly the rest, in order.
+    let resumed = sse_events(&server, &id, Some(seqs[3])).await;
+    let resumed_seqs: Vec<i64> = resumed.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(resumed_seqs, seqs[4..]);
+    server.stop().await;
+}
+
+async fn sse_events(server: &TestServer, id: &str, after: Option<i64>) -> Vec<(i64, Value)> {
+    let mut request = server
+        .http
+        .get(server.at(&format!("/api/v1/runs/{id}/events")));
+    if let Some(after) = after {
+        request = request.header("last-event-id", after.to_string());
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = String::new();
+    let mut stream = response.bytes_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the stream ends with the run");
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut seq = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(id) = line
+                    .strip_prefix("id: ")
+                    .or_else(|| line.strip_prefix("id:"))
+                {
+                    seq = id.trim().parse().ok();
+                }
+                if let Some(json) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    data = serde_json::from_str(json).ok();
+                }
+            }
+            Some((seq?, data?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_show_each_stage_and_a_finished_run_cannot_be_cancelled() {
+    let server = TestServer::spawn().await;
+    let id = server.submit("Todo API").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = server.wait_finished(&id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let logs = server.get(&format!("/api/v1/runs/{id}/logs")).await;
+    assert_eq!(logs.headers()["content-type"], "text/plain; charset=utf-8");
+    let logs = logs.text().await.unwrap();
+    for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
+        assert!(
+            logs.contains(&format!("==> {stage} attempt 1 (succeeded) <==")),
+            "{stage} missing in:\n{logs}"
+        );
+    }
+    assert!(logs.contains("wrote app.py"), "{logs}");
+    assert!(logs.contains("Ran 4 tests"), "{logs}");
+    let only_integration = server
+        .get(&format!("/api/v1/runs/{id}/logs?stage=integration"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(only_integration.contains("Ran 4 tests") && !only_integration.contains("wrote app.py"));
+
+    let cancel = server
+        .http
+        .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(cancel, 409, "run_already_finished").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_an_unfinished_run_stops_it() {
+    let server = TestServer::spawn().await;
+    let id = server.submit("Hello World API").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cancelled = server
+        .http
+        .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let run = server.wait_finished(&id).await;
+    assert_eq!(run["status"], "cancelled");
+    // Nothing of the run keeps running after a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later: Value = server
+        .get(&format!("/api/v1/runs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let active = later["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            matches!(
+                a["status"].as_str(),
+                Some("pending" | "dispatched" | "running")
+            )
+        })
+        .count();
+    assert_eq!(active, 0, "{later}");
+    assert_eq!(later["deployment"], Value::Null);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn runs_are_listed_newest_first_in_pages() {
+    let server = TestServer::spawn().await;
+    let mut ids = Vec::new();
+    for request in ["first", "second", "third"] {
+        let id = server.submit(request).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        server
+            .http
+            .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
+            .send()
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let page: Value = server
+        .get("/api/v1/runs?limit=2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let next: Value = server
+        .get(&format!("/api/v1/runs?limit=2&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["items"][0]["id"], ids[0].as_str());
+    assert_eq!(next["next_cursor"], Value::Null);
+    let cancelled: Value = server
+        .get("/api/v1/runs?status=cancelled")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["items"].as_array().unwrap().len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_pipelines_and_openapi_answer() {
+    let server = TestServer::spawn().await;
+    let health: Value = server.get("/healthz").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let ready: Value = server.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        ready,
+        json!({ "status": "ready", "checks": { "store": "ok" } })
+    );
+
+    let pipelines: Value = server.get("/api/v1/pipelines").await.json().await.unwrap();
+    assert_eq!(pipelines["items"][0]["name"], "sdlc");
+    assert_eq!(pipelines["items"][0]["stages"].as_array().unwrap().len(), 5);
+
+    let openapi: Value = server
+        .get("/api/v1/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/runs",
+        "/api/v1/runs/{id}",
+        "/api/v1/runs/{id}/cancel",
+        "/api/v1/runs/{id}/events",
+        "/api/v1/runs/{id}/logs",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            openapi["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    assert!(openapi["components"]["schemas"]["Problem"].is_object());
+
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("drover_http_requests_total"), "{metrics}");
+    server.stop().await;
+}
