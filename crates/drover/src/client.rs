@@ -14,21 +14,26 @@ use crate::sse::SseParser;
 pub(crate) enum ClientError {
     #[error("cannot reach the drover server at {url}: {message}")]
     Unreachable { url: String, message: String },
-    #[error("{}: {} [{}]", .0.title, .0.detail, .0.code)]
+    #[error("{}", describe_problem(.0))]
     Api(Box<Problem>),
     #[error("unexpected response from the server ({status}): {body}")]
     Unexpected { status: StatusCode, body: String },
 }
 
-impl ClientError {
-    /// The problem's `code` when the server refused the request.
-    #[cfg(test)]
-    pub(crate) fn code(&self) -> Option<&str> {
-        match self {
-            Self::Api(problem) => Some(&problem.code),
-            _ => None,
-        }
-    }
+/// `Title: detail [code]`, with the field errors instead of the summary when there are
+/// any: `Validation failed: request: must not be empty [validation_failed]`.
+fn describe_problem(problem: &Problem) -> String {
+    let detail = if problem.errors.is_empty() {
+        problem.detail.clone()
+    } else {
+        problem
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    format!("{}: {detail} [{}]", problem.title, problem.code)
 }
 
 #[derive(Clone)]

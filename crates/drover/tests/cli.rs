@@ -1,0 +1,424 @@
+//! The built `drover` binary, run as a user would, each test in a fresh directory:
+//! the main job embedded, against `drover up`, inspection commands, bad input, and a
+//! `kill -9` of the server in the middle of a run.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const DROVER: &str = env!("CARGO_BIN_EXE_drover");
+
+/// A command for the binary, isolated from the developer's environment: its own working
+/// directory (so its own `.drover`), and a configured address where nothing listens, so a
+/// `drover up` on the machine is never picked up by accident.
+fn drover(dir: &Path) -> Command {
+    let mut command = Command::new(DROVER);
+    command
+        .current_dir(dir)
+        .env_remove("DROVER_SERVER")
+        .env_remove("DROVER_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .env("DROVER_SERVER__LISTEN", "127.0.0.1:1")
+        .env("NO_COLOR", "1");
+    command
+}
+
+fn run_ok(command: &mut Command) -> Output {
+    let output = command.output().expect("drover runs");
+    assert!(
+        output.status.success(),
+        "drover failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn drover_run_hello_world_api_embedded_succeeds_and_prints_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_ok(drover(dir.path()).args(["run", "Hello World API"]));
+    let out = stdout(&output);
+    assert!(out.trim().starts_with("http://127.0.0.1:"), "stdout: {out}");
+    let err = stderr(&output);
+    assert!(err.contains("succeeded"), "{err}");
+    assert!(err.contains("app stops when this command ends"), "{err}");
+    for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
+        assert!(err.contains(stage), "{stage} progress missing: {err}");
+    }
+    assert!(dir.path().join(".drover/drover.db").is_file());
+    // The embedded deployment ended with the command.
+    assert!(http().get(out.trim()).send().is_err());
+
+    // History is readable afterwards, without a server.
+    let listed = run_ok(drover(dir.path()).args(["runs", "ls"]));
+    assert!(stdout(&listed).contains("succeeded"), "{}", stdout(&listed));
+    let page: Value =
+        serde_json::from_slice(&run_ok(drover(dir.path()).args(["--json", "runs", "ls"])).stdout)
+            .unwrap();
+    let id = page["items"][0]["id"].as_str().unwrap().to_owned();
+    let shown = stdout(&run_ok(drover(dir.path()).args(["runs", "show", &id])));
+    assert!(
+        shown.contains("integration") && shown.contains("3 tests passed"),
+        "{shown}"
+    );
+    assert!(shown.contains("(stopped)"), "{shown}");
+    let logs = stdout(&run_ok(
+        drover(dir.path()).args(["runs", "logs", &id, "--stage", "validate"]),
+    ));
+    assert!(
+        logs.contains("==> validate attempt 1 (succeeded) <=="),
+        "{logs}"
+    );
+}
+
+#[test]
+fn drover_run_json_prints_a_machine_readable_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_ok(drover(dir.path()).args(["--json", "run", "Todo API"]));
+    let run: Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["attempts"][0]["output"]["template"], "todo-api");
+    assert!(
+        run["deployment"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+}
+
+#[test]
+fn drover_run_list_shows_the_template_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = stdout(&run_ok(drover(dir.path()).args(["run", "--list"])));
+    for name in ["Hello World API", "Todo API", "Static Site"] {
+        assert!(out.contains(name), "{out}");
+    }
+    assert!(
+        !dir.path().join(".drover").exists(),
+        "listing templates touched the data dir"
+    );
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_one_line_message_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = drover(dir.path()).args(["run", "   "]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("validation_failed") && err.contains("must not be empty"),
+        "{err}"
+    );
+
+    let output = drover(dir.path())
+        .args(["run", "x", "--pipeline", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("unknown_pipeline"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = drover(dir.path())
+        .args(["runs", "show", "not-a-run"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("run_not_found"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = drover(dir.path())
+        .env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "soon")
+        .args(["runs", "ls"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("engine.heartbeat_interval"),
+        "{}",
+        stderr(&output)
+    );
+
+    let page: Value =
+        serde_json::from_slice(&run_ok(drover(dir.path()).args(["--json", "runs", "ls"])).stdout)
+            .unwrap();
+    assert_eq!(page["items"], Value::Array(vec![]));
+}
+
+/// `drover up` in the background, stopped (SIGINT) when dropped.
+struct Up {
+    child: Child,
+    url: String,
+}
+
+impl Up {
+    fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let data_dir = dir.join(".drover");
+        let _ = std::fs::remove_file(data_dir.join("server.json"));
+        let mut command = drover(dir);
+        command
+            .args(["up", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            if let Ok(text) = std::fs::read_to_string(data_dir.join("server.json")) {
+                if let Ok(info) = serde_json::from_str::<Value>(&text) {
+                    break info["url"].as_str().unwrap().to_owned();
+                }
+            }
+            assert!(Instant::now() < deadline, "drover up did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Self { child, url }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Ctrl-C, then waits for a clean exit.
+    fn interrupt(mut self) -> std::process::ExitStatus {
+        kill(self.pid(), Signal::SIGINT).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "drover up did not stop on Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(mut self) {
+        kill(self.pid(), Signal::SIGKILL).unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Live (non-zombie) processes whose working directory is inside `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let dir = dir.canonicalize().unwrap();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+                && alive(u64::from(*pid))
+        })
+        .collect()
+}
+
+/// Waits until nothing runs inside `dir` any more.
+fn assert_no_processes_left_in(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_in(dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orphaned processes in {}: {left:?}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn with_drover_up_running_a_run_deploys_an_app_that_answers_until_the_server_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), &[]);
+
+    // `drover run` finds the server through the data directory.
+    let output = run_ok(drover(dir.path()).args(["run", "Hello World API"]));
+    let url = stdout(&output).trim().to_owned();
+    assert!(
+        !stderr(&output).contains("app stops when this command ends"),
+        "{}",
+        stderr(&output)
+    );
+    let answer: Value = http().get(&url).send().unwrap().json().unwrap();
+    assert!(
+        answer["message"].as_str().unwrap().contains("Hello, World"),
+        "{answer}"
+    );
+
+    // Still answering after the command ended, and reported live by the server.
+    let page: Value = http()
+        .get(format!("{}/api/v1/runs", up.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let deployment = page["items"][0]["deployment"].clone();
+    assert_eq!(deployment["live"], true, "{page}");
+    assert!(http().get(&url).send().unwrap().status().is_success());
+
+    let status = up.interrupt();
+    assert!(status.success(), "drover up exited with {status}");
+    assert!(
+        http().get(&url).send().is_err(),
+        "the app outlived drover up"
+    );
+    assert!(
+        !alive(deployment["pid"].as_u64().unwrap()),
+        "orphaned app process"
+    );
+}
+
+#[test]
+fn a_sigkilled_server_resumes_the_run_without_rerunning_completed_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("DROVER_ENGINE__HEARTBEAT_INTERVAL", "400ms")];
+    let up = Up::start(dir.path(), &env);
+    let client = http();
+    let run: Value = client
+        .post(format!("{}/api/v1/runs", up.url))
+        .json(&serde_json::json!({ "request": "Hello World API" }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+
+    // Kill the server the moment the e2e stage is running (its app is up mid-check).
+    let events = client
+        .get(format!("{}/api/v1/runs/{id}/events", up.url))
+        .send()
+        .unwrap();
+    let mut completed_before = Vec::new();
+    let reader = std::io::BufReader::new(events);
+    for line in std::io::BufRead::lines(reader) {
+        let line = line.unwrap();
+        let Some(data) = line
+            .strip_prefix("data: ")
+            .or_else(|| line.strip_prefix("data:"))
+        else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(data).unwrap();
+        let kind = event["kind"].as_str().unwrap().to_owned();
+        let stage = event["payload"]["stage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if kind == "stage.succeeded" {
+            completed_before.push(stage.clone());
+        }
+        if kind == "stage.running" && stage == "e2e" {
+            break;
+        }
+        assert!(kind != "run.succeeded", "the run finished before the kill");
+    }
+    up.kill9();
+    assert_eq!(completed_before, ["scaffold", "validate"]);
+    // The app the e2e stage had started died with the server.
+    assert_no_processes_left_in(&dir.path().join(".drover"));
+
+    let up = Up::start(dir.path(), &env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = loop {
+        let run: Value = client
+            .get(format!("{}/api/v1/runs/{id}", up.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if matches!(
+            run["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run did not resume: {run}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+
+    let attempts = finished["attempts"].as_array().unwrap();
+    for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
+        let of_stage: Vec<&Value> = attempts.iter().filter(|a| a["stage"] == stage).collect();
+        let succeeded = of_stage
+            .iter()
+            .filter(|a| a["status"] == "succeeded")
+            .count();
+        assert_eq!(
+            succeeded, 1,
+            "{stage} committed {succeeded} times: {finished}"
+        );
+        if completed_before.iter().any(|s| s == stage) {
+            assert_eq!(
+                of_stage.len(),
+                1,
+                "completed stage {stage} ran again: {finished}"
+            );
+        }
+    }
+    let e2e: Vec<&Value> = attempts.iter().filter(|a| a["stage"] == "e2e").collect();
+    assert_eq!(
+        e2e.len(),
+        2,
+        "the interrupted e2e attempt is retried once: {finished}"
+    );
+    assert_eq!(e2e[0]["status"], "failed");
+    assert!(e2e[0]["error"].as_str().unwrap().contains("lease expired"));
+    let status = up.interrupt();
+    assert!(status.success());
+}
