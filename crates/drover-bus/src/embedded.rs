@@ -87,13 +87,13 @@ impl Bus for EmbeddedBus {
 
     async fn publish_task(&self, envelope: TaskEnvelope) -> Result<(), BusError> {
         let agent = envelope.agent.clone();
-        self.with_queue(&agent, |queue| queue.sender.try_send(envelope))
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => BusError::Full {
-                    topic: task_topic(&agent),
-                },
-                mpsc::error::TrySendError::Closed(_) => BusError::Closed,
-            })
+        self.with_queue(&agent, |queue| match queue.sender.try_send(envelope) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(BusError::Full {
+                topic: task_topic(&agent),
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::Closed),
+        })
     }
 
     async fn consume_tasks(

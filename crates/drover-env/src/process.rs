@@ -148,10 +148,10 @@ impl GroupChild {
 
     /// Sends `signal` to every process in the group. A group that is already gone is fine.
     pub fn signal_group(&self, signal: Signal) {
-        if let Err(err) = killpg(self.pgid, signal) {
-            if err != nix::errno::Errno::ESRCH {
-                tracing::warn!(pgid = self.pgid.as_raw(), %signal, error = %err, "signalling process group failed");
-            }
+        if let Err(err) = killpg(self.pgid, signal)
+            && err != nix::errno::Errno::ESRCH
+        {
+            tracing::warn!(pgid = self.pgid.as_raw(), %signal, error = %err, "signalling process group failed");
         }
     }
 

@@ -33,10 +33,10 @@ pub(super) async fn wait_healthy(
     let started = Instant::now();
     loop {
         alive().map_err(AgentFailure::transient)?;
-        if let Ok(response) = client.get(url).send().await {
-            if response.status().is_success() {
-                return Ok(started.elapsed());
-            }
+        if let Ok(response) = client.get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(started.elapsed());
         }
         if started.elapsed() > STARTUP_TIMEOUT {
             return Err(AgentFailure::transient(format!(

@@ -58,7 +58,7 @@ async fn scaffold(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
             template.name
         )
     };
-    task.log.line(format!("{reason}")).await;
+    task.log.line(&reason).await;
 
     let mut written = Vec::with_capacity(template.files.len());
     for (relative, contents) in template.files {
