@@ -332,11 +332,11 @@ async fn feed_run_events(
     }
     // A run that already ended (the client resumed after its last event) has nothing more
     // to say; one more replay covers an end committed since the first.
-    if let Ok(Some(current)) = store.get_run(&project, run).await {
-        if current.status.is_terminal() {
-            let _ = replay(store.as_ref(), &project, run, &mut last, &sender).await;
-            return;
-        }
+    if let Ok(Some(current)) = store.get_run(&project, run).await
+        && current.status.is_terminal()
+    {
+        let _ = replay(store.as_ref(), &project, run, &mut last, &sender).await;
+        return;
     }
     loop {
         let received = tokio::select! {

@@ -254,13 +254,13 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
         }
-        if let Some(url) = &self.store.url {
-            if url.strip_prefix("sqlite://").is_none_or(str::is_empty) {
-                return Err(ConfigError::Invalid {
-                    key: "store.url",
-                    message: format!("`{url}` is not supported; expected sqlite://PATH"),
-                });
-            }
+        if let Some(url) = &self.store.url
+            && url.strip_prefix("sqlite://").is_none_or(str::is_empty)
+        {
+            return Err(ConfigError::Invalid {
+                key: "store.url",
+                message: format!("`{url}` is not supported; expected sqlite://PATH"),
+            });
         }
         if self.store.max_connections == 0 {
             return invalid("store.max_connections", "must be at least 1");
@@ -333,6 +333,10 @@ fn describe_figment_error(err: figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment's Jail closures return figment::Error"
+)]
 mod tests {
     use figment::Jail;
 

@@ -59,7 +59,7 @@ async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
                     tracing::debug!(%topic, "task queue full; the attempt waits in the store");
                 }
                 Err(err) => {
-                    tracing::warn!(attempt_id = %attempt.id, error = %err, "publish failed")
+                    tracing::warn!(attempt_id = %attempt.id, error = %err, "publish failed");
                 }
             }
         }

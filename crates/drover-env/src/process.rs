@@ -351,10 +351,10 @@ mod tests {
             tokio::spawn(async move { run_command(&spec, &cancel, None).await })
         };
         let grandchild = loop {
-            if let Ok(text) = std::fs::read_to_string(&pid_file) {
-                if let Ok(pid) = text.trim().parse::<i32>() {
-                    break pid;
-                }
+            if let Ok(text) = std::fs::read_to_string(&pid_file)
+                && let Ok(pid) = text.trim().parse::<i32>()
+            {
+                break pid;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };

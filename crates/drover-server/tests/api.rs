@@ -20,8 +20,10 @@ struct TestServer {
 impl TestServer {
     async fn spawn() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.data_dir = dir.path().join("data");
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.engine.heartbeat_interval = Duration::from_millis(500);
         let server = Server::build(config, Mode::Full)

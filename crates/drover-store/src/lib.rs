@@ -79,7 +79,10 @@ pub struct StartAttempt {
 }
 
 #[derive(Debug, Clone)]
-#[expect(clippy::large_enum_variant, reason = "returned once per call, never stored in bulk")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per call, never stored in bulk"
+)]
 pub enum StartOutcome {
     Started(StageAttempt),
     /// The attempt is no longer the worker's to run (cancelled, reclaimed, already taken).
@@ -100,7 +103,10 @@ pub struct Completion {
 }
 
 #[derive(Debug, Clone)]
-#[expect(clippy::large_enum_variant, reason = "returned once per call, never stored in bulk")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per call, never stored in bulk"
+)]
 pub enum CompletionOutcome {
     /// The result was committed: the attempt's new state, its run, and the attempt created
     /// next (following stage or retry), if any.

@@ -194,10 +194,10 @@ impl Up {
         let child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = loop {
-            if let Ok(text) = std::fs::read_to_string(data_dir.join("server.json")) {
-                if let Ok(info) = serde_json::from_str::<Value>(&text) {
-                    break info["url"].as_str().unwrap().to_owned();
-                }
+            if let Ok(text) = std::fs::read_to_string(data_dir.join("server.json"))
+                && let Ok(info) = serde_json::from_str::<Value>(&text)
+            {
+                break info["url"].as_str().unwrap().to_owned();
             }
             assert!(Instant::now() < deadline, "drover up did not start");
             std::thread::sleep(Duration::from_millis(50));

@@ -146,10 +146,10 @@ async fn follow(client: &Client, id: &str, progress: &mut Progress) -> Result<()
         }
         // The stream ended without the run ending: the run may have ended between two
         // connections, or the server restarted.
-        if let Ok(run) = client.get_run(id).await {
-            if matches!(run.status.as_str(), "succeeded" | "failed" | "cancelled") {
-                return Ok(());
-            }
+        if let Ok(run) = client.get_run(id).await
+            && matches!(run.status.as_str(), "succeeded" | "failed" | "cancelled")
+        {
+            return Ok(());
         }
         reconnects += 1;
         if reconnects > MAX_RECONNECTS {
