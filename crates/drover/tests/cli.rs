@@ -173,6 +173,29 @@ fn bad_input_exits_non_zero_with_a_one_line_message_and_creates_nothing() {
     assert_eq!(page["items"], Value::Array(vec![]));
 }
 
+#[test]
+fn a_run_that_fails_exits_non_zero_and_says_which_stage_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // No Python on PATH: the validate stage cannot run, deterministically.
+    let empty_path = dir.path().join("empty-bin");
+    std::fs::create_dir(&empty_path).unwrap();
+    let output = drover(dir.path())
+        .env("PATH", &empty_path)
+        .args(["run", "Hello World API"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("✗ run") && err.contains("failed"), "{err}");
+    assert!(err.contains("stage `validate` failed"), "{err}");
+    assert!(err.contains("python3"), "{err}");
+    assert!(
+        err.contains("drover runs logs"),
+        "points at the logs: {err}"
+    );
+    assert!(stdout(&output).trim().is_empty(), "no URL for a failed run");
+}
+
 /// `drover up` in the background, stopped (SIGINT) when dropped.
 struct Up {
     child: Child,
