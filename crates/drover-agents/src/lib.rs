@@ -55,26 +55,17 @@ pub struct AgentFailure {
 
 impl AgentFailure {
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-        }
+        Self { message: message.into(), retryable: false }
     }
 
     pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-        }
+        Self { message: message.into(), retryable: true }
     }
 }
 
 impl From<AgentFailure> for AgentResult {
     fn from(failure: AgentFailure) -> Self {
-        AgentResult::Failed {
-            error: failure.message,
-            retryable: failure.retryable,
-        }
+        AgentResult::Failed { error: failure.message, retryable: failure.retryable }
     }
 }
 

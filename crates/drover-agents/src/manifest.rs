@@ -67,9 +67,7 @@ impl Manifest {
             std::iter::once(&manifest.health_path).chain(manifest.checks.iter().map(|c| &c.path))
         {
             if !path.starts_with('/') {
-                return Err(ManifestError::Invalid(format!(
-                    "path `{path}` must start with `/`"
-                )));
+                return Err(ManifestError::Invalid(format!("path `{path}` must start with `/`")));
             }
         }
         Ok(manifest)
@@ -96,25 +94,10 @@ mod tests {
     #[test]
     fn a_manifest_without_a_start_command_or_with_a_relative_path_is_invalid() {
         let no_start = r#"{"name":"x","start":[],"health_path":"/h","test":["t"]}"#;
-        assert!(
-            Manifest::parse(no_start)
-                .unwrap_err()
-                .to_string()
-                .contains("start")
-        );
+        assert!(Manifest::parse(no_start).unwrap_err().to_string().contains("start"));
         let relative = r#"{"name":"x","start":["a"],"health_path":"h","test":["t"]}"#;
-        assert!(
-            Manifest::parse(relative)
-                .unwrap_err()
-                .to_string()
-                .contains("must start with")
-        );
+        assert!(Manifest::parse(relative).unwrap_err().to_string().contains("must start with"));
         let unknown = r#"{"name":"x","start":["a"],"health_path":"/h","test":["t"],"extra":1}"#;
-        assert!(
-            Manifest::parse(unknown)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown field")
-        );
+        assert!(Manifest::parse(unknown).unwrap_err().to_string().contains("unknown field"));
     }
 }

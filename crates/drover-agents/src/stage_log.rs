@@ -31,11 +31,8 @@ impl StageLog {
         if let Some(parent) = self.path.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await?;
+        let mut file =
+            tokio::fs::OpenOptions::new().create(true).append(true).open(&self.path).await?;
         file.write_all(text.as_bytes()).await?;
         if !text.ends_with('\n') {
             file.write_all(b"\n").await?;

@@ -28,13 +28,7 @@ const CATALOG: &[Template] = &[
         slug: "hello-world-api",
         name: "Hello World API",
         description: "JSON API answering GET / with Hello, World and GET /health",
-        keywords: &[
-            ("hello", 2),
-            ("world", 2),
-            ("greeting", 2),
-            ("api", 1),
-            ("json", 1),
-        ],
+        keywords: &[("hello", 2), ("world", 2), ("greeting", 2), ("api", 1), ("json", 1)],
         files: template_files!("hello-world-api":
             "app.py", "tests/__init__.py", "tests/test_app.py", "README.md", "drover.json"),
     },
@@ -42,13 +36,7 @@ const CATALOG: &[Template] = &[
         slug: "todo-api",
         name: "Todo API",
         description: "JSON CRUD API for a todo list kept in memory",
-        keywords: &[
-            ("todo", 3),
-            ("todos", 3),
-            ("tasks", 2),
-            ("crud", 2),
-            ("api", 1),
-        ],
+        keywords: &[("todo", 3), ("todos", 3), ("tasks", 2), ("crud", 2), ("api", 1)],
         files: template_files!("todo-api":
             "app.py", "tests/__init__.py", "tests/test_app.py", "README.md", "drover.json"),
     },
@@ -105,10 +93,7 @@ pub fn select(request: &str) -> Selection {
             best = (template, points);
         }
     }
-    Selection {
-        template: best.0,
-        matched: best.1 > 0,
-    }
+    Selection { template: best.0, matched: best.1 > 0 }
 }
 
 #[cfg(test)]
@@ -126,14 +111,8 @@ mod tests {
 
     #[test]
     fn requests_in_other_words_pick_by_keyword() {
-        assert_eq!(
-            select("build me a landing page website").template.slug,
-            "static-site"
-        );
-        assert_eq!(
-            select("a CRUD service for my todos").template.slug,
-            "todo-api"
-        );
+        assert_eq!(select("build me a landing page website").template.slug, "static-site");
+        assert_eq!(select("a CRUD service for my todos").template.slug, "todo-api");
         assert_eq!(select("say hello").template.slug, "hello-world-api");
     }
 
@@ -150,11 +129,7 @@ mod tests {
             let paths: Vec<_> = template.files.iter().map(|(p, _)| *p).collect();
             assert!(paths.contains(&"app.py"), "{}", template.slug);
             assert!(paths.contains(&"drover.json"), "{}", template.slug);
-            assert!(
-                paths.iter().any(|p| p.starts_with("tests/test_")),
-                "{}",
-                template.slug
-            );
+            assert!(paths.iter().any(|p| p.starts_with("tests/test_")), "{}", template.slug);
         }
     }
 }

@@ -45,9 +45,7 @@ struct Shared {
 impl Shared {
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
         // Every operation on the map is a single insert/remove/lookup; it stays consistent.
-        self.running
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        self.running.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     async fn publish(&self, message: WorkerMessage) {
@@ -77,18 +75,9 @@ impl WorkerPool {
         let tracker = TaskTracker::new();
         tracker.spawn(control_loop(shared.clone()));
         for agent in agents {
-            tracker.spawn(consume_loop(
-                shared.clone(),
-                agent,
-                intake.clone(),
-                tracker.clone(),
-            ));
+            tracker.spawn(consume_loop(shared.clone(), agent, intake.clone(), tracker.clone()));
         }
-        Self {
-            shared,
-            intake,
-            tracker,
-        }
+        Self { shared, intake, tracker }
     }
 
     /// How many attempts are running now.
@@ -107,10 +96,7 @@ impl WorkerPool {
             }
         };
         if tokio::time::timeout(grace, drained).await.is_err() {
-            tracing::warn!(
-                running = self.running(),
-                "grace period over; stopping running stages"
-            );
+            tracing::warn!(running = self.running(), "grace period over; stopping running stages");
         }
         self.shared.hard_stop.cancel();
         self.tracker.wait().await;
@@ -151,17 +137,14 @@ async fn consume_loop(
     tracker: TaskTracker,
 ) {
     let agent_type = agent.agent_type().clone();
-    let mut deliveries = match shared
-        .bus
-        .consume_tasks(&agent_type, shared.config.worker_id.as_str())
-        .await
-    {
-        Ok(stream) => stream,
-        Err(err) => {
-            tracing::error!(agent = %agent_type, error = %err, "cannot consume tasks");
-            return;
-        }
-    };
+    let mut deliveries =
+        match shared.bus.consume_tasks(&agent_type, shared.config.worker_id.as_str()).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::error!(agent = %agent_type, error = %err, "cannot consume tasks");
+                return;
+            }
+        };
     let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1) as usize));
     loop {
         let permit = tokio::select! {
@@ -206,11 +189,7 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
     shared.running().insert(attempt_id, cancel.clone());
 
     shared
-        .publish(WorkerMessage::Started {
-            attempt_id,
-            token,
-            worker_id: worker_id.clone(),
-        })
+        .publish(WorkerMessage::Started { attempt_id, token, worker_id: worker_id.clone() })
         .await;
     let heartbeat = {
         let bus = shared.bus.clone();
@@ -221,11 +200,8 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
             ticker.tick().await;
             loop {
                 ticker.tick().await;
-                let beat = WorkerMessage::Heartbeat {
-                    attempt_id,
-                    token,
-                    worker_id: worker_id.clone(),
-                };
+                let beat =
+                    WorkerMessage::Heartbeat { attempt_id, token, worker_id: worker_id.clone() };
                 if let Err(err) = bus.publish_result(beat).await {
                     tracing::warn!(error = %err, "heartbeat not published");
                 }
@@ -257,24 +233,11 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
                 ok = matches!(result, drover_bus::AgentResult::Succeeded { .. }),
                 "stage finished"
             );
-            shared
-                .publish(WorkerMessage::Finished {
-                    attempt_id,
-                    token,
-                    worker_id,
-                    result,
-                })
-                .await;
+            shared.publish(WorkerMessage::Finished { attempt_id, token, worker_id, result }).await;
         }
         _ if shared.hard_stop.is_cancelled() => {
             tracing::info!("stage handed back: worker stopping");
-            shared
-                .publish(WorkerMessage::Released {
-                    attempt_id,
-                    token,
-                    worker_id,
-                })
-                .await;
+            shared.publish(WorkerMessage::Released { attempt_id, token, worker_id }).await;
         }
         _ => tracing::info!("stage cancelled"),
     }

@@ -17,11 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 fn task(workspace: &Path, run_id: RunId, stage: &str, request: &str) -> AgentTask {
-    let log_path = workspace
-        .parent()
-        .unwrap()
-        .join("logs")
-        .join(format!("{stage}.1.log"));
+    let log_path = workspace.parent().unwrap().join("logs").join(format!("{stage}.1.log"));
     AgentTask {
         envelope: TaskEnvelope {
             task_id: AttemptId::new(),
@@ -62,46 +58,29 @@ async fn the_sdlc_agents_scaffold_check_test_and_deploy_a_hello_world_api() {
     let run = RunId::new();
     let request = "Hello World API";
 
-    let scaffolded = succeeded(
-        ScaffoldAgent::new()
-            .run(&task(&workspace, run, "scaffold", request))
-            .await,
-    );
+    let scaffolded =
+        succeeded(ScaffoldAgent::new().run(&task(&workspace, run, "scaffold", request)).await);
     assert_eq!(scaffolded["template"], "hello-world-api");
     assert!(workspace.join("app.py").is_file());
 
-    let validated = succeeded(
-        ValidateAgent::new()
-            .run(&task(&workspace, run, "validate", request))
-            .await,
-    );
-    assert_eq!(
-        validated["checked"], 4,
-        "app.py, two test files and drover.json"
-    );
+    let validated =
+        succeeded(ValidateAgent::new().run(&task(&workspace, run, "validate", request)).await);
+    assert_eq!(validated["checked"], 4, "app.py, two test files and drover.json");
 
-    let e2e = succeeded(
-        E2eAgent::new()
-            .run(&task(&workspace, run, "e2e", request))
-            .await,
-    );
+    let e2e = succeeded(E2eAgent::new().run(&task(&workspace, run, "e2e", request)).await);
     assert_eq!(e2e["checks"].as_array().unwrap().len(), 2);
     // The app under test is stopped afterwards: its port is free again.
     let port = e2e["port"].as_u64().unwrap() as u16;
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("e2e app released its port");
 
     let tested = succeeded(
-        IntegrationAgent::new()
-            .run(&task(&workspace, run, "integration", request))
-            .await,
+        IntegrationAgent::new().run(&task(&workspace, run, "integration", request)).await,
     );
     assert_eq!(tested["tests_run"], 3);
 
     let deployments = Deployments::new();
     let deployed = succeeded(
-        DeployAgent::new(deployments.clone())
-            .run(&task(&workspace, run, "deploy", request))
-            .await,
+        DeployAgent::new(deployments.clone()).run(&task(&workspace, run, "deploy", request)).await,
     );
     let url = deployed["url"].as_str().unwrap().to_owned();
     let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
@@ -109,14 +88,8 @@ async fn the_sdlc_agents_scaffold_check_test_and_deploy_a_hello_world_api() {
     assert_eq!(deployments.get(run).unwrap().url, url);
 
     deployments.stop_all(Duration::from_secs(3)).await;
-    assert!(
-        reqwest::get(&url).await.is_err(),
-        "app still answers after stop"
-    );
-    assert!(
-        !workspace.join("__pycache__").exists(),
-        "validation wrote bytecode"
-    );
+    assert!(reqwest::get(&url).await.is_err(), "app still answers after stop");
+    assert!(!workspace.join("__pycache__").exists(), "validation wrote bytecode");
 }
 
 #[tokio::test]
@@ -124,20 +97,12 @@ async fn validation_reports_every_broken_file_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let workspace = dir.path().join("workspace");
     let run = RunId::new();
-    succeeded(
-        ScaffoldAgent::new()
-            .run(&task(&workspace, run, "scaffold", "Todo API"))
-            .await,
-    );
+    succeeded(ScaffoldAgent::new().run(&task(&workspace, run, "scaffold", "Todo API")).await);
     std::fs::write(workspace.join("broken.py"), "def f(:\n    pass\n").unwrap();
     std::fs::write(workspace.join("bad.json"), "{\"a\": }").unwrap();
 
-    let result = ValidateAgent::new()
-        .run(&task(&workspace, run, "validate", "Todo API"))
-        .await;
-    let AgentResult::Failed { error, retryable } = result else {
-        panic!("broken files passed")
-    };
+    let result = ValidateAgent::new().run(&task(&workspace, run, "validate", "Todo API")).await;
+    let AgentResult::Failed { error, retryable } = result else { panic!("broken files passed") };
     assert!(!retryable, "a syntax error is not worth retrying");
     assert!(error.contains("broken.py:1"), "{error}");
     assert!(error.contains("bad.json:1"), "{error}");
@@ -149,19 +114,11 @@ async fn failing_project_tests_fail_the_integration_stage_with_their_output() {
     let dir = tempfile::tempdir().unwrap();
     let workspace = dir.path().join("workspace");
     let run = RunId::new();
-    succeeded(
-        ScaffoldAgent::new()
-            .run(&task(&workspace, run, "scaffold", "Static Site"))
-            .await,
-    );
+    succeeded(ScaffoldAgent::new().run(&task(&workspace, run, "scaffold", "Static Site")).await);
     std::fs::write(workspace.join("public/index.html"), "<p>no heading</p>").unwrap();
 
-    let result = IntegrationAgent::new()
-        .run(&task(&workspace, run, "integration", "x"))
-        .await;
-    let AgentResult::Failed { error, retryable } = result else {
-        panic!("failing tests passed")
-    };
+    let result = IntegrationAgent::new().run(&task(&workspace, run, "integration", "x")).await;
+    let AgentResult::Failed { error, retryable } = result else { panic!("failing tests passed") };
     assert!(!retryable);
     assert!(error.contains("FAILED"), "{error}");
 }
@@ -172,19 +129,13 @@ async fn an_app_that_crashes_on_start_fails_e2e_quickly() {
     let workspace = dir.path().join("workspace");
     let run = RunId::new();
     succeeded(
-        ScaffoldAgent::new()
-            .run(&task(&workspace, run, "scaffold", "Hello World API"))
-            .await,
+        ScaffoldAgent::new().run(&task(&workspace, run, "scaffold", "Hello World API")).await,
     );
     std::fs::write(workspace.join("app.py"), "raise SystemExit('boom')\n").unwrap();
 
     let started = std::time::Instant::now();
-    let result = E2eAgent::new()
-        .run(&task(&workspace, run, "e2e", "x"))
-        .await;
-    let AgentResult::Failed { error, .. } = result else {
-        panic!("crashing app passed e2e")
-    };
+    let result = E2eAgent::new().run(&task(&workspace, run, "e2e", "x")).await;
+    let AgentResult::Failed { error, .. } = result else { panic!("crashing app passed e2e") };
     assert!(error.contains("exited during startup"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -194,12 +145,8 @@ async fn a_workspace_without_a_manifest_fails_later_stages_permanently() {
     let dir = tempfile::tempdir().unwrap();
     let workspace = dir.path().join("workspace");
     std::fs::create_dir_all(&workspace).unwrap();
-    let result = E2eAgent::new()
-        .run(&task(&workspace, RunId::new(), "e2e", "x"))
-        .await;
-    let AgentResult::Failed { error, retryable } = result else {
-        panic!()
-    };
+    let result = E2eAgent::new().run(&task(&workspace, RunId::new(), "e2e", "x")).await;
+    let AgentResult::Failed { error, retryable } = result else { panic!() };
     assert!(!retryable);
     assert!(error.contains("drover.json"), "{error}");
 }

@@ -30,6 +30,10 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::InvalidTransition | ErrorCode::RunAlreadyFinished => StatusCode::CONFLICT,
         ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::UnknownHost => StatusCode::NOT_FOUND,
+        ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+        ErrorCode::ProxyLoop => StatusCode::LOOP_DETECTED,
+        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -52,6 +56,10 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::RunAlreadyFinished => "Run already finished",
         ErrorCode::ServiceUnavailable => "Service unavailable",
         ErrorCode::ShuttingDown => "Shutting down",
+        ErrorCode::UnknownHost => "Unknown host",
+        ErrorCode::UpstreamUnavailable => "Upstream unavailable",
+        ErrorCode::ProxyLoop => "Proxy loop",
+        ErrorCode::InvalidRequest => "Invalid request",
         ErrorCode::Internal => "Internal error",
     }
 }
@@ -65,10 +73,7 @@ pub struct FieldError {
 
 impl From<ValidationError> for FieldError {
     fn from(err: ValidationError) -> Self {
-        Self {
-            field: err.field,
-            message: err.message,
-        }
+        Self { field: err.field, message: err.message }
     }
 }
 
@@ -100,21 +105,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self {
-            code,
-            detail: detail.into(),
-            errors: Vec::new(),
-        }
+        Self { code, detail: detail.into(), errors: Vec::new() }
     }
 
     pub fn validation(errors: Vec<FieldError>) -> Self {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         let detail = format!("invalid fields: {}", fields.join(", "));
-        Self {
-            code: ErrorCode::ValidationFailed,
-            detail,
-            errors,
-        }
+        Self { code: ErrorCode::ValidationFailed, detail, errors }
     }
 
     pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
@@ -150,9 +147,7 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         response
     }
 }
@@ -180,10 +175,7 @@ impl From<EngineError> for ApiError {
         match err {
             EngineError::UnknownPipeline { .. } => {
                 Self::new(ErrorCode::UnknownPipeline, err.to_string()).with_errors(vec![
-                    FieldError {
-                        field: "pipeline".to_owned(),
-                        message: err.to_string(),
-                    },
+                    FieldError { field: "pipeline".to_owned(), message: err.to_string() },
                 ])
             }
             EngineError::Store(err) => err.into(),
@@ -214,14 +206,15 @@ mod tests {
             ErrorCode::RunAlreadyFinished,
             ErrorCode::ServiceUnavailable,
             ErrorCode::ShuttingDown,
+            ErrorCode::UnknownHost,
+            ErrorCode::UpstreamUnavailable,
+            ErrorCode::ProxyLoop,
+            ErrorCode::InvalidRequest,
             ErrorCode::Internal,
         ];
         for code in codes {
             let status = status_of(code);
-            assert!(
-                status.is_client_error() || status.is_server_error(),
-                "{code}"
-            );
+            assert!(status.is_client_error() || status.is_server_error(), "{code}");
             assert!(!title_of(code).is_empty());
         }
     }

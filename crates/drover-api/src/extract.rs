@@ -38,15 +38,13 @@ where
                 "the body must be JSON, sent with `Content-Type: application/json`",
             ));
         }
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(ErrorCode::PayloadTooLarge, rejection.body_text())
-                } else {
-                    ApiError::new(ErrorCode::MalformedJson, rejection.body_text())
-                }
-            })?;
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(ErrorCode::PayloadTooLarge, rejection.body_text())
+            } else {
+                ApiError::new(ErrorCode::MalformedJson, rejection.body_text())
+            }
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(
                 ErrorCode::EmptyBody,
@@ -54,14 +52,9 @@ where
             ));
         }
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
-            ApiError::new(
-                ErrorCode::MalformedJson,
-                format!("the body is not valid JSON: {err}"),
-            )
+            ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {err}"))
         })?;
-        T::deserialize(value)
-            .map(ApiJson)
-            .map_err(|err| shape_error(&err.to_string()))
+        T::deserialize(value).map(ApiJson).map_err(|err| shape_error(&err.to_string()))
     }
 }
 
@@ -69,22 +62,16 @@ where
 fn shape_error(message: &str) -> ApiError {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or_default().to_owned();
-        return ApiError::new(ErrorCode::UnknownField, message.to_owned()).with_errors(vec![
-            FieldError {
-                field,
-                message: "unknown field".to_owned(),
-            },
-        ]);
+        return ApiError::new(ErrorCode::UnknownField, message.to_owned())
+            .with_errors(vec![FieldError { field, message: "unknown field".to_owned() }]);
     }
     let field = message
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next())
         .unwrap_or("body")
         .to_owned();
-    ApiError::new(ErrorCode::InvalidBody, message.to_owned()).with_errors(vec![FieldError {
-        field,
-        message: message.to_owned(),
-    }])
+    ApiError::new(ErrorCode::InvalidBody, message.to_owned())
+        .with_errors(vec![FieldError { field, message: message.to_owned() }])
 }
 
 /// A query string, deserialized strictly.

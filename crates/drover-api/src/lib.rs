@@ -44,6 +44,8 @@ struct Inner {
     /// Fires when the server starts draining: no new runs, `readyz` says so.
     draining: CancellationToken,
     sse_keep_alive: Duration,
+    /// Port of the routing proxy, when one runs.
+    proxy_port: Option<u16>,
 }
 
 impl AppState {
@@ -52,6 +54,7 @@ impl AppState {
         deployments: Deployments,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
+        proxy_port: Option<u16>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -60,6 +63,7 @@ impl AppState {
                 metrics,
                 draining,
                 sse_keep_alive: Duration::from_secs(15),
+                proxy_port,
             }),
         }
     }
@@ -80,9 +84,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Caller {
-            project: ProjectId::default_project(),
-        })
+        Ok(Caller { project: ProjectId::default_project() })
     }
 }
 

@@ -46,11 +46,7 @@ pub(crate) async fn run_logs(
 ) -> Result<Response, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
     let layout = state.engine().layout();
-    let attempts = state
-        .engine()
-        .store()
-        .list_attempts(&caller.project, run.id)
-        .await?;
+    let attempts = state.engine().store().list_attempts(&caller.project, run.id).await?;
     let wanted_stage = query.stage.as_deref();
     let mut sections: Vec<(String, PathBuf)> = attempts
         .iter()
@@ -79,13 +75,8 @@ pub(crate) async fn run_logs(
             }
         })
         .flatten();
-        header.chain(contents).chain(futures::stream::once(async {
-            Ok(Bytes::from_static(b"\n"))
-        }))
+        header.chain(contents).chain(futures::stream::once(async { Ok(Bytes::from_static(b"\n")) }))
     });
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        Body::from_stream(body),
-    )
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body))
         .into_response())
 }

@@ -41,7 +41,5 @@ struct ApiDoc;
 
 /// The OpenAPI document as JSON.
 pub fn openapi_document() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|_| "{}".to_owned())
+    ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
 }

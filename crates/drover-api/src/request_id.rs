@@ -22,16 +22,12 @@ tokio::task_local! {
 
 /// The id of the request being handled, or `"none"` outside a request.
 pub(crate) fn current_request_id() -> String {
-    REQUEST_ID
-        .try_with(Clone::clone)
-        .unwrap_or_else(|_| "none".to_owned())
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_else(|_| "none".to_owned())
 }
 
 fn acceptable(id: &str) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
 pub(crate) async fn middleware(request: Request, next: Next) -> Response {
@@ -49,19 +45,13 @@ pub(crate) async fn middleware(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", request_id = %id, %method, %route);
     let started = Instant::now();
 
-    let mut response = REQUEST_ID
-        .scope(id.clone(), next.run(request))
-        .instrument(span.clone())
-        .await;
+    let mut response =
+        REQUEST_ID.scope(id.clone(), next.run(request)).instrument(span.clone()).await;
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     span.in_scope(|| {
-        tracing::info!(
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "request handled"
-        );
+        tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request handled");
     });
     metrics::counter!(
         "drover_http_requests_total",

@@ -31,8 +31,7 @@ const REPLAY_PAGE: u32 = 500;
 const SSE_BUFFER: usize = 256;
 
 pub(crate) fn parse_run_id(raw: &str) -> Result<RunId, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::new(ErrorCode::RunNotFound, format!("no run with id {raw}")))
+    raw.parse().map_err(|_| ApiError::new(ErrorCode::RunNotFound, format!("no run with id {raw}")))
 }
 
 pub(crate) async fn find_run(
@@ -57,25 +56,15 @@ fn deployment_of(
 ) -> Option<DeploymentView> {
     let output = output?;
     let url = output.get("url")?.as_str()?.to_owned();
-    let port = output
-        .get("port")
-        .and_then(serde_json::Value::as_u64)
-        .and_then(|p| u16::try_from(p).ok());
-    let pid = output
-        .get("pid")
-        .and_then(serde_json::Value::as_u64)
-        .and_then(|p| u32::try_from(p).ok());
-    let live = state
-        .inner
-        .deployments
-        .get(run)
-        .is_some_and(|d| d.url == url);
-    Some(DeploymentView {
-        url,
-        port,
-        pid,
-        live,
-    })
+    let port =
+        output.get("port").and_then(serde_json::Value::as_u64).and_then(|p| u16::try_from(p).ok());
+    let pid =
+        output.get("pid").and_then(serde_json::Value::as_u64).and_then(|p| u32::try_from(p).ok());
+    let live = state.inner.deployments.get(run).is_some_and(|d| d.url == url);
+    let hostname = drover_env::app_hostname(run);
+    let routed_url =
+        state.inner.proxy_port.filter(|_| live).map(|port| format!("http://{hostname}:{port}/"));
+    Some(DeploymentView { url, port, pid, live, hostname: Some(hostname), routed_url })
 }
 
 /// Submit a run.
@@ -105,10 +94,8 @@ pub(crate) async fn create_run(
         ));
     }
     let pipeline = body.pipeline.as_deref().unwrap_or(DEFAULT_PIPELINE);
-    let run = state
-        .engine()
-        .submit(&caller.project, request, pipeline, CorrelationId::new())
-        .await?;
+    let run =
+        state.engine().submit(&caller.project, request, pipeline, CorrelationId::new()).await?;
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/runs/{}", run.id)) {
         headers.insert(header::LOCATION, location);
@@ -167,16 +154,8 @@ pub(crate) async fn list_runs(
         .transpose()?;
     let store = state.engine().store();
     // One extra row tells whether another page exists.
-    let mut runs = store
-        .list_runs(
-            &caller.project,
-            &RunQuery {
-                status,
-                before,
-                limit: limit + 1,
-            },
-        )
-        .await?;
+    let mut runs =
+        store.list_runs(&caller.project, &RunQuery { status, before, limit: limit + 1 }).await?;
     let next_cursor = (runs.len() > limit as usize).then(|| {
         runs.truncate(limit as usize);
         runs.last().map(|run| run.id.to_string())
@@ -191,17 +170,9 @@ pub(crate) async fn list_runs(
     }
     let items = runs
         .iter()
-        .map(|run| {
-            RunView::new(
-                run,
-                deployment_of(&state, run.id, deploy_outputs.get(&run.id)),
-            )
-        })
+        .map(|run| RunView::new(run, deployment_of(&state, run.id, deploy_outputs.get(&run.id))))
         .collect();
-    Ok(Json(RunPage {
-        items,
-        next_cursor: next_cursor.flatten(),
-    }))
+    Ok(Json(RunPage { items, next_cursor: next_cursor.flatten() }))
 }
 
 /// Show a run with all its stage attempts.
@@ -219,11 +190,7 @@ pub(crate) async fn get_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
-    let attempts = state
-        .engine()
-        .store()
-        .list_attempts(&caller.project, run.id)
-        .await?;
+    let attempts = state.engine().store().list_attempts(&caller.project, run.id).await?;
     let deploy_output = attempts
         .iter()
         .rev()
@@ -250,10 +217,7 @@ pub(crate) async fn cancel_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
-    let run = state
-        .engine()
-        .cancel(&caller.project, id, "cancelled by request")
-        .await?;
+    let run = state.engine().cancel(&caller.project, id, "cancelled by request").await?;
     Ok(Json(RunView::new(&run, None)))
 }
 
@@ -285,16 +249,12 @@ pub(crate) async fn run_events(
     let run = find_run(&state, &caller.project, &id).await?;
     let after = match headers.get("last-event-id") {
         Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidQuery,
-                        "Last-Event-ID must be an event sequence number",
-                    )
-                })?,
+            value.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidQuery,
+                    "Last-Event-ID must be an event sequence number",
+                )
+            })?,
         ),
         None => query.after,
     };
@@ -302,14 +262,7 @@ pub(crate) async fn run_events(
     // Subscribe before replaying, so nothing committed in between is missed.
     let live = store.subscribe();
     let (sender, receiver) = mpsc::channel(SSE_BUFFER);
-    tokio::spawn(feed_run_events(
-        store,
-        caller.project,
-        run.id,
-        after.map(EventSeq),
-        live,
-        sender,
-    ));
+    tokio::spawn(feed_run_events(store, caller.project, run.id, after.map(EventSeq), live, sender));
     Ok(Sse::new(ReceiverStream::new(receiver))
         .keep_alive(KeepAlive::new().interval(state.inner.sse_keep_alive)))
 }
@@ -354,10 +307,7 @@ async fn feed_run_events(
             }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                tracing::debug!(
-                    skipped,
-                    "event stream fell behind; catching up from the store"
-                );
+                tracing::debug!(skipped, "event stream fell behind; catching up from the store");
                 match replay(store.as_ref(), &project, run, &mut last, &sender).await {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Stop) | Err(()) => return,
@@ -381,11 +331,7 @@ async fn replay(
     sender: &SseSender,
 ) -> Result<Flow, ()> {
     loop {
-        let query = EventQuery {
-            run_id: Some(run),
-            after: Some(*last),
-            limit: REPLAY_PAGE,
-        };
+        let query = EventQuery { run_id: Some(run), after: Some(*last), limit: REPLAY_PAGE };
         let page = store.list_events(project, &query).await.map_err(|err| {
             tracing::warn!(error = %err, "cannot replay events");
         })?;
@@ -403,10 +349,7 @@ async fn replay(
 async fn send(sender: &SseSender, event: &Event, last: &mut EventSeq) -> Flow {
     *last = event.seq;
     let data = serde_json::to_string(&EventView::from(event)).unwrap_or_default();
-    let sse = SseEvent::default()
-        .id(event.seq.to_string())
-        .event(event.kind.as_str())
-        .data(data);
+    let sse = SseEvent::default().id(event.seq.to_string()).event(event.kind.as_str()).data(data);
     if sender.send(Ok(sse)).await.is_err() || event.kind.is_run_terminal() {
         return Flow::Stop;
     }

@@ -17,10 +17,7 @@ use crate::{AppState, Caller};
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = HealthView)))]
 pub(crate) async fn healthz() -> Json<HealthView> {
-    Json(HealthView {
-        status: "ok".to_owned(),
-        checks: BTreeMap::new(),
-    })
+    Json(HealthView { status: "ok".to_owned(), checks: BTreeMap::new() })
 }
 
 /// Readiness: the store answers and the server is not draining.
@@ -33,36 +30,23 @@ pub(crate) async fn healthz() -> Json<HealthView> {
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<HealthView>, ApiError> {
     if state.inner.draining.is_cancelled() {
-        return Err(ApiError::new(
-            ErrorCode::ShuttingDown,
-            "the server is shutting down",
-        ));
+        return Err(ApiError::new(ErrorCode::ShuttingDown, "the server is shutting down"));
     }
     if let Err(err) = state.engine().store().ping().await {
         tracing::warn!(error = %err, "readiness: store unavailable");
-        return Err(ApiError::new(
-            ErrorCode::ServiceUnavailable,
-            "the store does not answer",
-        ));
+        return Err(ApiError::new(ErrorCode::ServiceUnavailable, "the store does not answer"));
     }
     let checks = BTreeMap::from([("store".to_owned(), "ok".to_owned())]);
-    Ok(Json(HealthView {
-        status: "ready".to_owned(),
-        checks,
-    }))
+    Ok(Json(HealthView { status: "ready".to_owned(), checks }))
 }
 
 /// Prometheus metrics in the text exposition format.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     match &state.inner.metrics {
-        Some(handle) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render())
+                .into_response()
+        }
         None => ApiError::new(ErrorCode::RouteNotFound, "metrics are not enabled").into_response(),
     }
 }
@@ -97,28 +81,18 @@ pub(crate) async fn pipelines(
 
 /// This API's OpenAPI document.
 pub(crate) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        crate::openapi_document(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi_document()).into_response()
 }
 
 pub(crate) async fn route_not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        ErrorCode::RouteNotFound,
-        format!("no route for {}", uri.path()),
-    )
+    ApiError::new(ErrorCode::RouteNotFound, format!("no route for {}", uri.path()))
 }
 
 pub(crate) async fn method_not_allowed(
     method: axum::http::Method,
     uri: axum::http::Uri,
 ) -> ApiError {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        format!("{method} is not allowed on {}", uri.path()),
-    )
+    ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path()))
 }
 
 pub(crate) fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {

@@ -48,6 +48,10 @@ pub struct DeploymentView {
     pub pid: Option<u32>,
     /// Whether this server is still running the app.
     pub live: bool,
+    /// The app's stable hostname behind the routing proxy.
+    pub hostname: Option<String>,
+    /// The app's URL through the routing proxy, while it is live and the proxy runs.
+    pub routed_url: Option<String>,
 }
 
 /// One attempt at one stage.

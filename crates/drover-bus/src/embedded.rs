@@ -53,16 +53,10 @@ impl EmbeddedBus {
     fn with_queue<T>(&self, agent: &AgentType, f: impl FnOnce(&TaskQueue) -> T) -> T {
         // A poisoned lock only means another thread panicked mid-insert of a queue; the map
         // itself is still consistent, so keep using it.
-        let mut tasks = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|poison| poison.into_inner());
         let queue = tasks.entry(agent.clone()).or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(self.capacity);
-            TaskQueue {
-                sender,
-                receiver: Arc::new(AsyncMutex::new(receiver)),
-            }
+            TaskQueue { sender, receiver: Arc::new(AsyncMutex::new(receiver)) }
         });
         f(queue)
     }
@@ -89,9 +83,9 @@ impl Bus for EmbeddedBus {
         let agent = envelope.agent.clone();
         self.with_queue(&agent, |queue| match queue.sender.try_send(envelope) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(BusError::Full {
-                topic: task_topic(&agent),
-            }),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(BusError::Full { topic: task_topic(&agent) })
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::Closed),
         })
     }
@@ -102,16 +96,11 @@ impl Bus for EmbeddedBus {
         _consumer: &str,
     ) -> Result<BoxStream<'static, Delivery>, BusError> {
         let receiver = self.with_queue(agent, |queue| queue.receiver.clone());
-        Ok(shared_stream(receiver)
-            .map(|envelope| Delivery::new(envelope, None))
-            .boxed())
+        Ok(shared_stream(receiver).map(|envelope| Delivery::new(envelope, None)).boxed())
     }
 
     async fn publish_result(&self, message: WorkerMessage) -> Result<(), BusError> {
-        self.results_tx
-            .send(message)
-            .await
-            .map_err(|_| BusError::Closed)
+        self.results_tx.send(message).await.map_err(|_| BusError::Closed)
     }
 
     async fn consume_results(&self) -> Result<BoxStream<'static, WorkerMessage>, BusError> {
@@ -140,9 +129,8 @@ impl Bus for EmbeddedBus {
     }
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {
-        let depth = self.with_queue(agent, |queue| {
-            queue.sender.max_capacity() - queue.sender.capacity()
-        });
+        let depth =
+            self.with_queue(agent, |queue| queue.sender.max_capacity() - queue.sender.capacity());
         Some(depth as u64)
     }
 }
@@ -216,18 +204,12 @@ mod tests {
             attempt_id: AttemptId::new(),
             token: FencingToken::FIRST,
             worker_id: WorkerId::new("w"),
-            result: AgentResult::Failed {
-                error: "x".into(),
-                retryable: true,
-            },
+            result: AgentResult::Failed { error: "x".into(), retryable: true },
         };
         bus.publish_result(message.clone()).await.unwrap();
         assert_eq!(results.next().await.unwrap(), message);
 
-        let cancel = Control::Cancel {
-            attempt_id: message.attempt_id(),
-            reason: "user".into(),
-        };
+        let cancel = Control::Cancel { attempt_id: message.attempt_id(), reason: "user".into() };
         bus.publish_control(cancel.clone()).await.unwrap();
         assert_eq!(controls.next().await.unwrap(), cancel);
     }

@@ -48,10 +48,7 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(envelope: TaskEnvelope, acknowledger: Option<Box<dyn Acknowledge>>) -> Self {
-        Self {
-            envelope,
-            acknowledger,
-        }
+        Self { envelope, acknowledger }
     }
 
     /// Tells the bus the task was handled (its result, if any, is published), so it is not

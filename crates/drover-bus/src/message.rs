@@ -95,8 +95,5 @@ impl WorkerMessage {
 pub enum Control {
     /// Stop the attempt now (run cancelled, stage timed out, lease lost): kill its
     /// process group and report nothing.
-    Cancel {
-        attempt_id: AttemptId,
-        reason: String,
-    },
+    Cancel { attempt_id: AttemptId, reason: String },
 }

@@ -18,6 +18,8 @@ pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
 pub const DEFAULT_DATA_DIR: &str = ".drover";
 /// The API's default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// The routing proxy's default listen address.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:7080";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -36,6 +38,7 @@ pub struct Config {
     /// Where drover keeps its database, workspaces and logs.
     pub data_dir: PathBuf,
     pub server: ServerConfig,
+    pub proxy: ProxyConfig,
     pub store: StoreConfig,
     pub bus: BusConfig,
     pub engine: EngineConfig,
@@ -53,6 +56,15 @@ pub struct ServerConfig {
     /// How long `drover up` waits for running stages and children when stopping.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Route `<service>.<env>.localhost` to deployed apps (`drover up` only).
+    pub enabled: bool,
+    /// Address of the routing proxy.
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +132,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             server: ServerConfig::default(),
+            proxy: ProxyConfig::default(),
             store: StoreConfig::default(),
             bus: BusConfig::default(),
             engine: EngineConfig::default(),
@@ -133,31 +146,32 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             // The literal is a valid socket address.
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses"),
+            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
             body_limit_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
-impl Default for StoreConfig {
+impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            url: None,
-            max_connections: 8,
-            busy_timeout: Duration::from_secs(5),
+            enabled: true,
+            // The literal is a valid socket address.
+            listen: DEFAULT_PROXY_LISTEN.parse().expect("default proxy address parses"),
         }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { url: None, max_connections: 8, busy_timeout: Duration::from_secs(5) }
     }
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self {
-            url: "embedded".to_owned(),
-            capacity: 1024,
-        }
+        Self { url: "embedded".to_owned(), capacity: 1024 }
     }
 }
 
@@ -173,19 +187,13 @@ impl Default for EngineConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        Self {
-            embedded: true,
-            concurrency: 4,
-        }
+        Self { embedded: true, concurrency: 4 }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".to_owned(),
-        }
+        Self { format: LogFormat::Text, level: "info".to_owned() }
     }
 }
 
@@ -194,6 +202,7 @@ impl Default for LogConfig {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    pub proxy_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub embedded_workers: Option<bool>,
 }
@@ -213,11 +222,8 @@ impl Config {
         }
         // Only variables with a section separator are config keys: `DROVER_SERVER` and
         // `DROVER_TOKEN` are CLI settings, not sections.
-        figment = figment.merge(
-            Env::prefixed("DROVER_")
-                .filter(|key| key.as_str().contains("__"))
-                .split("__"),
-        );
+        figment = figment
+            .merge(Env::prefixed("DROVER_").filter(|key| key.as_str().contains("__")).split("__"));
         let mut config: Config = figment.extract().map_err(|err| {
             let messages: Vec<String> = err.into_iter().map(describe_figment_error).collect();
             ConfigError::Parse(messages.join("; "))
@@ -235,6 +241,9 @@ impl Config {
         if let Some(listen) = overrides.listen {
             self.server.listen = listen;
         }
+        if let Some(listen) = overrides.proxy_listen {
+            self.proxy.listen = listen;
+        }
         if let Some(format) = overrides.log_format {
             self.log.format = format;
         }
@@ -245,12 +254,8 @@ impl Config {
 
     /// Checks ranges and formats that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid =
+            |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
         }
@@ -311,17 +316,10 @@ impl Config {
 /// environment variable or file the bad value came from.
 fn describe_figment_error(err: figment::Error) -> String {
     let path: Vec<String> = err.path.iter().map(|p| p.to_lowercase()).collect();
-    let key = if path.is_empty() {
-        "config".to_owned()
-    } else {
-        path.join(".")
-    };
+    let key = if path.is_empty() { "config".to_owned() } else { path.join(".") };
     let source = match &err.metadata {
         Some(meta) if meta.name.contains("environment") => {
-            format!(
-                "environment variable DROVER_{}",
-                path.join("__").to_uppercase()
-            )
+            format!("environment variable DROVER_{}", path.join("__").to_uppercase())
         }
         Some(meta) => match &meta.source {
             Some(source) => source.to_string(),
@@ -333,10 +331,7 @@ fn describe_figment_error(err: figment::Error) -> String {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::result_large_err,
-    reason = "figment's Jail closures return figment::Error"
-)]
+#[allow(clippy::result_large_err, reason = "figment's Jail closures return figment::Error")]
 mod tests {
     use figment::Jail;
 
@@ -367,10 +362,8 @@ mod tests {
             )?;
             jail.set_env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "750ms");
             jail.set_env("DROVER_SERVER", "http://ignored:1");
-            let overrides = Overrides {
-                data_dir: Some("from-flag".into()),
-                ..Overrides::default()
-            };
+            let overrides =
+                Overrides { data_dir: Some("from-flag".into()), ..Overrides::default() };
             let config = Config::load(None, &overrides).expect("valid");
             assert_eq!(config.data_dir, PathBuf::from("from-flag"));
             assert_eq!(config.engine.heartbeat_interval, Duration::from_millis(750));
@@ -384,10 +377,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("drover.toml", "[engine]\nheartbeat = \"2s\"\n")?;
             let message = load_in(jail).unwrap_err().to_string();
-            assert!(
-                message.contains("engine.heartbeat: unknown field"),
-                "{message}"
-            );
+            assert!(message.contains("engine.heartbeat: unknown field"), "{message}");
             assert!(message.contains("engine"), "{message}");
             Ok(())
         });
@@ -399,10 +389,7 @@ mod tests {
             jail.set_env("DROVER_ENGINE__DISPATCH_BATCH", "lots");
             let message = load_in(jail).unwrap_err().to_string();
             assert!(message.contains("engine.dispatch_batch"), "{message}");
-            assert!(
-                message.contains("DROVER_ENGINE__DISPATCH_BATCH"),
-                "{message}"
-            );
+            assert!(message.contains("DROVER_ENGINE__DISPATCH_BATCH"), "{message}");
             Ok(())
         });
     }

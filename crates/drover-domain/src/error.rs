@@ -14,10 +14,7 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 
     /// The same error reported under another field name (e.g. `request` instead of `run`).
@@ -73,6 +70,14 @@ pub enum ErrorCode {
     ServiceUnavailable,
     /// The server is shutting down and takes no new work.
     ShuttingDown,
+    /// The proxy has no route for the request's `Host`.
+    UnknownHost,
+    /// The proxy's route leads to a service that does not answer.
+    UpstreamUnavailable,
+    /// The request already passed through a drover proxy.
+    ProxyLoop,
+    /// The request target could not be forwarded.
+    InvalidRequest,
     /// An unexpected failure; details are in the server log under the request id.
     Internal,
 }
@@ -96,6 +101,10 @@ impl ErrorCode {
             Self::RunAlreadyFinished => "run_already_finished",
             Self::ServiceUnavailable => "service_unavailable",
             Self::ShuttingDown => "shutting_down",
+            Self::UnknownHost => "unknown_host",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::ProxyLoop => "proxy_loop",
+            Self::InvalidRequest => "invalid_request",
             Self::Internal => "internal",
         }
     }

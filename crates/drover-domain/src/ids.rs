@@ -157,26 +157,19 @@ fn validate_slug(value: &str) -> Result<(), String> {
         return Err("must not be empty".to_owned());
     }
     if value.len() > 63 {
-        return Err(format!(
-            "must be at most 63 characters, got {}",
-            value.len()
-        ));
+        return Err(format!("must be at most 63 characters, got {}", value.len()));
     }
     let mut chars = value.chars();
     // The emptiness check above guarantees a first character.
     let first = chars.next().unwrap_or('-');
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(format!(
-            "`{value}` must start with a lowercase letter or a digit"
-        ));
+        return Err(format!("`{value}` must start with a lowercase letter or a digit"));
     }
     if let Some(bad) = value
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
     {
-        return Err(format!(
-            "`{value}` contains `{bad}`; only a-z, 0-9, `-` and `_` are allowed"
-        ));
+        return Err(format!("`{value}` contains `{bad}`; only a-z, 0-9, `-` and `_` are allowed"));
     }
     Ok(())
 }
@@ -237,11 +230,7 @@ mod tests {
         let id = RunId::new();
         assert_eq!(id.to_string().parse::<RunId>().unwrap(), id);
         let err = "not-a-uuid".parse::<RunId>().unwrap_err();
-        assert!(
-            err.message.contains("not a valid run id"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("not a valid run id"), "{}", err.message);
     }
 
     #[test]

@@ -22,10 +22,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        }
+        Self { initial: Duration::from_secs(1), max: Duration::from_secs(60) }
     }
 }
 
@@ -105,12 +102,7 @@ impl PipelineCatalog {
     }
 
     pub fn from_specs(specs: impl IntoIterator<Item = PipelineSpec>) -> Self {
-        Self {
-            pipelines: specs
-                .into_iter()
-                .map(|spec| (spec.name.to_string(), spec))
-                .collect(),
-        }
+        Self { pipelines: specs.into_iter().map(|spec| (spec.name.to_string(), spec)).collect() }
     }
 
     pub fn get(&self, name: &str) -> Option<&PipelineSpec> {
@@ -150,15 +142,9 @@ pub enum NextStep {
     /// Start the stage at `index` with its first attempt.
     Stage { index: u32 },
     /// Try the same stage again, not before `available_at`.
-    Retry {
-        attempt: u32,
-        available_at: Timestamp,
-    },
+    Retry { attempt: u32, available_at: Timestamp },
     /// The run is over.
-    FinishRun {
-        status: RunStatus,
-        error: Option<String>,
-    },
+    FinishRun { status: RunStatus, error: Option<String> },
 }
 
 /// The status the ended attempt takes, and what happens next.
@@ -198,16 +184,9 @@ pub fn decide(
             let next = if pipeline.stage(next_index).is_some() {
                 NextStep::Stage { index: next_index }
             } else {
-                NextStep::FinishRun {
-                    status: RunStatus::Succeeded,
-                    error: None,
-                }
+                NextStep::FinishRun { status: RunStatus::Succeeded, error: None }
             };
-            return Decision {
-                attempt_status: StageStatus::Succeeded,
-                attempt_error: None,
-                next,
-            };
+            return Decision { attempt_status: StageStatus::Succeeded, attempt_error: None, next };
         }
         Outcome::Failed { error, retryable } => (StageStatus::Failed, error.clone(), *retryable),
         Outcome::TimedOut => (
@@ -218,11 +197,9 @@ pub fn decide(
             ),
             true,
         ),
-        Outcome::LeaseExpired => (
-            StageStatus::Failed,
-            "worker stopped heartbeating; lease expired".to_owned(),
-            true,
-        ),
+        Outcome::LeaseExpired => {
+            (StageStatus::Failed, "worker stopped heartbeating; lease expired".to_owned(), true)
+        }
     };
 
     if !retryable {
@@ -293,17 +270,12 @@ mod tests {
     #[test]
     fn sdlc_has_the_five_seed_stages_in_order() {
         let names: Vec<_> = sdlc().stages.iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(
-            names,
-            ["scaffold", "validate", "e2e", "integration", "deploy"]
-        );
+        assert_eq!(names, ["scaffold", "validate", "e2e", "integration", "deploy"]);
     }
 
     #[test]
     fn success_moves_to_the_next_stage() {
-        let outcome = Outcome::Succeeded {
-            output: serde_json::json!({}),
-        };
+        let outcome = Outcome::Succeeded { output: serde_json::json!({}) };
         let decision = decide(&sdlc(), &attempt_at(0, 1), &outcome, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Succeeded);
         assert_eq!(decision.next, NextStep::Stage { index: 1 });
@@ -311,32 +283,20 @@ mod tests {
 
     #[test]
     fn success_of_the_last_stage_finishes_the_run() {
-        let outcome = Outcome::Succeeded {
-            output: serde_json::json!({}),
-        };
+        let outcome = Outcome::Succeeded { output: serde_json::json!({}) };
         let decision = decide(&sdlc(), &attempt_at(4, 1), &outcome, 0.5, NOW);
         assert_eq!(
             decision.next,
-            NextStep::FinishRun {
-                status: RunStatus::Succeeded,
-                error: None
-            }
+            NextStep::FinishRun { status: RunStatus::Succeeded, error: None }
         );
     }
 
     #[test]
     fn a_retryable_failure_retries_after_a_backoff() {
-        let outcome = Outcome::Failed {
-            error: "flaky".into(),
-            retryable: true,
-        };
+        let outcome = Outcome::Failed { error: "flaky".into(), retryable: true };
         let decision = decide(&sdlc(), &attempt_at(2, 1), &outcome, 0.0, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Failed);
-        let NextStep::Retry {
-            attempt,
-            available_at,
-        } = decision.next
-        else {
+        let NextStep::Retry { attempt, available_at } = decision.next else {
             panic!("expected a retry, got {:?}", decision.next)
         };
         assert_eq!(attempt, 2);
@@ -345,15 +305,11 @@ mod tests {
 
     #[test]
     fn a_deterministic_failure_fails_the_run_without_retrying() {
-        let outcome = Outcome::Failed {
-            error: "app.py:3: invalid syntax".into(),
-            retryable: false,
-        };
+        let outcome =
+            Outcome::Failed { error: "app.py:3: invalid syntax".into(), retryable: false };
         let decision = decide(&sdlc(), &attempt_at(1, 1), &outcome, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::Failed);
-        let NextStep::FinishRun { status, error } = decision.next else {
-            panic!()
-        };
+        let NextStep::FinishRun { status, error } = decision.next else { panic!() };
         assert_eq!(status, RunStatus::Failed);
         assert!(error.unwrap().contains("invalid syntax"));
     }
@@ -362,9 +318,7 @@ mod tests {
     fn the_last_allowed_attempt_is_dead_lettered() {
         let decision = decide(&sdlc(), &attempt_at(3, 3), &Outcome::LeaseExpired, 0.5, NOW);
         assert_eq!(decision.attempt_status, StageStatus::DeadLettered);
-        let NextStep::FinishRun { status, error } = decision.next else {
-            panic!()
-        };
+        let NextStep::FinishRun { status, error } = decision.next else { panic!() };
         assert_eq!(status, RunStatus::Failed);
         assert!(error.unwrap().contains("after 3 attempts"));
     }
@@ -378,10 +332,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_jitter_stays_in_the_upper_half() {
-        let backoff = Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(10),
-        };
+        let backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(10) };
         assert_eq!(backoff.delay(1, 0.0), Duration::from_millis(500));
         assert_eq!(backoff.delay(3, 0.0), Duration::from_secs(2));
         assert_eq!(backoff.delay(30, 0.0), Duration::from_secs(5));

@@ -62,11 +62,7 @@ impl RunStatus {
         if self.can_become(to) {
             Ok(to)
         } else {
-            Err(TransitionError {
-                entity: "run",
-                from: self.as_str(),
-                to: to.as_str(),
-            })
+            Err(TransitionError { entity: "run", from: self.as_str(), to: to.as_str() })
         }
     }
 }
@@ -81,18 +77,15 @@ impl FromStr for RunStatus {
     type Err = ValidationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| {
-                ValidationError::new(
-                    "status",
-                    format!(
-                        "`{s}` is not a run status; expected one of {}",
-                        Self::ALL.map(Self::as_str).join(", ")
-                    ),
-                )
-            })
+        Self::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
+            ValidationError::new(
+                "status",
+                format!(
+                    "`{s}` is not a run status; expected one of {}",
+                    Self::ALL.map(Self::as_str).join(", ")
+                ),
+            )
+        })
     }
 }
 
@@ -114,20 +107,11 @@ impl RunRequest {
         if chars > Self::MAX_CHARS {
             return Err(ValidationError::new(
                 "request",
-                format!(
-                    "must be at most {} characters, got {chars}",
-                    Self::MAX_CHARS
-                ),
+                format!("must be at most {} characters, got {chars}", Self::MAX_CHARS),
             ));
         }
-        if trimmed
-            .chars()
-            .any(|c| c.is_control() && c != '\n' && c != '\t')
-        {
-            return Err(ValidationError::new(
-                "request",
-                "must not contain control characters",
-            ));
+        if trimmed.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            return Err(ValidationError::new("request", "must not contain control characters"));
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -189,13 +173,8 @@ mod tests {
 
     #[test]
     fn an_illegal_transition_is_a_typed_error_naming_both_ends() {
-        let err = RunStatus::Succeeded
-            .become_(RunStatus::Running)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "run cannot go from `succeeded` to `running`"
-        );
+        let err = RunStatus::Succeeded.become_(RunStatus::Running).unwrap_err();
+        assert_eq!(err.to_string(), "run cannot go from `succeeded` to `running`");
     }
 
     #[test]
@@ -210,26 +189,14 @@ mod tests {
         for status in RunStatus::ALL {
             assert_eq!(status.as_str().parse::<RunStatus>().unwrap(), status);
         }
-        assert!(
-            "done"
-                .parse::<RunStatus>()
-                .unwrap_err()
-                .message
-                .contains("expected one of")
-        );
+        assert!("done".parse::<RunStatus>().unwrap_err().message.contains("expected one of"));
     }
 
     #[test]
     fn a_request_is_trimmed_and_must_not_be_blank() {
-        assert_eq!(
-            RunRequest::parse("  Hello World API \n").unwrap().as_str(),
-            "Hello World API"
-        );
+        assert_eq!(RunRequest::parse("  Hello World API \n").unwrap().as_str(), "Hello World API");
         let err = RunRequest::parse("   ").unwrap_err();
-        assert_eq!(
-            (err.field.as_str(), err.message.as_str()),
-            ("request", "must not be empty")
-        );
+        assert_eq!((err.field.as_str(), err.message.as_str()), ("request", "must not be empty"));
     }
 
     #[test]

@@ -67,10 +67,7 @@ impl StageStatus {
             (self, to),
             (Pending, Dispatched | Running | Cancelled)
                 | (Dispatched, Running | Pending | Cancelled | Failed)
-                | (
-                    Running,
-                    Succeeded | Failed | TimedOut | Cancelled | DeadLettered | Pending
-                )
+                | (Running, Succeeded | Failed | TimedOut | Cancelled | DeadLettered | Pending)
         )
     }
 
@@ -78,11 +75,7 @@ impl StageStatus {
         if self.can_become(to) {
             Ok(to)
         } else {
-            Err(TransitionError {
-                entity: "stage attempt",
-                from: self.as_str(),
-                to: to.as_str(),
-            })
+            Err(TransitionError { entity: "stage attempt", from: self.as_str(), to: to.as_str() })
         }
     }
 }

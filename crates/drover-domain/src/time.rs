@@ -60,10 +60,7 @@ mod tests {
     #[test]
     fn plus_saturates_instead_of_overflowing() {
         let late = Timestamp::from_millis(i64::MAX - 1);
-        assert_eq!(
-            late.plus(Duration::from_secs(10)),
-            Timestamp::from_millis(i64::MAX)
-        );
+        assert_eq!(late.plus(Duration::from_secs(10)), Timestamp::from_millis(i64::MAX));
     }
 
     #[test]

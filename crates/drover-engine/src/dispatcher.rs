@@ -38,10 +38,7 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
 /// Publishes every due attempt, a batch at a time, until none is left or the bus is full.
 async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
     loop {
-        let due = engine
-            .store
-            .due_attempts(now(), engine.settings.dispatch_batch)
-            .await?;
+        let due = engine.store.due_attempts(now(), engine.settings.dispatch_batch).await?;
         if due.is_empty() {
             return Ok(());
         }
@@ -78,27 +75,16 @@ async fn envelopes(engine: &Engine, due: &[StageAttempt]) -> Result<Vec<TaskEnve
     let mut run_ids: Vec<RunId> = due.iter().map(|a| a.run_id).collect();
     run_ids.sort();
     run_ids.dedup();
-    let runs: HashMap<RunId, _> = engine
-        .store
-        .runs_by_ids(&run_ids)
-        .await?
-        .into_iter()
-        .map(|run| (run.id, run))
-        .collect();
+    let runs: HashMap<RunId, _> =
+        engine.store.runs_by_ids(&run_ids).await?.into_iter().map(|run| (run.id, run)).collect();
     let mut outputs: HashMap<RunId, BTreeMap<String, serde_json::Value>> = HashMap::new();
     for (run, stage, output) in engine.store.succeeded_outputs(&run_ids).await? {
-        outputs
-            .entry(run)
-            .or_default()
-            .insert(stage.to_string(), output);
+        outputs.entry(run).or_default().insert(stage.to_string(), output);
     }
     due.iter()
         .map(|attempt| {
             let run = runs.get(&attempt.run_id).ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "attempt {} has no run {}",
-                    attempt.id, attempt.run_id
-                ))
+                StoreError::Corrupt(format!("attempt {} has no run {}", attempt.id, attempt.run_id))
             })?;
             let layout = &engine.layout;
             Ok(TaskEnvelope {

@@ -67,14 +67,7 @@ impl Engine {
         layout: Layout,
         settings: EngineSettings,
     ) -> Self {
-        Self {
-            store,
-            bus,
-            pipelines,
-            layout,
-            settings,
-            dispatch_wanted: Notify::new(),
-        }
+        Self { store, bus, pipelines, layout, settings, dispatch_wanted: Notify::new() }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -98,13 +91,10 @@ impl Engine {
         pipeline: &str,
         correlation_id: CorrelationId,
     ) -> Result<Run, EngineError> {
-        let spec = self
-            .pipelines
-            .get(pipeline)
-            .ok_or_else(|| EngineError::UnknownPipeline {
-                name: pipeline.to_owned(),
-                known: self.pipelines.names().collect::<Vec<_>>().join(", "),
-            })?;
+        let spec = self.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
+            name: pipeline.to_owned(),
+            known: self.pipelines.names().collect::<Vec<_>>().join(", "),
+        })?;
         let run = self
             .store
             .create_run(
@@ -132,24 +122,16 @@ impl Engine {
         run_id: RunId,
         reason: &str,
     ) -> Result<Run, EngineError> {
-        let cancelled = self
-            .store
-            .cancel_run(project, run_id, reason, now())
-            .await?;
+        let cancelled = self.store.cancel_run(project, run_id, reason, now()).await?;
         for attempt in &cancelled.stopped_attempts {
-            self.stop_attempt(attempt.id, format!("run cancelled: {reason}"))
-                .await;
+            self.stop_attempt(attempt.id, format!("run cancelled: {reason}")).await;
         }
         tracing::info!("run cancelled");
         Ok(cancelled.run)
     }
 
     async fn stop_attempt(&self, attempt_id: AttemptId, reason: String) {
-        if let Err(err) = self
-            .bus
-            .publish_control(Control::Cancel { attempt_id, reason })
-            .await
-        {
+        if let Err(err) = self.bus.publish_control(Control::Cancel { attempt_id, reason }).await {
             tracing::warn!(%attempt_id, error = %err, "cannot publish a cancel");
         }
     }

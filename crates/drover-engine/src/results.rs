@@ -53,11 +53,7 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
 
 async fn handle(engine: &Engine, message: &WorkerMessage) -> Result<(), StoreError> {
     match message {
-        WorkerMessage::Started {
-            attempt_id,
-            token,
-            worker_id,
-        } => {
+        WorkerMessage::Started { attempt_id, token, worker_id } => {
             let now = now();
             let start = StartAttempt {
                 attempt_id: *attempt_id,
@@ -76,34 +72,18 @@ async fn handle(engine: &Engine, message: &WorkerMessage) -> Result<(), StoreErr
                 }
             }
         }
-        WorkerMessage::Heartbeat {
-            attempt_id, token, ..
-        } => {
+        WorkerMessage::Heartbeat { attempt_id, token, .. } => {
             let lease_until = now().plus(engine.settings.lease_duration);
-            if !engine
-                .store
-                .renew_lease(*attempt_id, *token, lease_until)
-                .await?
-            {
-                engine
-                    .stop_attempt(*attempt_id, "the attempt is no longer yours".into())
-                    .await;
+            if !engine.store.renew_lease(*attempt_id, *token, lease_until).await? {
+                engine.stop_attempt(*attempt_id, "the attempt is no longer yours".into()).await;
             }
         }
-        WorkerMessage::Finished {
-            attempt_id,
-            token,
-            result,
-            ..
-        } => {
+        WorkerMessage::Finished { attempt_id, token, result, .. } => {
             let outcome = match result {
-                AgentResult::Succeeded { output } => Outcome::Succeeded {
-                    output: output.clone(),
-                },
-                AgentResult::Failed { error, retryable } => Outcome::Failed {
-                    error: error.clone(),
-                    retryable: *retryable,
-                },
+                AgentResult::Succeeded { output } => Outcome::Succeeded { output: output.clone() },
+                AgentResult::Failed { error, retryable } => {
+                    Outcome::Failed { error: error.clone(), retryable: *retryable }
+                }
             };
             let completion = Completion {
                 attempt_id: *attempt_id,
@@ -114,14 +94,8 @@ async fn handle(engine: &Engine, message: &WorkerMessage) -> Result<(), StoreErr
             };
             commit(engine, completion).await?;
         }
-        WorkerMessage::Released {
-            attempt_id, token, ..
-        } => {
-            if engine
-                .store
-                .release_attempt(*attempt_id, *token, now())
-                .await?
-            {
+        WorkerMessage::Released { attempt_id, token, .. } => {
+            if engine.store.release_attempt(*attempt_id, *token, now()).await? {
                 tracing::info!(%attempt_id, "attempt handed back");
                 engine.dispatch_wanted.notify_one();
             }
@@ -133,16 +107,10 @@ async fn handle(engine: &Engine, message: &WorkerMessage) -> Result<(), StoreErr
 /// Commits an attempt's end and reports what happened. Shared with the reaper.
 pub(crate) async fn commit(engine: &Engine, completion: Completion) -> Result<bool, StoreError> {
     let attempt_id = completion.attempt_id;
-    match engine
-        .store
-        .complete_attempt(completion, &engine.pipelines)
-        .await?
-    {
+    match engine.store.complete_attempt(completion, &engine.pipelines).await? {
         CompletionOutcome::Applied { attempt, run, next } => {
-            let labels = [
-                ("stage", attempt.stage.to_string()),
-                ("status", attempt.status.to_string()),
-            ];
+            let labels =
+                [("stage", attempt.stage.to_string()), ("status", attempt.status.to_string())];
             metrics::counter!("drover_engine_attempts_finished_total", &labels).increment(1);
             if let (Some(started), Some(finished)) = (attempt.started_at, attempt.finished_at) {
                 metrics::histogram!("drover_engine_stage_duration_seconds", "stage" => attempt.stage.to_string())

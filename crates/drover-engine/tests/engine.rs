@@ -33,9 +33,7 @@ impl Agent for Echo {
     }
     async fn run(&self, task: &AgentTask) -> AgentResult {
         let seen: Vec<&String> = task.envelope.context.outputs.keys().collect();
-        AgentResult::Succeeded {
-            output: json!({ "stage": task.envelope.stage, "saw": seen }),
-        }
+        AgentResult::Succeeded { output: json!({ "stage": task.envelope.stage, "saw": seen }) }
     }
 }
 
@@ -53,10 +51,7 @@ impl Agent for Flaky {
     }
     async fn run(&self, _task: &AgentTask) -> AgentResult {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
-            AgentResult::Failed {
-                error: "flaky".into(),
-                retryable: true,
-            }
+            AgentResult::Failed { error: "flaky".into(), retryable: true }
         } else {
             AgentResult::Succeeded { output: json!({}) }
         }
@@ -87,10 +82,7 @@ impl Agent for Sleepy {
         };
         match run_command(&spec, &task.cancel, None).await {
             Ok(_) => AgentResult::Succeeded { output: json!({}) },
-            Err(err) => AgentResult::Failed {
-                error: err.to_string(),
-                retryable: true,
-            },
+            Err(err) => AgentResult::Failed { error: err.to_string(), retryable: true },
         }
     }
 }
@@ -105,19 +97,12 @@ fn stage(name: &str, agent_name: &str, max_attempts: u32, timeout: Duration) -> 
         agent: agent(agent_name),
         max_attempts,
         timeout,
-        backoff: Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(50),
-        },
+        backoff: Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(50) },
     }
 }
 
 fn pipeline(name: &str, stages: Vec<StageSpec>) -> PipelineSpec {
-    PipelineSpec {
-        name: PipelineName::parse(name).unwrap(),
-        description: String::new(),
-        stages,
-    }
+    PipelineSpec { name: PipelineName::parse(name).unwrap(), description: String::new(), stages }
 }
 
 struct Harness {
@@ -152,12 +137,7 @@ impl Harness {
         ));
         let shutdown = CancellationToken::new();
         engine.spawn(shutdown.clone());
-        Self {
-            engine,
-            bus,
-            shutdown,
-            dir,
-        }
+        Self { engine, bus, shutdown, dir }
     }
 
     fn workers(&self, agents: Vec<Arc<dyn Agent>>) -> WorkerPool {
@@ -202,11 +182,7 @@ impl Harness {
     }
 
     async fn attempts(&self, run: RunId) -> Vec<StageAttempt> {
-        self.engine
-            .store()
-            .list_attempts(&ProjectId::default_project(), run)
-            .await
-            .unwrap()
+        self.engine.store().list_attempts(&ProjectId::default_project(), run).await.unwrap()
     }
 }
 
@@ -228,15 +204,8 @@ async fn a_run_moves_through_every_stage_once_and_each_stage_sees_the_earlier_ou
 
     let attempts = h.attempts(run.id).await;
     assert_eq!(attempts.len(), 3);
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a.status == StageStatus::Succeeded && a.attempt == 1)
-    );
-    assert_eq!(
-        attempts[2].output.as_ref().unwrap()["saw"],
-        json!(["one", "two"])
-    );
+    assert!(attempts.iter().all(|a| a.status == StageStatus::Succeeded && a.attempt == 1));
+    assert_eq!(attempts[2].output.as_ref().unwrap()["saw"], json!(["one", "two"]));
     workers.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -247,29 +216,16 @@ async fn a_retryable_failure_is_retried_with_backoff_until_it_succeeds() {
         vec![stage("only", "flaky", 3, Duration::from_secs(30))],
     )])
     .await;
-    let flaky = Flaky {
-        agent: agent("flaky"),
-        failures: 2,
-        calls: AtomicU32::new(0),
-    };
+    let flaky = Flaky { agent: agent("flaky"), failures: 2, calls: AtomicU32::new(0) };
     let workers = h.workers(vec![Arc::new(flaky)]);
 
     let run = h.submit("p").await;
     let done = h.wait_for(run.id, |r| r.status.is_terminal()).await;
     assert_eq!(done.status, RunStatus::Succeeded);
-    let statuses: Vec<_> = h
-        .attempts(run.id)
-        .await
-        .iter()
-        .map(|a| (a.attempt, a.status))
-        .collect();
+    let statuses: Vec<_> = h.attempts(run.id).await.iter().map(|a| (a.attempt, a.status)).collect();
     assert_eq!(
         statuses,
-        [
-            (1, StageStatus::Failed),
-            (2, StageStatus::Failed),
-            (3, StageStatus::Succeeded)
-        ]
+        [(1, StageStatus::Failed), (2, StageStatus::Failed), (3, StageStatus::Succeeded)]
     );
     workers.shutdown(Duration::from_secs(1)).await;
 }
@@ -281,11 +237,7 @@ async fn exhausted_attempts_are_dead_lettered_and_fail_the_run() {
         vec![stage("only", "flaky", 2, Duration::from_secs(30))],
     )])
     .await;
-    let flaky = Flaky {
-        agent: agent("flaky"),
-        failures: 10,
-        calls: AtomicU32::new(0),
-    };
+    let flaky = Flaky { agent: agent("flaky"), failures: 10, calls: AtomicU32::new(0) };
     let workers = h.workers(vec![Arc::new(flaky)]);
 
     let run = h.submit("p").await;
@@ -333,13 +285,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_lease_and_its_late_result_is
     );
     let attempts = h.attempts(run.id).await;
     assert_eq!(attempts[0].status, StageStatus::Failed);
-    assert!(
-        attempts[0]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("lease expired")
-    );
+    assert!(attempts[0].error.as_deref().unwrap().contains("lease expired"));
     assert_eq!(attempts[1].status, StageStatus::Succeeded);
 
     // The silent worker wakes up and reports: nothing changes.
@@ -348,9 +294,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_lease_and_its_late_result_is
             attempt_id: lost.task_id,
             token: lost.fencing_token,
             worker_id: silent,
-            result: AgentResult::Succeeded {
-                output: json!({ "late": true }),
-            },
+            result: AgentResult::Succeeded { output: json!({ "late": true }) },
         })
         .await
         .unwrap();
@@ -368,49 +312,35 @@ async fn cancelling_a_run_kills_its_running_agent_process_group() {
     )])
     .await;
     let pid_file = h.dir.path().join("sleepy.pid");
-    let workers = h.workers(vec![Arc::new(Sleepy {
-        agent: agent("sleepy"),
-        pid_file: pid_file.clone(),
-    })]);
+    let workers =
+        h.workers(vec![Arc::new(Sleepy { agent: agent("sleepy"), pid_file: pid_file.clone() })]);
 
     let run = h.submit("p").await;
     let pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
+        if let Some(pid) =
+            std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok())
         {
             break pid;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let cancelled = h
-        .engine
-        .cancel(&ProjectId::default_project(), run.id, "changed my mind")
-        .await
-        .unwrap();
+    let cancelled =
+        h.engine.cancel(&ProjectId::default_project(), run.id, "changed my mind").await.unwrap();
     assert_eq!(cancelled.status, RunStatus::Cancelled);
 
     let killed_by = std::time::Instant::now() + Duration::from_secs(5);
     while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid) {
-        assert!(
-            std::time::Instant::now() < killed_by,
-            "agent process {pid} survived the cancel"
-        );
+        assert!(std::time::Instant::now() < killed_by, "agent process {pid} survived the cancel");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let attempts = h.attempts(run.id).await;
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].status, StageStatus::Cancelled);
 
-    let again = h
-        .engine
-        .cancel(&ProjectId::default_project(), run.id, "again")
-        .await;
+    let again = h.engine.cancel(&ProjectId::default_project(), run.id, "again").await;
     assert!(matches!(
         again,
-        Err(EngineError::Store(
-            drover_store::StoreError::RunAlreadyFinished { .. }
-        ))
+        Err(EngineError::Store(drover_store::StoreError::RunAlreadyFinished { .. }))
     ));
     workers.shutdown(Duration::from_secs(1)).await;
 }
@@ -423,10 +353,7 @@ async fn a_stage_past_its_timeout_is_timed_out_and_its_agent_stopped() {
     )])
     .await;
     let pid_file = h.dir.path().join("sleepy.pid");
-    let workers = h.workers(vec![Arc::new(Sleepy {
-        agent: agent("sleepy"),
-        pid_file,
-    })]);
+    let workers = h.workers(vec![Arc::new(Sleepy { agent: agent("sleepy"), pid_file })]);
 
     let run = h.submit("p").await;
     let done = h.wait_for(run.id, |r| r.status.is_terminal()).await;
@@ -446,11 +373,9 @@ async fn a_stage_past_its_timeout_is_timed_out_and_its_agent_stopped() {
 
 #[tokio::test]
 async fn an_unknown_pipeline_is_refused_and_names_the_known_ones() {
-    let h = Harness::start(vec![pipeline(
-        "p",
-        vec![stage("only", "echo", 1, Duration::from_secs(1))],
-    )])
-    .await;
+    let h =
+        Harness::start(vec![pipeline("p", vec![stage("only", "echo", 1, Duration::from_secs(1))])])
+            .await;
     let err = h
         .engine
         .submit(
@@ -461,10 +386,7 @@ async fn an_unknown_pipeline_is_refused_and_names_the_known_ones() {
         )
         .await
         .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "pipeline `nope` does not exist; known pipelines: p"
-    );
+    assert_eq!(err.to_string(), "pipeline `nope` does not exist; known pipelines: p");
 }
 
 #[tokio::test]
@@ -475,10 +397,8 @@ async fn a_stopping_worker_hands_its_attempt_back_with_a_new_token() {
     )])
     .await;
     let pid_file = h.dir.path().join("sleepy.pid");
-    let workers = h.workers(vec![Arc::new(Sleepy {
-        agent: agent("sleepy"),
-        pid_file: pid_file.clone(),
-    })]);
+    let workers =
+        h.workers(vec![Arc::new(Sleepy { agent: agent("sleepy"), pid_file: pid_file.clone() })]);
     let run = h.submit("p").await;
     while !pid_file.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -488,10 +408,7 @@ async fn a_stopping_worker_hands_its_attempt_back_with_a_new_token() {
     for _ in 0..100 {
         let attempt = h.attempts(run.id).await.remove(0);
         if attempt.fencing_token == FencingToken::FIRST.next() {
-            assert!(matches!(
-                attempt.status,
-                StageStatus::Pending | StageStatus::Dispatched
-            ));
+            assert!(matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched));
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -502,10 +419,6 @@ async fn a_stopping_worker_hands_its_attempt_back_with_a_new_token() {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| {
-            stat.rsplit(')')
-                .next()
-                .map(|rest| rest.trim_start().starts_with('Z'))
-        })
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| rest.trim_start().starts_with('Z')))
         .unwrap_or(true)
 }

@@ -18,9 +18,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-        }
+        Self { data_dir: data_dir.into() }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -45,5 +43,25 @@ impl Layout {
 
     pub fn app_log(&self, run: RunId) -> PathBuf {
         self.logs_dir(run).join("app.log")
+    }
+}
+
+/// The stable hostname of a run's deployed app behind the proxy:
+/// `app.run-<last 8 hex digits of the run id>.localhost`. The tail of a UUIDv7 is random,
+/// unlike its head (a timestamp), so runs created together still get distinct names.
+pub fn app_hostname(run: RunId) -> String {
+    let simple = run.as_uuid().simple().to_string();
+    format!("app.run-{}.localhost", &simple[simple.len() - 8..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_hostnames_differ_for_runs_created_in_the_same_millisecond() {
+        let (a, b) = (RunId::new(), RunId::new());
+        assert_ne!(app_hostname(a), app_hostname(b));
+        assert!(app_hostname(a).starts_with("app.run-") && app_hostname(a).ends_with(".localhost"));
     }
 }

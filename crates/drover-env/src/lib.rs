@@ -11,6 +11,6 @@ mod ports;
 mod process;
 
 pub use deployments::{Deployment, DeploymentError, Deployments};
-pub use layout::Layout;
+pub use layout::{Layout, app_hostname};
 pub use ports::free_port;
 pub use process::{CommandOutput, CommandSpec, GroupChild, ProcessError, run_command};

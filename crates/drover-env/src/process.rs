@@ -100,21 +100,13 @@ impl GroupChild {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .map_err(|source| ProcessError::Spawn {
-                program: spec.program.clone(),
-                source,
-            })?;
+            .map_err(|source| ProcessError::Spawn { program: spec.program.clone(), source })?;
         let pid = child.id().ok_or_else(|| ProcessError::Spawn {
             program: spec.program.clone(),
             source: io::Error::other("child exited before its pid was read"),
         })?;
         let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-        Ok(Self {
-            child,
-            pgid,
-            program: spec.program.clone(),
-            exited: false,
-        })
+        Ok(Self { child, pgid, program: spec.program.clone(), exited: false })
     }
 
     pub fn pid(&self) -> u32 {
@@ -127,10 +119,7 @@ impl GroupChild {
             .child
             .wait()
             .await
-            .map_err(|source| ProcessError::Wait {
-                program: self.program.clone(),
-                source,
-            })?;
+            .map_err(|source| ProcessError::Wait { program: self.program.clone(), source })?;
         self.exited = true;
         Ok(status)
     }
@@ -198,14 +187,9 @@ pub async fn run_command(
     cancel: &CancellationToken,
     timeout: Option<Duration>,
 ) -> Result<CommandOutput, ProcessError> {
-    let log_error = |source| ProcessError::Log {
-        path: spec.log_path.clone(),
-        source,
-    };
+    let log_error = |source| ProcessError::Log { path: spec.log_path.clone(), source };
     let mut log = open_log(&spec.log_path).await.map_err(log_error)?;
-    log.write_all(format!("$ {}\n", spec.display()).as_bytes())
-        .await
-        .map_err(log_error)?;
+    log.write_all(format!("$ {}\n", spec.display()).as_bytes()).await.map_err(log_error)?;
     let log = Arc::new(Mutex::new(log));
     let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
 
@@ -235,11 +219,7 @@ pub async fn run_command(
         Ok(status) => status,
         Err(err) => {
             let _ = child.terminate(STOP_GRACE).await;
-            let _ = log
-                .lock()
-                .await
-                .write_all(format!("[drover] {err}\n").as_bytes())
-                .await;
+            let _ = log.lock().await.write_all(format!("[drover] {err}\n").as_bytes()).await;
             return Err(err);
         }
     };
@@ -254,21 +234,14 @@ pub async fn run_command(
         .map_err(log_error)?;
     log.flush().await.map_err(log_error)?;
     let tail = tail.lock().await;
-    Ok(CommandOutput {
-        status,
-        output_tail: String::from_utf8_lossy(&tail).into_owned(),
-    })
+    Ok(CommandOutput { status, output_tail: String::from_utf8_lossy(&tail).into_owned() })
 }
 
 async fn open_log(path: &std::path::Path) -> io::Result<File> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await
+    OpenOptions::new().create(true).append(true).open(path).await
 }
 
 async fn copy_output(
@@ -313,11 +286,7 @@ mod tests {
     fn alive(pid: i32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|stat| {
-                stat.rsplit(')')
-                    .next()
-                    .map(|rest| rest.trim_start().to_owned())
-            })
+            .and_then(|stat| stat.rsplit(')').next().map(|rest| rest.trim_start().to_owned()))
             .is_some_and(|rest| !rest.starts_with('Z'))
     }
 
@@ -325,18 +294,13 @@ mod tests {
     async fn output_goes_to_the_log_and_the_tail() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(&dir, "echo $GREETING; echo oops >&2; exit 3");
-        let output = run_command(&spec, &CancellationToken::new(), None)
-            .await
-            .unwrap();
+        let output = run_command(&spec, &CancellationToken::new(), None).await.unwrap();
         assert_eq!(output.status.code(), Some(3));
         assert!(output.output_tail.contains("hello"));
         assert!(output.output_tail.contains("oops"));
         let log = std::fs::read_to_string(&spec.log_path).unwrap();
         assert!(log.starts_with("$ sh -c"), "{log}");
-        assert!(
-            log.contains("hello") && log.contains("exited with"),
-            "{log}"
-        );
+        assert!(log.contains("hello") && log.contains("exited with"), "{log}");
     }
 
     #[tokio::test]
@@ -377,12 +341,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(&dir, "sleep 600");
         let started = std::time::Instant::now();
-        let result = run_command(
-            &spec,
-            &CancellationToken::new(),
-            Some(Duration::from_millis(200)),
-        )
-        .await;
+        let result =
+            run_command(&spec, &CancellationToken::new(), Some(Duration::from_millis(200))).await;
         assert!(matches!(result, Err(ProcessError::TimedOut { .. })));
         assert!(started.elapsed() < Duration::from_secs(5));
     }
@@ -392,12 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = spec(&dir, "");
         spec.program = "definitely-not-a-program-xyz".into();
-        let err = run_command(&spec, &CancellationToken::new(), None)
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("definitely-not-a-program-xyz"),
-            "{err}"
-        );
+        let err = run_command(&spec, &CancellationToken::new(), None).await.unwrap_err();
+        assert!(err.to_string().contains("definitely-not-a-program-xyz"), "{err}");
     }
 }

@@ -18,6 +18,9 @@ const SERVER_FILE: &str = "server.json";
 pub struct ServerInfo {
     pub url: String,
     pub pid: u32,
+    /// The routing proxy's address, when it runs.
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 impl ServerInfo {
@@ -95,20 +98,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = DataDirLock::acquire(dir.path()).unwrap();
         first
-            .publish(&ServerInfo {
-                url: "http://127.0.0.1:1".into(),
-                pid: 42,
-            })
+            .publish(&ServerInfo { url: "http://127.0.0.1:1".into(), pid: 42, proxy: None })
             .unwrap();
-        let Err(err) = DataDirLock::acquire(dir.path()) else {
-            panic!("locked twice")
-        };
+        let Err(err) = DataDirLock::acquire(dir.path()) else { panic!("locked twice") };
         assert!(err.to_string().contains("pid 42"), "{err}");
         drop(first);
-        assert!(
-            ServerInfo::read(dir.path()).is_none(),
-            "server.json outlived its server"
-        );
+        assert!(ServerInfo::read(dir.path()).is_none(), "server.json outlived its server");
         DataDirLock::acquire(dir.path()).expect("free again");
     }
 }

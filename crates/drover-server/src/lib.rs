@@ -22,6 +22,7 @@ use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
 use drover_env::{Deployments, Layout};
+use drover_proxy::{Proxy, Route, RouteTable};
 use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,17 +38,13 @@ pub enum ServerError {
         "data directory {path} is in use by another drover process{}",
         .server.as_ref().map(|s| format!(" (pid {}, serving {})", s.pid, s.url)).unwrap_or_default()
     )]
-    DataDirInUse {
-        path: String,
-        server: Option<ServerInfo>,
-    },
+    DataDirInUse { path: String, server: Option<ServerInfo> },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Proxy(#[from] drover_proxy::ProxyError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -72,6 +69,7 @@ pub struct Server {
     bus: Arc<dyn Bus>,
     engine: Arc<Engine>,
     deployments: Deployments,
+    proxy: Option<Proxy>,
     lock: DataDirLock,
 }
 
@@ -101,15 +99,17 @@ impl Server {
             },
         ));
         let addr = config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        let proxy = match mode == Mode::Full && config.proxy.enabled {
+            true => Some(Proxy::bind(config.proxy.listen).await?),
+            false => None,
+        };
         lock.publish(&ServerInfo {
             url: format!("http://{addr}"),
             pid: std::process::id(),
+            proxy: proxy.as_ref().map(|p| p.local_addr().to_string()),
         })?;
         Ok(Self {
             config,
@@ -120,6 +120,7 @@ impl Server {
             bus,
             engine,
             deployments: Deployments::new(),
+            proxy,
             lock,
         })
     }
@@ -137,19 +138,15 @@ impl Server {
         &self.config
     }
 
+    /// Where the routing proxy listens, if it runs.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(Proxy::local_addr)
+    }
+
     /// Serves until `shutdown` fires, then drains and stops everything it started.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self {
-            config,
-            mode,
-            listener,
-            addr,
-            store,
-            bus,
-            engine,
-            deployments,
-            lock,
-        } = self;
+        let Self { config, mode, listener, addr, store, bus, engine, deployments, proxy, lock } =
+            self;
         let draining = CancellationToken::new();
         let engine_stop = CancellationToken::new();
         let full = mode == Mode::Full;
@@ -166,21 +163,27 @@ impl Server {
             )
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
+        let proxy_port = proxy.as_ref().map(|p| p.local_addr().port());
+        let proxy_task = proxy.map(|proxy| {
+            let routes = RouteTable::new();
+            tokio::spawn(sync_routes(deployments.subscribe(), routes.clone(), draining.clone()));
+            tracing::info!(addr = %proxy.local_addr(), "routing proxy serving");
+            tokio::spawn(proxy.run(routes, draining.clone()))
+        });
 
         let state = AppState::new(
             engine.clone(),
             deployments.clone(),
             Some(metrics_handle()),
             draining.clone(),
+            proxy_port,
         );
         let app = drover_api::router(state, config.server.body_limit_bytes);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
         let http = tokio::spawn({
             let draining = draining.clone();
             async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(draining.cancelled_owned())
-                    .await
+                axum::serve(listener, app).with_graceful_shutdown(draining.cancelled_owned()).await
             }
         });
 
@@ -204,6 +207,9 @@ impl Server {
             tasks.wait().await;
         }
         deployments.stop_all(Duration::from_secs(5)).await;
+        if let Some(proxy) = proxy_task {
+            let _ = proxy.await;
+        }
         let _ = upkeep.await;
         store.close().await;
         drop(lock);
@@ -212,7 +218,34 @@ impl Server {
     }
 
     /// The store, for tests and tools that inspect what the server wrote.
+    #[must_use]
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::new(self.store.clone())
+    }
+}
+
+/// Keeps the proxy's routes equal to the set of deployed apps: each run's app is reachable
+/// at its stable hostname for as long as it is deployed.
+async fn sync_routes(
+    mut deployments: tokio::sync::watch::Receiver<Vec<drover_env::Deployment>>,
+    routes: RouteTable,
+    stop: CancellationToken,
+) {
+    loop {
+        let current: Vec<Route> = deployments
+            .borrow_and_update()
+            .iter()
+            .map(|deployment| {
+                let upstream = SocketAddr::from(([127, 0, 0, 1], deployment.port));
+                let host = drover_env::app_hostname(deployment.run_id);
+                let environment = host.split('.').nth(1).map(str::to_owned);
+                Route { host, upstream, service: "app".to_owned(), environment }
+            })
+            .collect();
+        routes.replace_all(current);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = deployments.changed() => if changed.is_err() { return },
+        }
     }
 }

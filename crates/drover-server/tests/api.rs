@@ -20,26 +20,16 @@ struct TestServer {
 impl TestServer {
     async fn spawn() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            data_dir: dir.path().join("data"),
-            ..Config::default()
-        };
+        let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
         config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.proxy.listen = "127.0.0.1:0".parse().unwrap();
         config.engine.heartbeat_interval = Duration::from_millis(500);
-        let server = Server::build(config, Mode::Full)
-            .await
-            .expect("server builds");
+        let server = Server::build(config, Mode::Full).await.expect("server builds");
         let url = server.url();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        Self {
-            url,
-            http,
-            shutdown,
-            task: Some(task),
-            _dir: dir,
-        }
+        Self { url, http, shutdown, task: Some(task), _dir: dir }
     }
 
     fn at(&self, path: &str) -> String {
@@ -47,12 +37,7 @@ impl TestServer {
     }
 
     async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(self.at(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.http.post(self.at(path)).json(&body).send().await.unwrap()
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
@@ -60,25 +45,15 @@ impl TestServer {
     }
 
     async fn submit(&self, request: &str) -> Value {
-        let response = self
-            .post_json("/api/v1/runs", json!({ "request": request }))
-            .await;
+        let response = self.post_json("/api/v1/runs", json!({ "request": request })).await;
         assert_eq!(response.status(), 201);
         response.json().await.unwrap()
     }
 
     async fn wait_finished(&self, id: &str) -> Value {
         for _ in 0..600 {
-            let run: Value = self
-                .get(&format!("/api/v1/runs/{id}"))
-                .await
-                .json()
-                .await
-                .unwrap();
-            if matches!(
-                run["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            let run: Value = self.get(&format!("/api/v1/runs/{id}")).await.json().await.unwrap();
+            if matches!(run["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
                 return run;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -101,24 +76,15 @@ impl TestServer {
 /// Asserts a problem+json response: status, code, and the request id in body and header.
 async fn assert_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "status for {code}");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
     assert_eq!(content_type, "application/problem+json");
-    let header_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let header_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["code"], code, "{problem}");
     assert_eq!(problem["status"], status);
     assert_eq!(problem["request_id"], header_id.as_str());
     for field in ["type", "title", "detail"] {
-        assert!(
-            problem[field].as_str().is_some_and(|s| !s.is_empty()),
-            "{field} in {problem}"
-        );
+        assert!(problem[field].as_str().is_some_and(|s| !s.is_empty()), "{field} in {problem}");
     }
     problem
 }
@@ -133,14 +99,8 @@ async fn hello_world_api_runs_to_succeeded_and_its_app_answers_until_the_server_
     let run = server.wait_finished(&id).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     let attempts = run["attempts"].as_array().unwrap();
-    let stages: Vec<&str> = attempts
-        .iter()
-        .map(|a| a["stage"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        stages,
-        ["scaffold", "validate", "e2e", "integration", "deploy"]
-    );
+    let stages: Vec<&str> = attempts.iter().map(|a| a["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["scaffold", "validate", "e2e", "integration", "deploy"]);
     assert!(attempts.iter().all(|a| a["status"] == "succeeded"));
     assert_eq!(attempts[0]["output"]["template"], "hello-world-api");
 
@@ -148,25 +108,30 @@ async fn hello_world_api_runs_to_succeeded_and_its_app_answers_until_the_server_
     assert_eq!(deployment["live"], true);
     let url = deployment["url"].as_str().unwrap().to_owned();
     let answer: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-    assert!(
-        answer["message"].as_str().unwrap().contains("Hello, World"),
-        "{answer}"
-    );
+    assert!(answer["message"].as_str().unwrap().contains("Hello, World"), "{answer}");
+
+    // The same app through the routing proxy, by its stable hostname.
+    let routed = deployment["routed_url"].as_str().unwrap();
+    let hostname = deployment["hostname"].as_str().unwrap();
+    assert!(routed.starts_with(&format!("http://{hostname}:")), "{routed}");
+    let proxy_port = routed.trim_end_matches('/').rsplit(':').next().unwrap();
+    let through_proxy: Value = server
+        .http
+        .get(format!("http://127.0.0.1:{proxy_port}/"))
+        .header("host", hostname)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(through_proxy, answer);
 
     let pid = deployment["pid"].as_u64().unwrap() as i32;
     server.stop().await;
-    assert!(
-        reqwest::get(&url).await.is_err(),
-        "the app outlived the server"
-    );
-    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    });
+    assert!(reqwest::get(&url).await.is_err(), "the app outlived the server");
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'));
     assert!(!alive, "deployed app {pid} was orphaned");
 }
 
@@ -175,39 +140,21 @@ async fn every_bad_input_gets_its_own_code_and_changes_nothing() {
     let server = TestServer::spawn().await;
     let runs = "/api/v1/runs";
     let raw = |body: &'static str, content_type: &'static str| {
-        server
-            .http
-            .post(server.at(runs))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
+        server.http.post(server.at(runs)).header("content-type", content_type).body(body).send()
     };
 
+    assert_problem(raw("{\"request\": ", "application/json").await.unwrap(), 400, "malformed_json")
+        .await;
+    assert_problem(raw("", "application/json").await.unwrap(), 400, "empty_body").await;
     assert_problem(
-        raw("{\"request\": ", "application/json").await.unwrap(),
-        400,
-        "malformed_json",
-    )
-    .await;
-    assert_problem(
-        raw("", "application/json").await.unwrap(),
-        400,
-        "empty_body",
-    )
-    .await;
-    assert_problem(
-        raw("request=hi", "application/x-www-form-urlencoded")
-            .await
-            .unwrap(),
+        raw("request=hi", "application/x-www-form-urlencoded").await.unwrap(),
         415,
         "unsupported_media_type",
     )
     .await;
 
     let unknown = assert_problem(
-        server
-            .post_json(runs, json!({ "request": "Hello", "colour": "blue" }))
-            .await,
+        server.post_json(runs, json!({ "request": "Hello", "colour": "blue" })).await,
         422,
         "unknown_field",
     )
@@ -220,89 +167,36 @@ async fn every_bad_input_gets_its_own_code_and_changes_nothing() {
         "validation_failed",
     )
     .await;
-    assert_eq!(
-        empty["errors"],
-        json!([{ "field": "request", "message": "must not be empty" }])
-    );
+    assert_eq!(empty["errors"], json!([{ "field": "request", "message": "must not be empty" }]));
 
     let missing =
         assert_problem(server.post_json(runs, json!({})).await, 422, "invalid_body").await;
     assert_eq!(missing["errors"][0]["field"], "request");
 
     let pipeline = assert_problem(
-        server
-            .post_json(runs, json!({ "request": "Hello", "pipeline": "nope" }))
-            .await,
+        server.post_json(runs, json!({ "request": "Hello", "pipeline": "nope" })).await,
         422,
         "unknown_pipeline",
     )
     .await;
-    assert!(
-        pipeline["detail"].as_str().unwrap().contains("sdlc"),
-        "names the known pipelines"
-    );
+    assert!(pipeline["detail"].as_str().unwrap().contains("sdlc"), "names the known pipelines");
 
     let unknown_run = "/api/v1/runs/01a2001a-39f1-7541-b586-cc5e4504a789";
     assert_problem(server.get(unknown_run).await, 404, "run_not_found").await;
+    assert_problem(server.get("/api/v1/runs/not-a-run-id").await, 404, "run_not_found").await;
+    assert_problem(server.get(&format!("{unknown_run}/logs")).await, 404, "run_not_found").await;
+    assert_problem(server.get(&format!("{unknown_run}/events")).await, 404, "run_not_found").await;
     assert_problem(
-        server.get("/api/v1/runs/not-a-run-id").await,
+        server.http.post(server.at(&format!("{unknown_run}/cancel"))).send().await.unwrap(),
         404,
         "run_not_found",
     )
     .await;
-    assert_problem(
-        server.get(&format!("{unknown_run}/logs")).await,
-        404,
-        "run_not_found",
-    )
-    .await;
-    assert_problem(
-        server.get(&format!("{unknown_run}/events")).await,
-        404,
-        "run_not_found",
-    )
-    .await;
-    assert_problem(
-        server
-            .http
-            .post(server.at(&format!("{unknown_run}/cancel")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-        "run_not_found",
-    )
-    .await;
-    assert_problem(
-        server.get("/api/v1/runs?limit=0").await,
-        400,
-        "invalid_query",
-    )
-    .await;
-    assert_problem(
-        server.get("/api/v1/runs?status=done").await,
-        400,
-        "invalid_query",
-    )
-    .await;
-    assert_problem(
-        server.get("/api/v1/runs?cursor=garbage").await,
-        400,
-        "invalid_query",
-    )
-    .await;
-    assert_problem(
-        server.get("/api/v1/runs?bogus=1").await,
-        400,
-        "invalid_query",
-    )
-    .await;
-    assert_problem(
-        server.get("/api/v1/nothing-here").await,
-        404,
-        "route_not_found",
-    )
-    .await;
+    assert_problem(server.get("/api/v1/runs?limit=0").await, 400, "invalid_query").await;
+    assert_problem(server.get("/api/v1/runs?status=done").await, 400, "invalid_query").await;
+    assert_problem(server.get("/api/v1/runs?cursor=garbage").await, 400, "invalid_query").await;
+    assert_problem(server.get("/api/v1/runs?bogus=1").await, 400, "invalid_query").await;
+    assert_problem(server.get("/api/v1/nothing-here").await, 404, "route_not_found").await;
     assert_problem(
         server.http.delete(server.at(runs)).send().await.unwrap(),
         405,
@@ -340,25 +234,16 @@ async fn a_client_request_id_is_echoed_in_the_header_and_the_problem() {
 #[tokio::test]
 async fn the_event_stream_replays_then_resumes_after_last_event_id_without_gaps_or_duplicates() {
     let server = TestServer::spawn().await;
-    let id = server.submit("Static Site").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = server.submit("Static Site").await["id"].as_str().unwrap().to_owned();
 
     // Follow live from the start until the stream ends with the run.
     let all = sse_events(&server, &id, None).await;
-    let kinds: Vec<&str> = all
-        .iter()
-        .map(|(_, e)| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds: Vec<&str> = all.iter().map(|(_, e)| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"run.queued"));
     assert_eq!(kinds.last(), Some(&"run.succeeded"), "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| **k == "stage.succeeded").count(), 5);
     let seqs: Vec<i64> = all.iter().map(|(seq, _)| *seq).collect();
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "sequence strictly increases: {seqs:?}"
-    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence strictly increases: {seqs:?}");
 
     // Resume after the fourth event: exactly the rest, in order.
     let resumed = sse_events(&server, &id, Some(seqs[3])).await;
@@ -368,9 +253,7 @@ async fn the_event_stream_replays_then_resumes_after_last_event_id_without_gaps_
 }
 
 async fn sse_events(server: &TestServer, id: &str, after: Option<i64>) -> Vec<(i64, Value)> {
-    let mut request = server
-        .http
-        .get(server.at(&format!("/api/v1/runs/{id}/events")));
+    let mut request = server.http.get(server.at(&format!("/api/v1/runs/{id}/events")));
     if let Some(after) = after {
         request = request.header("last-event-id", after.to_string());
     }
@@ -392,15 +275,11 @@ async fn sse_events(server: &TestServer, id: &str, after: Option<i64>) -> Vec<(i
             let mut seq = None;
             let mut data = None;
             for line in block.lines() {
-                if let Some(id) = line
-                    .strip_prefix("id: ")
-                    .or_else(|| line.strip_prefix("id:"))
-                {
+                if let Some(id) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
                     seq = id.trim().parse().ok();
                 }
-                if let Some(json) = line
-                    .strip_prefix("data: ")
-                    .or_else(|| line.strip_prefix("data:"))
+                if let Some(json) =
+                    line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:"))
                 {
                     data = serde_json::from_str(json).ok();
                 }
@@ -413,10 +292,7 @@ async fn sse_events(server: &TestServer, id: &str, after: Option<i64>) -> Vec<(i
 #[tokio::test]
 async fn logs_show_each_stage_and_a_finished_run_cannot_be_cancelled() {
     let server = TestServer::spawn().await;
-    let id = server.submit("Todo API").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = server.submit("Todo API").await["id"].as_str().unwrap().to_owned();
     let run = server.wait_finished(&id).await;
     assert_eq!(run["status"], "succeeded", "{run}");
 
@@ -439,12 +315,8 @@ async fn logs_show_each_stage_and_a_finished_run_cannot_be_cancelled() {
         .unwrap();
     assert!(only_integration.contains("Ran 4 tests") && !only_integration.contains("wrote app.py"));
 
-    let cancel = server
-        .http
-        .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let cancel =
+        server.http.post(server.at(&format!("/api/v1/runs/{id}/cancel"))).send().await.unwrap();
     assert_problem(cancel, 409, "run_already_finished").await;
     server.stop().await;
 }
@@ -452,37 +324,20 @@ async fn logs_show_each_stage_and_a_finished_run_cannot_be_cancelled() {
 #[tokio::test]
 async fn cancelling_an_unfinished_run_stops_it() {
     let server = TestServer::spawn().await;
-    let id = server.submit("Hello World API").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let cancelled = server
-        .http
-        .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let id = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
+    let cancelled =
+        server.http.post(server.at(&format!("/api/v1/runs/{id}/cancel"))).send().await.unwrap();
     assert_eq!(cancelled.status(), 200);
     let run = server.wait_finished(&id).await;
     assert_eq!(run["status"], "cancelled");
     // Nothing of the run keeps running after a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let later: Value = server
-        .get(&format!("/api/v1/runs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let later: Value = server.get(&format!("/api/v1/runs/{id}")).await.json().await.unwrap();
     let active = later["attempts"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|a| {
-            matches!(
-                a["status"].as_str(),
-                Some("pending" | "dispatched" | "running")
-            )
-        })
+        .filter(|a| matches!(a["status"].as_str(), Some("pending" | "dispatched" | "running")))
         .count();
     assert_eq!(active, 0, "{later}");
     assert_eq!(later["deployment"], Value::Null);
@@ -494,46 +349,20 @@ async fn runs_are_listed_newest_first_in_pages() {
     let server = TestServer::spawn().await;
     let mut ids = Vec::new();
     for request in ["first", "second", "third"] {
-        let id = server.submit(request).await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        server
-            .http
-            .post(server.at(&format!("/api/v1/runs/{id}/cancel")))
-            .send()
-            .await
-            .unwrap();
+        let id = server.submit(request).await["id"].as_str().unwrap().to_owned();
+        server.http.post(server.at(&format!("/api/v1/runs/{id}/cancel"))).send().await.unwrap();
         ids.push(id);
     }
-    let page: Value = server
-        .get("/api/v1/runs?limit=2")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<&str> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
+    let page: Value = server.get("/api/v1/runs?limit=2").await.json().await.unwrap();
+    let listed: Vec<&str> =
+        page["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
     let cursor = page["next_cursor"].as_str().unwrap();
-    let next: Value = server
-        .get(&format!("/api/v1/runs?limit=2&cursor={cursor}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let next: Value =
+        server.get(&format!("/api/v1/runs?limit=2&cursor={cursor}")).await.json().await.unwrap();
     assert_eq!(next["items"][0]["id"], ids[0].as_str());
     assert_eq!(next["next_cursor"], Value::Null);
-    let cancelled: Value = server
-        .get("/api/v1/runs?status=cancelled")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cancelled: Value = server.get("/api/v1/runs?status=cancelled").await.json().await.unwrap();
     assert_eq!(cancelled["items"].as_array().unwrap().len(), 3);
     server.stop().await;
 }
@@ -544,21 +373,13 @@ async fn health_readiness_metrics_pipelines_and_openapi_answer() {
     let health: Value = server.get("/healthz").await.json().await.unwrap();
     assert_eq!(health["status"], "ok");
     let ready: Value = server.get("/readyz").await.json().await.unwrap();
-    assert_eq!(
-        ready,
-        json!({ "status": "ready", "checks": { "store": "ok" } })
-    );
+    assert_eq!(ready, json!({ "status": "ready", "checks": { "store": "ok" } }));
 
     let pipelines: Value = server.get("/api/v1/pipelines").await.json().await.unwrap();
     assert_eq!(pipelines["items"][0]["name"], "sdlc");
     assert_eq!(pipelines["items"][0]["stages"].as_array().unwrap().len(), 5);
 
-    let openapi: Value = server
-        .get("/api/v1/openapi.json")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let openapi: Value = server.get("/api/v1/openapi.json").await.json().await.unwrap();
     for path in [
         "/api/v1/runs",
         "/api/v1/runs/{id}",
@@ -568,10 +389,7 @@ async fn health_readiness_metrics_pipelines_and_openapi_answer() {
         "/healthz",
         "/readyz",
     ] {
-        assert!(
-            openapi["paths"][path].is_object(),
-            "{path} missing from OpenAPI"
-        );
+        assert!(openapi["paths"][path].is_object(), "{path} missing from OpenAPI");
     }
     assert!(openapi["components"]["schemas"]["Problem"].is_object());
 

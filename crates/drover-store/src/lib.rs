@@ -79,10 +79,7 @@ pub struct StartAttempt {
 }
 
 #[derive(Debug, Clone)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per call, never stored in bulk"
-)]
+#[expect(clippy::large_enum_variant, reason = "returned once per call, never stored in bulk")]
 pub enum StartOutcome {
     Started(StageAttempt),
     /// The attempt is no longer the worker's to run (cancelled, reclaimed, already taken).
@@ -103,18 +100,11 @@ pub struct Completion {
 }
 
 #[derive(Debug, Clone)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per call, never stored in bulk"
-)]
+#[expect(clippy::large_enum_variant, reason = "returned once per call, never stored in bulk")]
 pub enum CompletionOutcome {
     /// The result was committed: the attempt's new state, its run, and the attempt created
     /// next (following stage or retry), if any.
-    Applied {
-        attempt: StageAttempt,
-        run: Run,
-        next: Option<StageAttempt>,
-    },
+    Applied { attempt: StageAttempt, run: Run, next: Option<StageAttempt> },
     /// The token is not current or the attempt is no longer running: nothing was written.
     Stale { reason: String },
 }

@@ -78,18 +78,12 @@ macro_rules! event_columns {
 impl SqliteStore {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub async fn open(options: &SqliteStoreOptions) -> StoreResult<Self> {
-        let open_error = |message: String| StoreError::Open {
-            url: options.url.clone(),
-            message,
-        };
+        let open_error = |message: String| StoreError::Open { url: options.url.clone(), message };
         let path = options
             .url
             .strip_prefix("sqlite://")
             .ok_or_else(|| open_error("expected a sqlite:// URL".to_owned()))?;
-        if let Some(parent) = Path::new(path)
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-        {
+        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(|err| open_error(format!("cannot create {}: {err}", parent.display())))?;
@@ -113,12 +107,7 @@ impl SqliteStore {
             .await
             .map_err(|err| open_error(err.to_string()))?;
         let (events, _) = broadcast::channel(EVENT_FEED_CAPACITY);
-        Ok(Self {
-            writer,
-            reader,
-            events,
-            write_order: Arc::new(Mutex::new(())),
-        })
+        Ok(Self { writer, reader, events, write_order: Arc::new(Mutex::new(())) })
     }
 
     /// Closes both pools, waiting for in-flight statements.
@@ -184,10 +173,8 @@ impl Store for SqliteStore {
         .bind(None::<i64>)
         .execute(&mut *tx)
         .await?;
-        let mut events = vec![run_event(
-            &run,
-            json!({ "request": run.request, "pipeline": run.pipeline }),
-        )];
+        let mut events =
+            vec![run_event(&run, json!({ "request": run.request, "pipeline": run.pipeline }))];
         let attempt = insert_attempt(&mut tx, &run, 0, first_stage, 1, now, now).await?;
         events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
         let events = append_events(&mut tx, events, now).await?;
@@ -222,8 +209,7 @@ impl Store for SqliteStore {
         if let Some(before) = query.before {
             sql.push(" AND id < ").push_bind(before.to_string());
         }
-        sql.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(query.limit));
+        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
         let rows: Vec<RunRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         rows.into_iter().map(Run::try_from).collect()
     }
@@ -255,14 +241,10 @@ impl Store for SqliteStore {
     ) -> StoreResult<CancelledRun> {
         let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
-        let mut run = fetch_run(&mut tx, project, run_id)
-            .await?
-            .ok_or(StoreError::RunNotFound(run_id))?;
+        let mut run =
+            fetch_run(&mut tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
         if run.status.is_terminal() {
-            return Err(StoreError::RunAlreadyFinished {
-                id: run.id,
-                status: run.status,
-            });
+            return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
         }
         run.status = run.status.become_(RunStatus::Cancelled)?;
         run.error = Some(reason.to_owned());
@@ -287,20 +269,13 @@ impl Store for SqliteStore {
             attempt.finished_at = Some(now);
             attempt.lease_expires_at = None;
             update_attempt(&mut tx, &attempt).await?;
-            events.push(attempt_event(
-                &attempt,
-                &run.correlation_id,
-                json!({ "reason": reason }),
-            ));
+            events.push(attempt_event(&attempt, &run.correlation_id, json!({ "reason": reason })));
             stopped.push(attempt);
         }
         let events = append_events(&mut tx, events, now).await?;
         tx.commit().await?;
         self.publish(events);
-        Ok(CancelledRun {
-            run,
-            stopped_attempts: stopped,
-        })
+        Ok(CancelledRun { run, stopped_attempts: stopped })
     }
 
     async fn list_events(
@@ -320,8 +295,7 @@ impl Store for SqliteStore {
         if let Some(after) = query.after {
             sql.push(" AND seq > ").push_bind(after.0);
         }
-        sql.push(" ORDER BY seq LIMIT ")
-            .push_bind(i64::from(query.limit));
+        sql.push(" ORDER BY seq LIMIT ").push_bind(i64::from(query.limit));
         let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         rows.into_iter().map(Event::try_from).collect()
     }
@@ -379,8 +353,7 @@ impl Store for SqliteStore {
         rows.into_iter()
             .map(|(run, stage, output)| {
                 Ok((
-                    run.parse()
-                        .map_err(|e| corrupt("stage_attempts.run_id", e))?,
+                    run.parse().map_err(|e| corrupt("stage_attempts.run_id", e))?,
                     StageName::parse(stage).map_err(|e| corrupt("stage_attempts.stage", e))?,
                     serde_json::from_str(&output)
                         .map_err(|e| corrupt("stage_attempts.output", e))?,
@@ -464,9 +437,7 @@ impl Store for SqliteStore {
         let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let Some(mut attempt) = fetch_attempt(&mut tx, start.attempt_id).await? else {
-            return Ok(StartOutcome::Rejected {
-                reason: "no such attempt".to_owned(),
-            });
+            return Ok(StartOutcome::Rejected { reason: "no such attempt".to_owned() });
         };
         if attempt.fencing_token != start.token {
             return Ok(StartOutcome::Rejected {
@@ -476,13 +447,8 @@ impl Store for SqliteStore {
                 ),
             });
         }
-        if !matches!(
-            attempt.status,
-            StageStatus::Pending | StageStatus::Dispatched
-        ) {
-            return Ok(StartOutcome::Rejected {
-                reason: format!("attempt is {}", attempt.status),
-            });
+        if !matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched) {
+            return Ok(StartOutcome::Rejected { reason: format!("attempt is {}", attempt.status) });
         }
         let mut run = fetch_run(&mut tx, &attempt.project_id, attempt.run_id)
             .await?
@@ -580,9 +546,7 @@ impl Store for SqliteStore {
         let now = completion.now;
         let mut tx = self.writer.begin().await?;
         let Some(mut attempt) = fetch_attempt(&mut tx, completion.attempt_id).await? else {
-            return Ok(CompletionOutcome::Stale {
-                reason: "no such attempt".to_owned(),
-            });
+            return Ok(CompletionOutcome::Stale { reason: "no such attempt".to_owned() });
         };
         if attempt.fencing_token != completion.token {
             return Ok(CompletionOutcome::Stale {
@@ -606,13 +570,7 @@ impl Store for SqliteStore {
                 run.id, run.pipeline
             )));
         };
-        let decision = decide(
-            pipeline,
-            &attempt,
-            &completion.outcome,
-            completion.jitter,
-            now,
-        );
+        let decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
 
         attempt.status = attempt.status.become_(decision.attempt_status)?;
         attempt.error = decision.attempt_error.clone();
@@ -641,10 +599,7 @@ impl Store for SqliteStore {
                 events.push(attempt_event(&created, &run.correlation_id, json!({})));
                 next = Some(created);
             }
-            NextStep::Retry {
-                attempt: number,
-                available_at,
-            } => {
+            NextStep::Retry { attempt: number, available_at } => {
                 let spec = pipeline.stage(attempt.stage_index).ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "pipeline `{}` has no stage {}",
@@ -718,9 +673,7 @@ impl Store for SqliteStore {
                 .await?;
         rows.into_iter()
             .map(|(status, count)| {
-                let status = status
-                    .parse()
-                    .map_err(|e| corrupt("stage_attempts.status", e))?;
+                let status = status.parse().map_err(|e| corrupt("stage_attempts.status", e))?;
                 Ok((status, u64::try_from(count).unwrap_or(0)))
             })
             .collect()
@@ -757,14 +710,11 @@ async fn fetch_attempt(
     conn: &mut SqliteConnection,
     id: AttemptId,
 ) -> StoreResult<Option<StageAttempt>> {
-    let row: Option<AttemptRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        attempt_columns!(),
-        " FROM stage_attempts WHERE id = ?"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<AttemptRow> =
+        sqlx::query_as(concat!("SELECT ", attempt_columns!(), " FROM stage_attempts WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(conn)
+            .await?;
     row.map(StageAttempt::try_from).transpose()
 }
 
@@ -1004,16 +954,10 @@ impl TryFrom<AttemptRow> for StageAttempt {
             .transpose()
             .map_err(|e| corrupt("stage_attempts.output", e))?;
         Ok(StageAttempt {
-            id: row
-                .id
-                .parse()
-                .map_err(|e| corrupt("stage_attempts.id", e))?,
+            id: row.id.parse().map_err(|e| corrupt("stage_attempts.id", e))?,
             project_id: ProjectId::parse(row.project_id)
                 .map_err(|e| corrupt("stage_attempts.project_id", e))?,
-            run_id: row
-                .run_id
-                .parse()
-                .map_err(|e| corrupt("stage_attempts.run_id", e))?,
+            run_id: row.run_id.parse().map_err(|e| corrupt("stage_attempts.run_id", e))?,
             stage: StageName::parse(row.stage).map_err(|e| corrupt("stage_attempts.stage", e))?,
             stage_index: u32::try_from(row.stage_index)
                 .map_err(|e| corrupt("stage_attempts.stage_index", e))?,
@@ -1021,10 +965,7 @@ impl TryFrom<AttemptRow> for StageAttempt {
             attempt: u32::try_from(row.attempt)
                 .map_err(|e| corrupt("stage_attempts.attempt", e))?,
             fencing_token: FencingToken(row.fencing_token),
-            status: row
-                .status
-                .parse()
-                .map_err(|e| corrupt("stage_attempts.status", e))?,
+            status: row.status.parse().map_err(|e| corrupt("stage_attempts.status", e))?,
             worker_id: row.worker_id.map(WorkerId::new),
             available_at: Timestamp::from_millis(row.available_at),
             lease_expires_at: row.lease_expires_at.map(Timestamp::from_millis),

@@ -25,11 +25,7 @@ struct Fixture {
 async fn sqlite_fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_sqlite(&dir).await;
-    Fixture {
-        store: Arc::new(store),
-        pipelines: PipelineCatalog::builtin(),
-        _dir: dir,
-    }
+    Fixture { store: Arc::new(store), pipelines: PipelineCatalog::builtin(), _dir: dir }
 }
 
 async fn open_sqlite(dir: &tempfile::TempDir) -> SqliteStore {
@@ -63,10 +59,7 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
 }
 
 async fn attempts(fx: &Fixture, run: RunId) -> Vec<StageAttempt> {
-    fx.store
-        .list_attempts(&default_project(), run)
-        .await
-        .unwrap()
+    fx.store.list_attempts(&default_project(), run).await.unwrap()
 }
 
 async fn start(fx: &Fixture, attempt: &StageAttempt, now: Timestamp) -> StageAttempt {
@@ -112,9 +105,7 @@ async fn complete(
 }
 
 fn success() -> Outcome {
-    Outcome::Succeeded {
-        output: json!({ "ok": true }),
-    }
+    Outcome::Succeeded { output: json!({ "ok": true }) }
 }
 
 #[tokio::test]
@@ -122,12 +113,7 @@ async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events
     let fx = sqlite_fixture().await;
     let run = new_run(&fx, "Hello World API", T0).await;
 
-    let stored = fx
-        .store
-        .get_run(&default_project(), run.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = fx.store.get_run(&default_project(), run.id).await.unwrap().unwrap();
     assert_eq!(stored, run);
     assert_eq!(stored.status, RunStatus::Queued);
 
@@ -141,11 +127,7 @@ async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events
         .store
         .list_events(
             &default_project(),
-            &EventQuery {
-                run_id: Some(run.id),
-                after: None,
-                limit: 100,
-            },
+            &EventQuery { run_id: Some(run.id), after: None, limit: 100 },
         )
         .await
         .unwrap();
@@ -161,23 +143,8 @@ async fn another_projects_runs_are_invisible() {
     let other = ProjectId::parse("other").unwrap();
 
     assert!(fx.store.get_run(&other, run.id).await.unwrap().is_none());
-    assert!(
-        fx.store
-            .list_attempts(&other, run.id)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let listed = fx
-        .store
-        .list_runs(
-            &other,
-            &RunQuery {
-                limit: 10,
-                ..RunQuery::default()
-            },
-        )
-        .await;
+    assert!(fx.store.list_attempts(&other, run.id).await.unwrap().is_empty());
+    let listed = fx.store.list_runs(&other, &RunQuery { limit: 10, ..RunQuery::default() }).await;
     assert!(listed.unwrap().is_empty());
     let cancel = fx.store.cancel_run(&other, run.id, "no", T0).await;
     assert!(matches!(cancel, Err(StoreError::RunNotFound(_))));
@@ -192,12 +159,7 @@ async fn starting_an_attempt_runs_it_and_its_run_with_a_deadline() {
     let started = start(&fx, first, T0).await;
     assert_eq!(started.status, StageStatus::Running);
     assert_eq!(started.deadline_at, Some(T0.plus(sdlc().stages[0].timeout)));
-    let run = fx
-        .store
-        .get_run(&default_project(), run.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let run = fx.store.get_run(&default_project(), run.id).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Running);
     assert_eq!(run.started_at, Some(T0));
 }
@@ -239,9 +201,7 @@ async fn a_start_with_a_stale_token_or_twice_is_rejected() {
         )
         .await
         .unwrap();
-    let StartOutcome::Rejected { reason } = again else {
-        panic!("second start accepted")
-    };
+    let StartOutcome::Rejected { reason } = again else { panic!("second start accepted") };
     assert!(reason.contains("running"), "{reason}");
 }
 
@@ -276,9 +236,7 @@ async fn a_result_with_a_stale_token_is_rejected_and_writes_nothing() {
     first.fencing_token = FencingToken(first.fencing_token.0 + 7);
 
     let outcome = complete(&fx, &first, success(), T0).await;
-    let CompletionOutcome::Stale { reason } = outcome else {
-        panic!("stale result applied")
-    };
+    let CompletionOutcome::Stale { reason } = outcome else { panic!("stale result applied") };
     assert!(reason.contains("stale fencing token"), "{reason}");
     let stored = attempts(&fx, run.id).await;
     assert_eq!(stored.len(), 1);
@@ -334,12 +292,7 @@ async fn the_last_stage_succeeding_finishes_the_run() {
         complete(&fx, &running, success(), now).await;
         now = now.plus(Duration::from_millis(10));
     }
-    let run = fx
-        .store
-        .get_run(&default_project(), run.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let run = fx.store.get_run(&default_project(), run.id).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Succeeded);
     assert!(run.finished_at.is_some());
     let all = attempts(&fx, run.id).await;
@@ -352,16 +305,10 @@ async fn a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backof
     let fx = sqlite_fixture().await;
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
-    let failure = Outcome::Failed {
-        error: "flaky network".into(),
-        retryable: true,
-    };
+    let failure = Outcome::Failed { error: "flaky network".into(), retryable: true };
 
-    let CompletionOutcome::Applied {
-        attempt,
-        next,
-        run: after,
-    } = complete(&fx, &first, failure, T0).await
+    let CompletionOutcome::Applied { attempt, next, run: after } =
+        complete(&fx, &first, failure, T0).await
     else {
         panic!("not applied")
     };
@@ -381,18 +328,10 @@ async fn a_deterministic_failure_fails_the_run_with_the_reason() {
     let fx = sqlite_fixture().await;
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
-    let failure = Outcome::Failed {
-        error: "app.py:1: invalid syntax".into(),
-        retryable: false,
-    };
+    let failure = Outcome::Failed { error: "app.py:1: invalid syntax".into(), retryable: false };
 
     complete(&fx, &first, failure, T0).await;
-    let run = fx
-        .store
-        .get_run(&default_project(), run.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let run = fx.store.get_run(&default_project(), run.id).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Failed);
     assert!(run.error.unwrap().contains("invalid syntax"));
 }
@@ -403,35 +342,20 @@ async fn cancelling_stops_active_attempts_and_cannot_happen_twice() {
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
 
-    let cancelled = fx
-        .store
-        .cancel_run(&default_project(), run.id, "user asked", T0)
-        .await
-        .unwrap();
+    let cancelled =
+        fx.store.cancel_run(&default_project(), run.id, "user asked", T0).await.unwrap();
     assert_eq!(cancelled.run.status, RunStatus::Cancelled);
     assert_eq!(cancelled.stopped_attempts.len(), 1);
     assert_eq!(cancelled.stopped_attempts[0].status, StageStatus::Cancelled);
 
-    let again = fx
-        .store
-        .cancel_run(&default_project(), run.id, "again", T0)
-        .await;
+    let again = fx.store.cancel_run(&default_project(), run.id, "again", T0).await;
     assert!(matches!(
         again,
-        Err(StoreError::RunAlreadyFinished {
-            status: RunStatus::Cancelled,
-            ..
-        })
+        Err(StoreError::RunAlreadyFinished { status: RunStatus::Cancelled, .. })
     ));
     // The worker's late result is not applied.
-    assert!(matches!(
-        complete(&fx, &first, success(), T0).await,
-        CompletionOutcome::Stale { .. }
-    ));
-    let missing = fx
-        .store
-        .cancel_run(&default_project(), RunId::new(), "x", T0)
-        .await;
+    assert!(matches!(complete(&fx, &first, success(), T0).await, CompletionOutcome::Stale { .. }));
+    let missing = fx.store.cancel_run(&default_project(), RunId::new(), "x", T0).await;
     assert!(matches!(missing, Err(StoreError::RunNotFound(_))));
 }
 
@@ -443,49 +367,17 @@ async fn runs_list_newest_first_with_a_cursor_and_a_status_filter() {
         ids.push(new_run(&fx, &format!("request {n}"), T0).await.id);
     }
     let cancelled = ids[1];
-    fx.store
-        .cancel_run(&default_project(), cancelled, "x", T0)
-        .await
-        .unwrap();
+    fx.store.cancel_run(&default_project(), cancelled, "x", T0).await.unwrap();
 
-    let page = |before, limit| RunQuery {
-        status: None,
-        before,
-        limit,
-    };
-    let first = fx
-        .store
-        .list_runs(&default_project(), &page(None, 2))
-        .await
-        .unwrap();
-    assert_eq!(
-        first.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [ids[4], ids[3]]
-    );
-    let second = fx
-        .store
-        .list_runs(&default_project(), &page(Some(ids[3]), 10))
-        .await
-        .unwrap();
-    assert_eq!(
-        second.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [ids[2], ids[1], ids[0]]
-    );
+    let page = |before, limit| RunQuery { status: None, before, limit };
+    let first = fx.store.list_runs(&default_project(), &page(None, 2)).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[4], ids[3]]);
+    let second = fx.store.list_runs(&default_project(), &page(Some(ids[3]), 10)).await.unwrap();
+    assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[2], ids[1], ids[0]]);
 
-    let only_cancelled = RunQuery {
-        status: Some(RunStatus::Cancelled),
-        before: None,
-        limit: 10,
-    };
-    let filtered = fx
-        .store
-        .list_runs(&default_project(), &only_cancelled)
-        .await
-        .unwrap();
-    assert_eq!(
-        filtered.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [cancelled]
-    );
+    let only_cancelled = RunQuery { status: Some(RunStatus::Cancelled), before: None, limit: 10 };
+    let filtered = fx.store.list_runs(&default_project(), &only_cancelled).await.unwrap();
+    assert_eq!(filtered.iter().map(|r| r.id).collect::<Vec<_>>(), [cancelled]);
 }
 
 #[tokio::test]
@@ -495,37 +387,16 @@ async fn leases_expire_unless_renewed_and_a_released_attempt_gets_a_new_token() 
     let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let lease_end = T0.plus(Duration::from_secs(10));
 
-    assert!(
-        fx.store
-            .expired_leases(lease_end, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(fx.store.expired_leases(lease_end, 10).await.unwrap().is_empty());
     let later = lease_end.plus(Duration::from_millis(1));
     assert_eq!(fx.store.expired_leases(later, 10).await.unwrap().len(), 1);
 
     let renewed = later.plus(Duration::from_secs(10));
-    assert!(
-        fx.store
-            .renew_lease(running.id, running.fencing_token, renewed)
-            .await
-            .unwrap()
-    );
+    assert!(fx.store.renew_lease(running.id, running.fencing_token, renewed).await.unwrap());
     assert!(fx.store.expired_leases(later, 10).await.unwrap().is_empty());
-    assert!(
-        !fx.store
-            .renew_lease(running.id, FencingToken(42), renewed)
-            .await
-            .unwrap()
-    );
+    assert!(!fx.store.renew_lease(running.id, FencingToken(42), renewed).await.unwrap());
 
-    assert!(
-        fx.store
-            .release_attempt(running.id, running.fencing_token, later)
-            .await
-            .unwrap()
-    );
+    assert!(fx.store.release_attempt(running.id, running.fencing_token, later).await.unwrap());
     let released = attempts(&fx, run.id).await.remove(0);
     assert_eq!(released.status, StageStatus::Pending);
     assert_eq!(released.fencing_token, running.fencing_token.next());
@@ -542,17 +413,8 @@ async fn overdue_attempts_are_found_by_their_deadline() {
     let run = new_run(&fx, "Hello World API", T0).await;
     let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let deadline = running.deadline_at.unwrap();
-    assert!(
-        fx.store
-            .overdue_attempts(deadline, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let overdue = fx
-        .store
-        .overdue_attempts(deadline.plus(Duration::from_millis(1)), 10)
-        .await;
+    assert!(fx.store.overdue_attempts(deadline, 10).await.unwrap().is_empty());
+    let overdue = fx.store.overdue_attempts(deadline.plus(Duration::from_millis(1)), 10).await;
     assert_eq!(overdue.unwrap()[0].id, running.id);
 }
 
@@ -563,14 +425,8 @@ async fn dispatch_marks_pending_attempts_and_a_requeue_puts_them_back() {
     let due = fx.store.due_attempts(T0, 10).await.unwrap();
     assert_eq!(due.len(), 1);
 
-    fx.store
-        .mark_dispatched(&[due[0].id, AttemptId::new()], T0)
-        .await
-        .unwrap();
-    assert_eq!(
-        attempts(&fx, run.id).await[0].status,
-        StageStatus::Dispatched
-    );
+    fx.store.mark_dispatched(&[due[0].id, AttemptId::new()], T0).await.unwrap();
+    assert_eq!(attempts(&fx, run.id).await[0].status, StageStatus::Dispatched);
     assert!(fx.store.due_attempts(T0, 10).await.unwrap().is_empty());
 
     assert_eq!(fx.store.requeue_dispatched(T0).await.unwrap(), 1);
@@ -594,11 +450,7 @@ async fn subscribers_see_committed_events_in_sequence_order() {
         .store
         .list_events(
             &default_project(),
-            &EventQuery {
-                run_id: Some(run.id),
-                after: Some(first.seq),
-                limit: 10,
-            },
+            &EventQuery { run_id: Some(run.id), after: Some(first.seq), limit: 10 },
         )
         .await
         .unwrap();
@@ -626,11 +478,7 @@ async fn data_survives_reopening_the_same_file() {
         run.id
     };
     let reopened = open_sqlite(&dir).await;
-    let run = reopened
-        .get_run(&default_project(), run_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let run = reopened.get_run(&default_project(), run_id).await.unwrap().unwrap();
     assert_eq!(run.request.as_str(), "persist me");
     let counts = reopened.count_attempts_by_status().await.unwrap();
     assert_eq!(counts, vec![(StageStatus::Pending, 1)]);
@@ -644,17 +492,9 @@ async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches() {
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     complete(&fx, &first, success(), T0).await;
 
-    let runs = fx
-        .store
-        .runs_by_ids(&[run.id, other.id, RunId::new()])
-        .await
-        .unwrap();
+    let runs = fx.store.runs_by_ids(&[run.id, other.id, RunId::new()]).await.unwrap();
     assert_eq!(runs.len(), 2);
-    let outputs = fx
-        .store
-        .succeeded_outputs(&[run.id, other.id])
-        .await
-        .unwrap();
+    let outputs = fx.store.succeeded_outputs(&[run.id, other.id]).await.unwrap();
     assert_eq!(outputs.len(), 1);
     assert_eq!((outputs[0].0, outputs[0].1.as_str()), (run.id, "scaffold"));
     assert_eq!(outputs[0].2, json!({ "ok": true }));

@@ -70,6 +70,9 @@ pub(crate) struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long)]
     pub(crate) listen: Option<SocketAddr>,
+    /// Address of the routing proxy (`<service>.<env>.localhost`).
+    #[arg(long)]
+    pub(crate) proxy_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]

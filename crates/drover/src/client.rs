@@ -68,13 +68,10 @@ impl Client {
     }
 
     async fn send(&self, request: RequestBuilder) -> Result<Response, ClientError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|err| ClientError::Unreachable {
-                url: self.base.clone(),
-                message: describe(&err),
-            })?;
+        let response = request.send().await.map_err(|err| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: describe(&err),
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -89,21 +86,16 @@ impl Client {
     async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
         let response = self.send(request).await?;
         let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|err| ClientError::Unreachable {
-                url: self.base.clone(),
-                message: describe(&err),
-            })?;
+        let body = response.text().await.map_err(|err| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: describe(&err),
+        })?;
         serde_json::from_str(&body).map_err(|_| ClientError::Unexpected { status, body })
     }
 
     /// Whether a drover server answers `GET /healthz` within `timeout`.
     pub(crate) async fn is_up(&self, timeout: Duration) -> bool {
-        let request = self
-            .request(reqwest::Method::GET, "/healthz")
-            .timeout(timeout);
+        let request = self.request(reqwest::Method::GET, "/healthz").timeout(timeout);
         matches!(request.send().await, Ok(response) if response.status().is_success())
     }
 
@@ -112,23 +104,12 @@ impl Client {
         request: &str,
         pipeline: &str,
     ) -> Result<RunView, ClientError> {
-        let body = CreateRun {
-            request: request.to_owned(),
-            pipeline: Some(pipeline.to_owned()),
-        };
-        self.json(
-            self.request(reqwest::Method::POST, "/api/v1/runs")
-                .json(&body),
-        )
-        .await
+        let body = CreateRun { request: request.to_owned(), pipeline: Some(pipeline.to_owned()) };
+        self.json(self.request(reqwest::Method::POST, "/api/v1/runs").json(&body)).await
     }
 
     pub(crate) async fn get_run(&self, id: &str) -> Result<RunView, ClientError> {
-        self.json(self.request(
-            reqwest::Method::GET,
-            &format!("/api/v1/runs/{}", encode(id)),
-        ))
-        .await
+        self.json(self.request(reqwest::Method::GET, &format!("/api/v1/runs/{}", encode(id)))).await
     }
 
     pub(crate) async fn list_runs(
@@ -144,11 +125,7 @@ impl Client {
         if let Some(cursor) = cursor {
             query.push(("cursor", cursor.to_owned()));
         }
-        self.json(
-            self.request(reqwest::Method::GET, "/api/v1/runs")
-                .query(&query),
-        )
-        .await
+        self.json(self.request(reqwest::Method::GET, "/api/v1/runs").query(&query)).await
     }
 
     pub(crate) async fn cancel_run(&self, id: &str) -> Result<RunView, ClientError> {
@@ -157,8 +134,7 @@ impl Client {
     }
 
     pub(crate) async fn pipelines(&self) -> Result<PipelineList, ClientError> {
-        self.json(self.request(reqwest::Method::GET, "/api/v1/pipelines"))
-            .await
+        self.json(self.request(reqwest::Method::GET, "/api/v1/pipelines")).await
     }
 
     /// The run's logs as a stream of byte chunks.
@@ -176,17 +152,13 @@ impl Client {
             query.push(("attempt", attempt.to_string()));
         }
         let path = format!("/api/v1/runs/{}/logs", encode(id));
-        let response = self
-            .send(self.request(reqwest::Method::GET, &path).query(&query))
-            .await?;
+        let response = self.send(self.request(reqwest::Method::GET, &path).query(&query)).await?;
         let base = self.base.clone();
         Ok(response.bytes_stream().map(move |chunk| {
-            chunk
-                .map(|bytes| bytes.to_vec())
-                .map_err(|err| ClientError::Unreachable {
-                    url: base.clone(),
-                    message: describe(&err),
-                })
+            chunk.map(|bytes| bytes.to_vec()).map_err(|err| ClientError::Unreachable {
+                url: base.clone(),
+                message: describe(&err),
+            })
         }))
     }
 
@@ -198,9 +170,8 @@ impl Client {
         after: Option<i64>,
     ) -> Result<impl Stream<Item = Result<EventView, ClientError>> + use<>, ClientError> {
         let path = format!("/api/v1/runs/{}/events", encode(id));
-        let mut request = self
-            .request(reqwest::Method::GET, &path)
-            .header("accept", "text/event-stream");
+        let mut request =
+            self.request(reqwest::Method::GET, &path).header("accept", "text/event-stream");
         if let Some(after) = after {
             request = request.header("last-event-id", after.to_string());
         }

@@ -38,10 +38,7 @@ fn main() -> ExitCode {
     };
     init_logging(&config, &cli.command);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("drover: cannot start the async runtime: {err}");
@@ -74,23 +71,13 @@ fn one_line(err: &anyhow::Error) -> String {
 fn init_logging(config: &Config, command: &Command) {
     let serving = matches!(command, Command::Up(_) | Command::Serve(_));
     let level_set = std::env::var_os("DROVER_LOG__LEVEL").is_some() || config.log.level != "info";
-    let default = if serving || level_set {
-        config.log.level.as_str()
-    } else {
-        "warn"
-    };
+    let default = if serving || level_set { config.log.level.as_str() } else { "warn" };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -44,32 +44,20 @@ pub(crate) fn stage_summary(stage: &str, output: &Value) -> String {
     let count = |key: &str| output.get(key).and_then(Value::as_u64);
     match stage {
         "scaffold" => {
-            let name = output
-                .get("template_name")
-                .and_then(Value::as_str)
-                .unwrap_or("template");
-            let files = output
-                .get("files")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
+            let name = output.get("template_name").and_then(Value::as_str).unwrap_or("template");
+            let files = output.get("files").and_then(Value::as_array).map_or(0, Vec::len);
             format!("{name} template, {files} files")
         }
-        "validate" => count("checked")
-            .map(|n| format!("{n} files valid"))
-            .unwrap_or_default(),
+        "validate" => count("checked").map(|n| format!("{n} files valid")).unwrap_or_default(),
         "e2e" => output
             .get("checks")
             .and_then(Value::as_array)
             .map(|checks| format!("{} checks passed", checks.len()))
             .unwrap_or_default(),
-        "integration" => count("tests_run")
-            .map(|n| format!("{n} tests passed"))
-            .unwrap_or_default(),
-        "deploy" => output
-            .get("url")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
+        "integration" => {
+            count("tests_run").map(|n| format!("{n} tests passed")).unwrap_or_default()
+        }
+        "deploy" => output.get("url").and_then(Value::as_str).unwrap_or_default().to_owned(),
         _ => String::new(),
     }
 }
@@ -84,10 +72,7 @@ pub(crate) struct Progress {
 enum Style {
     Quiet,
     Lines,
-    Spinners {
-        bars: MultiProgress,
-        stages: HashMap<String, ProgressBar>,
-    },
+    Spinners { bars: MultiProgress, stages: HashMap<String, ProgressBar> },
 }
 
 impl Progress {
@@ -95,26 +80,16 @@ impl Progress {
         let style = if quiet {
             Style::Quiet
         } else if std::io::stderr().is_terminal() {
-            Style::Spinners {
-                bars: MultiProgress::new(),
-                stages: HashMap::new(),
-            }
+            Style::Spinners { bars: MultiProgress::new(), stages: HashMap::new() }
         } else {
             Style::Lines
         };
-        Self {
-            style,
-            started: HashMap::new(),
-        }
+        Self { style, started: HashMap::new() }
     }
 
     pub(crate) fn event(&mut self, event: &EventView) {
         let payload = &event.payload;
-        let stage = payload
-            .get("stage")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+        let stage = payload.get("stage").and_then(Value::as_str).unwrap_or_default().to_owned();
         let attempt = payload.get("attempt").and_then(Value::as_u64).unwrap_or(1);
         let at = parse_time(&event.created_at);
         let line = match event.kind.as_str() {
@@ -128,17 +103,11 @@ impl Progress {
             }
             "stage.succeeded" => {
                 let took = self.took(&stage, at);
-                let summary = payload
-                    .get("output")
-                    .map(|o| stage_summary(&stage, o))
-                    .unwrap_or_default();
+                let summary =
+                    payload.get("output").map(|o| stage_summary(&stage, o)).unwrap_or_default();
                 Some(format!(
                     "succeeded{took}{}",
-                    if summary.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" — {summary}")
-                    }
+                    if summary.is_empty() { String::new() } else { format!(" — {summary}") }
                 ))
             }
             "stage.failed" | "stage.timed_out" | "stage.dead_lettered" | "stage.cancelled" => {
@@ -150,9 +119,7 @@ impl Progress {
                     .or_else(|| payload.get("reason").and_then(Value::as_str));
                 Some(format!(
                     "{status}{took}{}",
-                    error
-                        .map(|e| format!(": {}", first_line(e)))
-                        .unwrap_or_default()
+                    error.map(|e| format!(": {}", first_line(e))).unwrap_or_default()
                 ))
             }
             _ => None,
@@ -274,13 +241,7 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
     if single.chars().count() <= max {
         single
     } else {
-        format!(
-            "{}…",
-            single
-                .chars()
-                .take(max.saturating_sub(1))
-                .collect::<String>()
-        )
+        format!("{}…", single.chars().take(max.saturating_sub(1)).collect::<String>())
     }
 }
 
@@ -294,10 +255,7 @@ pub(crate) fn run_headline(run: &RunView) -> String {
         status => format!(
             "✗ run {} {status}{took}{}",
             run.id,
-            run.error
-                .as_deref()
-                .map(|e| format!(": {}", first_line(e)))
-                .unwrap_or_default()
+            run.error.as_deref().map(|e| format!(": {}", first_line(e))).unwrap_or_default()
         ),
     }
 }

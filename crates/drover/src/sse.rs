@@ -27,9 +27,7 @@ impl SseParser {
         let mut messages = Vec::new();
         for &byte in bytes {
             if byte == b'\n' {
-                let line = String::from_utf8_lossy(&self.line)
-                    .trim_end_matches('\r')
-                    .to_owned();
+                let line = String::from_utf8_lossy(&self.line).trim_end_matches('\r').to_owned();
                 self.line.clear();
                 if std::mem::take(&mut self.overflowed) {
                     continue;

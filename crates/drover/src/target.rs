@@ -38,26 +38,17 @@ impl Target {
             if !client.is_up(Duration::from_secs(3)).await {
                 anyhow::bail!("cannot reach the drover server at {url} (is it running?)");
             }
-            return Ok(Self {
-                client,
-                embedded: None,
-            });
+            return Ok(Self { client, embedded: None });
         }
         if let Some(info) = ServerInfo::read(&config.data_dir) {
             let client = Client::new(&info.url, token.clone());
             if client.is_up(Duration::from_secs(2)).await {
-                return Ok(Self {
-                    client,
-                    embedded: None,
-                });
+                return Ok(Self { client, embedded: None });
             }
         }
         let configured = Client::new(&format!("http://{}", config.server.listen), token.clone());
         if config.server.listen.port() != 0 && configured.is_up(Duration::from_millis(300)).await {
-            return Ok(Self {
-                client: configured,
-                embedded: None,
-            });
+            return Ok(Self { client: configured, embedded: None });
         }
         Self::embedded(config, mode, token).await
     }
@@ -65,17 +56,15 @@ impl Target {
     async fn embedded(config: &Config, mode: Mode, token: Option<String>) -> anyhow::Result<Self> {
         let mut config = config.clone();
         config.server.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let server = Server::build(config, mode)
-            .await
-            .context("cannot start an embedded drover")?;
+        // An embedded instance lives as long as one command: no proxy to route to it.
+        config.proxy.enabled = false;
+        let server =
+            Server::build(config, mode).await.context("cannot start an embedded drover")?;
         let client = Client::new(&server.url(), token);
         tracing::debug!(url = client.base(), "embedded drover started");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        Ok(Self {
-            client,
-            embedded: Some(Embedded { shutdown, task }),
-        })
+        Ok(Self { client, embedded: Some(Embedded { shutdown, task }) })
     }
 
     pub(crate) fn is_embedded(&self) -> bool {
@@ -86,10 +75,7 @@ impl Target {
     pub(crate) async fn close(self) -> anyhow::Result<()> {
         if let Some(embedded) = self.embedded {
             embedded.shutdown.cancel();
-            embedded
-                .task
-                .await
-                .context("the embedded drover crashed")??;
+            embedded.task.await.context("the embedded drover crashed")??;
         }
         Ok(())
     }

@@ -79,18 +79,11 @@ fn drover_run_hello_world_api_embedded_succeeds_and_prints_the_url() {
             .unwrap();
     let id = page["items"][0]["id"].as_str().unwrap().to_owned();
     let shown = stdout(&run_ok(drover(dir.path()).args(["runs", "show", &id])));
-    assert!(
-        shown.contains("integration") && shown.contains("3 tests passed"),
-        "{shown}"
-    );
+    assert!(shown.contains("integration") && shown.contains("3 tests passed"), "{shown}");
     assert!(shown.contains("(stopped)"), "{shown}");
-    let logs = stdout(&run_ok(
-        drover(dir.path()).args(["runs", "logs", &id, "--stage", "validate"]),
-    ));
-    assert!(
-        logs.contains("==> validate attempt 1 (succeeded) <=="),
-        "{logs}"
-    );
+    let logs =
+        stdout(&run_ok(drover(dir.path()).args(["runs", "logs", &id, "--stage", "validate"])));
+    assert!(logs.contains("==> validate attempt 1 (succeeded) <=="), "{logs}");
 }
 
 #[test]
@@ -100,12 +93,7 @@ fn drover_run_json_prints_a_machine_readable_summary() {
     let run: Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["attempts"][0]["output"]["template"], "todo-api");
-    assert!(
-        run["deployment"]["url"]
-            .as_str()
-            .unwrap()
-            .starts_with("http://127.0.0.1:")
-    );
+    assert!(run["deployment"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
 }
 
 #[test]
@@ -115,10 +103,7 @@ fn drover_run_list_shows_the_template_catalog() {
     for name in ["Hello World API", "Todo API", "Static Site"] {
         assert!(out.contains(name), "{out}");
     }
-    assert!(
-        !dir.path().join(".drover").exists(),
-        "listing templates touched the data dir"
-    );
+    assert!(!dir.path().join(".drover").exists(), "listing templates touched the data dir");
 }
 
 #[test]
@@ -128,32 +113,15 @@ fn bad_input_exits_non_zero_with_a_one_line_message_and_creates_nothing() {
     assert_eq!(output.status.code(), Some(1));
     let err = stderr(&output);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("validation_failed") && err.contains("must not be empty"),
-        "{err}"
-    );
+    assert!(err.contains("validation_failed") && err.contains("must not be empty"), "{err}");
 
-    let output = drover(dir.path())
-        .args(["run", "x", "--pipeline", "nope"])
-        .output()
-        .unwrap();
+    let output = drover(dir.path()).args(["run", "x", "--pipeline", "nope"]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("unknown_pipeline"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("unknown_pipeline"), "{}", stderr(&output));
 
-    let output = drover(dir.path())
-        .args(["runs", "show", "not-a-run"])
-        .output()
-        .unwrap();
+    let output = drover(dir.path()).args(["runs", "show", "not-a-run"]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("run_not_found"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("run_not_found"), "{}", stderr(&output));
 
     let output = drover(dir.path())
         .env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "soon")
@@ -161,11 +129,7 @@ fn bad_input_exits_non_zero_with_a_one_line_message_and_creates_nothing() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("engine.heartbeat_interval"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("engine.heartbeat_interval"), "{}", stderr(&output));
 
     let page: Value =
         serde_json::from_slice(&run_ok(drover(dir.path()).args(["--json", "runs", "ls"])).stdout)
@@ -189,10 +153,7 @@ fn a_run_that_fails_exits_non_zero_and_says_which_stage_and_why() {
     assert!(err.contains("✗ run") && err.contains("failed"), "{err}");
     assert!(err.contains("stage `validate` failed"), "{err}");
     assert!(err.contains("python3"), "{err}");
-    assert!(
-        err.contains("drover runs logs"),
-        "points at the logs: {err}"
-    );
+    assert!(err.contains("drover runs logs"), "points at the logs: {err}");
     assert!(stdout(&output).trim().is_empty(), "no URL for a failed run");
 }
 
@@ -208,7 +169,7 @@ impl Up {
         let _ = std::fs::remove_file(data_dir.join("server.json"));
         let mut command = drover(dir);
         command
-            .args(["up", "--listen", "127.0.0.1:0"])
+            .args(["up", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (key, value) in extra_env {
@@ -240,10 +201,7 @@ impl Up {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "drover up did not stop on Ctrl-C"
-            );
+            assert!(Instant::now() < deadline, "drover up did not stop on Ctrl-C");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -284,24 +242,14 @@ fn assert_no_processes_left_in(dir: &Path) {
         if left.is_empty() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "orphaned processes in {}: {left:?}",
-            dir.display()
-        );
+        assert!(Instant::now() < deadline, "orphaned processes in {}: {left:?}", dir.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 #[test]
@@ -312,38 +260,33 @@ fn with_drover_up_running_a_run_deploys_an_app_that_answers_until_the_server_sto
     // `drover run` finds the server through the data directory.
     let output = run_ok(drover(dir.path()).args(["run", "Hello World API"]));
     let url = stdout(&output).trim().to_owned();
-    assert!(
-        !stderr(&output).contains("app stops when this command ends"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(!stderr(&output).contains("app stops when this command ends"), "{}", stderr(&output));
     let answer: Value = http().get(&url).send().unwrap().json().unwrap();
-    assert!(
-        answer["message"].as_str().unwrap().contains("Hello, World"),
-        "{answer}"
-    );
+    assert!(answer["message"].as_str().unwrap().contains("Hello, World"), "{answer}");
 
     // Still answering after the command ended, and reported live by the server.
-    let page: Value = http()
-        .get(format!("{}/api/v1/runs", up.url))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let page: Value = http().get(format!("{}/api/v1/runs", up.url)).send().unwrap().json().unwrap();
     let deployment = page["items"][0]["deployment"].clone();
     assert_eq!(deployment["live"], true, "{page}");
     assert!(http().get(&url).send().unwrap().status().is_success());
 
+    // And by its stable hostname through the routing proxy.
+    let routed = deployment["routed_url"].as_str().unwrap().trim_end_matches('/').to_owned();
+    let port = routed.rsplit(':').next().unwrap();
+    let hostname = deployment["hostname"].as_str().unwrap();
+    let routed_answer: Value = http()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .header("host", hostname)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(routed_answer, answer);
+
     let status = up.interrupt();
     assert!(status.success(), "drover up exited with {status}");
-    assert!(
-        http().get(&url).send().is_err(),
-        "the app outlived drover up"
-    );
-    assert!(
-        !alive(deployment["pid"].as_u64().unwrap()),
-        "orphaned app process"
-    );
+    assert!(http().get(&url).send().is_err(), "the app outlived drover up");
+    assert!(!alive(deployment["pid"].as_u64().unwrap()), "orphaned app process");
 }
 
 #[test]
@@ -362,26 +305,17 @@ fn a_sigkilled_server_resumes_the_run_without_rerunning_completed_stages() {
     let id = run["id"].as_str().unwrap().to_owned();
 
     // Kill the server the moment the e2e stage is running (its app is up mid-check).
-    let events = client
-        .get(format!("{}/api/v1/runs/{id}/events", up.url))
-        .send()
-        .unwrap();
+    let events = client.get(format!("{}/api/v1/runs/{id}/events", up.url)).send().unwrap();
     let mut completed_before = Vec::new();
     let reader = std::io::BufReader::new(events);
     for line in std::io::BufRead::lines(reader) {
         let line = line.unwrap();
-        let Some(data) = line
-            .strip_prefix("data: ")
-            .or_else(|| line.strip_prefix("data:"))
-        else {
+        let Some(data) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) else {
             continue;
         };
         let event: Value = serde_json::from_str(data).unwrap();
         let kind = event["kind"].as_str().unwrap().to_owned();
-        let stage = event["payload"]["stage"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let stage = event["payload"]["stage"].as_str().unwrap_or_default().to_owned();
         if kind == "stage.succeeded" {
             completed_before.push(stage.clone());
         }
@@ -398,16 +332,9 @@ fn a_sigkilled_server_resumes_the_run_without_rerunning_completed_stages() {
     let up = Up::start(dir.path(), &env);
     let deadline = Instant::now() + Duration::from_secs(60);
     let finished = loop {
-        let run: Value = client
-            .get(format!("{}/api/v1/runs/{id}", up.url))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        if matches!(
-            run["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
+        let run: Value =
+            client.get(format!("{}/api/v1/runs/{id}", up.url)).send().unwrap().json().unwrap();
+        if matches!(run["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
             break run;
         }
         assert!(Instant::now() < deadline, "the run did not resume: {run}");
@@ -418,28 +345,14 @@ fn a_sigkilled_server_resumes_the_run_without_rerunning_completed_stages() {
     let attempts = finished["attempts"].as_array().unwrap();
     for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
         let of_stage: Vec<&Value> = attempts.iter().filter(|a| a["stage"] == stage).collect();
-        let succeeded = of_stage
-            .iter()
-            .filter(|a| a["status"] == "succeeded")
-            .count();
-        assert_eq!(
-            succeeded, 1,
-            "{stage} committed {succeeded} times: {finished}"
-        );
+        let succeeded = of_stage.iter().filter(|a| a["status"] == "succeeded").count();
+        assert_eq!(succeeded, 1, "{stage} committed {succeeded} times: {finished}");
         if completed_before.iter().any(|s| s == stage) {
-            assert_eq!(
-                of_stage.len(),
-                1,
-                "completed stage {stage} ran again: {finished}"
-            );
+            assert_eq!(of_stage.len(), 1, "completed stage {stage} ran again: {finished}");
         }
     }
     let e2e: Vec<&Value> = attempts.iter().filter(|a| a["stage"] == "e2e").collect();
-    assert_eq!(
-        e2e.len(),
-        2,
-        "the interrupted e2e attempt is retried once: {finished}"
-    );
+    assert_eq!(e2e.len(), 2, "the interrupted e2e attempt is retried once: {finished}");
     assert_eq!(e2e[0]["status"], "failed");
     assert!(e2e[0]["error"].as_str().unwrap().contains("lease expired"));
     let status = up.interrupt();

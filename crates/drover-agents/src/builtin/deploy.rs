@@ -21,11 +21,7 @@ pub struct DeployAgent {
 
 impl DeployAgent {
     pub fn new(deployments: Deployments) -> Self {
-        Self {
-            agent_type: super::agent_type("deploy"),
-            deployments,
-            client: probe::client(),
-        }
+        Self { agent_type: super::agent_type("deploy"), deployments, client: probe::client() }
     }
 }
 
@@ -38,9 +34,7 @@ impl Agent for DeployAgent {
     async fn run(&self, task: &AgentTask) -> AgentResult {
         let result = self.deploy(task).await;
         if result.is_err() {
-            self.deployments
-                .stop(task.envelope.run_id, std::time::Duration::from_secs(3))
-                .await;
+            self.deployments.stop(task.envelope.run_id, std::time::Duration::from_secs(3)).await;
         }
         into_result(result)
     }
@@ -56,17 +50,10 @@ impl DeployAgent {
             free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
         let mut spec = app_command(&manifest, task, port);
         // The app outlives this attempt: it writes to the run's app log.
-        spec.log_path = task
-            .log
-            .path()
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("app.log");
+        spec.log_path = task.log.path().parent().unwrap_or(Path::new(".")).join("app.log");
         let base = format!("http://127.0.0.1:{port}");
         let url = format!("{base}/");
-        task.log
-            .line(format!("deploying `{}` on port {port}", spec.display()))
-            .await;
+        task.log.line(format!("deploying `{}` on port {port}", spec.display())).await;
         let now = Timestamp::from_system_time(std::time::SystemTime::now());
         let deployment = self
             .deployments
@@ -80,24 +67,17 @@ impl DeployAgent {
             .get(run)
         {
             Some(_) => Ok(()),
-            None => Err(format!(
-                "the app exited during startup; see {}",
-                deployment.log_path.display()
-            )),
+            None => {
+                Err(format!("the app exited during startup; see {}", deployment.log_path.display()))
+            }
         })
         .await?;
-        let root = [crate::Check {
-            path: "/".to_owned(),
-            status: 200,
-            contains: None,
-        }];
+        let root = [crate::Check { path: "/".to_owned(), status: 200, contains: None }];
         let results = probe::run_checks(&self.client, &base, &root, &task.log).await;
         if let Some(failure) = probe::failed_checks(&results) {
             return Err(failure);
         }
-        task.log
-            .line(format!("deployed at {url} (pid {})", deployment.pid))
-            .await;
+        task.log.line(format!("deployed at {url} (pid {})", deployment.pid)).await;
         Ok(json!({
             "url": url,
             "port": port,

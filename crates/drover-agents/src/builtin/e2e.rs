@@ -20,10 +20,7 @@ pub struct E2eAgent {
 
 impl E2eAgent {
     pub fn new() -> Self {
-        Self {
-            agent_type: super::agent_type("e2e"),
-            client: probe::client(),
-        }
+        Self { agent_type: super::agent_type("e2e"), client: probe::client() }
     }
 }
 
@@ -52,9 +49,7 @@ impl E2eAgent {
         let port =
             free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
         let spec = app_command(&manifest, task, port);
-        task.log
-            .line(format!("starting `{}` on port {port}", spec.display()))
-            .await;
+        task.log.line(format!("starting `{}` on port {port}", spec.display())).await;
         let log_error =
             |err: std::io::Error| AgentFailure::transient(format!("cannot open log: {err}"));
         let log = std::fs::OpenOptions::new()
@@ -77,9 +72,7 @@ impl E2eAgent {
                     }
                 })
                 .await?;
-            task.log
-                .line(format!("healthy after {} ms", ready_in.as_millis()))
-                .await;
+            task.log.line(format!("healthy after {} ms", ready_in.as_millis())).await;
             let results = probe::run_checks(&self.client, &base, &manifest.checks, &task.log).await;
             match probe::failed_checks(&results) {
                 Some(failure) => Err(failure),

@@ -14,9 +14,7 @@ pub struct IntegrationAgent {
 
 impl IntegrationAgent {
     pub fn new() -> Self {
-        Self {
-            agent_type: super::agent_type("integration"),
-        }
+        Self { agent_type: super::agent_type("integration") }
     }
 }
 
@@ -48,12 +46,10 @@ async fn integration(task: &AgentTask) -> Result<serde_json::Value, AgentFailure
         env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
         log_path: task.log.path().to_path_buf(),
     };
-    let output = run_command(&spec, &task.cancel, None)
-        .await
-        .map_err(|err| match err {
-            ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
-            other => AgentFailure::transient(other.to_string()),
-        })?;
+    let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
+        ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
+        other => AgentFailure::transient(other.to_string()),
+    })?;
     let tests_run = tests_run(&output.output_tail);
     if !output.success() {
         let last_lines: Vec<&str> = output.output_tail.lines().rev().take(15).collect();

@@ -103,11 +103,7 @@ pub(super) async fn run_checks(
             None => "ok".to_owned(),
             Some(problem) => format!("FAIL: {problem}"),
         };
-        log.line(format!(
-            "GET {} -> {:?} {verdict}",
-            check.path, result.status
-        ))
-        .await;
+        log.line(format!("GET {} -> {:?} {verdict}", check.path, result.status)).await;
         results.push(result);
     }
     results
@@ -118,13 +114,7 @@ pub(super) fn failed_checks(results: &[CheckResult]) -> Option<AgentFailure> {
     let failed: Vec<String> = results
         .iter()
         .filter(|r| !r.passed)
-        .map(|r| {
-            format!(
-                "GET {}: {}",
-                r.path,
-                r.problem.as_deref().unwrap_or("failed")
-            )
-        })
+        .map(|r| format!("GET {}: {}", r.path, r.problem.as_deref().unwrap_or("failed")))
         .collect();
     (!failed.is_empty()).then(|| AgentFailure::permanent(failed.join("; ")))
 }

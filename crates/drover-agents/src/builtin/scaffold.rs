@@ -15,9 +15,7 @@ pub struct ScaffoldAgent {
 
 impl ScaffoldAgent {
     pub fn new() -> Self {
-        Self {
-            agent_type: super::agent_type("scaffold"),
-        }
+        Self { agent_type: super::agent_type("scaffold") }
     }
 }
 
@@ -39,24 +37,13 @@ impl Agent for ScaffoldAgent {
 }
 
 async fn scaffold(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
-    let request = task
-        .envelope
-        .payload
-        .get("request")
-        .and_then(|r| r.as_str())
-        .unwrap_or("");
+    let request = task.envelope.payload.get("request").and_then(|r| r.as_str()).unwrap_or("");
     let selection = templates::select(request);
     let template: &Template = selection.template;
     let reason = if selection.matched {
-        format!(
-            "request \"{request}\" matches the {} template",
-            template.name
-        )
+        format!("request \"{request}\" matches the {} template", template.name)
     } else {
-        format!(
-            "no template matches \"{request}\"; using the default, {}",
-            template.name
-        )
+        format!("no template matches \"{request}\"; using the default, {}", template.name)
     };
     task.log.line(&reason).await;
 
@@ -71,9 +58,7 @@ async fn scaffold(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
         tokio::fs::write(&path, contents).await.map_err(|err| {
             AgentFailure::transient(format!("cannot write {}: {err}", path.display()))
         })?;
-        task.log
-            .line(format!("wrote {relative} ({} bytes)", contents.len()))
-            .await;
+        task.log.line(format!("wrote {relative} ({} bytes)", contents.len())).await;
         written.push(*relative);
     }
     Ok(json!({

@@ -44,9 +44,7 @@ pub struct ValidateAgent {
 
 impl ValidateAgent {
     pub fn new() -> Self {
-        Self {
-            agent_type: super::agent_type("validate"),
-        }
+        Self { agent_type: super::agent_type("validate") }
     }
 }
 
@@ -88,14 +86,12 @@ async fn validate(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
         env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
         log_path: task.log.path().to_path_buf(),
     };
-    let output = run_command(&spec, &task.cancel, None)
-        .await
-        .map_err(|err| match err {
-            ProcessError::Spawn { .. } => {
-                AgentFailure::permanent(format!("{err} (is Python 3 installed and on PATH?)"))
-            }
-            other => AgentFailure::transient(other.to_string()),
-        })?;
+    let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
+        ProcessError::Spawn { .. } => {
+            AgentFailure::permanent(format!("{err} (is Python 3 installed and on PATH?)"))
+        }
+        other => AgentFailure::transient(other.to_string()),
+    })?;
     let report: Report = output
         .output_tail
         .lines()
@@ -109,9 +105,7 @@ async fn validate(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
             ))
         })?;
     if report.checked == 0 {
-        return Err(AgentFailure::permanent(
-            "the workspace has no source files to validate",
-        ));
+        return Err(AgentFailure::permanent("the workspace has no source files to validate"));
     }
     if !report.failures.is_empty() {
         let listed: Vec<String> = report
@@ -129,8 +123,6 @@ async fn validate(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
             listed.join("; ")
         )));
     }
-    task.log
-        .line(format!("{} files valid", report.checked))
-        .await;
+    task.log.line(format!("{} files valid", report.checked)).await;
     Ok(json!({ "checked": report.checked, "failures": report.failures }))
 }

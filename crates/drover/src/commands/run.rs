@@ -43,11 +43,7 @@ pub(crate) async fn run(
                 output::note("serving until Ctrl-C…");
                 super::interrupted().cancelled().await;
             }
-            if run.status == "succeeded" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            if run.status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Ok(FollowOutcome::Detached(run)) => {
             if global.json {
@@ -97,10 +93,7 @@ async fn submit_and_follow(
         return Ok(FollowOutcome::Detached(run));
     }
     if !global.json {
-        output::note(format!(
-            "run {} queued: {} (pipeline {})",
-            run.id, run.request, run.pipeline
-        ));
+        output::note(format!("run {} queued: {} (pipeline {})", run.id, run.request, run.pipeline));
     }
     let interrupted = super::interrupted();
     let mut progress = Progress::new(global.json);
@@ -170,6 +163,9 @@ fn report(global: &GlobalArgs, run: &RunView, embedded: bool, serve: bool) {
     output::note(output::run_headline(run));
     if let Some(deployment) = &run.deployment {
         output::data(&deployment.url);
+        if let Some(routed) = &deployment.routed_url {
+            output::note(format!("also at {routed} (through the drover proxy)"));
+        }
         if embedded && !serve {
             output::note(
                 "note: this drover ran embedded, so the app stops when this command ends; \
@@ -194,13 +190,7 @@ fn list_templates(json: bool) {
     }
     let rows: Vec<Vec<String>> = catalog
         .iter()
-        .map(|t| {
-            vec![
-                t.name.to_owned(),
-                t.slug.to_owned(),
-                t.description.to_owned(),
-            ]
-        })
+        .map(|t| vec![t.name.to_owned(), t.slug.to_owned(), t.description.to_owned()])
         .collect();
     output::table(&["TEMPLATE", "SLUG", "DESCRIPTION"], &rows);
 }

@@ -31,14 +31,8 @@ async fn runs_with(
 ) -> anyhow::Result<ExitCode> {
     let client = &target.client;
     match command {
-        RunsCommand::Ls {
-            status,
-            limit,
-            cursor,
-        } => {
-            let page = client
-                .list_runs(status.as_deref(), limit, cursor.as_deref())
-                .await?;
+        RunsCommand::Ls { status, limit, cursor } => {
+            let page = client.list_runs(status.as_deref(), limit, cursor.as_deref()).await?;
             if global.json {
                 output::json(&page);
                 return Ok(ExitCode::SUCCESS);
@@ -53,17 +47,11 @@ async fn runs_with(
                         run.pipeline.clone(),
                         run.created_at.clone(),
                         output::truncate(&run.request, 40),
-                        run.deployment
-                            .as_ref()
-                            .map(|d| d.url.clone())
-                            .unwrap_or_default(),
+                        run.deployment.as_ref().map(|d| d.url.clone()).unwrap_or_default(),
                     ]
                 })
                 .collect();
-            output::table(
-                &["ID", "STATUS", "PIPELINE", "CREATED", "REQUEST", "URL"],
-                &rows,
-            );
+            output::table(&["ID", "STATUS", "PIPELINE", "CREATED", "REQUEST", "URL"], &rows);
             if let Some(cursor) = page.next_cursor {
                 output::note(format!("more: drover runs ls --cursor {cursor}"));
             }
@@ -88,6 +76,9 @@ async fn runs_with(
             if let Some(deployment) = &run.deployment {
                 let live = if deployment.live { "live" } else { "stopped" };
                 output::data(format!("url       {} ({live})", deployment.url));
+                if let Some(routed) = &deployment.routed_url {
+                    output::data(format!("routed    {routed}"));
+                }
             }
             output::data("");
             output::attempts_table(run.attempts.as_deref().unwrap_or_default());

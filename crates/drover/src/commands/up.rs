@@ -18,28 +18,23 @@ pub(crate) async fn serve(
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    if let Some(listen) = args.proxy_listen {
+        config.proxy.listen = listen;
+    }
     config.workers.embedded = embedded_workers;
-    let server = Server::build(config, Mode::Full)
-        .await
-        .context("cannot start drover")?;
+    let server = Server::build(config, Mode::Full).await.context("cannot start drover")?;
     let url = server.url();
+    let proxy = server.proxy_addr().map(|addr| addr.to_string());
     let data_dir = server.config().data_dir.display().to_string();
     if global.json {
-        output::json(&serde_json::json!({ "url": url, "data_dir": data_dir }));
+        output::json(&serde_json::json!({ "url": url, "proxy": proxy, "data_dir": data_dir }));
     } else {
-        let workers = if embedded_workers {
-            "with built-in workers"
-        } else {
-            "without workers"
-        };
+        let workers = if embedded_workers { "with built-in workers" } else { "without workers" };
         output::note(format!(
             "drover is up at {url} ({workers}; data in {data_dir}); Ctrl-C stops it"
         ));
     }
     let stop = super::interrupted();
-    server
-        .run(stop)
-        .await
-        .context("drover stopped with an error")?;
+    server.run(stop).await.context("drover stopped with an error")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,193 @@
+//! Forwarding one request: resolve its host, rewrite the hop-by-hop and forwarding
+//! headers, stream the body both ways, and turn failures into problem responses.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use drover_domain::ErrorCode;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+use crate::routes::{RouteTable, normalize_host};
+
+pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Marks requests this proxy forwarded, to refuse them if they come back (a loop).
+const VIA: &str = "1.1 drover";
+
+/// Headers that describe one connection, not the message: never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    routes: RouteTable,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Forwarder {
+    pub(crate) fn new(routes: RouteTable) -> Self {
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self { routes, client }
+    }
+
+    pub(crate) async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let looped = request
+            .headers()
+            .get_all(header::VIA)
+            .iter()
+            .any(|via| via.to_str().is_ok_and(|v| v.contains("drover")));
+        if looped {
+            return problem(
+                StatusCode::LOOP_DETECTED,
+                ErrorCode::ProxyLoop,
+                &format!("the request for {host} already passed through a drover proxy"),
+                None,
+            );
+        }
+        let Some(route) = self.routes.get(&host) else {
+            let known = self.routes.hosts();
+            return problem(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownHost,
+                &format!("no route for host `{}`", normalize_host(&host)),
+                Some(known),
+            );
+        };
+
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let upstream_uri = match format!("http://{}{path}", route.upstream).parse::<Uri>() {
+            Ok(uri) => uri,
+            Err(err) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidRequest,
+                    &format!("bad request target: {err}"),
+                    None,
+                );
+            }
+        };
+        *request.uri_mut() = upstream_uri;
+        strip_hop_by_hop(request.headers_mut());
+        add_forwarding_headers(request.headers_mut(), peer, &host);
+
+        let service = route.service.clone();
+        match self.client.request(request).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                metrics::histogram!("drover_proxy_request_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("drover_proxy_requests_total", "status" => parts.status.as_u16().to_string()).increment(1);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(err) => {
+                metrics::counter!("drover_proxy_requests_total", "status" => "502").increment(1);
+                let environment = route
+                    .environment
+                    .as_deref()
+                    .map(|e| format!(" of environment `{e}`"))
+                    .unwrap_or_default();
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::UpstreamUnavailable,
+                    &format!(
+                        "service `{service}`{environment} at {} is not answering: {err}",
+                        route.upstream
+                    ),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
+    let client_ip = peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client_ip}"),
+        None => client_ip.clone(),
+    };
+    let pairs = [
+        ("x-forwarded-for", forwarded_for),
+        ("x-forwarded-host", host.to_owned()),
+        ("x-forwarded-proto", "http".to_owned()),
+        ("forwarded", format!("for=\"{client_ip}\";host=\"{host}\";proto=http")),
+    ];
+    for (name, value) in pairs {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+}
+
+/// An RFC 9457 problem from the proxy itself.
+fn problem(
+    status: StatusCode,
+    code: ErrorCode,
+    detail: &str,
+    known_hosts: Option<Vec<String>>,
+) -> Response<ProxyBody> {
+    let mut body = json!({
+        "type": format!("https://drover.dev/problems/{code}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code.as_str(),
+    });
+    if let Some(hosts) = known_hosts {
+        body["known_hosts"] = json!(hosts);
+    }
+    let bytes = Bytes::from(body.to_string());
+    let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    response
+}
