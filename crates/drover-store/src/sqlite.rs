@@ -20,7 +20,7 @@ use serde_json::json;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, broadcast};
 
 use crate::{
@@ -184,16 +184,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>> {
-        let row: Option<RunRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            run_columns!(),
-            " FROM runs WHERE project_id = ? AND id = ?"
-        ))
-        .bind(project.as_str())
-        .bind(id.to_string())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(Run::try_from).transpose()
+        fetch_run(&self.reader, project, id).await
     }
 
     async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>> {
@@ -242,7 +233,7 @@ impl Store for SqliteStore {
         let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
         let mut run =
-            fetch_run(&mut tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
+            fetch_run(&mut *tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
         if run.status.is_terminal() {
             return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
         }
@@ -301,17 +292,17 @@ impl Store for SqliteStore {
     }
 
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
-        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            attempt_columns!(),
-            " FROM stage_attempts WHERE status = 'pending' AND available_at <= ? ",
-            "ORDER BY available_at LIMIT ?"
-        ))
-        .bind(now.as_millis())
-        .bind(i64::from(limit))
-        .fetch_all(&self.writer)
-        .await?;
-        rows.into_iter().map(StageAttempt::try_from).collect()
+        scan_attempts(
+            &self.writer,
+            concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE status = 'pending' AND available_at <= ? ORDER BY available_at LIMIT ?"
+            ),
+            now,
+            limit,
+        )
+        .await
     }
 
     async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>> {
@@ -450,7 +441,7 @@ impl Store for SqliteStore {
         if !matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched) {
             return Ok(StartOutcome::Rejected { reason: format!("attempt is {}", attempt.status) });
         }
-        let mut run = fetch_run(&mut tx, &attempt.project_id, attempt.run_id)
+        let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
             .await?
             .ok_or(StoreError::RunNotFound(attempt.run_id))?;
         let timeout = pipelines
@@ -561,7 +552,7 @@ impl Store for SqliteStore {
                 reason: format!("attempt is {}", attempt.status),
             });
         }
-        let mut run = fetch_run(&mut tx, &attempt.project_id, attempt.run_id)
+        let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
             .await?
             .ok_or(StoreError::RunNotFound(attempt.run_id))?;
         let Some(pipeline) = pipelines.get(run.pipeline.as_str()) else {
@@ -639,31 +630,31 @@ impl Store for SqliteStore {
     }
 
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
-        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            attempt_columns!(),
-            " FROM stage_attempts WHERE status = 'running' AND lease_expires_at < ? ",
-            "ORDER BY lease_expires_at LIMIT ?"
-        ))
-        .bind(now.as_millis())
-        .bind(i64::from(limit))
-        .fetch_all(&self.writer)
-        .await?;
-        rows.into_iter().map(StageAttempt::try_from).collect()
+        scan_attempts(
+            &self.writer,
+            concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE status = 'running' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?"
+            ),
+            now,
+            limit,
+        )
+        .await
     }
 
     async fn overdue_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
-        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            attempt_columns!(),
-            " FROM stage_attempts WHERE status = 'running' AND deadline_at < ? ",
-            "ORDER BY deadline_at LIMIT ?"
-        ))
-        .bind(now.as_millis())
-        .bind(i64::from(limit))
-        .fetch_all(&self.writer)
-        .await?;
-        rows.into_iter().map(StageAttempt::try_from).collect()
+        scan_attempts(
+            &self.writer,
+            concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE status = 'running' AND deadline_at < ? ORDER BY deadline_at LIMIT ?"
+            ),
+            now,
+            limit,
+        )
+        .await
     }
 
     async fn count_attempts_by_status(&self) -> StoreResult<Vec<(StageStatus, u64)>> {
@@ -689,8 +680,8 @@ impl Store for SqliteStore {
     }
 }
 
-async fn fetch_run(
-    conn: &mut SqliteConnection,
+async fn fetch_run<'c>(
+    executor: impl Executor<'c, Database = Sqlite>,
     project: &ProjectId,
     id: RunId,
 ) -> StoreResult<Option<Run>> {
@@ -701,9 +692,22 @@ async fn fetch_run(
     ))
     .bind(project.as_str())
     .bind(id.to_string())
-    .fetch_optional(conn)
+    .fetch_optional(executor)
     .await?;
     row.map(Run::try_from).transpose()
+}
+
+/// The engine's scans: attempts whose time (`?` #1) has come, oldest first, at most `?` #2.
+/// They read through the writer so they see the engine's own latest writes.
+async fn scan_attempts(
+    pool: &SqlitePool,
+    sql: &'static str,
+    now: Timestamp,
+    limit: u32,
+) -> StoreResult<Vec<StageAttempt>> {
+    let rows: Vec<AttemptRow> =
+        sqlx::query_as(sql).bind(now.as_millis()).bind(i64::from(limit)).fetch_all(pool).await?;
+    rows.into_iter().map(StageAttempt::try_from).collect()
 }
 
 async fn fetch_attempt(
