@@ -3,36 +3,53 @@
 //! Nothing here survives a restart ([`Bus::is_durable`] is `false`), which is safe because
 //! the store is the outbox: on start the engine requeues what was dispatched and never
 //! finished. Every queue is bounded; a full task queue makes the dispatcher leave attempts
-//! in the store until there is room.
+//! in the store until there is room. The bus remembers which published tasks are not yet
+//! acknowledged, so the engine can tell a waiting task from a lost one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_domain::AgentType;
+use drover_domain::{AgentType, Event};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::{Bus, BusError, Control, Delivery, TaskEnvelope, WorkerMessage, task_topic};
+use crate::{
+    Bus, BusError, Control, Delivery, DeliveryHandle, MessageId, NoHandle, ResultDelivery,
+    TaskEnvelope, WorkerMessage, task_topic,
+};
 
-const CONTROL_CAPACITY: usize = 1024;
+const BROADCAST_CAPACITY: usize = 1024;
+
+struct Queued {
+    id: u64,
+    envelope: TaskEnvelope,
+}
 
 /// One agent type's queue. Consumers share the receiver, so each task reaches one of them.
 struct TaskQueue {
-    sender: mpsc::Sender<TaskEnvelope>,
-    receiver: Arc<AsyncMutex<mpsc::Receiver<TaskEnvelope>>>,
+    sender: mpsc::Sender<Queued>,
+    receiver: Arc<AsyncMutex<mpsc::Receiver<Queued>>>,
 }
+
+type Outstanding = Arc<Mutex<HashSet<u64>>>;
 
 /// The in-process [`Bus`].
 pub struct EmbeddedBus {
     capacity: usize,
-    // A std mutex: held only to look up or insert a queue, never across an await.
+    next_id: AtomicU64,
+    // std mutexes: held only for a map operation, never across an await.
     tasks: Mutex<HashMap<AgentType, TaskQueue>>,
+    /// Published tasks not yet acknowledged (queued or being worked on).
+    outstanding: Outstanding,
     results_tx: mpsc::Sender<WorkerMessage>,
     results_rx: Arc<AsyncMutex<mpsc::Receiver<WorkerMessage>>>,
     control: broadcast::Sender<Control>,
+    events: broadcast::Sender<Event>,
 }
 
 impl EmbeddedBus {
@@ -40,13 +57,15 @@ impl EmbeddedBus {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         let (results_tx, results_rx) = mpsc::channel(capacity);
-        let (control, _) = broadcast::channel(CONTROL_CAPACITY);
         Self {
             capacity,
+            next_id: AtomicU64::new(1),
             tasks: Mutex::new(HashMap::new()),
+            outstanding: Arc::default(),
             results_tx,
             results_rx: Arc::new(AsyncMutex::new(results_rx)),
-            control,
+            control: broadcast::channel(BROADCAST_CAPACITY).0,
+            events: broadcast::channel(BROADCAST_CAPACITY).0,
         }
     }
 
@@ -59,6 +78,41 @@ impl EmbeddedBus {
             TaskQueue { sender, receiver: Arc::new(AsyncMutex::new(receiver)) }
         });
         f(queue)
+    }
+
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.outstanding.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// One delivered task: acknowledging forgets it; a nak puts it back after a delay.
+struct EmbeddedHandle {
+    id: u64,
+    envelope: TaskEnvelope,
+    requeue: mpsc::Sender<Queued>,
+    outstanding: Outstanding,
+}
+
+#[async_trait]
+impl DeliveryHandle for EmbeddedHandle {
+    async fn ack(&self) {
+        self.outstanding.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&self.id);
+    }
+
+    async fn in_progress(&self) {}
+
+    async fn nak(&self, delay: Duration) {
+        let id = self.id;
+        let queued = Queued { id, envelope: self.envelope.clone() };
+        let requeue = self.requeue.clone();
+        let outstanding = self.outstanding.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if requeue.try_send(queued).is_err() {
+                // No room: forget it; the engine's reconciliation publishes it again.
+                outstanding.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&id);
+            }
+        });
     }
 }
 
@@ -73,21 +127,53 @@ fn shared_stream<T: Send + 'static>(
     .boxed()
 }
 
+fn broadcast_stream<T: Clone + Send + 'static>(
+    receiver: broadcast::Receiver<T>,
+    what: &'static str,
+) -> BoxStream<'static, T> {
+    BroadcastStream::new(receiver)
+        .filter_map(move |item| async move {
+            match item {
+                Ok(item) => Some(item),
+                Err(lagged) => {
+                    tracing::warn!(error = %lagged, "{what} subscriber fell behind");
+                    None
+                }
+            }
+        })
+        .boxed()
+}
+
 #[async_trait]
 impl Bus for EmbeddedBus {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
     fn is_durable(&self) -> bool {
         false
     }
 
-    async fn publish_task(&self, envelope: TaskEnvelope) -> Result<(), BusError> {
+    async fn publish_task(&self, envelope: &TaskEnvelope) -> Result<MessageId, BusError> {
         let agent = envelope.agent.clone();
-        self.with_queue(&agent, |queue| match queue.sender.try_send(envelope) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.outstanding().insert(id);
+        let queued = Queued { id, envelope: envelope.clone() };
+        let sent = self.with_queue(&agent, |queue| match queue.sender.try_send(queued) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(BusError::Full { topic: task_topic(&agent) })
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(BusError::Closed),
-        })
+        });
+        if sent.is_err() {
+            self.outstanding().remove(&id);
+        }
+        sent.map(|()| MessageId(id.to_string()))
+    }
+
+    async fn task_pending(&self, _agent: &AgentType, id: &MessageId) -> Result<bool, BusError> {
+        Ok(id.0.parse::<u64>().is_ok_and(|id| self.outstanding().contains(&id)))
     }
 
     async fn consume_tasks(
@@ -95,37 +181,54 @@ impl Bus for EmbeddedBus {
         agent: &AgentType,
         _consumer: &str,
     ) -> Result<BoxStream<'static, Delivery>, BusError> {
-        let receiver = self.with_queue(agent, |queue| queue.receiver.clone());
-        Ok(shared_stream(receiver).map(|envelope| Delivery::new(envelope, None)).boxed())
+        let (receiver, requeue) =
+            self.with_queue(agent, |queue| (queue.receiver.clone(), queue.sender.clone()));
+        let outstanding = self.outstanding.clone();
+        Ok(shared_stream(receiver)
+            .map(move |queued| Delivery {
+                handle: Arc::new(EmbeddedHandle {
+                    id: queued.id,
+                    envelope: queued.envelope.clone(),
+                    requeue: requeue.clone(),
+                    outstanding: outstanding.clone(),
+                }),
+                envelope: queued.envelope,
+            })
+            .boxed())
     }
 
-    async fn publish_result(&self, message: WorkerMessage) -> Result<(), BusError> {
-        self.results_tx.send(message).await.map_err(|_| BusError::Closed)
+    async fn publish_result(&self, message: &WorkerMessage) -> Result<(), BusError> {
+        self.results_tx.send(message.clone()).await.map_err(|_| BusError::Closed)
     }
 
-    async fn consume_results(&self) -> Result<BoxStream<'static, WorkerMessage>, BusError> {
-        Ok(shared_stream(self.results_rx.clone()))
+    async fn consume_results(
+        &self,
+        _consumer: &str,
+    ) -> Result<BoxStream<'static, ResultDelivery>, BusError> {
+        Ok(shared_stream(self.results_rx.clone())
+            .map(|message| ResultDelivery { message, handle: Arc::new(NoHandle) })
+            .boxed())
     }
 
-    async fn publish_control(&self, control: Control) -> Result<(), BusError> {
+    async fn publish_control(&self, control: &Control) -> Result<(), BusError> {
         // No subscriber means no worker holds anything to stop.
-        let _ = self.control.send(control);
+        let _ = self.control.send(control.clone());
         Ok(())
     }
 
     async fn subscribe_control(&self) -> Result<BoxStream<'static, Control>, BusError> {
-        let stream = BroadcastStream::new(self.control.subscribe()).filter_map(|item| async move {
-            match item {
-                Ok(control) => Some(control),
-                Err(lagged) => {
-                    // The engine repeats a cancel on the next heartbeat of a stopped
-                    // attempt, so a skipped message is recovered.
-                    tracing::warn!(error = %lagged, "control subscriber fell behind");
-                    None
-                }
-            }
-        });
-        Ok(stream.boxed())
+        // The engine repeats a cancel on the next heartbeat of a stopped attempt, so a
+        // message skipped by a lagging subscriber is recovered.
+        Ok(broadcast_stream(self.control.subscribe(), "control"))
+    }
+
+    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+        let _ = self.events.send(event.clone());
+        Ok(())
+    }
+
+    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
+        Ok(broadcast_stream(self.events.subscribe(), "event"))
     }
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {
@@ -137,87 +240,22 @@ impl Bus for EmbeddedBus {
 
 #[cfg(test)]
 mod tests {
-    use drover_domain::{
-        AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName, WorkerId,
-    };
-
     use super::*;
-    use crate::{AgentResult, WorkflowContext};
-
-    fn envelope(agent: &str) -> TaskEnvelope {
-        TaskEnvelope {
-            task_id: AttemptId::new(),
-            project_id: ProjectId::default_project(),
-            run_id: RunId::new(),
-            pipeline: PipelineName::parse("sdlc").unwrap(),
-            stage: StageName::parse(agent).unwrap(),
-            agent: AgentType::parse(agent).unwrap(),
-            attempt: 1,
-            fencing_token: FencingToken::FIRST,
-            payload: serde_json::json!({}),
-            context: WorkflowContext::default(),
-            deadline: None,
-            correlation_id: CorrelationId::new(),
-            traceparent: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn each_task_reaches_exactly_one_of_the_competing_consumers() {
-        let bus = EmbeddedBus::new(16);
-        let agent = AgentType::parse("scaffold").unwrap();
-        let mut a = bus.consume_tasks(&agent, "a").await.unwrap();
-        let mut b = bus.consume_tasks(&agent, "b").await.unwrap();
-        let sent: Vec<_> = (0..4).map(|_| envelope("scaffold")).collect();
-        for task in &sent {
-            bus.publish_task(task.clone()).await.unwrap();
-        }
-        let mut received = Vec::new();
-        for _ in 0..2 {
-            received.push(a.next().await.unwrap().envelope.task_id);
-            received.push(b.next().await.unwrap().envelope.task_id);
-        }
-        received.sort();
-        let mut expected: Vec<_> = sent.iter().map(|t| t.task_id).collect();
-        expected.sort();
-        assert_eq!(received, expected);
-        assert_eq!(bus.queue_depth(&agent).await, Some(0));
-    }
+    use crate::tests::envelope;
 
     #[tokio::test]
     async fn a_full_queue_refuses_instead_of_growing() {
         let bus = EmbeddedBus::new(2);
-        bus.publish_task(envelope("deploy")).await.unwrap();
-        bus.publish_task(envelope("deploy")).await.unwrap();
-        let err = bus.publish_task(envelope("deploy")).await.unwrap_err();
+        bus.publish_task(&envelope("deploy")).await.unwrap();
+        bus.publish_task(&envelope("deploy")).await.unwrap();
+        let err = bus.publish_task(&envelope("deploy")).await.unwrap_err();
         assert!(matches!(err, BusError::Full { ref topic } if topic == "agent:deploy:tasks"));
         // Other agent types have their own room.
-        bus.publish_task(envelope("e2e")).await.unwrap();
+        bus.publish_task(&envelope("e2e")).await.unwrap();
     }
 
     #[tokio::test]
-    async fn results_and_controls_reach_their_consumers() {
-        let bus = EmbeddedBus::new(4);
-        let mut results = bus.consume_results().await.unwrap();
-        let mut controls = bus.subscribe_control().await.unwrap();
-        let message = WorkerMessage::Finished {
-            attempt_id: AttemptId::new(),
-            token: FencingToken::FIRST,
-            worker_id: WorkerId::new("w"),
-            result: AgentResult::Failed { error: "x".into(), retryable: true },
-        };
-        bus.publish_result(message.clone()).await.unwrap();
-        assert_eq!(results.next().await.unwrap(), message);
-
-        let cancel = Control::Cancel { attempt_id: message.attempt_id(), reason: "user".into() };
-        bus.publish_control(cancel.clone()).await.unwrap();
-        assert_eq!(controls.next().await.unwrap(), cancel);
-    }
-
-    #[test]
-    fn envelopes_round_trip_through_json() {
-        let task = envelope("validate");
-        let text = serde_json::to_string(&task).unwrap();
-        assert_eq!(serde_json::from_str::<TaskEnvelope>(&text).unwrap(), task);
+    async fn nothing_survives_the_process() {
+        assert!(!EmbeddedBus::new(1).is_durable());
     }
 }

@@ -76,15 +76,33 @@ pub enum WorkerMessage {
         token: FencingToken,
         worker_id: WorkerId,
     },
+    /// The worker is alive and serves these agent types (sent on start and every
+    /// heartbeat interval; also how a worker registers).
+    Alive { worker_id: WorkerId, profile: WorkerProfile },
+    /// The worker is stopping for good.
+    Gone { worker_id: WorkerId },
+}
+
+/// What a worker tells the engine about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerProfile {
+    pub agents: Vec<AgentType>,
+    pub version: String,
+    pub hostname: String,
+    pub concurrency: u32,
+    /// `embedded` (inside a server) or `external` (`drover worker`).
+    pub kind: String,
 }
 
 impl WorkerMessage {
-    pub fn attempt_id(&self) -> AttemptId {
+    /// The attempt the message is about, if it is about one.
+    pub fn attempt_id(&self) -> Option<AttemptId> {
         match self {
             Self::Started { attempt_id, .. }
             | Self::Heartbeat { attempt_id, .. }
             | Self::Finished { attempt_id, .. }
-            | Self::Released { attempt_id, .. } => *attempt_id,
+            | Self::Released { attempt_id, .. } => Some(*attempt_id),
+            Self::Alive { .. } | Self::Gone { .. } => None,
         }
     }
 }
