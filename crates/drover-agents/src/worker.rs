@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_bus::{Bus, Control, Delivery, WorkerMessage};
-use drover_domain::{AttemptId, WorkerId};
+use drover_domain::{AttemptId, WorkerId, WorkerProfile};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,8 @@ pub struct WorkerPoolConfig {
     /// Tasks of one agent type run at once.
     pub concurrency: u32,
     pub heartbeat_interval: Duration,
+    /// `embedded` (inside a server) or `external` (`drover worker`).
+    pub kind: String,
 }
 
 struct Shared {
@@ -49,7 +51,7 @@ impl Shared {
     }
 
     async fn publish(&self, message: WorkerMessage) {
-        if let Err(err) = self.bus.publish_result(message).await {
+        if let Err(err) = self.bus.publish_result(&message).await {
             tracing::warn!(error = %err, "cannot publish a worker message");
         }
     }
@@ -73,6 +75,14 @@ impl WorkerPool {
         });
         let intake = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let profile = WorkerProfile {
+            agents: agents.iter().map(|agent| agent.agent_type().clone()).collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: hostname(),
+            concurrency: shared.config.concurrency,
+            kind: shared.config.kind.clone(),
+        };
+        tracker.spawn(presence_loop(shared.clone(), profile, intake.clone()));
         tracker.spawn(control_loop(shared.clone()));
         for agent in agents {
             tracker.spawn(consume_loop(shared.clone(), agent, intake.clone(), tracker.clone()));
@@ -101,6 +111,29 @@ impl WorkerPool {
         self.shared.hard_stop.cancel();
         self.tracker.wait().await;
     }
+}
+
+/// Registers the worker and keeps saying it is alive; says goodbye when it stops taking work.
+async fn presence_loop(shared: Arc<Shared>, profile: WorkerProfile, intake: CancellationToken) {
+    let worker_id = shared.config.worker_id.clone();
+    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            () = intake.cancelled() => break,
+            _ = ticker.tick() => {
+                shared.publish(WorkerMessage::Alive { worker_id: worker_id.clone(), profile: profile.clone() }).await;
+            }
+        }
+    }
+    shared.publish(WorkerMessage::Gone { worker_id }).await;
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 async fn control_loop(shared: Arc<Shared>) {
@@ -195,14 +228,18 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         let bus = shared.bus.clone();
         let worker_id = worker_id.clone();
         let interval = shared.config.heartbeat_interval;
+        let delivery = delivery.handle.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.tick().await;
             loop {
                 ticker.tick().await;
+                // Keep the broker from handing the task to someone else, and the engine
+                // from reclaiming the lease.
+                delivery.in_progress().await;
                 let beat =
                     WorkerMessage::Heartbeat { attempt_id, token, worker_id: worker_id.clone() };
-                if let Err(err) = bus.publish_result(beat).await {
+                if let Err(err) = bus.publish_result(&beat).await {
                     tracing::warn!(error = %err, "heartbeat not published");
                 }
             }
@@ -241,7 +278,5 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         }
         _ => tracing::info!("stage cancelled"),
     }
-    if let Err(err) = delivery.ack().await {
-        tracing::warn!(error = %err, "cannot acknowledge the task");
-    }
+    delivery.handle.ack().await;
 }

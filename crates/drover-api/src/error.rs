@@ -30,6 +30,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::InvalidTransition | ErrorCode::RunAlreadyFinished => StatusCode::CONFLICT,
         ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::NotDeadLettered | ErrorCode::LeaseUnavailable => StatusCode::CONFLICT,
         ErrorCode::UnknownHost => StatusCode::NOT_FOUND,
         ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         ErrorCode::ProxyLoop => StatusCode::LOOP_DETECTED,
@@ -56,6 +58,9 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::RunAlreadyFinished => "Run already finished",
         ErrorCode::ServiceUnavailable => "Service unavailable",
         ErrorCode::ShuttingDown => "Shutting down",
+        ErrorCode::DeadLetterNotFound => "Dead letter not found",
+        ErrorCode::NotDeadLettered => "Not in the dead-letter queue",
+        ErrorCode::LeaseUnavailable => "Leasing unavailable",
         ErrorCode::UnknownHost => "Unknown host",
         ErrorCode::UpstreamUnavailable => "Upstream unavailable",
         ErrorCode::ProxyLoop => "Proxy loop",
@@ -165,6 +170,12 @@ impl From<StoreError> for ApiError {
                 ),
             ),
             StoreError::Transition(err) => Self::new(ErrorCode::InvalidTransition, err.to_string()),
+            StoreError::AttemptNotFound(id) => {
+                Self::new(ErrorCode::DeadLetterNotFound, format!("no dead letter with id {id}"))
+            }
+            err @ StoreError::NotDeadLettered { .. } => {
+                Self::new(ErrorCode::NotDeadLettered, err.to_string())
+            }
             other => Self::internal(&other),
         }
     }
@@ -206,6 +217,9 @@ mod tests {
             ErrorCode::RunAlreadyFinished,
             ErrorCode::ServiceUnavailable,
             ErrorCode::ShuttingDown,
+            ErrorCode::DeadLetterNotFound,
+            ErrorCode::NotDeadLettered,
+            ErrorCode::LeaseUnavailable,
             ErrorCode::UnknownHost,
             ErrorCode::UpstreamUnavailable,
             ErrorCode::ProxyLoop,

@@ -5,6 +5,7 @@
 //! results into wire types; every error, from any layer, becomes problem+json in
 //! [`error`]. Every query is scoped to the caller's project ([`Caller`]).
 
+mod dlq;
 mod error;
 mod extract;
 mod logs;
@@ -13,6 +14,7 @@ mod request_id;
 mod runs;
 mod system;
 pub mod wire;
+mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +48,8 @@ struct Inner {
     sse_keep_alive: Duration,
     /// Port of the routing proxy, when one runs.
     proxy_port: Option<u16>,
+    /// What external workers are told when they join.
+    bootstrap: wire::WorkerBootstrap,
 }
 
 impl AppState {
@@ -55,6 +59,7 @@ impl AppState {
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
         proxy_port: Option<u16>,
+        bootstrap: wire::WorkerBootstrap,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -64,6 +69,7 @@ impl AppState {
                 draining,
                 sse_keep_alive: Duration::from_secs(15),
                 proxy_port,
+                bootstrap,
             }),
         }
     }
@@ -97,6 +103,13 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/runs/{id}/events", get(runs::run_events))
         .route("/runs/{id}/logs", get(logs::run_logs))
         .route("/pipelines", get(system::pipelines))
+        .route("/workers", get(workers::list_workers))
+        .route("/workers/config", get(workers::bootstrap))
+        .route("/tasks/lease", post(workers::lease))
+        .route("/worker-messages", post(workers::worker_message))
+        .route("/dlq", get(dlq::list))
+        .route("/dlq/{id}/redrive", post(dlq::redrive))
+        .route("/dlq/{id}/discard", post(dlq::discard))
         .route("/openapi.json", get(system::openapi));
     Router::new()
         .route("/healthz", get(system::healthz))

@@ -5,8 +5,9 @@ use utoipa::OpenApi;
 
 use crate::error::{FieldError, Problem};
 use crate::wire::{
-    AttemptView, CreateRun, DeploymentView, EventView, HealthView, PipelineList, PipelineView,
-    RunPage, RunView, StageView,
+    AttemptView, CreateRun, DeadLetterPage, DeadLetterView, DeploymentView, EventView, HealthView,
+    LeaseRequest, PipelineList, PipelineView, RunPage, RunView, StageView, WorkerBootstrap,
+    WorkerList, WorkerMessageAck, WorkerView,
 };
 
 #[derive(OpenApi)]
@@ -26,15 +27,25 @@ use crate::wire::{
         crate::runs::cancel_run,
         crate::runs::run_events,
         crate::logs::run_logs,
+        crate::workers::list_workers,
+        crate::workers::bootstrap,
+        crate::workers::lease,
+        crate::workers::worker_message,
+        crate::dlq::list,
+        crate::dlq::redrive,
+        crate::dlq::discard,
     ),
     components(schemas(
         CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
-        PipelineView, StageView, HealthView, Problem, FieldError,
+        PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
+        DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
     )),
     tags(
         (name = "runs", description = "Pipeline runs"),
         (name = "pipelines", description = "Pipeline definitions"),
         (name = "system", description = "Health and readiness"),
+        (name = "workers", description = "Worker registry and the worker protocol over HTTP"),
+        (name = "dlq", description = "Dead-letter queue"),
     )
 )]
 struct ApiDoc;

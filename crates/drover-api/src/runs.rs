@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use drover_domain::{
     CorrelationId, ErrorCode, Event, EventSeq, ProjectId, Run, RunId, RunRequest, RunStatus,
+    StageStatus,
 };
 use drover_store::{EventQuery, RunQuery, Store};
 use futures::Stream;
@@ -194,10 +195,35 @@ pub(crate) async fn get_run(
     let deploy_output = attempts
         .iter()
         .rev()
-        .find(|a| a.stage.as_str() == "deploy" && a.status == drover_domain::StageStatus::Succeeded)
+        .find(|a| a.stage.as_str() == "deploy" && a.status == StageStatus::Succeeded)
         .and_then(|a| a.output.as_ref());
     let mut view = RunView::new(&run, deployment_of(&state, run.id, deploy_output));
-    view.attempts = Some(attempts.iter().map(AttemptView::from).collect());
+    // An attempt not started while no live worker serves its agent type is waiting for
+    // one, not stuck: say so.
+    let waiting =
+        attempts.iter().any(|a| matches!(a.status, StageStatus::Pending | StageStatus::Dispatched));
+    let live_agents: std::collections::HashSet<String> = if waiting {
+        let workers = state.engine().store().list_workers().await?;
+        workers
+            .iter()
+            .filter(|w| w.status == drover_domain::WorkerStatus::Live)
+            .flat_map(|w| w.agents.iter().map(ToString::to_string))
+            .collect()
+    } else {
+        Default::default()
+    };
+    view.attempts = Some(
+        attempts
+            .iter()
+            .map(|attempt| {
+                let mut view = AttemptView::from(attempt);
+                view.waiting_for_worker =
+                    matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched)
+                        && !live_agents.contains(attempt.agent.as_str());
+                view
+            })
+            .collect(),
+    );
     Ok(Json(view))
 }
 

@@ -73,6 +73,10 @@ pub struct AttemptView {
     pub finished_at: Option<String>,
     pub lease_expires_at: Option<String>,
     pub deadline_at: Option<String>,
+    /// For an attempt not yet started: no live worker serves its agent type, so it waits
+    /// for one to register.
+    #[serde(default)]
+    pub waiting_for_worker: bool,
 }
 
 /// A page of runs, newest first.
@@ -168,6 +172,7 @@ impl From<&StageAttempt> for AttemptView {
             finished_at: attempt.finished_at.map(time),
             lease_expires_at: attempt.lease_expires_at.map(time),
             deadline_at: attempt.deadline_at.map(time),
+            waiting_for_worker: false,
         }
     }
 }
@@ -185,4 +190,105 @@ impl From<&Event> for EventView {
             created_at: time(event.created_at),
         }
     }
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerView {
+    pub id: String,
+    pub agents: Vec<String>,
+    pub version: String,
+    pub hostname: String,
+    pub concurrency: u32,
+    /// `embedded` or `external`.
+    pub kind: String,
+    /// `live|lost|gone`
+    pub status: String,
+    pub registered_at: String,
+    pub last_seen_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerList {
+    pub items: Vec<WorkerView>,
+}
+
+impl From<&drover_domain::Worker> for WorkerView {
+    fn from(worker: &drover_domain::Worker) -> Self {
+        Self {
+            id: worker.id.to_string(),
+            agents: worker.agents.iter().map(ToString::to_string).collect(),
+            version: worker.version.clone(),
+            hostname: worker.hostname.clone(),
+            concurrency: worker.concurrency,
+            kind: worker.kind.clone(),
+            status: worker.status.to_string(),
+            registered_at: time(worker.registered_at),
+            last_seen_at: time(worker.last_seen_at),
+        }
+    }
+}
+
+/// A stage attempt that used every allowed try and waits for a decision.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterView {
+    /// The dead-lettered attempt's id; redrive or discard by it.
+    pub id: String,
+    pub run_id: String,
+    pub stage: String,
+    pub agent: String,
+    pub attempt: u32,
+    pub error: Option<String>,
+    pub dead_lettered_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterPage {
+    pub items: Vec<DeadLetterView>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<&StageAttempt> for DeadLetterView {
+    fn from(attempt: &StageAttempt) -> Self {
+        Self {
+            id: attempt.id.to_string(),
+            run_id: attempt.run_id.to_string(),
+            stage: attempt.stage.to_string(),
+            agent: attempt.agent.to_string(),
+            attempt: attempt.attempt,
+            error: attempt.error.clone(),
+            dead_lettered_at: attempt.finished_at.map(time),
+        }
+    }
+}
+
+/// What an external worker needs to know to join: which bus to use, and how often to
+/// heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerBootstrap {
+    /// `embedded` (lease tasks over this API), `redis` or `nats`.
+    pub bus: String,
+    /// The broker to connect to, when the server advertises it.
+    pub bus_url: Option<String>,
+    pub namespace: String,
+    pub heartbeat_interval_ms: u64,
+    pub claim_idle_ms: u64,
+    pub block_time_ms: u64,
+    pub batch_size: usize,
+}
+
+/// `POST /api/v1/tasks/lease`: wait up to `wait_ms` for a task of one of `agents`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// The answer to a worker message sent over HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerMessageAck {
+    /// Stop the attempt now: it is no longer this worker's (cancelled, reclaimed).
+    pub cancel: bool,
 }

@@ -22,8 +22,9 @@ use async_trait::async_trait;
 use drover_domain::{AgentType, Event};
 use futures::stream::BoxStream;
 
+pub use drover_domain::WorkerProfile;
 pub use embedded::EmbeddedBus;
-pub use message::{AgentResult, Control, TaskEnvelope, WorkerMessage, WorkerProfile, WorkflowContext};
+pub use message::{AgentResult, Control, TaskEnvelope, WorkerMessage, WorkflowContext};
 pub use nats::NatsBus;
 pub use redis_streams::RedisBus;
 

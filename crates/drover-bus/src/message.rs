@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName,
-    Timestamp, WorkerId,
+    Timestamp, WorkerId, WorkerProfile,
 };
 use serde::{Deserialize, Serialize};
 
@@ -78,20 +78,14 @@ pub enum WorkerMessage {
     },
     /// The worker is alive and serves these agent types (sent on start and every
     /// heartbeat interval; also how a worker registers).
-    Alive { worker_id: WorkerId, profile: WorkerProfile },
+    Alive {
+        worker_id: WorkerId,
+        profile: WorkerProfile,
+    },
     /// The worker is stopping for good.
-    Gone { worker_id: WorkerId },
-}
-
-/// What a worker tells the engine about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerProfile {
-    pub agents: Vec<AgentType>,
-    pub version: String,
-    pub hostname: String,
-    pub concurrency: u32,
-    /// `embedded` (inside a server) or `external` (`drover worker`).
-    pub kind: String,
+    Gone {
+        worker_id: WorkerId,
+    },
 }
 
 impl WorkerMessage {

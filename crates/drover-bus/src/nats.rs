@@ -142,7 +142,13 @@ impl NatsBus {
 
     /// Pulls from the durable consumer `name` forever, recreating stream and consumer if
     /// they disappear, into a bounded channel.
-    fn consume<T, F>(&self, stream_config: stream::Config, name: String, subject: String, wrap: F) -> BoxStream<'static, T>
+    fn consume<T, F>(
+        &self,
+        stream_config: stream::Config,
+        name: String,
+        subject: String,
+        wrap: F,
+    ) -> BoxStream<'static, T>
     where
         T: Send + 'static,
         F: Fn(jetstream::Message) -> Result<T, jetstream::Message> + Send + 'static,
@@ -153,7 +159,10 @@ impl NatsBus {
         tokio::spawn(async move {
             while !sender.is_closed() {
                 let messages = async {
-                    let stream = jetstream.get_or_create_stream(stream_config.clone()).await.map_err(broker)?;
+                    let stream = jetstream
+                        .get_or_create_stream(stream_config.clone())
+                        .await
+                        .map_err(broker)?;
                     let config = consumer_config(name.clone(), subject.clone(), &options);
                     let consumer: consumer::PullConsumer =
                         stream.get_or_create_consumer(&name, config).await.map_err(broker)?;
@@ -293,7 +302,9 @@ impl Bus for NatsBus {
         };
         match stream.get_raw_message(sequence).await {
             Ok(_) => Ok(true),
-            Err(err) if matches!(err.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(false),
+            Err(err) if matches!(err.kind(), stream::RawMessageErrorKind::NoMessageFound) => {
+                Ok(false)
+            }
             Err(err) if err.to_string().contains("no message found") => Ok(false),
             Err(err) => Err(broker(err)),
         }
@@ -304,32 +315,48 @@ impl Bus for NatsBus {
         agent: &AgentType,
         _consumer: &str,
     ) -> Result<BoxStream<'static, Delivery>, BusError> {
-        Ok(self.consume(self.tasks_config(), consumer_group(agent), self.names.task_subject(agent), |message| {
-            match decode::<TaskEnvelope>(&message) {
-                Some(envelope) => Ok(Delivery { envelope, handle: Arc::new(NatsHandle { message }) }),
+        Ok(self.consume(
+            self.tasks_config(),
+            consumer_group(agent),
+            self.names.task_subject(agent),
+            |message| match decode::<TaskEnvelope>(&message) {
+                Some(envelope) => {
+                    Ok(Delivery { envelope, handle: Arc::new(NatsHandle { message }) })
+                }
                 None => Err(message),
-            }
-        }))
+            },
+        ))
     }
 
     async fn publish_result(&self, message: &WorkerMessage) -> Result<(), BusError> {
-        self.publish(self.names.subject(RESULTS_SUBJECT), serde_json::to_vec(message)?).await.map(|_| ())
+        self.publish(self.names.subject(RESULTS_SUBJECT), serde_json::to_vec(message)?)
+            .await
+            .map(|_| ())
     }
 
     async fn consume_results(
         &self,
         _consumer: &str,
     ) -> Result<BoxStream<'static, ResultDelivery>, BusError> {
-        Ok(self.consume(self.results_config(), RESULTS_GROUP.to_owned(), self.names.subject(RESULTS_SUBJECT), |message| {
-            match decode::<WorkerMessage>(&message) {
-                Some(decoded) => Ok(ResultDelivery { message: decoded, handle: Arc::new(NatsHandle { message }) }),
+        Ok(self.consume(
+            self.results_config(),
+            RESULTS_GROUP.to_owned(),
+            self.names.subject(RESULTS_SUBJECT),
+            |message| match decode::<WorkerMessage>(&message) {
+                Some(decoded) => Ok(ResultDelivery {
+                    message: decoded,
+                    handle: Arc::new(NatsHandle { message }),
+                }),
                 None => Err(message),
-            }
-        }))
+            },
+        ))
     }
 
     async fn publish_control(&self, control: &Control) -> Result<(), BusError> {
-        self.client.publish(self.names.subject(CONTROL_SUBJECT), serde_json::to_vec(control)?.into()).await.map_err(broker)
+        self.client
+            .publish(self.names.subject(CONTROL_SUBJECT), serde_json::to_vec(control)?.into())
+            .await
+            .map_err(broker)
     }
 
     async fn subscribe_control(&self) -> Result<BoxStream<'static, Control>, BusError> {
@@ -337,7 +364,10 @@ impl Bus for NatsBus {
     }
 
     async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
-        self.client.publish(self.names.subject(EVENTS_SUBJECT), serde_json::to_vec(event)?.into()).await.map_err(broker)
+        self.client
+            .publish(self.names.subject(EVENTS_SUBJECT), serde_json::to_vec(event)?.into())
+            .await
+            .map_err(broker)
     }
 
     async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
@@ -346,7 +376,8 @@ impl Bus for NatsBus {
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {
         let stream = self.tasks_stream().await.ok()?;
-        let config = consumer_config(consumer_group(agent), self.names.task_subject(agent), &self.options);
+        let config =
+            consumer_config(consumer_group(agent), self.names.task_subject(agent), &self.options);
         let mut consumer: consumer::PullConsumer =
             stream.get_or_create_consumer(&consumer_group(agent), config).await.ok()?;
         consumer.info().await.ok().map(|info| info.num_pending)

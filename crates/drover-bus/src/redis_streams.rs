@@ -41,7 +41,11 @@ fn broker(err: RedisError) -> BusError {
 
 /// `name` inside the configured namespace (`ns:name`, or `name` without one).
 fn scoped(options: &BusOptions, name: &str) -> String {
-    if options.namespace.is_empty() { name.to_owned() } else { format!("{}:{name}", options.namespace) }
+    if options.namespace.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{}:{name}", options.namespace)
+    }
 }
 
 /// The Redis Streams [`Bus`].
@@ -79,7 +83,13 @@ impl RedisBus {
     }
 
     /// Reads `key` through `group` as `consumer`, forever, into a bounded channel.
-    fn consume<T, F>(&self, key: String, group: String, consumer: String, wrap: F) -> BoxStream<'static, T>
+    fn consume<T, F>(
+        &self,
+        key: String,
+        group: String,
+        consumer: String,
+        wrap: F,
+    ) -> BoxStream<'static, T>
     where
         T: Send + 'static,
         F: Fn(StreamId, Arc<dyn DeliveryHandle>) -> Option<T> + Send + 'static,
@@ -99,11 +109,19 @@ impl RedisBus {
 
     async fn publish_channel(&self, channel: &str, payload: String) -> Result<(), BusError> {
         let mut conn = self.commands.clone();
-        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn).await.map_err(broker)?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(broker)?;
         Ok(())
     }
 
-    fn subscribe<T: DeserializeOwned + Send + 'static>(&self, channel: String) -> BoxStream<'static, T> {
+    fn subscribe<T: DeserializeOwned + Send + 'static>(
+        &self,
+        channel: String,
+    ) -> BoxStream<'static, T> {
         let (sender, receiver) = mpsc::channel(1024);
         let client = self.client.clone();
         tokio::spawn(async move {
@@ -115,7 +133,9 @@ impl RedisBus {
                         } else {
                             let mut messages = pubsub.into_on_message();
                             while let Some(message) = messages.next().await {
-                                let Ok(item) = serde_json::from_slice::<T>(message.get_payload_bytes()) else {
+                                let Ok(item) =
+                                    serde_json::from_slice::<T>(message.get_payload_bytes())
+                                else {
                                     tracing::warn!(%channel, "undecodable pub/sub message skipped");
                                     continue;
                                 };
@@ -126,7 +146,9 @@ impl RedisBus {
                             tracing::warn!(%channel, "pub/sub connection lost; resubscribing");
                         }
                     }
-                    Err(err) => tracing::warn!(%channel, error = %err, "cannot connect for pub/sub; retrying"),
+                    Err(err) => {
+                        tracing::warn!(%channel, error = %err, "cannot connect for pub/sub; retrying")
+                    }
                 }
                 if sender.is_closed() {
                     return;
@@ -241,7 +263,9 @@ impl GroupReader {
             .arg(">")
             .query_async(conn)
             .await?;
-        Ok(reply.map(|reply| reply.keys.into_iter().flat_map(|key| key.ids).collect()).unwrap_or_default())
+        Ok(reply
+            .map(|reply| reply.keys.into_iter().flat_map(|key| key.ids).collect())
+            .unwrap_or_default())
     }
 
     /// Takes over entries another consumer left idle too long.
@@ -263,7 +287,11 @@ impl GroupReader {
     }
 }
 
-async fn ensure_group(conn: &mut MultiplexedConnection, key: &str, group: &str) -> Result<(), RedisError> {
+async fn ensure_group(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    group: &str,
+) -> Result<(), RedisError> {
     let created: Result<(), RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(key)
@@ -361,7 +389,9 @@ impl Bus for RedisBus {
 
     async fn publish_task(&self, envelope: &TaskEnvelope) -> Result<MessageId, BusError> {
         let payload = serde_json::to_string(envelope)?;
-        self.xadd(&scoped(&self.options, &task_topic(&envelope.agent)), payload).await.map(MessageId)
+        self.xadd(&scoped(&self.options, &task_topic(&envelope.agent)), payload)
+            .await
+            .map(MessageId)
     }
 
     async fn task_pending(&self, agent: &AgentType, id: &MessageId) -> Result<bool, BusError> {
@@ -405,7 +435,11 @@ impl Bus for RedisBus {
     }
 
     async fn publish_control(&self, control: &Control) -> Result<(), BusError> {
-        self.publish_channel(&scoped(&self.options, CONTROL_CHANNEL), serde_json::to_string(control)?).await
+        self.publish_channel(
+            &scoped(&self.options, CONTROL_CHANNEL),
+            serde_json::to_string(control)?,
+        )
+        .await
     }
 
     async fn subscribe_control(&self) -> Result<BoxStream<'static, Control>, BusError> {
@@ -413,7 +447,8 @@ impl Bus for RedisBus {
     }
 
     async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
-        self.publish_channel(&scoped(&self.options, EVENTS_CHANNEL), serde_json::to_string(event)?).await
+        self.publish_channel(&scoped(&self.options, EVENTS_CHANNEL), serde_json::to_string(event)?)
+            .await
     }
 
     async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {

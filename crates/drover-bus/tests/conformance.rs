@@ -45,8 +45,11 @@ impl Cleanup {
         if self.url.starts_with("redis://") {
             let client = ::redis::Client::open(self.url.as_str()).unwrap();
             let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let keys: Vec<String> =
-                ::redis::cmd("KEYS").arg(format!("{}:*", self.namespace)).query_async(&mut conn).await.unwrap();
+            let keys: Vec<String> = ::redis::cmd("KEYS")
+                .arg(format!("{}:*", self.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             for key in keys {
                 let _: () = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await.unwrap();
             }
@@ -108,7 +111,10 @@ async fn each_task_reaches_exactly_one_of_two_competing_consumers(bus: Arc<dyn B
     assert_eq!(received.len(), ids.len(), "a task was delivered twice");
     let original = sent.iter().find(|t| t.task_id == received[0].task_id).unwrap();
     assert_eq!(&received[0], original, "the envelope survives the trip intact");
-    assert!(next(&mut a, Duration::from_millis(1500)).await.is_none(), "acknowledged tasks came back");
+    assert!(
+        next(&mut a, Duration::from_millis(1500)).await.is_none(),
+        "acknowledged tasks came back"
+    );
 }
 
 async fn a_task_is_pending_until_acknowledged(bus: Arc<dyn Bus>) {
@@ -187,7 +193,8 @@ async fn results_reach_the_engine_and_are_not_redelivered_once_acknowledged(bus:
     bus.publish_result(&message).await.unwrap();
     bus.publish_result(&alive).await.unwrap();
     for expected in [message, alive] {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), results.next()).await.unwrap().unwrap();
+        let delivery =
+            tokio::time::timeout(Duration::from_secs(10), results.next()).await.unwrap().unwrap();
         assert_eq!(delivery.message, expected);
         delivery.handle.ack().await;
     }
@@ -222,7 +229,8 @@ async fn broadcast_reaches_all<T: Clone + PartialEq + std::fmt::Debug>(
 
 async fn control_messages_reach_every_subscriber(bus: Arc<dyn Bus>) {
     let cancel = Control::Cancel { attempt_id: AttemptId::new(), reason: "user".into() };
-    let subscribers = vec![bus.subscribe_control().await.unwrap(), bus.subscribe_control().await.unwrap()];
+    let subscribers =
+        vec![bus.subscribe_control().await.unwrap(), bus.subscribe_control().await.unwrap()];
     let publisher = bus.clone();
     let message = cancel.clone();
     broadcast_reaches_all(subscribers, cancel, move || {

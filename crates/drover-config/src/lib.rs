@@ -82,10 +82,24 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
-    /// `embedded` (in-process).
+    /// `embedded` (in-process), `redis://…` (Redis Streams) or `nats://…` (JetStream).
     pub url: String,
-    /// Bound of each in-process task queue; when full, attempts wait in the store.
+    /// Bound of each queue: the embedded bus refuses beyond it (attempts wait in the
+    /// store), brokers trim or refuse beyond it.
     pub capacity: usize,
+    /// Messages a consumer reads per broker round trip.
+    pub batch_size: usize,
+    /// How long a broker read waits on an empty queue.
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// A delivered task neither acknowledged nor kept alive for this long goes to another
+    /// consumer (`XAUTOCLAIM` idle time, JetStream `AckWait`).
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// Prefix of every broker name, to share one broker between installations.
+    pub namespace: String,
+    /// Tell external workers the broker's URL (only ever a URL without credentials).
+    pub advertise: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +115,10 @@ pub struct EngineConfig {
     pub poll_interval: Duration,
     /// Most attempts handed to the bus in one dispatcher pass.
     pub dispatch_batch: u32,
+    /// A dispatched attempt no worker started for this long is checked with the broker
+    /// and published again if the broker lost it.
+    #[serde(with = "humantime_serde")]
+    pub redispatch_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,7 +189,15 @@ impl Default for StoreConfig {
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { url: "embedded".to_owned(), capacity: 1024 }
+        Self {
+            url: "embedded".to_owned(),
+            capacity: 1024,
+            batch_size: 16,
+            block_time: Duration::from_secs(2),
+            claim_idle: Duration::from_secs(15),
+            namespace: String::new(),
+            advertise: true,
+        }
     }
 }
 
@@ -181,6 +207,7 @@ impl Default for EngineConfig {
             heartbeat_interval: Duration::from_secs(5),
             poll_interval: Duration::from_millis(500),
             dispatch_batch: 100,
+            redispatch_after: Duration::from_secs(15),
         }
     }
 }
@@ -270,11 +297,38 @@ impl Config {
         if self.store.max_connections == 0 {
             return invalid("store.max_connections", "must be at least 1");
         }
-        if self.bus.url != "embedded" {
+        let url = self.bus.url.as_str();
+        let known = url == "embedded"
+            || ["redis://", "rediss://", "nats://", "tls://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+        if !known {
             return Err(ConfigError::Invalid {
                 key: "bus.url",
-                message: format!("`{}` is not supported; expected `embedded`", self.bus.url),
+                message: format!(
+                    "`{url}` is not supported; expected `embedded`, `redis://…` or `nats://…`"
+                ),
             });
+        }
+        if !(1..=10_000).contains(&self.bus.batch_size) {
+            return invalid("bus.batch_size", "must be between 1 and 10000");
+        }
+        if self.bus.block_time < Duration::from_millis(10)
+            || self.bus.block_time > Duration::from_secs(60)
+        {
+            return invalid("bus.block_time", "must be between 10ms and 60s");
+        }
+        if self.bus.claim_idle < self.engine.heartbeat_interval * 2 {
+            return invalid(
+                "bus.claim_idle",
+                "must be at least twice engine.heartbeat_interval, or running tasks would be taken over",
+            );
+        }
+        if !self.bus.namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return invalid("bus.namespace", "may only contain letters, digits, `-` and `_`");
+        }
+        if self.engine.redispatch_after < Duration::from_millis(100) {
+            return invalid("engine.redispatch_after", "must be at least 100ms");
         }
         if self.bus.capacity == 0 {
             return invalid("bus.capacity", "must be at least 1");
@@ -304,6 +358,11 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("drover.db").display()),
         }
+    }
+
+    /// A worker silent for this long is marked lost.
+    pub fn worker_liveness(&self) -> Duration {
+        self.engine.heartbeat_interval * 3
     }
 
     /// How long a lease lasts without a heartbeat.

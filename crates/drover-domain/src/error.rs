@@ -70,6 +70,14 @@ pub enum ErrorCode {
     ServiceUnavailable,
     /// The server is shutting down and takes no new work.
     ShuttingDown,
+    /// No dead letter with that id is visible to the caller.
+    DeadLetterNotFound,
+    /// The attempt is not waiting in the dead-letter queue (never was, or already
+    /// redriven or discarded).
+    NotDeadLettered,
+    /// Tasks are leased over HTTP only when the server uses the embedded bus; with a
+    /// broker, workers read the broker directly.
+    LeaseUnavailable,
     /// The proxy has no route for the request's `Host`.
     UnknownHost,
     /// The proxy's route leads to a service that does not answer.
@@ -101,6 +109,9 @@ impl ErrorCode {
             Self::RunAlreadyFinished => "run_already_finished",
             Self::ServiceUnavailable => "service_unavailable",
             Self::ShuttingDown => "shutting_down",
+            Self::DeadLetterNotFound => "dead_letter_not_found",
+            Self::NotDeadLettered => "not_dead_lettered",
+            Self::LeaseUnavailable => "lease_unavailable",
             Self::UnknownHost => "unknown_host",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProxyLoop => "proxy_loop",

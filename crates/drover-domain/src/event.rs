@@ -11,12 +11,31 @@ use crate::{
     ValidationError,
 };
 
-/// What happened. The wire name is `<subject>.<status>`, e.g. `run.succeeded`.
+/// What happened. The wire name is `<subject>.<what>`, e.g. `run.succeeded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Run(RunStatus),
     Stage(StageStatus),
+    /// A dead-lettered attempt was sent to run again.
+    DlqRedriven,
+    /// A dead-lettered attempt was dismissed.
+    DlqDiscarded,
+    /// A worker registered (or came back).
+    WorkerJoined,
+    /// A worker stopped heartbeating.
+    WorkerLost,
+    /// A worker said goodbye.
+    WorkerLeft,
 }
+
+/// Every kind that is not a run or stage status, with its wire name.
+const OTHER_KINDS: [(EventKind, &str); 5] = [
+    (EventKind::DlqRedriven, "dlq.redriven"),
+    (EventKind::DlqDiscarded, "dlq.discarded"),
+    (EventKind::WorkerJoined, "worker.joined"),
+    (EventKind::WorkerLost, "worker.lost"),
+    (EventKind::WorkerLeft, "worker.left"),
+];
 
 impl EventKind {
     pub fn as_str(self) -> &'static str {
@@ -39,6 +58,10 @@ impl EventKind {
                 StageStatus::Cancelled => "stage.cancelled",
                 StageStatus::DeadLettered => "stage.dead_lettered",
             },
+            other => OTHER_KINDS
+                .iter()
+                .find(|(kind, _)| *kind == other)
+                .map_or("unknown", |(_, name)| name),
         }
     }
 
@@ -59,6 +82,9 @@ impl FromStr for EventKind {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let unknown = || ValidationError::new("kind", format!("`{s}` is not an event kind"));
+        if let Some((kind, _)) = OTHER_KINDS.iter().find(|(_, name)| *name == s) {
+            return Ok(*kind);
+        }
         let (subject, status) = s.split_once('.').ok_or_else(unknown)?;
         match subject {
             "run" => status.parse().map(Self::Run).map_err(|_| unknown()),
@@ -114,7 +140,8 @@ mod tests {
         let kinds = RunStatus::ALL
             .into_iter()
             .map(EventKind::Run)
-            .chain(StageStatus::ALL.into_iter().map(EventKind::Stage));
+            .chain(StageStatus::ALL.into_iter().map(EventKind::Stage))
+            .chain(OTHER_KINDS.iter().map(|(kind, _)| *kind));
         for kind in kinds {
             assert_eq!(kind.as_str().parse::<EventKind>().unwrap(), kind);
         }

@@ -13,6 +13,7 @@ mod pipeline;
 mod run;
 mod stage;
 mod time;
+mod worker;
 
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
@@ -26,3 +27,4 @@ pub use pipeline::{
 pub use run::{Run, RunRequest, RunStatus};
 pub use stage::{FencingToken, StageAttempt, StageStatus};
 pub use time::Timestamp;
+pub use worker::{Worker, WorkerProfile, WorkerStatus};

@@ -254,6 +254,7 @@ mod tests {
             fencing_token: FencingToken::FIRST,
             status: StageStatus::Running,
             worker_id: None,
+            bus_message_id: None,
             available_at: Timestamp::from_millis(0),
             lease_expires_at: None,
             deadline_at: None,

@@ -57,6 +57,15 @@ impl RunStatus {
         )
     }
 
+    /// Reopening a failed run to run a dead-lettered stage again (redrive). This is the
+    /// only way out of a terminal status, and only from `failed`.
+    pub fn redrive(self) -> Result<RunStatus, TransitionError> {
+        match self {
+            Self::Failed => Ok(Self::Running),
+            other => Err(TransitionError { entity: "run", from: other.as_str(), to: "running" }),
+        }
+    }
+
     /// The checked transition: `to` if allowed, a [`TransitionError`] otherwise.
     pub fn become_(self, to: RunStatus) -> Result<RunStatus, TransitionError> {
         if self.can_become(to) {
@@ -175,6 +184,14 @@ mod tests {
     fn an_illegal_transition_is_a_typed_error_naming_both_ends() {
         let err = RunStatus::Succeeded.become_(RunStatus::Running).unwrap_err();
         assert_eq!(err.to_string(), "run cannot go from `succeeded` to `running`");
+    }
+
+    #[test]
+    fn only_a_failed_run_can_be_redriven() {
+        assert_eq!(RunStatus::Failed.redrive(), Ok(RunStatus::Running));
+        for status in [RunStatus::Succeeded, RunStatus::Cancelled, RunStatus::Running] {
+            assert!(status.redrive().is_err(), "{status}");
+        }
     }
 
     #[test]

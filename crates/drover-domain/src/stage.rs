@@ -133,6 +133,8 @@ pub struct StageAttempt {
     pub fencing_token: FencingToken,
     pub status: StageStatus,
     pub worker_id: Option<WorkerId>,
+    /// The bus's id of the message that carries it, while dispatched.
+    pub bus_message_id: Option<String>,
     /// Not handed out before this instant (retry backoff).
     pub available_at: Timestamp,
     pub lease_expires_at: Option<Timestamp>,

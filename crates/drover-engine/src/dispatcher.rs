@@ -45,9 +45,9 @@ async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
         let envelopes = envelopes(engine, &due).await?;
         let mut published = Vec::with_capacity(envelopes.len());
         for (attempt, envelope) in due.iter().zip(envelopes) {
-            match engine.bus.publish_task(envelope).await {
-                Ok(()) => {
-                    published.push(attempt.id);
+            match engine.bus.publish_task(&envelope).await {
+                Ok(message_id) => {
+                    published.push((attempt.id, message_id.0));
                     let waited = now().since(attempt.available_at);
                     metrics::histogram!("drover_engine_dispatch_latency_seconds", "agent" => attempt.agent.to_string())
                         .record(waited.as_secs_f64());
@@ -71,7 +71,10 @@ async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
 }
 
 /// Builds the envelopes of a batch with two queries, however large the batch.
-async fn envelopes(engine: &Engine, due: &[StageAttempt]) -> Result<Vec<TaskEnvelope>, StoreError> {
+pub(crate) async fn envelopes(
+    engine: &Engine,
+    due: &[StageAttempt],
+) -> Result<Vec<TaskEnvelope>, StoreError> {
     let mut run_ids: Vec<RunId> = due.iter().map(|a| a.run_id).collect();
     run_ids.sort();
     run_ids.dedup();

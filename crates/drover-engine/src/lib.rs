@@ -10,6 +10,7 @@
 
 mod dispatcher;
 mod reaper;
+mod reconciler;
 mod results;
 
 use std::sync::Arc;
@@ -42,6 +43,13 @@ pub struct EngineSettings {
     /// How often the dispatcher looks for due attempts when nothing woke it.
     pub poll_interval: Duration,
     pub dispatch_batch: u32,
+    /// A dispatched attempt no worker started for this long is checked with the broker,
+    /// and published again if the broker lost it.
+    pub redispatch_after: Duration,
+    /// A worker not heard from for this long is marked lost.
+    pub worker_liveness: Duration,
+    /// This server's name on the bus (its consumer name for results).
+    pub instance: String,
 }
 
 /// The orchestrator. Cheap to share behind an `Arc`.
@@ -131,9 +139,48 @@ impl Engine {
     }
 
     async fn stop_attempt(&self, attempt_id: AttemptId, reason: String) {
-        if let Err(err) = self.bus.publish_control(Control::Cancel { attempt_id, reason }).await {
+        if let Err(err) = self.bus.publish_control(&Control::Cancel { attempt_id, reason }).await {
             tracing::warn!(%attempt_id, error = %err, "cannot publish a cancel");
         }
+    }
+
+    /// The project's dead letters, newest first.
+    pub async fn dead_letters(
+        &self,
+        project: &ProjectId,
+        query: &drover_store::DeadLetterQuery,
+    ) -> Result<Vec<drover_domain::StageAttempt>, EngineError> {
+        Ok(self.store.list_dead_letters(project, query).await?)
+    }
+
+    /// Runs a dead letter's stage again; returns the new attempt.
+    pub async fn redrive(
+        &self,
+        project: &ProjectId,
+        attempt: AttemptId,
+    ) -> Result<drover_domain::StageAttempt, EngineError> {
+        let retry =
+            self.store.redrive_dead_letter(project, attempt, &self.pipelines, now()).await?;
+        metrics::counter!("drover_engine_dlq_redriven_total").increment(1);
+        tracing::info!(%attempt, new_attempt = %retry.id, run_id = %retry.run_id, "dead letter redriven");
+        self.dispatch_wanted.notify_one();
+        Ok(retry)
+    }
+
+    /// Dismisses a dead letter.
+    pub async fn discard(
+        &self,
+        project: &ProjectId,
+        attempt: AttemptId,
+    ) -> Result<drover_domain::StageAttempt, EngineError> {
+        let letter = self.store.discard_dead_letter(project, attempt, now()).await?;
+        tracing::info!(%attempt, run_id = %letter.run_id, "dead letter discarded");
+        Ok(letter)
+    }
+
+    /// The bus this engine dispatches on.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     /// Starts the dispatcher, results and reaper loops. They stop when `shutdown` fires;
@@ -142,7 +189,8 @@ impl Engine {
         let tracker = TaskTracker::new();
         tracker.spawn(dispatcher::run(self.clone(), shutdown.clone()));
         tracker.spawn(results::run(self.clone(), shutdown.clone()));
-        tracker.spawn(reaper::run(self.clone(), shutdown));
+        tracker.spawn(reaper::run(self.clone(), shutdown.clone()));
+        tracker.spawn(reconciler::run(self.clone(), shutdown));
         tracker.close();
         tracker
     }

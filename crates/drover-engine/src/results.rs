@@ -18,7 +18,7 @@ use crate::{Engine, now};
 const STORE_ATTEMPTS: u32 = 3;
 
 pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
-    let mut messages = match engine.bus.consume_results().await {
+    let mut messages = match engine.bus.consume_results(&engine.settings.instance).await {
         Ok(stream) => stream,
         Err(err) => {
             tracing::error!(error = %err, "cannot consume worker results");
@@ -26,28 +26,31 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
         }
     };
     loop {
-        let message = tokio::select! {
+        let delivery = tokio::select! {
             () = shutdown.cancelled() => return,
-            message = messages.next() => match message {
-                Some(message) => message,
+            delivery = messages.next() => match delivery {
+                Some(delivery) => delivery,
                 None => return,
             },
         };
+        let message = &delivery.message;
         let mut tries = 0;
         loop {
             tries += 1;
-            match handle(&engine, &message).await {
+            match handle(&engine, message).await {
                 Ok(()) => break,
                 Err(err) if tries < STORE_ATTEMPTS => {
                     tracing::warn!(error = %err, tries, "handling a worker message failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
                 }
                 Err(err) => {
-                    tracing::error!(error = %err, attempt_id = %message.attempt_id(), "worker message dropped");
+                    tracing::error!(error = %err, attempt_id = ?message.attempt_id(), "worker message dropped");
                     break;
                 }
             }
         }
+        // Handled (or given up on: its attempt is then reclaimed when the lease lapses).
+        delivery.handle.ack().await;
     }
 }
 
@@ -99,6 +102,13 @@ async fn handle(engine: &Engine, message: &WorkerMessage) -> Result<(), StoreErr
                 tracing::info!(%attempt_id, "attempt handed back");
                 engine.dispatch_wanted.notify_one();
             }
+        }
+        WorkerMessage::Alive { worker_id, profile } => {
+            engine.store.worker_seen(worker_id, profile, now()).await?;
+        }
+        WorkerMessage::Gone { worker_id } => {
+            engine.store.worker_gone(worker_id, now()).await?;
+            tracing::info!(%worker_id, "worker left");
         }
     }
     Ok(())

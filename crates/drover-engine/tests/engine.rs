@@ -133,6 +133,9 @@ impl Harness {
                 lease_duration: HEARTBEAT.mul_f64(1.5),
                 poll_interval: Duration::from_millis(50),
                 dispatch_batch: 10,
+                redispatch_after: Duration::from_millis(500),
+                worker_liveness: HEARTBEAT * 3,
+                instance: "test-server".into(),
             },
         ));
         let shutdown = CancellationToken::new();
@@ -148,6 +151,7 @@ impl Harness {
                 worker_id: WorkerId::new("test-worker"),
                 concurrency: 2,
                 heartbeat_interval: HEARTBEAT,
+                kind: "embedded".into(),
             },
         )
     }
@@ -264,7 +268,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_lease_and_its_late_result_is
     drop(tasks);
     let silent = WorkerId::new("silent");
     h.bus
-        .publish_result(WorkerMessage::Started {
+        .publish_result(&WorkerMessage::Started {
             attempt_id: lost.task_id,
             token: lost.fencing_token,
             worker_id: silent.clone(),
@@ -290,7 +294,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_lease_and_its_late_result_is
 
     // The silent worker wakes up and reports: nothing changes.
     h.bus
-        .publish_result(WorkerMessage::Finished {
+        .publish_result(&WorkerMessage::Finished {
             attempt_id: lost.task_id,
             token: lost.fencing_token,
             worker_id: silent,

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use drover_agents::{WorkerPool, WorkerPoolConfig, builtin};
 use drover_api::AppState;
-use drover_bus::{Bus, EmbeddedBus};
+use drover_api::wire::WorkerBootstrap;
+use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
@@ -45,6 +46,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Proxy(#[from] drover_proxy::ProxyError),
+    #[error("cannot open the bus: {0}")]
+    Bus(#[from] drover_bus::BusError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -85,7 +88,7 @@ impl Server {
             busy_timeout: config.store.busy_timeout,
         })
         .await?;
-        let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(config.bus.capacity));
+        let bus = drover_bus::connect(&config.bus.url, bus_options(&config)).await?;
         let engine = Arc::new(Engine::new(
             Arc::new(store.clone()),
             bus.clone(),
@@ -96,6 +99,9 @@ impl Server {
                 lease_duration: config.lease_duration(),
                 poll_interval: config.engine.poll_interval,
                 dispatch_batch: config.engine.dispatch_batch,
+                redispatch_after: config.engine.redispatch_after,
+                worker_liveness: config.worker_liveness(),
+                instance: format!("server-{}", std::process::id()),
             },
         ));
         let addr = config.server.listen;
@@ -159,10 +165,12 @@ impl Server {
                     worker_id: WorkerId::new(format!("embedded-{}", std::process::id())),
                     concurrency: config.workers.concurrency,
                     heartbeat_interval: config.engine.heartbeat_interval,
+                    kind: "embedded".to_owned(),
                 },
             )
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
+        let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
         let proxy_port = proxy.as_ref().map(|p| p.local_addr().port());
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
@@ -177,6 +185,7 @@ impl Server {
             Some(metrics_handle()),
             draining.clone(),
             proxy_port,
+            worker_bootstrap(&config),
         );
         let app = drover_api::router(state, config.server.body_limit_bytes);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
@@ -211,6 +220,7 @@ impl Server {
             let _ = proxy.await;
         }
         let _ = upkeep.await;
+        let _ = mirror.await;
         store.close().await;
         drop(lock);
         tracing::info!("stopped");
@@ -221,6 +231,70 @@ impl Server {
     #[must_use]
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::new(self.store.clone())
+    }
+}
+
+/// The broker settings of a configuration.
+pub fn bus_options(config: &Config) -> BusOptions {
+    BusOptions {
+        capacity: config.bus.capacity,
+        batch_size: config.bus.batch_size,
+        block_time: config.bus.block_time,
+        claim_idle: config.bus.claim_idle,
+        namespace: config.bus.namespace.clone(),
+    }
+}
+
+/// What external workers are told when they ask how to join.
+fn worker_bootstrap(config: &Config) -> WorkerBootstrap {
+    let kind = match config.bus.url.split("://").next() {
+        Some("redis" | "rediss") => "redis",
+        Some("nats" | "tls") => "nats",
+        _ => "embedded",
+    };
+    // Never hand out credentials: a URL with a password is not advertised.
+    let has_credentials = config.bus.url.split("://").nth(1).is_some_and(|rest| {
+        rest.split('/').next().is_some_and(|authority| authority.contains('@'))
+    });
+    let bus_url = (kind != "embedded" && config.bus.advertise && !has_credentials)
+        .then(|| config.bus.url.clone());
+    WorkerBootstrap {
+        bus: kind.to_owned(),
+        bus_url,
+        namespace: config.bus.namespace.clone(),
+        heartbeat_interval_ms: u64::try_from(config.engine.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        claim_idle_ms: u64::try_from(config.bus.claim_idle.as_millis()).unwrap_or(u64::MAX),
+        block_time_ms: u64::try_from(config.bus.block_time.as_millis()).unwrap_or(u64::MAX),
+        batch_size: config.bus.batch_size,
+    }
+}
+
+/// Mirrors every committed event onto the bus's live channel, for the other servers.
+async fn mirror_events(
+    mut events: tokio::sync::broadcast::Receiver<drover_domain::Event>,
+    bus: Arc<dyn Bus>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(event) => {
+                if let Err(err) = bus.publish_event(&event).await {
+                    tracing::debug!(error = %err, "event not mirrored");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                tracing::warn!(
+                    skipped,
+                    "event mirror fell behind; live subscribers elsewhere miss these"
+                );
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

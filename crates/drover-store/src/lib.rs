@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use drover_domain::{
     AttemptId, CorrelationId, Event, EventSeq, FencingToken, Outcome, PipelineCatalog,
     PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt, StageName,
-    StageStatus, Timestamp, TransitionError, WorkerId,
+    StageStatus, Timestamp, TransitionError, Worker, WorkerId, WorkerProfile,
 };
 use tokio::sync::broadcast;
 
@@ -27,6 +27,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub enum StoreError {
     #[error("run {0} not found")]
     RunNotFound(RunId),
+    #[error("stage attempt {0} not found")]
+    AttemptNotFound(AttemptId),
+    #[error("stage attempt {id} is not waiting in the dead-letter queue ({state})")]
+    NotDeadLettered { id: AttemptId, state: String },
     #[error("run {id} already finished ({status})")]
     RunAlreadyFinished { id: RunId, status: RunStatus },
     #[error(transparent)]
@@ -65,6 +69,13 @@ pub struct RunQuery {
 pub struct EventQuery {
     pub run_id: Option<RunId>,
     pub after: Option<EventSeq>,
+    pub limit: u32,
+}
+
+/// Which dead letters to list: newest first, strictly older than `before`.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    pub before: Option<AttemptId>,
     pub limit: u32,
 }
 
@@ -144,6 +155,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(&self, project: &ProjectId, query: &EventQuery)
     -> StoreResult<Vec<Event>>;
 
+    /// All projects: one attempt by id (for the worker-facing endpoints, which are not
+    /// scoped by project).
+    async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>>;
+
     /// All projects: pending attempts whose backoff has passed, oldest first.
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
 
@@ -156,8 +171,71 @@ pub trait Store: Send + Sync + 'static {
         runs: &[RunId],
     ) -> StoreResult<Vec<(RunId, StageName, serde_json::Value)>>;
 
-    /// All projects: marks these pending attempts as handed to the bus.
-    async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()>;
+    /// All projects: marks these pending attempts as handed to the bus, each with the
+    /// broker's id of its message.
+    async fn mark_dispatched(
+        &self,
+        attempts: &[(AttemptId, String)],
+        now: Timestamp,
+    ) -> StoreResult<()>;
+
+    /// All projects: attempts dispatched before `dispatched_before` that no worker has
+    /// started, oldest first (candidates for reconciliation).
+    async fn stale_dispatched(
+        &self,
+        dispatched_before: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<StageAttempt>>;
+
+    /// All projects: records that a still-dispatched attempt was published again.
+    async fn record_redispatch(
+        &self,
+        attempt: AttemptId,
+        message_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// The project's dead letters still waiting for a decision, newest first.
+    async fn list_dead_letters(
+        &self,
+        project: &ProjectId,
+        query: &DeadLetterQuery,
+    ) -> StoreResult<Vec<StageAttempt>>;
+
+    /// Runs a dead-lettered attempt's stage again: its failed run reopens and a new
+    /// attempt is queued. Returns the new attempt.
+    async fn redrive_dead_letter(
+        &self,
+        project: &ProjectId,
+        attempt: AttemptId,
+        pipelines: &PipelineCatalog,
+        now: Timestamp,
+    ) -> StoreResult<StageAttempt>;
+
+    /// Dismisses a dead letter; its run stays failed.
+    async fn discard_dead_letter(
+        &self,
+        project: &ProjectId,
+        attempt: AttemptId,
+        now: Timestamp,
+    ) -> StoreResult<StageAttempt>;
+
+    /// Records a worker's heartbeat (registering it, or bringing it back to `live`).
+    async fn worker_seen(
+        &self,
+        worker: &WorkerId,
+        profile: &WorkerProfile,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+
+    /// Records that a worker left for good.
+    async fn worker_gone(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<()>;
+
+    /// Marks live workers not seen since `silent_since` as lost. Returns how many.
+    async fn mark_lost_workers(&self, silent_since: Timestamp, now: Timestamp) -> StoreResult<u64>;
+
+    /// Every worker ever registered, live first.
+    async fn list_workers(&self) -> StoreResult<Vec<Worker>>;
 
     /// All projects: puts every `dispatched` attempt back to `pending`, for a bus that lost
     /// its messages (the embedded bus after a restart). Returns how many were requeued.

@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, Event, EventKind, EventSeq, FencingToken, NewEvent,
     NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest, RunStatus,
-    StageAttempt, StageName, StageSpec, StageStatus, Timestamp, WorkerId, decide,
+    StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Worker, WorkerId, WorkerProfile,
+    decide,
 };
 use serde_json::json;
 use sqlx::sqlite::{
@@ -24,8 +25,8 @@ use sqlx::{Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, broadcast};
 
 use crate::{
-    CancelledRun, Completion, CompletionOutcome, EventQuery, NewRun, RunQuery, StartAttempt,
-    StartOutcome, Store, StoreError, StoreResult,
+    CancelledRun, Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery,
+    StartAttempt, StartOutcome, Store, StoreError, StoreResult,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -65,7 +66,7 @@ macro_rules! attempt_columns {
     () => {
         "id, project_id, run_id, stage, stage_index, agent, attempt, fencing_token, status, \
          worker_id, available_at, lease_expires_at, deadline_at, output, error, created_at, \
-         started_at, finished_at"
+         started_at, finished_at, bus_message_id"
     };
 }
 
@@ -291,6 +292,10 @@ impl Store for SqliteStore {
         rows.into_iter().map(Event::try_from).collect()
     }
 
+    async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>> {
+        fetch_attempt(&self.reader, id).await
+    }
+
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
             &self.writer,
@@ -353,25 +358,30 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn mark_dispatched(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()> {
-        let _ordered = self.write_order.lock().await;
+    async fn mark_dispatched(
+        &self,
+        attempts: &[(AttemptId, String)],
+        now: Timestamp,
+    ) -> StoreResult<()> {
         if attempts.is_empty() {
             return Ok(());
         }
+        let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ",
-        );
-        sql.push_bind(now.as_millis());
-        sql.push(" WHERE status = 'pending' AND id IN (");
-        let mut ids = sql.separated(", ");
-        for id in attempts {
-            ids.push_bind(id.to_string());
-        }
-        sql.push(") RETURNING ").push(attempt_columns!());
-        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&mut *tx).await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
+        let mut events = Vec::with_capacity(attempts.len());
+        for (id, message_id) in attempts {
+            let row: Option<AttemptRow> = sqlx::query_as(concat!(
+                "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ?, ",
+                "bus_message_id = ? WHERE id = ? AND status = 'pending' RETURNING ",
+                attempt_columns!()
+            ))
+            .bind(now.as_millis())
+            .bind(message_id)
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            // Already started (the worker was quicker than this commit) or cancelled.
+            let Some(row) = row else { continue };
             let attempt = StageAttempt::try_from(row)?;
             events.push(NewEvent {
                 project_id: attempt.project_id.clone(),
@@ -386,6 +396,223 @@ impl Store for SqliteStore {
         tx.commit().await?;
         self.publish(events);
         Ok(())
+    }
+
+    async fn stale_dispatched(
+        &self,
+        dispatched_before: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<StageAttempt>> {
+        scan_attempts(
+            &self.writer,
+            concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE status = 'dispatched' AND dispatched_at < ? ",
+                "ORDER BY dispatched_at LIMIT ?"
+            ),
+            dispatched_before,
+            limit,
+        )
+        .await
+    }
+
+    async fn record_redispatch(
+        &self,
+        attempt: AttemptId,
+        message_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE stage_attempts SET bus_message_id = ?, dispatched_at = ? \
+             WHERE id = ? AND status = 'dispatched'",
+        )
+        .bind(message_id)
+        .bind(now.as_millis())
+        .bind(attempt.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        project: &ProjectId,
+        query: &DeadLetterQuery,
+    ) -> StoreResult<Vec<StageAttempt>> {
+        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE status = 'dead_lettered' AND dlq_resolution IS NULL ",
+            "AND project_id = "
+        ));
+        sql.push_bind(project.as_str().to_owned());
+        if let Some(before) = query.before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter().map(StageAttempt::try_from).collect()
+    }
+
+    async fn redrive_dead_letter(
+        &self,
+        project: &ProjectId,
+        attempt_id: AttemptId,
+        pipelines: &PipelineCatalog,
+        now: Timestamp,
+    ) -> StoreResult<StageAttempt> {
+        let _ordered = self.write_order.lock().await;
+        let mut tx = self.writer.begin().await?;
+        let letter = dead_letter(&mut tx, project, attempt_id).await?;
+        let mut run = fetch_run(&mut *tx, project, letter.run_id)
+            .await?
+            .ok_or(StoreError::RunNotFound(letter.run_id))?;
+        let spec = pipelines
+            .get(run.pipeline.as_str())
+            .and_then(|pipeline| pipeline.stage(letter.stage_index))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "pipeline `{}` has no stage {}",
+                    run.pipeline, letter.stage_index
+                ))
+            })?;
+        run.status = run.status.redrive()?;
+        run.error = None;
+        run.finished_at = None;
+        run.updated_at = now;
+        update_run(&mut tx, &run).await?;
+        set_dlq_resolution(&mut tx, attempt_id, "redriven").await?;
+        let retry =
+            insert_attempt(&mut tx, &run, letter.stage_index, spec, letter.attempt + 1, now, now)
+                .await?;
+        let events = vec![
+            dlq_event(&letter, EventKind::DlqRedriven, json!({ "new_attempt_id": retry.id })),
+            run_event(&run, json!({ "reason": "dead letter redriven" })),
+            attempt_event(&retry, &run.correlation_id, json!({ "redrive_of": letter.id })),
+        ];
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(retry)
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        project: &ProjectId,
+        attempt_id: AttemptId,
+        now: Timestamp,
+    ) -> StoreResult<StageAttempt> {
+        let _ordered = self.write_order.lock().await;
+        let mut tx = self.writer.begin().await?;
+        let letter = dead_letter(&mut tx, project, attempt_id).await?;
+        set_dlq_resolution(&mut tx, attempt_id, "discarded").await?;
+        let events = vec![dlq_event(&letter, EventKind::DlqDiscarded, json!({}))];
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(letter)
+    }
+
+    async fn worker_seen(
+        &self,
+        worker: &WorkerId,
+        profile: &WorkerProfile,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let agents = serde_json::to_string(&profile.agents).unwrap_or_else(|_| "[]".to_owned());
+        // The common case, a heartbeat of a live worker, is one statement and no event.
+        let refreshed = sqlx::query(
+            "UPDATE workers SET last_seen_at = ?, agents = ?, version = ?, hostname = ?, \
+             concurrency = ?, kind = ? WHERE id = ? AND status = 'live'",
+        )
+        .bind(now.as_millis())
+        .bind(&agents)
+        .bind(&profile.version)
+        .bind(&profile.hostname)
+        .bind(i64::from(profile.concurrency))
+        .bind(&profile.kind)
+        .bind(worker.as_str())
+        .execute(&self.writer)
+        .await?;
+        if refreshed.rows_affected() == 1 {
+            return Ok(());
+        }
+        let _ordered = self.write_order.lock().await;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO workers (id, agents, version, hostname, concurrency, kind, status, \
+             registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, 'live', ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET agents = excluded.agents, version = excluded.version, \
+             hostname = excluded.hostname, concurrency = excluded.concurrency, \
+             kind = excluded.kind, status = 'live', last_seen_at = excluded.last_seen_at",
+        )
+        .bind(worker.as_str())
+        .bind(&agents)
+        .bind(&profile.version)
+        .bind(&profile.hostname)
+        .bind(i64::from(profile.concurrency))
+        .bind(&profile.kind)
+        .bind(now.as_millis())
+        .bind(now.as_millis())
+        .execute(&mut *tx)
+        .await?;
+        let event = worker_event(worker, EventKind::WorkerJoined, json!({ "profile": profile }));
+        let events = append_events(&mut tx, vec![event], now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(())
+    }
+
+    async fn worker_gone(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<()> {
+        let _ordered = self.write_order.lock().await;
+        let mut tx = self.writer.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE workers SET status = 'gone', last_seen_at = ? WHERE id = ? AND status <> 'gone'",
+        )
+        .bind(now.as_millis())
+        .bind(worker.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 1 {
+            let event = worker_event(worker, EventKind::WorkerLeft, json!({}));
+            let events = append_events(&mut tx, vec![event], now).await?;
+            tx.commit().await?;
+            self.publish(events);
+        }
+        Ok(())
+    }
+
+    async fn mark_lost_workers(&self, silent_since: Timestamp, now: Timestamp) -> StoreResult<u64> {
+        let _ordered = self.write_order.lock().await;
+        let mut tx = self.writer.begin().await?;
+        let lost: Vec<(String,)> = sqlx::query_as(
+            "UPDATE workers SET status = 'lost' WHERE status = 'live' AND last_seen_at < ? \
+             RETURNING id",
+        )
+        .bind(silent_since.as_millis())
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<NewEvent> = lost
+            .iter()
+            .map(|(id,)| worker_event(&WorkerId::new(id.clone()), EventKind::WorkerLost, json!({})))
+            .collect();
+        let count = events.len() as u64;
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(count)
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<Worker>> {
+        let rows: Vec<WorkerRow> = sqlx::query_as(
+            "SELECT id, agents, version, hostname, concurrency, kind, status, registered_at, \
+             last_seen_at FROM workers \
+             ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, last_seen_at DESC",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(Worker::try_from).collect()
     }
 
     async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64> {
@@ -427,7 +654,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<StartOutcome> {
         let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut tx, start.attempt_id).await? else {
+        let Some(mut attempt) = fetch_attempt(&mut *tx, start.attempt_id).await? else {
             return Ok(StartOutcome::Rejected { reason: "no such attempt".to_owned() });
         };
         if attempt.fencing_token != start.token {
@@ -500,7 +727,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let _ordered = self.write_order.lock().await;
         let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut tx, attempt_id).await? else {
+        let Some(mut attempt) = fetch_attempt(&mut *tx, attempt_id).await? else {
             return Ok(false);
         };
         if attempt.fencing_token != token || attempt.status != StageStatus::Running {
@@ -536,7 +763,7 @@ impl Store for SqliteStore {
         let _ordered = self.write_order.lock().await;
         let now = completion.now;
         let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut tx, completion.attempt_id).await? else {
+        let Some(mut attempt) = fetch_attempt(&mut *tx, completion.attempt_id).await? else {
             return Ok(CompletionOutcome::Stale { reason: "no such attempt".to_owned() });
         };
         if attempt.fencing_token != completion.token {
@@ -710,14 +937,14 @@ async fn scan_attempts(
     rows.into_iter().map(StageAttempt::try_from).collect()
 }
 
-async fn fetch_attempt(
-    conn: &mut SqliteConnection,
+async fn fetch_attempt<'c>(
+    executor: impl Executor<'c, Database = Sqlite>,
     id: AttemptId,
 ) -> StoreResult<Option<StageAttempt>> {
     let row: Option<AttemptRow> =
         sqlx::query_as(concat!("SELECT ", attempt_columns!(), " FROM stage_attempts WHERE id = ?"))
             .bind(id.to_string())
-            .fetch_optional(conn)
+            .fetch_optional(executor)
             .await?;
     row.map(StageAttempt::try_from).transpose()
 }
@@ -780,6 +1007,7 @@ async fn insert_attempt(
         fencing_token: FencingToken::FIRST,
         status: StageStatus::Pending,
         worker_id: None,
+        bus_message_id: None,
         available_at,
         lease_expires_at: None,
         deadline_at: None,
@@ -841,6 +1069,73 @@ async fn append_events(
         });
     }
     Ok(stored)
+}
+
+/// The attempt, if it is an unresolved dead letter of `project`.
+async fn dead_letter(
+    conn: &mut SqliteConnection,
+    project: &ProjectId,
+    id: AttemptId,
+) -> StoreResult<StageAttempt> {
+    let row: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT status, dlq_resolution FROM stage_attempts WHERE id = ? AND project_id = ?",
+    )
+    .bind(id.to_string())
+    .bind(project.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Err(StoreError::AttemptNotFound(id)),
+        Some((status, _)) if status != "dead_lettered" => {
+            Err(StoreError::NotDeadLettered { id, state: format!("it is {status}") })
+        }
+        Some((_, Some(resolution))) => {
+            Err(StoreError::NotDeadLettered { id, state: format!("already {resolution}") })
+        }
+        Some((_, None)) => {
+            fetch_attempt(&mut *conn, id).await?.ok_or(StoreError::AttemptNotFound(id))
+        }
+    }
+}
+
+async fn set_dlq_resolution(
+    conn: &mut SqliteConnection,
+    id: AttemptId,
+    resolution: &str,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE stage_attempts SET dlq_resolution = ? WHERE id = ?")
+        .bind(resolution)
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+fn dlq_event(letter: &StageAttempt, kind: EventKind, detail: serde_json::Value) -> NewEvent {
+    NewEvent {
+        project_id: letter.project_id.clone(),
+        run_id: Some(letter.run_id),
+        attempt_id: Some(letter.id),
+        kind,
+        payload: attempt_payload(letter, detail),
+        correlation_id: None,
+    }
+}
+
+/// Workers serve every project; their events are filed under the default one.
+fn worker_event(worker: &WorkerId, kind: EventKind, detail: serde_json::Value) -> NewEvent {
+    let mut payload = json!({ "worker_id": worker });
+    if let (Some(payload), serde_json::Value::Object(detail)) = (payload.as_object_mut(), detail) {
+        payload.extend(detail);
+    }
+    NewEvent {
+        project_id: ProjectId::default_project(),
+        run_id: None,
+        attempt_id: None,
+        kind,
+        payload,
+        correlation_id: None,
+    }
 }
 
 fn run_event(run: &Run, payload: serde_json::Value) -> NewEvent {
@@ -946,6 +1241,7 @@ struct AttemptRow {
     created_at: i64,
     started_at: Option<i64>,
     finished_at: Option<i64>,
+    bus_message_id: Option<String>,
 }
 
 impl TryFrom<AttemptRow> for StageAttempt {
@@ -971,6 +1267,7 @@ impl TryFrom<AttemptRow> for StageAttempt {
             fencing_token: FencingToken(row.fencing_token),
             status: row.status.parse().map_err(|e| corrupt("stage_attempts.status", e))?,
             worker_id: row.worker_id.map(WorkerId::new),
+            bus_message_id: row.bus_message_id,
             available_at: Timestamp::from_millis(row.available_at),
             lease_expires_at: row.lease_expires_at.map(Timestamp::from_millis),
             deadline_at: row.deadline_at.map(Timestamp::from_millis),
@@ -979,6 +1276,38 @@ impl TryFrom<AttemptRow> for StageAttempt {
             created_at: Timestamp::from_millis(row.created_at),
             started_at: row.started_at.map(Timestamp::from_millis),
             finished_at: row.finished_at.map(Timestamp::from_millis),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct WorkerRow {
+    id: String,
+    agents: String,
+    version: String,
+    hostname: String,
+    concurrency: i64,
+    kind: String,
+    status: String,
+    registered_at: i64,
+    last_seen_at: i64,
+}
+
+impl TryFrom<WorkerRow> for Worker {
+    type Error = StoreError;
+
+    fn try_from(row: WorkerRow) -> Result<Self, Self::Error> {
+        Ok(Worker {
+            id: WorkerId::new(row.id),
+            agents: serde_json::from_str(&row.agents).map_err(|e| corrupt("workers.agents", e))?,
+            version: row.version,
+            hostname: row.hostname,
+            concurrency: u32::try_from(row.concurrency)
+                .map_err(|e| corrupt("workers.concurrency", e))?,
+            kind: row.kind,
+            status: row.status.parse().map_err(|e| corrupt("workers.status", e))?,
+            registered_at: Timestamp::from_millis(row.registered_at),
+            last_seen_at: Timestamp::from_millis(row.last_seen_at),
         })
     }
 }

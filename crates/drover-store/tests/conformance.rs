@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_domain::{
-    AttemptId, CorrelationId, EventKind, FencingToken, Outcome, PipelineCatalog, ProjectId, RunId,
-    RunRequest, RunStatus, StageAttempt, StageStatus, Timestamp, WorkerId, sdlc,
+    AgentType, AttemptId, CorrelationId, EventKind, FencingToken, Outcome, PipelineCatalog,
+    ProjectId, RunId, RunRequest, RunStatus, StageAttempt, StageStatus, Timestamp, WorkerId,
+    WorkerProfile, WorkerStatus, sdlc,
 };
 use drover_store::{
-    Completion, CompletionOutcome, EventQuery, NewRun, RunQuery, SqliteStore, SqliteStoreOptions,
-    StartAttempt, StartOutcome, Store, StoreError,
+    Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery, SqliteStore,
+    SqliteStoreOptions, StartAttempt, StartOutcome, Store, StoreError,
 };
 use serde_json::json;
 
@@ -425,7 +426,9 @@ async fn dispatch_marks_pending_attempts_and_a_requeue_puts_them_back() {
     let due = fx.store.due_attempts(T0, 10).await.unwrap();
     assert_eq!(due.len(), 1);
 
-    fx.store.mark_dispatched(&[due[0].id, AttemptId::new()], T0).await.unwrap();
+    let dispatched = [(due[0].id, "m-1".to_owned()), (AttemptId::new(), "m-2".to_owned())];
+    fx.store.mark_dispatched(&dispatched, T0).await.unwrap();
+    assert_eq!(attempts(&fx, run.id).await[0].bus_message_id.as_deref(), Some("m-1"));
     assert_eq!(attempts(&fx, run.id).await[0].status, StageStatus::Dispatched);
     assert!(fx.store.due_attempts(T0, 10).await.unwrap().is_empty());
 
@@ -499,4 +502,152 @@ async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches() {
     assert_eq!((outputs[0].0, outputs[0].1.as_str()), (run.id, "scaffold"));
     assert_eq!(outputs[0].2, json!({ "ok": true }));
     assert!(fx.store.runs_by_ids(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stale_dispatched_attempts_are_found_and_a_redispatch_is_recorded() {
+    let fx = sqlite_fixture().await;
+    let run = new_run(&fx, "Hello World API", T0).await;
+    let first = attempts(&fx, run.id).await.remove(0);
+    fx.store.mark_dispatched(&[(first.id, "m-1".to_owned())], T0).await.unwrap();
+
+    assert!(fx.store.stale_dispatched(T0, 10).await.unwrap().is_empty());
+    let later = T0.plus(Duration::from_secs(30));
+    let stale = fx.store.stale_dispatched(later, 10).await.unwrap();
+    assert_eq!(stale.iter().map(|a| a.id).collect::<Vec<_>>(), [first.id]);
+
+    assert!(fx.store.record_redispatch(first.id, "m-2", later).await.unwrap());
+    let now_dispatched = attempts(&fx, run.id).await.remove(0);
+    assert_eq!(now_dispatched.bus_message_id.as_deref(), Some("m-2"));
+    assert!(fx.store.stale_dispatched(later, 10).await.unwrap().is_empty(), "the clock restarted");
+
+    start(&fx, &now_dispatched, later).await;
+    assert!(
+        !fx.store.record_redispatch(first.id, "m-3", later).await.unwrap(),
+        "started ones are left alone"
+    );
+}
+
+/// Drives the first stage to the dead-letter queue: every allowed attempt fails retryably.
+async fn dead_letter_first_stage(fx: &Fixture) -> (RunId, StageAttempt) {
+    let run = new_run(fx, "Hello World API", T0).await;
+    let mut now = T0;
+    loop {
+        let pending = attempts(fx, run.id).await.into_iter().last().unwrap();
+        let running = start(fx, &pending, now).await;
+        let failure = Outcome::Failed { error: "always".into(), retryable: true };
+        let CompletionOutcome::Applied { attempt, .. } = complete(fx, &running, failure, now).await
+        else {
+            panic!("not applied")
+        };
+        now = now.plus(Duration::from_secs(120));
+        if attempt.status == StageStatus::DeadLettered {
+            return (run.id, attempt);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it_again() {
+    let fx = sqlite_fixture().await;
+    let (run_id, letter) = dead_letter_first_stage(&fx).await;
+    assert_eq!(letter.attempt, 3);
+    let project = default_project();
+    let query = DeadLetterQuery { before: None, limit: 10 };
+    let letters = fx.store.list_dead_letters(&project, &query).await.unwrap();
+    assert_eq!(letters.iter().map(|a| a.id).collect::<Vec<_>>(), [letter.id]);
+    let other = ProjectId::parse("other").unwrap();
+    assert!(fx.store.list_dead_letters(&other, &query).await.unwrap().is_empty());
+
+    let retry = fx.store.redrive_dead_letter(&project, letter.id, &fx.pipelines, T0).await.unwrap();
+    assert_eq!(
+        (retry.stage.as_str(), retry.attempt, retry.status),
+        ("scaffold", 4, StageStatus::Pending)
+    );
+    let run = fx.store.get_run(&project, run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.error, None);
+    assert!(fx.store.list_dead_letters(&project, &query).await.unwrap().is_empty());
+
+    let twice = fx.store.redrive_dead_letter(&project, letter.id, &fx.pipelines, T0).await;
+    assert!(matches!(twice, Err(StoreError::NotDeadLettered { .. })), "{twice:?}");
+    let running = start(&fx, &retry, T0).await;
+    complete(&fx, &running, success(), T0).await;
+    assert_eq!(attempts(&fx, run_id).await.last().unwrap().stage.as_str(), "validate");
+
+    let events = fx
+        .store
+        .list_events(&project, &EventQuery { run_id: Some(run_id), after: None, limit: 100 })
+        .await
+        .unwrap();
+    assert!(events.iter().any(|e| e.kind == EventKind::DlqRedriven));
+}
+
+#[tokio::test]
+async fn a_discarded_dead_letter_leaves_the_queue_and_its_run_failed() {
+    let fx = sqlite_fixture().await;
+    let (run_id, letter) = dead_letter_first_stage(&fx).await;
+    let project = default_project();
+    fx.store.discard_dead_letter(&project, letter.id, T0).await.unwrap();
+    let query = DeadLetterQuery { before: None, limit: 10 };
+    assert!(fx.store.list_dead_letters(&project, &query).await.unwrap().is_empty());
+    assert_eq!(
+        fx.store.get_run(&project, run_id).await.unwrap().unwrap().status,
+        RunStatus::Failed
+    );
+    let again = fx.store.discard_dead_letter(&project, letter.id, T0).await;
+    assert!(matches!(again, Err(StoreError::NotDeadLettered { .. })));
+    let missing = fx.store.discard_dead_letter(&project, AttemptId::new(), T0).await;
+    assert!(matches!(missing, Err(StoreError::AttemptNotFound(_))));
+}
+
+#[tokio::test]
+async fn a_succeeded_attempt_cannot_be_redriven() {
+    let fx = sqlite_fixture().await;
+    let run = new_run(&fx, "Hello World API", T0).await;
+    let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
+    complete(&fx, &running, success(), T0).await;
+    let err = fx.store.redrive_dead_letter(&default_project(), running.id, &fx.pipelines, T0).await;
+    assert!(matches!(err, Err(StoreError::NotDeadLettered { .. })), "{err:?}");
+}
+
+#[tokio::test]
+async fn workers_register_heartbeat_get_lost_and_come_back() {
+    let fx = sqlite_fixture().await;
+    let worker = WorkerId::new("host-1-42");
+    let profile = WorkerProfile {
+        agents: vec![AgentType::parse("scaffold").unwrap(), AgentType::parse("deploy").unwrap()],
+        version: "0.1.0".into(),
+        hostname: "host-1".into(),
+        concurrency: 4,
+        kind: "external".into(),
+    };
+    fx.store.worker_seen(&worker, &profile, T0).await.unwrap();
+    let later = T0.plus(Duration::from_secs(5));
+    fx.store.worker_seen(&worker, &profile, later).await.unwrap();
+    let listed = fx.store.list_workers().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].status, listed[0].last_seen_at, listed[0].registered_at),
+        (WorkerStatus::Live, later, T0)
+    );
+    assert_eq!(listed[0].agents, profile.agents);
+
+    assert_eq!(fx.store.mark_lost_workers(later, later).await.unwrap(), 0);
+    let much_later = later.plus(Duration::from_secs(60));
+    assert_eq!(fx.store.mark_lost_workers(much_later, much_later).await.unwrap(), 1);
+    assert_eq!(fx.store.list_workers().await.unwrap()[0].status, WorkerStatus::Lost);
+
+    fx.store.worker_seen(&worker, &profile, much_later).await.unwrap();
+    assert_eq!(fx.store.list_workers().await.unwrap()[0].status, WorkerStatus::Live);
+    fx.store.worker_gone(&worker, much_later).await.unwrap();
+    assert_eq!(fx.store.list_workers().await.unwrap()[0].status, WorkerStatus::Gone);
+
+    let events = fx
+        .store
+        .list_events(&default_project(), &EventQuery { run_id: None, after: None, limit: 100 })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["worker.joined", "worker.lost", "worker.joined", "worker.left"]);
 }

@@ -114,7 +114,16 @@ impl PrivateRedis {
 
     fn spawn(program: &str, port: u16) -> Child {
         let child = Command::new(program)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -153,7 +162,9 @@ pub struct PrivateNats {
 
 impl PrivateNats {
     pub fn start() -> Option<Self> {
-        let Some(program) = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"]) else {
+        let Some(program) =
+            find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"])
+        else {
             return skip("NATS chaos tests: nats-server is not installed");
         };
         let port = free_port();

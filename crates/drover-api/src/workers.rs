@@ -1,0 +1,130 @@
+//! Workers: the registry (`GET /workers`) and what external workers use to join a server
+//! whose bus is the embedded one: bootstrap, long-poll leasing, and their messages
+//! (started, heartbeat, finished, ...) relayed onto the server's bus.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use drover_bus::{TaskEnvelope, WorkerMessage};
+use drover_domain::{AgentType, ErrorCode, StageStatus};
+use futures::StreamExt;
+
+use crate::error::{ApiError, FieldError, Problem};
+use crate::extract::ApiJson;
+use crate::wire::{LeaseRequest, WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView};
+use crate::{AppState, Caller};
+
+/// The longest a lease request may wait.
+const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// The registered workers, live first.
+#[utoipa::path(get, path = "/api/v1/workers", tag = "workers", responses((status = 200, body = WorkerList)))]
+pub(crate) async fn list_workers(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<WorkerList>, ApiError> {
+    let workers = state.engine().store().list_workers().await?;
+    Ok(Json(WorkerList { items: workers.iter().map(WorkerView::from).collect() }))
+}
+
+/// How an external worker joins this server.
+#[utoipa::path(get, path = "/api/v1/workers/config", tag = "workers", responses((status = 200, body = WorkerBootstrap)))]
+pub(crate) async fn bootstrap(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<WorkerBootstrap> {
+    Json(state.inner.bootstrap.clone())
+}
+
+/// Waits for a task of one of the given agent types (embedded bus only). `204` when none
+/// came within `wait_ms`.
+#[utoipa::path(
+    post, path = "/api/v1/tasks/lease", tag = "workers",
+    request_body = LeaseRequest,
+    responses(
+        (status = 200, description = "A task envelope (JSON)", body = serde_json::Value),
+        (status = 204, description = "No task within the wait"),
+        (status = 409, description = "The server uses a broker; read it directly", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid agent types", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn lease(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiJson(request): ApiJson<LeaseRequest>,
+) -> Result<Response, ApiError> {
+    let bus = state.engine().bus().clone();
+    if bus.kind() != "embedded" {
+        return Err(ApiError::new(
+            ErrorCode::LeaseUnavailable,
+            format!("this server uses {}; workers read tasks from the broker directly", bus.kind()),
+        ));
+    }
+    let mut agents = Vec::with_capacity(request.agents.len());
+    for raw in &request.agents {
+        let agent = AgentType::parse(raw.as_str())
+            .map_err(|err| ApiError::validation(vec![FieldError::from(err.for_field("agents"))]))?;
+        agents.push(agent);
+    }
+    if agents.is_empty() {
+        return Err(ApiError::validation(vec![FieldError {
+            field: "agents".to_owned(),
+            message: "name at least one agent type".to_owned(),
+        }]));
+    }
+    let wait = Duration::from_millis(request.wait_ms.unwrap_or(20_000)).min(MAX_LEASE_WAIT);
+    let mut streams = Vec::with_capacity(agents.len());
+    for agent in &agents {
+        streams.push(bus.consume_tasks(agent, "http").await.map_err(|err| {
+            ApiError::new(ErrorCode::ServiceUnavailable, format!("the bus failed: {err}"))
+        })?);
+    }
+    let mut any = futures::stream::select_all(streams);
+    let draining = state.inner.draining.clone();
+    let delivery = tokio::select! {
+        delivery = tokio::time::timeout(wait, any.next()) => delivery.ok().flatten(),
+        () = draining.cancelled() => None,
+    };
+    let Some(delivery) = delivery else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    // Handed over: from here on the worker's `Started` (or, if it dies first, the
+    // engine's reconciliation) owns the task.
+    delivery.handle.ack().await;
+    let envelope: TaskEnvelope = delivery.envelope;
+    Ok(Json(envelope).into_response())
+}
+
+/// Relays a worker's message (started, heartbeat, finished, released, alive, gone) to the
+/// engine. The answer tells a heartbeating worker whether to stop.
+#[utoipa::path(
+    post, path = "/api/v1/worker-messages", tag = "workers",
+    request_body = serde_json::Value,
+    responses((status = 202, body = WorkerMessageAck))
+)]
+pub(crate) async fn worker_message(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiJson(message): ApiJson<WorkerMessage>,
+) -> Result<(StatusCode, Json<WorkerMessageAck>), ApiError> {
+    let engine = state.engine();
+    engine.bus().publish_result(&message).await.map_err(|err| {
+        ApiError::new(ErrorCode::ServiceUnavailable, format!("the bus failed: {err}"))
+    })?;
+    let cancel = match &message {
+        WorkerMessage::Heartbeat { attempt_id, token, .. } => {
+            match engine.store().attempt_by_id(*attempt_id).await? {
+                Some(attempt) => {
+                    attempt.fencing_token != *token
+                        || !matches!(attempt.status, StageStatus::Running | StageStatus::Dispatched)
+                }
+                None => true,
+            }
+        }
+        _ => false,
+    };
+    Ok((StatusCode::ACCEPTED, Json(WorkerMessageAck { cancel })))
+}
