@@ -63,6 +63,38 @@ pub(crate) enum Command {
     Runs(RunsCommand),
     /// List the pipelines the server runs.
     Pipelines,
+    /// Run agents for a server: lease its tasks and report back (Ctrl-C drains).
+    Worker(WorkerArgs),
+    /// List the workers registered with the server.
+    Workers,
+    /// The dead-letter queue: stages that used every attempt.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// Agent types to serve, comma-separated (e.g. `scaffold,validate`), or `all`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) agent: Vec<String>,
+    /// Tasks of one agent type run at once.
+    #[arg(long)]
+    pub(crate) concurrency: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// List dead letters, newest first.
+    Ls {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Run a dead letter's stage again (its run reopens).
+    Redrive { id: String },
+    /// Dismiss a dead letter (its run stays failed).
+    Discard { id: String },
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 use drover_api::Problem;
-use drover_api::wire::{CreateRun, EventView, PipelineList, RunPage, RunView};
+use drover_api::wire::{
+    AttemptView, CreateRun, DeadLetterPage, DeadLetterView, EventView, LeaseRequest, PipelineList,
+    RunPage, RunView, WorkerBootstrap, WorkerList, WorkerMessageAck,
+};
+use drover_bus::{TaskEnvelope, WorkerMessage};
 use futures::{Stream, StreamExt};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -130,6 +134,68 @@ impl Client {
 
     pub(crate) async fn cancel_run(&self, id: &str) -> Result<RunView, ClientError> {
         let path = format!("/api/v1/runs/{}/cancel", encode(id));
+        self.json(self.request(reqwest::Method::POST, &path)).await
+    }
+
+    pub(crate) async fn workers(&self) -> Result<WorkerList, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/workers")).await
+    }
+
+    pub(crate) async fn worker_bootstrap(&self) -> Result<WorkerBootstrap, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/workers/config")).await
+    }
+
+    /// Waits up to `wait` for a task of one of `agents`; `None` when none came.
+    pub(crate) async fn lease(
+        &self,
+        agents: &[String],
+        wait: Duration,
+    ) -> Result<Option<TaskEnvelope>, ClientError> {
+        let body = LeaseRequest {
+            agents: agents.to_vec(),
+            wait_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let response = self
+            .send(self.request(reqwest::Method::POST, "/api/v1/tasks/lease").json(&body))
+            .await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let status = response.status();
+        let body = response.text().await.map_err(|err| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: describe(&err),
+        })?;
+        serde_json::from_str(&body).map(Some).map_err(|_| ClientError::Unexpected { status, body })
+    }
+
+    pub(crate) async fn worker_message(
+        &self,
+        message: &WorkerMessage,
+    ) -> Result<WorkerMessageAck, ClientError> {
+        self.json(self.request(reqwest::Method::POST, "/api/v1/worker-messages").json(message))
+            .await
+    }
+
+    pub(crate) async fn dead_letters(
+        &self,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<DeadLetterPage, ClientError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_owned()));
+        }
+        self.json(self.request(reqwest::Method::GET, "/api/v1/dlq").query(&query)).await
+    }
+
+    pub(crate) async fn redrive(&self, id: &str) -> Result<AttemptView, ClientError> {
+        let path = format!("/api/v1/dlq/{}/redrive", encode(id));
+        self.json(self.request(reqwest::Method::POST, &path)).await
+    }
+
+    pub(crate) async fn discard(&self, id: &str) -> Result<DeadLetterView, ClientError> {
+        let path = format!("/api/v1/dlq/{}/discard", encode(id));
         self.json(self.request(reqwest::Method::POST, &path)).await
     }
 

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod commands;
+mod http_bus;
 mod output;
 mod sse;
 mod target;

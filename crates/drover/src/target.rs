@@ -32,25 +32,47 @@ impl Target {
         config: &Config,
         mode: Mode,
     ) -> anyhow::Result<Self> {
+        match Self::find(global, config).await? {
+            Some(target) => Ok(target),
+            None => Self::embedded(config, mode, global.token.clone()).await,
+        }
+    }
+
+    /// Finds a running server; never starts one (a worker needs a server to work for).
+    pub(crate) async fn connect_existing(
+        global: &GlobalArgs,
+        config: &Config,
+    ) -> anyhow::Result<Self> {
+        Self::find(global, config).await?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no drover server to work for: start one with `drover serve` or `drover up`, \
+                 or pass --server"
+            )
+        })
+    }
+
+    /// `--server` (which must answer), else the data directory's server, else the
+    /// configured address if something answers there.
+    async fn find(global: &GlobalArgs, config: &Config) -> anyhow::Result<Option<Self>> {
         let token = global.token.clone();
         if let Some(url) = &global.server {
             let client = Client::new(url, token);
             if !client.is_up(Duration::from_secs(3)).await {
                 anyhow::bail!("cannot reach the drover server at {url} (is it running?)");
             }
-            return Ok(Self { client, embedded: None });
+            return Ok(Some(Self { client, embedded: None }));
         }
         if let Some(info) = ServerInfo::read(&config.data_dir) {
             let client = Client::new(&info.url, token.clone());
             if client.is_up(Duration::from_secs(2)).await {
-                return Ok(Self { client, embedded: None });
+                return Ok(Some(Self { client, embedded: None }));
             }
         }
-        let configured = Client::new(&format!("http://{}", config.server.listen), token.clone());
+        let configured = Client::new(&format!("http://{}", config.server.listen), token);
         if config.server.listen.port() != 0 && configured.is_up(Duration::from_millis(300)).await {
-            return Ok(Self { client: configured, embedded: None });
+            return Ok(Some(Self { client: configured, embedded: None }));
         }
-        Self::embedded(config, mode, token).await
+        Ok(None)
     }
 
     async fn embedded(config: &Config, mode: Mode, token: Option<String>) -> anyhow::Result<Self> {
