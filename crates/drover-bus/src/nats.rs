@@ -129,6 +129,20 @@ impl NatsBus {
     }
 
     async fn publish(&self, subject: String, payload: Vec<u8>) -> Result<u64, BusError> {
+        match self.publish_once(subject.clone(), payload.clone()).await {
+            // The stream is gone (the server lost its storage, or someone deleted it):
+            // create it again and retry once.
+            Err(BusError::Broker(message)) if message.contains("no stream") => {
+                tracing::warn!(%subject, "JetStream stream missing; recreating it");
+                self.tasks_stream().await?;
+                self.results_stream().await?;
+                self.publish_once(subject, payload).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(&self, subject: String, payload: Vec<u8>) -> Result<u64, BusError> {
         let ack = self.jetstream.publish(subject, payload.into()).await.map_err(broker)?;
         let ack = ack.await.map_err(|err| {
             if err.to_string().contains("maximum messages exceeded") {
@@ -170,6 +184,9 @@ impl NatsBus {
                         .stream()
                         .max_messages_per_batch(options.batch_size.max(1))
                         .expires(options.block_time)
+                        // Idle heartbeats from the server reveal a lost consumer (the
+                        // server restarted without its storage) within a few blocks.
+                        .heartbeat((options.block_time / 4).max(Duration::from_millis(50)))
                         .messages()
                         .await
                         .map_err(broker)
