@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use drover_bus::{TaskEnvelope, WorkerMessage};
-use drover_domain::{AgentType, ErrorCode, StageStatus};
+use drover_domain::{AgentType, ErrorCode};
 use futures::StreamExt;
 
 use crate::error::{ApiError, FieldError, Problem};
@@ -117,10 +117,8 @@ pub(crate) async fn worker_message(
     let cancel = match &message {
         WorkerMessage::Heartbeat { attempt_id, token, .. } => {
             match engine.store().attempt_by_id(*attempt_id).await? {
-                Some(attempt) => {
-                    attempt.fencing_token != *token
-                        || !matches!(attempt.status, StageStatus::Running | StageStatus::Dispatched)
-                }
+                // Still active under this token (its `Started` may not be committed yet).
+                Some(attempt) => attempt.fencing_token != *token || attempt.status.is_terminal(),
                 None => true,
             }
         }

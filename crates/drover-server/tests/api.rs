@@ -19,11 +19,16 @@ struct TestServer {
 
 impl TestServer {
     async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.proxy.listen = "127.0.0.1:0".parse().unwrap();
         config.engine.heartbeat_interval = Duration::from_millis(500);
+        tweak(&mut config);
         let server = Server::build(config, Mode::Full).await.expect("server builds");
         let url = server.url();
         let shutdown = CancellationToken::new();
@@ -395,5 +400,113 @@ async fn health_readiness_metrics_pipelines_and_openapi_answer() {
 
     let metrics = server.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("drover_http_requests_total"), "{metrics}");
+    server.stop().await;
+}
+
+/// Plays an external worker over HTTP: leases one task of `agent` and reports `result`.
+async fn work_one(server: &TestServer, agent: &str, result: Value) -> Value {
+    let response = server
+        .post_json("/api/v1/tasks/lease", json!({ "agents": [agent], "wait_ms": 10_000 }))
+        .await;
+    assert_eq!(response.status(), 200, "no {agent} task to lease");
+    let task: Value = response.json().await.unwrap();
+    let started = json!({ "type": "started", "attempt_id": task["task_id"], "token": task["fencing_token"], "worker_id": "test-worker" });
+    let answer = server.post_json("/api/v1/worker-messages", started).await;
+    assert_eq!(answer.status(), 202);
+    let mut finished = json!({ "type": "finished", "attempt_id": task["task_id"], "token": task["fencing_token"], "worker_id": "test-worker" });
+    finished["result"] = result;
+    assert_eq!(server.post_json("/api/v1/worker-messages", finished).await.status(), 202);
+    task
+}
+
+async fn attempts_of(server: &TestServer, run: &str) -> Vec<Value> {
+    let run: Value = server.get(&format!("/api/v1/runs/{run}")).await.json().await.unwrap();
+    run["attempts"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn an_always_failing_stage_lands_in_the_dlq_and_a_redrive_runs_it_again() {
+    let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
+    let run = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
+
+    // No worker serves `scaffold` yet: the run says it is waiting for one.
+    let waiting = attempts_of(&server, &run).await;
+    assert_eq!(waiting[0]["waiting_for_worker"], true, "{waiting:?}");
+
+    let failure = json!({ "status": "failed", "error": "the model is down", "retryable": true });
+    for attempt in 1..=3 {
+        let task = work_one(&server, "scaffold", failure.clone()).await;
+        assert_eq!(task["attempt"], attempt);
+    }
+    let run_view = server.wait_finished(&run).await;
+    assert_eq!(run_view["status"], "failed");
+    let letters: Value = server.get("/api/v1/dlq").await.json().await.unwrap();
+    let items = letters["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{letters}");
+    assert_eq!((items[0]["stage"].as_str(), items[0]["attempt"].as_u64()), (Some("scaffold"), Some(3)));
+    assert_eq!(items[0]["error"], "the model is down");
+    let letter = items[0]["id"].as_str().unwrap().to_owned();
+
+    let redriven = server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
+    assert_eq!(redriven.status(), 200);
+    let retry: Value = redriven.json().await.unwrap();
+    assert_eq!(retry["attempt"], 4);
+    let dlq: Value = server.get("/api/v1/dlq").await.json().await.unwrap();
+    assert_eq!(dlq["items"], json!([]), "redriven letters leave the queue");
+    let again = server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
+    assert_problem(again, 409, "not_dead_lettered").await;
+
+    // This time every stage succeeds and the run completes.
+    for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
+        work_one(&server, stage, json!({ "status": "succeeded", "output": { "stage": stage } })).await;
+    }
+    let done = server.wait_finished(&run).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dlq_ids_that_do_not_exist_or_are_not_dead_letters_are_refused() {
+    let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
+    let missing = "01a2001a-39f1-7541-b586-cc5e4504a789";
+    let redrive = server.http.post(server.at(&format!("/api/v1/dlq/{missing}/redrive"))).send().await.unwrap();
+    assert_problem(redrive, 404, "dead_letter_not_found").await;
+    let garbage = server.http.post(server.at("/api/v1/dlq/garbage/discard")).send().await.unwrap();
+    assert_problem(garbage, 404, "dead_letter_not_found").await;
+
+    let run = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
+    let pending = attempts_of(&server, &run).await[0]["id"].as_str().unwrap().to_owned();
+    let discard = server.http.post(server.at(&format!("/api/v1/dlq/{pending}/discard"))).send().await.unwrap();
+    assert_problem(discard, 409, "not_dead_lettered").await;
+    assert_problem(server.get("/api/v1/dlq?limit=0").await, 400, "invalid_query").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_for_a_cancelled_attempt_is_told_to_stop() {
+    let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
+    let run = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
+    let lease = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["scaffold"], "wait_ms": 10_000 })).await;
+    let task: Value = lease.json().await.unwrap();
+    let ids = json!({ "attempt_id": task["task_id"], "token": task["fencing_token"], "worker_id": "w" });
+    let mut started = ids.clone();
+    started["type"] = json!("started");
+    server.post_json("/api/v1/worker-messages", started).await;
+
+    let mut heartbeat = ids.clone();
+    heartbeat["type"] = json!("heartbeat");
+    let ack: Value = server.post_json("/api/v1/worker-messages", heartbeat.clone()).await.json().await.unwrap();
+    assert_eq!(ack["cancel"], false);
+
+    server.http.post(server.at(&format!("/api/v1/runs/{run}/cancel"))).send().await.unwrap();
+    let ack: Value = server.post_json("/api/v1/worker-messages", heartbeat).await.json().await.unwrap();
+    assert_eq!(ack["cancel"], true);
+
+    let workers: Value = server.get("/api/v1/workers").await.json().await.unwrap();
+    assert_eq!(workers["items"], json!([]), "a server without embedded workers has none");
+    let nothing = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["deploy"], "wait_ms": 100 })).await;
+    assert_eq!(nothing.status(), 204);
+    let bad = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["Not Valid"] })).await;
+    assert_problem(bad, 422, "validation_failed").await;
     server.stop().await;
 }
