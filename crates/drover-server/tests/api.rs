@@ -443,22 +443,28 @@ async fn an_always_failing_stage_lands_in_the_dlq_and_a_redrive_runs_it_again() 
     let letters: Value = server.get("/api/v1/dlq").await.json().await.unwrap();
     let items = letters["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{letters}");
-    assert_eq!((items[0]["stage"].as_str(), items[0]["attempt"].as_u64()), (Some("scaffold"), Some(3)));
+    assert_eq!(
+        (items[0]["stage"].as_str(), items[0]["attempt"].as_u64()),
+        (Some("scaffold"), Some(3))
+    );
     assert_eq!(items[0]["error"], "the model is down");
     let letter = items[0]["id"].as_str().unwrap().to_owned();
 
-    let redriven = server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
+    let redriven =
+        server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
     assert_eq!(redriven.status(), 200);
     let retry: Value = redriven.json().await.unwrap();
     assert_eq!(retry["attempt"], 4);
     let dlq: Value = server.get("/api/v1/dlq").await.json().await.unwrap();
     assert_eq!(dlq["items"], json!([]), "redriven letters leave the queue");
-    let again = server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
+    let again =
+        server.http.post(server.at(&format!("/api/v1/dlq/{letter}/redrive"))).send().await.unwrap();
     assert_problem(again, 409, "not_dead_lettered").await;
 
     // This time every stage succeeds and the run completes.
     for stage in ["scaffold", "validate", "e2e", "integration", "deploy"] {
-        work_one(&server, stage, json!({ "status": "succeeded", "output": { "stage": stage } })).await;
+        work_one(&server, stage, json!({ "status": "succeeded", "output": { "stage": stage } }))
+            .await;
     }
     let done = server.wait_finished(&run).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -469,14 +475,24 @@ async fn an_always_failing_stage_lands_in_the_dlq_and_a_redrive_runs_it_again() 
 async fn dlq_ids_that_do_not_exist_or_are_not_dead_letters_are_refused() {
     let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
     let missing = "01a2001a-39f1-7541-b586-cc5e4504a789";
-    let redrive = server.http.post(server.at(&format!("/api/v1/dlq/{missing}/redrive"))).send().await.unwrap();
+    let redrive = server
+        .http
+        .post(server.at(&format!("/api/v1/dlq/{missing}/redrive")))
+        .send()
+        .await
+        .unwrap();
     assert_problem(redrive, 404, "dead_letter_not_found").await;
     let garbage = server.http.post(server.at("/api/v1/dlq/garbage/discard")).send().await.unwrap();
     assert_problem(garbage, 404, "dead_letter_not_found").await;
 
     let run = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
     let pending = attempts_of(&server, &run).await[0]["id"].as_str().unwrap().to_owned();
-    let discard = server.http.post(server.at(&format!("/api/v1/dlq/{pending}/discard"))).send().await.unwrap();
+    let discard = server
+        .http
+        .post(server.at(&format!("/api/v1/dlq/{pending}/discard")))
+        .send()
+        .await
+        .unwrap();
     assert_problem(discard, 409, "not_dead_lettered").await;
     assert_problem(server.get("/api/v1/dlq?limit=0").await, 400, "invalid_query").await;
     server.stop().await;
@@ -486,25 +502,32 @@ async fn dlq_ids_that_do_not_exist_or_are_not_dead_letters_are_refused() {
 async fn a_heartbeat_for_a_cancelled_attempt_is_told_to_stop() {
     let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
     let run = server.submit("Hello World API").await["id"].as_str().unwrap().to_owned();
-    let lease = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["scaffold"], "wait_ms": 10_000 })).await;
+    let lease = server
+        .post_json("/api/v1/tasks/lease", json!({ "agents": ["scaffold"], "wait_ms": 10_000 }))
+        .await;
     let task: Value = lease.json().await.unwrap();
-    let ids = json!({ "attempt_id": task["task_id"], "token": task["fencing_token"], "worker_id": "w" });
+    let ids =
+        json!({ "attempt_id": task["task_id"], "token": task["fencing_token"], "worker_id": "w" });
     let mut started = ids.clone();
     started["type"] = json!("started");
     server.post_json("/api/v1/worker-messages", started).await;
 
     let mut heartbeat = ids.clone();
     heartbeat["type"] = json!("heartbeat");
-    let ack: Value = server.post_json("/api/v1/worker-messages", heartbeat.clone()).await.json().await.unwrap();
+    let ack: Value =
+        server.post_json("/api/v1/worker-messages", heartbeat.clone()).await.json().await.unwrap();
     assert_eq!(ack["cancel"], false);
 
     server.http.post(server.at(&format!("/api/v1/runs/{run}/cancel"))).send().await.unwrap();
-    let ack: Value = server.post_json("/api/v1/worker-messages", heartbeat).await.json().await.unwrap();
+    let ack: Value =
+        server.post_json("/api/v1/worker-messages", heartbeat).await.json().await.unwrap();
     assert_eq!(ack["cancel"], true);
 
     let workers: Value = server.get("/api/v1/workers").await.json().await.unwrap();
     assert_eq!(workers["items"], json!([]), "a server without embedded workers has none");
-    let nothing = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["deploy"], "wait_ms": 100 })).await;
+    let nothing = server
+        .post_json("/api/v1/tasks/lease", json!({ "agents": ["deploy"], "wait_ms": 100 }))
+        .await;
     assert_eq!(nothing.status(), 204);
     let bad = server.post_json("/api/v1/tasks/lease", json!({ "agents": ["Not Valid"] })).await;
     assert_problem(bad, 422, "validation_failed").await;

@@ -165,8 +165,6 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
-        let data_dir = dir.join(".drover");
-        let _ = std::fs::remove_file(data_dir.join("server.json"));
         let mut command = drover(dir);
         command
             .args(["up", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"])
@@ -175,6 +173,13 @@ impl Up {
         for (key, value) in extra_env {
             command.env(key, value);
         }
+        Self::spawn(dir, command)
+    }
+
+    /// Starts a server command and waits until it publishes its address.
+    fn spawn(dir: &Path, mut command: Command) -> Self {
+        let data_dir = dir.join(".drover");
+        let _ = std::fs::remove_file(data_dir.join("server.json"));
         let child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = loop {
@@ -357,4 +362,74 @@ fn a_sigkilled_server_resumes_the_run_without_rerunning_completed_stages() {
     assert!(e2e[0]["error"].as_str().unwrap().contains("lease expired"));
     let status = up.interrupt();
     assert!(status.success());
+}
+
+#[test]
+fn an_external_worker_over_http_runs_a_stage_that_was_waiting_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = drover(dir.path());
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"])
+        .env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "500ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = Up::spawn(dir.path(), serve);
+
+    let submitted = run_ok(drover(dir.path()).args(["run", "--detach", "Static Site"]));
+    let id = stdout(&submitted).trim().to_owned();
+    let run: Value =
+        http().get(format!("{}/api/v1/runs/{id}", server.url)).send().unwrap().json().unwrap();
+    assert_eq!(run["attempts"][0]["waiting_for_worker"], true, "{run}");
+    let none = stdout(&run_ok(drover(dir.path()).args(["workers"])));
+    assert_eq!(none.lines().count(), 1, "only the header: {none}");
+
+    let mut worker = drover(dir.path())
+        .args(["worker", "--agent", "all"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = loop {
+        let run: Value =
+            http().get(format!("{}/api/v1/runs/{id}", server.url)).send().unwrap().json().unwrap();
+        if run["status"] == "succeeded" || run["status"] == "failed" {
+            break run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not proceed once a worker registered: {run}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let worker_id = finished["attempts"][0]["worker_id"].as_str().unwrap().to_owned();
+    assert!(worker_id.ends_with(&format!("-{}", worker.id())), "{worker_id}");
+    let listed = stdout(&run_ok(drover(dir.path()).args(["workers"])));
+    assert!(
+        listed.contains(&worker_id) && listed.contains("live") && listed.contains("external"),
+        "{listed}"
+    );
+
+    kill(Pid::from_raw(worker.id() as i32), Signal::SIGINT).unwrap();
+    assert!(worker.wait().unwrap().success());
+    let listed: Value =
+        serde_json::from_slice(&run_ok(drover(dir.path()).args(["--json", "workers"])).stdout)
+            .unwrap();
+    assert_eq!(listed["items"][0]["status"], "gone", "{listed}");
+    assert!(server.interrupt().success());
+}
+
+#[test]
+fn a_worker_without_a_server_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = drover(dir.path()).args(["worker", "--agent", "scaffold"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("no drover server to work for"), "{}", stderr(&output));
+    let output = drover(dir.path())
+        .args(["worker", "--agent", "nope", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("cannot reach"), "{}", stderr(&output));
 }
