@@ -8,6 +8,7 @@
 //! lock on it and records where the server listens in `server.json`, which is how the CLI
 //! finds a running server for a data directory.
 
+pub mod bench;
 mod data_dir;
 mod telemetry;
 

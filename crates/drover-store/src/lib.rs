@@ -120,6 +120,29 @@ pub enum CompletionOutcome {
     Stale { reason: String },
 }
 
+/// One of the writes workers cause, for [`Store::apply`].
+#[derive(Debug, Clone)]
+pub enum WorkerCommand {
+    Start(StartAttempt),
+    Renew { attempt: AttemptId, token: FencingToken, lease_until: Timestamp, now: Timestamp },
+    Complete(Completion),
+    Release { attempt: AttemptId, token: FencingToken, now: Timestamp },
+    Seen { worker: WorkerId, profile: WorkerProfile, now: Timestamp },
+    Gone { worker: WorkerId, now: Timestamp },
+}
+
+/// What a [`WorkerCommand`] did, in the order the commands were given.
+#[derive(Debug, Clone)]
+pub enum CommandOutcome {
+    Started(StartOutcome),
+    /// `false`: the lease was not extended (stale token, attempt no longer running).
+    Renewed(bool),
+    Completed(CompletionOutcome),
+    /// `false`: nothing was handed back.
+    Released(bool),
+    Recorded,
+}
+
 /// The result of cancelling a run: the run and the attempts that were stopped.
 #[derive(Debug, Clone)]
 pub struct CancelledRun {
@@ -274,6 +297,15 @@ pub trait Store: Send + Sync + 'static {
         completion: Completion,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<CompletionOutcome>;
+
+    /// Applies a batch of worker-caused writes in one transaction, in order (group commit:
+    /// one commit for many messages). Each command behaves as its single-write method.
+    /// On a database error nothing of the batch is written.
+    async fn apply(
+        &self,
+        commands: Vec<WorkerCommand>,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<Vec<CommandOutcome>>;
 
     /// All projects: running attempts whose lease ran out before `now`.
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;

@@ -21,12 +21,12 @@ use serde_json::json;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Connection, Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, broadcast};
 
 use crate::{
-    CancelledRun, Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery,
-    StartAttempt, StartOutcome, Store, StoreError, StoreResult,
+    CancelledRun, CommandOutcome, Completion, CompletionOutcome, DeadLetterQuery, EventQuery,
+    NewRun, RunQuery, StartAttempt, StartOutcome, Store, StoreError, StoreResult, WorkerCommand,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -47,12 +47,12 @@ pub struct SqliteStoreOptions {
 /// The SQLite implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    /// The one connection that writes. Held from a write transaction's start until its
+    /// events are published, so subscribers receive events in sequence order; holding it
+    /// (rather than taking it from a pool each time) saves a round trip per transaction.
+    writer: Arc<Mutex<SqliteConnection>>,
     reader: SqlitePool,
     events: broadcast::Sender<Event>,
-    /// Held from a write transaction's start until its events are published, so that
-    /// subscribers receive events in exactly the order of their sequence numbers.
-    write_order: Arc<Mutex<()>>,
 }
 
 macro_rules! run_columns {
@@ -96,25 +96,45 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(options.busy_timeout);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(connect.clone())
+        let mut writer = SqliteConnection::connect_with(&connect)
             .await
             .map_err(|err| open_error(err.to_string()))?;
-        migrate(&writer).await?;
+        migrate(&mut writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
             .connect_with(connect.read_only(true))
             .await
             .map_err(|err| open_error(err.to_string()))?;
         let (events, _) = broadcast::channel(EVENT_FEED_CAPACITY);
-        Ok(Self { writer, reader, events, write_order: Arc::new(Mutex::new(())) })
+        Ok(Self { writer: Arc::new(Mutex::new(writer)), reader, events })
     }
 
-    /// Closes both pools, waiting for in-flight statements.
+    /// Closes the read pool and checkpoints the journal; the writer closes when the last
+    /// clone of the store is dropped.
     pub async fn close(&self) {
-        self.writer.close().await;
         self.reader.close().await;
+        let mut writer = self.writer.lock().await;
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *writer).await
+        {
+            tracing::debug!(error = %err, "checkpoint on close failed");
+        }
+    }
+
+    /// Runs one write in its own transaction on the writer, appends the events it
+    /// produced, commits, then publishes them.
+    async fn write_one<T>(
+        &self,
+        now: Timestamp,
+        write: impl AsyncFnOnce(&mut SqliteConnection, &mut Vec<NewEvent>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let mut events = Vec::new();
+        let value = write(&mut tx, &mut events).await?;
+        let stored = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(stored);
+        Ok(value)
     }
 
     fn publish(&self, events: Vec<Event>) {
@@ -125,8 +145,8 @@ impl SqliteStore {
     }
 }
 
-async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
-    match MIGRATOR.run(pool).await {
+async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
+    match MIGRATOR.run(conn).await {
         Ok(()) => Ok(()),
         Err(sqlx::migrate::MigrateError::VersionMissing(version)) => Err(StoreError::SchemaTooNew(
             format!("database has migration {version} this binary lacks"),
@@ -138,7 +158,6 @@ async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run> {
-        let _ordered = self.write_order.lock().await;
         let first_stage = new.pipeline.stages.first().ok_or_else(|| {
             StoreError::Corrupt(format!("pipeline `{}` has no stages", new.pipeline.name))
         })?;
@@ -155,7 +174,8 @@ impl Store for SqliteStore {
             started_at: None,
             finished_at: None,
         };
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO runs (",
             run_columns!(),
@@ -231,8 +251,8 @@ impl Store for SqliteStore {
         reason: &str,
         now: Timestamp,
     ) -> StoreResult<CancelledRun> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let mut run =
             fetch_run(&mut *tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
         if run.status.is_terminal() {
@@ -298,7 +318,7 @@ impl Store for SqliteStore {
 
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.writer,
+            &self.reader,
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -366,22 +386,30 @@ impl Store for SqliteStore {
         if attempts.is_empty() {
             return Ok(());
         }
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
-        let mut events = Vec::with_capacity(attempts.len());
+        // One statement for the batch: each attempt gets its own message id via CASE.
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ",
+        );
+        sql.push_bind(now.as_millis()).push(", bus_message_id = CASE id");
         for (id, message_id) in attempts {
-            let row: Option<AttemptRow> = sqlx::query_as(concat!(
-                "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ?, ",
-                "bus_message_id = ? WHERE id = ? AND status = 'pending' RETURNING ",
-                attempt_columns!()
-            ))
-            .bind(now.as_millis())
-            .bind(message_id)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-            // Already started (the worker was quicker than this commit) or cancelled.
-            let Some(row) = row else { continue };
+            sql.push(" WHEN ")
+                .push_bind(id.to_string())
+                .push(" THEN ")
+                .push_bind(message_id.clone());
+        }
+        sql.push(" END WHERE status = 'pending' AND id IN (");
+        let mut ids = sql.separated(", ");
+        for (id, _) in attempts {
+            ids.push_bind(id.to_string());
+        }
+        sql.push(") RETURNING ").push(attempt_columns!());
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        // Already started (the worker was quicker than this commit) or cancelled ones
+        // are left alone by the WHERE clause.
+        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&mut *tx).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
             let attempt = StageAttempt::try_from(row)?;
             events.push(NewEvent {
                 project_id: attempt.project_id.clone(),
@@ -392,6 +420,10 @@ impl Store for SqliteStore {
                 correlation_id: None,
             });
         }
+        // RETURNING gives no order; keep the events in dispatch order.
+        let order: std::collections::HashMap<AttemptId, usize> =
+            attempts.iter().enumerate().map(|(n, (id, _))| (*id, n)).collect();
+        events.sort_by_key(|event| event.attempt_id.and_then(|id| order.get(&id).copied()));
         let events = append_events(&mut tx, events, now).await?;
         tx.commit().await?;
         self.publish(events);
@@ -404,7 +436,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.writer,
+            &self.reader,
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -430,7 +462,7 @@ impl Store for SqliteStore {
         .bind(message_id)
         .bind(now.as_millis())
         .bind(attempt.to_string())
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -462,8 +494,8 @@ impl Store for SqliteStore {
         pipelines: &PipelineCatalog,
         now: Timestamp,
     ) -> StoreResult<StageAttempt> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let letter = dead_letter(&mut tx, project, attempt_id).await?;
         let mut run = fetch_run(&mut *tx, project, letter.run_id)
             .await?
@@ -503,8 +535,8 @@ impl Store for SqliteStore {
         attempt_id: AttemptId,
         now: Timestamp,
     ) -> StoreResult<StageAttempt> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let letter = dead_letter(&mut tx, project, attempt_id).await?;
         set_dlq_resolution(&mut tx, attempt_id, "discarded").await?;
         let events = vec![dlq_event(&letter, EventKind::DlqDiscarded, json!({}))];
@@ -520,72 +552,17 @@ impl Store for SqliteStore {
         profile: &WorkerProfile,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let agents = serde_json::to_string(&profile.agents).unwrap_or_else(|_| "[]".to_owned());
-        // The common case, a heartbeat of a live worker, is one statement and no event.
-        let refreshed = sqlx::query(
-            "UPDATE workers SET last_seen_at = ?, agents = ?, version = ?, hostname = ?, \
-             concurrency = ?, kind = ? WHERE id = ? AND status = 'live'",
-        )
-        .bind(now.as_millis())
-        .bind(&agents)
-        .bind(&profile.version)
-        .bind(&profile.hostname)
-        .bind(i64::from(profile.concurrency))
-        .bind(&profile.kind)
-        .bind(worker.as_str())
-        .execute(&self.writer)
-        .await?;
-        if refreshed.rows_affected() == 1 {
-            return Ok(());
-        }
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
-        sqlx::query(
-            "INSERT INTO workers (id, agents, version, hostname, concurrency, kind, status, \
-             registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, 'live', ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET agents = excluded.agents, version = excluded.version, \
-             hostname = excluded.hostname, concurrency = excluded.concurrency, \
-             kind = excluded.kind, status = 'live', last_seen_at = excluded.last_seen_at",
-        )
-        .bind(worker.as_str())
-        .bind(&agents)
-        .bind(&profile.version)
-        .bind(&profile.hostname)
-        .bind(i64::from(profile.concurrency))
-        .bind(&profile.kind)
-        .bind(now.as_millis())
-        .bind(now.as_millis())
-        .execute(&mut *tx)
-        .await?;
-        let event = worker_event(worker, EventKind::WorkerJoined, json!({ "profile": profile }));
-        let events = append_events(&mut tx, vec![event], now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(())
+        self.write_one(now, async |tx, events| seen_in(tx, worker, profile, now, events).await)
+            .await
     }
 
     async fn worker_gone(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<()> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE workers SET status = 'gone', last_seen_at = ? WHERE id = ? AND status <> 'gone'",
-        )
-        .bind(now.as_millis())
-        .bind(worker.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 1 {
-            let event = worker_event(worker, EventKind::WorkerLeft, json!({}));
-            let events = append_events(&mut tx, vec![event], now).await?;
-            tx.commit().await?;
-            self.publish(events);
-        }
-        Ok(())
+        self.write_one(now, async |tx, events| gone_in(tx, worker, now, events).await).await
     }
 
     async fn mark_lost_workers(&self, silent_since: Timestamp, now: Timestamp) -> StoreResult<u64> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let lost: Vec<(String,)> = sqlx::query_as(
             "UPDATE workers SET status = 'lost' WHERE status = 'live' AND last_seen_at < ? \
              RETURNING id",
@@ -616,8 +593,8 @@ impl Store for SqliteStore {
     }
 
     async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
             "UPDATE stage_attempts SET status = 'pending', dispatched_at = NULL ",
             "WHERE status = 'dispatched' RETURNING ",
@@ -652,53 +629,8 @@ impl Store for SqliteStore {
         start: StartAttempt,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<StartOutcome> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut *tx, start.attempt_id).await? else {
-            return Ok(StartOutcome::Rejected { reason: "no such attempt".to_owned() });
-        };
-        if attempt.fencing_token != start.token {
-            return Ok(StartOutcome::Rejected {
-                reason: format!(
-                    "stale fencing token {} (current {})",
-                    start.token, attempt.fencing_token
-                ),
-            });
-        }
-        if !matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched) {
-            return Ok(StartOutcome::Rejected { reason: format!("attempt is {}", attempt.status) });
-        }
-        let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
-            .await?
-            .ok_or(StoreError::RunNotFound(attempt.run_id))?;
-        let timeout = pipelines
-            .get(run.pipeline.as_str())
-            .and_then(|p| p.stage(attempt.stage_index))
-            .map_or(Duration::from_secs(3600), |spec| spec.timeout);
-
-        attempt.status = attempt.status.become_(StageStatus::Running)?;
-        attempt.worker_id = Some(start.worker_id.clone());
-        attempt.started_at = Some(start.now);
-        attempt.lease_expires_at = Some(start.lease_until);
-        attempt.deadline_at = Some(start.now.plus(timeout));
-        update_attempt(&mut tx, &attempt).await?;
-        let mut events = Vec::new();
-        if run.status == RunStatus::Queued {
-            run.status = run.status.become_(RunStatus::Running)?;
-            run.started_at = Some(start.now);
-            run.updated_at = start.now;
-            update_run(&mut tx, &run).await?;
-            events.push(run_event(&run, json!({})));
-        }
-        events.push(attempt_event(
-            &attempt,
-            &run.correlation_id,
-            json!({ "worker_id": start.worker_id }),
-        ));
-        let events = append_events(&mut tx, events, start.now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(StartOutcome::Started(attempt))
+        let now = start.now;
+        self.write_one(now, async |tx, events| start_in(tx, &start, pipelines, events).await).await
     }
 
     async fn renew_lease(
@@ -707,16 +639,7 @@ impl Store for SqliteStore {
         token: FencingToken,
         lease_until: Timestamp,
     ) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE stage_attempts SET lease_expires_at = ? \
-             WHERE id = ? AND fencing_token = ? AND status = 'running'",
-        )
-        .bind(lease_until.as_millis())
-        .bind(attempt.to_string())
-        .bind(token.0)
-        .execute(&self.writer)
-        .await?;
-        Ok(result.rows_affected() == 1)
+        renew_in(&mut *self.writer.lock().await, attempt, token, lease_until).await
     }
 
     async fn release_attempt(
@@ -725,34 +648,8 @@ impl Store for SqliteStore {
         token: FencingToken,
         now: Timestamp,
     ) -> StoreResult<bool> {
-        let _ordered = self.write_order.lock().await;
-        let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut *tx, attempt_id).await? else {
-            return Ok(false);
-        };
-        if attempt.fencing_token != token || attempt.status != StageStatus::Running {
-            return Ok(false);
-        }
-        attempt.status = attempt.status.become_(StageStatus::Pending)?;
-        attempt.fencing_token = attempt.fencing_token.next();
-        attempt.worker_id = None;
-        attempt.lease_expires_at = None;
-        attempt.deadline_at = None;
-        attempt.started_at = None;
-        attempt.available_at = now;
-        update_attempt(&mut tx, &attempt).await?;
-        let event = NewEvent {
-            project_id: attempt.project_id.clone(),
-            run_id: Some(attempt.run_id),
-            attempt_id: Some(attempt.id),
-            kind: EventKind::Stage(StageStatus::Pending),
-            payload: attempt_payload(&attempt, json!({ "reason": "handed back by its worker" })),
-            correlation_id: None,
-        };
-        let events = append_events(&mut tx, vec![event], now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(true)
+        self.write_one(now, async |tx, events| release_in(tx, attempt_id, token, now, events).await)
+            .await
     }
 
     async fn complete_attempt(
@@ -760,105 +657,65 @@ impl Store for SqliteStore {
         completion: Completion,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<CompletionOutcome> {
-        let _ordered = self.write_order.lock().await;
         let now = completion.now;
-        let mut tx = self.writer.begin().await?;
-        let Some(mut attempt) = fetch_attempt(&mut *tx, completion.attempt_id).await? else {
-            return Ok(CompletionOutcome::Stale { reason: "no such attempt".to_owned() });
-        };
-        if attempt.fencing_token != completion.token {
-            return Ok(CompletionOutcome::Stale {
-                reason: format!(
-                    "stale fencing token {} (current {})",
-                    completion.token, attempt.fencing_token
-                ),
-            });
-        }
-        if attempt.status != StageStatus::Running {
-            return Ok(CompletionOutcome::Stale {
-                reason: format!("attempt is {}", attempt.status),
-            });
-        }
-        let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
-            .await?
-            .ok_or(StoreError::RunNotFound(attempt.run_id))?;
-        let Some(pipeline) = pipelines.get(run.pipeline.as_str()) else {
-            return Err(StoreError::Corrupt(format!(
-                "run {} follows pipeline `{}`, which this server does not know",
-                run.id, run.pipeline
-            )));
-        };
-        let decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
+        self.write_one(now, async |tx, events| {
+            complete_in(tx, &completion, pipelines, events).await
+        })
+        .await
+    }
 
-        attempt.status = attempt.status.become_(decision.attempt_status)?;
-        attempt.error = decision.attempt_error.clone();
-        attempt.finished_at = Some(now);
-        attempt.lease_expires_at = None;
-        if let Outcome::Succeeded { output } = &completion.outcome {
-            attempt.output = Some(output.clone());
-        }
-        update_attempt(&mut tx, &attempt).await?;
-        let detail = match &completion.outcome {
-            Outcome::Succeeded { output } => json!({ "output": output }),
-            _ => json!({ "error": attempt.error }),
-        };
-        let mut events = vec![attempt_event(&attempt, &run.correlation_id, detail)];
-
-        let mut next = None;
-        match decision.next {
-            NextStep::Stage { index } => {
-                let spec = pipeline.stage(index).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "pipeline `{}` has no stage {index}",
-                        pipeline.name
-                    ))
-                })?;
-                let created = insert_attempt(&mut tx, &run, index, spec, 1, now, now).await?;
-                events.push(attempt_event(&created, &run.correlation_id, json!({})));
-                next = Some(created);
-            }
-            NextStep::Retry { attempt: number, available_at } => {
-                let spec = pipeline.stage(attempt.stage_index).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "pipeline `{}` has no stage {}",
-                        pipeline.name, attempt.stage_index
-                    ))
-                })?;
-                let created = insert_attempt(
-                    &mut tx,
-                    &run,
-                    attempt.stage_index,
-                    spec,
-                    number,
-                    available_at,
+    async fn apply(
+        &self,
+        commands: Vec<WorkerCommand>,
+        pipelines: &PipelineCatalog,
+    ) -> StoreResult<Vec<CommandOutcome>> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let mut outcomes = Vec::with_capacity(commands.len());
+        let mut events = Vec::new();
+        let mut latest = Timestamp::from_millis(0);
+        for command in commands {
+            let (outcome, now) = match command {
+                WorkerCommand::Start(start) => {
+                    let outcome = start_in(&mut tx, &start, pipelines, &mut events).await?;
+                    (CommandOutcome::Started(outcome), start.now)
+                }
+                WorkerCommand::Renew { attempt, token, lease_until, now } => (
+                    CommandOutcome::Renewed(renew_in(&mut tx, attempt, token, lease_until).await?),
                     now,
-                )
-                .await?;
-                events.push(attempt_event(
-                    &created,
-                    &run.correlation_id,
-                    json!({ "retry_of": attempt.id, "available_at": available_at }),
-                ));
-                next = Some(created);
-            }
-            NextStep::FinishRun { status, error } => {
-                run.status = run.status.become_(status)?;
-                run.error.clone_from(&error);
-                run.updated_at = now;
-                run.finished_at = Some(now);
-                update_run(&mut tx, &run).await?;
-                events.push(run_event(&run, json!({ "error": error })));
-            }
+                ),
+                WorkerCommand::Complete(completion) => {
+                    let outcome = complete_in(&mut tx, &completion, pipelines, &mut events).await?;
+                    (CommandOutcome::Completed(outcome), completion.now)
+                }
+                WorkerCommand::Release { attempt, token, now } => (
+                    CommandOutcome::Released(
+                        release_in(&mut tx, attempt, token, now, &mut events).await?,
+                    ),
+                    now,
+                ),
+                WorkerCommand::Seen { worker, profile, now } => {
+                    seen_in(&mut tx, &worker, &profile, now, &mut events).await?;
+                    (CommandOutcome::Recorded, now)
+                }
+                WorkerCommand::Gone { worker, now } => {
+                    gone_in(&mut tx, &worker, now, &mut events).await?;
+                    (CommandOutcome::Recorded, now)
+                }
+            };
+            latest = latest.max(now);
+            outcomes.push(outcome);
         }
-        let events = append_events(&mut tx, events, now).await?;
+        // One insert for the whole batch's events, in command order.
+        let stored = append_events(&mut tx, events, latest).await?;
         tx.commit().await?;
-        self.publish(events);
-        Ok(CompletionOutcome::Applied { attempt, run, next })
+        self.publish(stored);
+        Ok(outcomes)
     }
 
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.writer,
+            &self.reader,
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -872,7 +729,7 @@ impl Store for SqliteStore {
 
     async fn overdue_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.writer,
+            &self.reader,
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -905,6 +762,256 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+}
+
+/// Starts an attempt for a worker if its token is current and it is still waiting.
+async fn start_in(
+    tx: &mut SqliteConnection,
+    start: &StartAttempt,
+    pipelines: &PipelineCatalog,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<StartOutcome> {
+    let Some(mut attempt) = fetch_attempt(&mut *tx, start.attempt_id).await? else {
+        return Ok(StartOutcome::Rejected { reason: "no such attempt".to_owned() });
+    };
+    if attempt.fencing_token != start.token {
+        return Ok(StartOutcome::Rejected {
+            reason: format!(
+                "stale fencing token {} (current {})",
+                start.token, attempt.fencing_token
+            ),
+        });
+    }
+    if !matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched) {
+        return Ok(StartOutcome::Rejected { reason: format!("attempt is {}", attempt.status) });
+    }
+    let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
+        .await?
+        .ok_or(StoreError::RunNotFound(attempt.run_id))?;
+    let timeout = pipelines
+        .get(run.pipeline.as_str())
+        .and_then(|p| p.stage(attempt.stage_index))
+        .map_or(Duration::from_secs(3600), |spec| spec.timeout);
+
+    attempt.status = attempt.status.become_(StageStatus::Running)?;
+    attempt.worker_id = Some(start.worker_id.clone());
+    attempt.started_at = Some(start.now);
+    attempt.lease_expires_at = Some(start.lease_until);
+    attempt.deadline_at = Some(start.now.plus(timeout));
+    update_attempt(tx, &attempt).await?;
+    if run.status == RunStatus::Queued {
+        run.status = run.status.become_(RunStatus::Running)?;
+        run.started_at = Some(start.now);
+        run.updated_at = start.now;
+        update_run(tx, &run).await?;
+        events.push(run_event(&run, json!({})));
+    }
+    events.push(attempt_event(
+        &attempt,
+        &run.correlation_id,
+        json!({ "worker_id": start.worker_id }),
+    ));
+    Ok(StartOutcome::Started(attempt))
+}
+
+/// Extends a running attempt's lease if the token is current.
+async fn renew_in(
+    tx: &mut SqliteConnection,
+    attempt: AttemptId,
+    token: FencingToken,
+    lease_until: Timestamp,
+) -> StoreResult<bool> {
+    let result = sqlx::query(
+        "UPDATE stage_attempts SET lease_expires_at = ? \
+         WHERE id = ? AND fencing_token = ? AND status = 'running'",
+    )
+    .bind(lease_until.as_millis())
+    .bind(attempt.to_string())
+    .bind(token.0)
+    .execute(tx)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Hands a running attempt back: pending again, with a new fencing token.
+async fn release_in(
+    tx: &mut SqliteConnection,
+    attempt_id: AttemptId,
+    token: FencingToken,
+    now: Timestamp,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<bool> {
+    let Some(mut attempt) = fetch_attempt(&mut *tx, attempt_id).await? else {
+        return Ok(false);
+    };
+    if attempt.fencing_token != token || attempt.status != StageStatus::Running {
+        return Ok(false);
+    }
+    attempt.status = attempt.status.become_(StageStatus::Pending)?;
+    attempt.fencing_token = attempt.fencing_token.next();
+    attempt.worker_id = None;
+    attempt.lease_expires_at = None;
+    attempt.deadline_at = None;
+    attempt.started_at = None;
+    attempt.available_at = now;
+    update_attempt(tx, &attempt).await?;
+    events.push(NewEvent {
+        project_id: attempt.project_id.clone(),
+        run_id: Some(attempt.run_id),
+        attempt_id: Some(attempt.id),
+        kind: EventKind::Stage(StageStatus::Pending),
+        payload: attempt_payload(&attempt, json!({ "reason": "handed back by its worker" })),
+        correlation_id: None,
+    });
+    Ok(true)
+}
+
+/// Commits the end of an attempt, fenced by its token, and everything it causes.
+async fn complete_in(
+    tx: &mut SqliteConnection,
+    completion: &Completion,
+    pipelines: &PipelineCatalog,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<CompletionOutcome> {
+    let now = completion.now;
+    let Some(mut attempt) = fetch_attempt(&mut *tx, completion.attempt_id).await? else {
+        return Ok(CompletionOutcome::Stale { reason: "no such attempt".to_owned() });
+    };
+    if attempt.fencing_token != completion.token {
+        return Ok(CompletionOutcome::Stale {
+            reason: format!(
+                "stale fencing token {} (current {})",
+                completion.token, attempt.fencing_token
+            ),
+        });
+    }
+    if attempt.status != StageStatus::Running {
+        return Ok(CompletionOutcome::Stale { reason: format!("attempt is {}", attempt.status) });
+    }
+    let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
+        .await?
+        .ok_or(StoreError::RunNotFound(attempt.run_id))?;
+    let Some(pipeline) = pipelines.get(run.pipeline.as_str()) else {
+        return Err(StoreError::Corrupt(format!(
+            "run {} follows pipeline `{}`, which this server does not know",
+            run.id, run.pipeline
+        )));
+    };
+    let decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
+
+    attempt.status = attempt.status.become_(decision.attempt_status)?;
+    attempt.error = decision.attempt_error.clone();
+    attempt.finished_at = Some(now);
+    attempt.lease_expires_at = None;
+    if let Outcome::Succeeded { output } = &completion.outcome {
+        attempt.output = Some(output.clone());
+    }
+    update_attempt(tx, &attempt).await?;
+    let detail = match &completion.outcome {
+        Outcome::Succeeded { output } => json!({ "output": output }),
+        _ => json!({ "error": attempt.error }),
+    };
+    events.push(attempt_event(&attempt, &run.correlation_id, detail));
+
+    let missing_stage = |index: u32| {
+        StoreError::Corrupt(format!("pipeline `{}` has no stage {index}", pipeline.name))
+    };
+    let mut next = None;
+    match decision.next {
+        NextStep::Stage { index } => {
+            let spec = pipeline.stage(index).ok_or_else(|| missing_stage(index))?;
+            let created = insert_attempt(tx, &run, index, spec, 1, now, now).await?;
+            events.push(attempt_event(&created, &run.correlation_id, json!({})));
+            next = Some(created);
+        }
+        NextStep::Retry { attempt: number, available_at } => {
+            let index = attempt.stage_index;
+            let spec = pipeline.stage(index).ok_or_else(|| missing_stage(index))?;
+            let created = insert_attempt(tx, &run, index, spec, number, available_at, now).await?;
+            events.push(attempt_event(
+                &created,
+                &run.correlation_id,
+                json!({ "retry_of": attempt.id, "available_at": available_at }),
+            ));
+            next = Some(created);
+        }
+        NextStep::FinishRun { status, error } => {
+            run.status = run.status.become_(status)?;
+            run.error.clone_from(&error);
+            run.updated_at = now;
+            run.finished_at = Some(now);
+            update_run(tx, &run).await?;
+            events.push(run_event(&run, json!({ "error": error })));
+        }
+    }
+    Ok(CompletionOutcome::Applied { attempt, run, next })
+}
+
+/// Records a worker's heartbeat, registering it or bringing it back to `live`.
+async fn seen_in(
+    tx: &mut SqliteConnection,
+    worker: &WorkerId,
+    profile: &WorkerProfile,
+    now: Timestamp,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<()> {
+    let agents = serde_json::to_string(&profile.agents).unwrap_or_else(|_| "[]".to_owned());
+    // The common case, a heartbeat of a live worker, is one statement and no event.
+    let refreshed = sqlx::query(
+        "UPDATE workers SET last_seen_at = ?, agents = ?, version = ?, hostname = ?, \
+         concurrency = ?, kind = ? WHERE id = ? AND status = 'live'",
+    )
+    .bind(now.as_millis())
+    .bind(&agents)
+    .bind(&profile.version)
+    .bind(&profile.hostname)
+    .bind(i64::from(profile.concurrency))
+    .bind(&profile.kind)
+    .bind(worker.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if refreshed.rows_affected() == 1 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO workers (id, agents, version, hostname, concurrency, kind, status, \
+         registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, 'live', ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET agents = excluded.agents, version = excluded.version, \
+         hostname = excluded.hostname, concurrency = excluded.concurrency, \
+         kind = excluded.kind, status = 'live', last_seen_at = excluded.last_seen_at",
+    )
+    .bind(worker.as_str())
+    .bind(&agents)
+    .bind(&profile.version)
+    .bind(&profile.hostname)
+    .bind(i64::from(profile.concurrency))
+    .bind(&profile.kind)
+    .bind(now.as_millis())
+    .bind(now.as_millis())
+    .execute(&mut *tx)
+    .await?;
+    events.push(worker_event(worker, EventKind::WorkerJoined, json!({ "profile": profile })));
+    Ok(())
+}
+
+/// Records that a worker left for good.
+async fn gone_in(
+    tx: &mut SqliteConnection,
+    worker: &WorkerId,
+    now: Timestamp,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<()> {
+    let updated = sqlx::query(
+        "UPDATE workers SET status = 'gone', last_seen_at = ? WHERE id = ? AND status <> 'gone'",
+    )
+    .bind(now.as_millis())
+    .bind(worker.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 1 {
+        events.push(worker_event(worker, EventKind::WorkerLeft, json!({})));
+    }
+    Ok(())
 }
 
 async fn fetch_run<'c>(
@@ -1037,27 +1144,37 @@ async fn insert_attempt(
     Ok(attempt)
 }
 
+/// Appends events in one statement; sequence numbers follow their order in `events`.
 async fn append_events(
     conn: &mut SqliteConnection,
     events: Vec<NewEvent>,
     now: Timestamp,
 ) -> StoreResult<Vec<Event>> {
-    let mut stored = Vec::with_capacity(events.len());
-    for event in events {
-        let (seq,): (i64,) = sqlx::query_as(
-            "INSERT INTO events (project_id, run_id, attempt_id, kind, payload, correlation_id, \
-             created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-        )
-        .bind(event.project_id.as_str())
-        .bind(event.run_id.map(|id| id.to_string()))
-        .bind(event.attempt_id.map(|id| id.to_string()))
-        .bind(event.kind.as_str())
-        .bind(event.payload.to_string())
-        .bind(event.correlation_id.map(|id| id.to_string()))
-        .bind(now.as_millis())
-        .fetch_one(&mut *conn)
-        .await?;
-        stored.push(Event {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO events (project_id, run_id, attempt_id, kind, payload, correlation_id, \
+         created_at) ",
+    );
+    sql.push_values(&events, |mut row, event| {
+        row.push_bind(event.project_id.as_str().to_owned())
+            .push_bind(event.run_id.map(|id| id.to_string()))
+            .push_bind(event.attempt_id.map(|id| id.to_string()))
+            .push_bind(event.kind.as_str())
+            .push_bind(event.payload.to_string())
+            .push_bind(event.correlation_id.map(|id| id.to_string()))
+            .push_bind(now.as_millis());
+    });
+    sql.push(" RETURNING seq");
+    let mut seqs: Vec<(i64,)> = sql.build_query_as().fetch_all(&mut *conn).await?;
+    // Rows are inserted in order, so their sequence numbers ascend with it; RETURNING
+    // itself promises no order.
+    seqs.sort_unstable();
+    Ok(events
+        .into_iter()
+        .zip(seqs)
+        .map(|(event, (seq,))| Event {
             seq: EventSeq(seq),
             project_id: event.project_id,
             run_id: event.run_id,
@@ -1066,9 +1183,8 @@ async fn append_events(
             payload: event.payload,
             correlation_id: event.correlation_id,
             created_at: now,
-        });
-    }
-    Ok(stored)
+        })
+        .collect())
 }
 
 /// The attempt, if it is an unresolved dead letter of `project`.

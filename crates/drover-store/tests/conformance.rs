@@ -10,8 +10,8 @@ use drover_domain::{
     WorkerProfile, WorkerStatus, sdlc,
 };
 use drover_store::{
-    Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery, SqliteStore,
-    SqliteStoreOptions, StartAttempt, StartOutcome, Store, StoreError,
+    CommandOutcome, Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery,
+    SqliteStore, SqliteStoreOptions, StartAttempt, StartOutcome, Store, StoreError, WorkerCommand,
 };
 use serde_json::json;
 
@@ -650,4 +650,70 @@ async fn workers_register_heartbeat_get_lost_and_come_back() {
         .unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["worker.joined", "worker.lost", "worker.joined", "worker.left"]);
+}
+
+#[tokio::test]
+async fn a_batch_of_worker_writes_applies_in_order_with_each_one_fenced() {
+    let fx = sqlite_fixture().await;
+    let run = new_run(&fx, "Hello World API", T0).await;
+    let first = attempts(&fx, run.id).await.remove(0);
+    let worker = WorkerId::new("w");
+    let start = StartAttempt {
+        attempt_id: first.id,
+        token: first.fencing_token,
+        worker_id: worker.clone(),
+        lease_until: T0.plus(Duration::from_secs(10)),
+        now: T0,
+    };
+    let complete = Completion {
+        attempt_id: first.id,
+        token: first.fencing_token,
+        outcome: success(),
+        jitter: 0.0,
+        now: T0,
+    };
+    let commands = vec![
+        WorkerCommand::Start(start.clone()),
+        WorkerCommand::Renew {
+            attempt: first.id,
+            token: first.fencing_token,
+            lease_until: T0,
+            now: T0,
+        },
+        WorkerCommand::Complete(complete.clone()),
+        // The same result again, in the same batch: fenced out.
+        WorkerCommand::Complete(complete),
+        WorkerCommand::Start(start),
+    ];
+    let outcomes = fx.store.apply(commands, &fx.pipelines).await.unwrap();
+    assert!(matches!(outcomes[0], CommandOutcome::Started(StartOutcome::Started(_))));
+    assert!(matches!(outcomes[1], CommandOutcome::Renewed(true)));
+    assert!(matches!(outcomes[2], CommandOutcome::Completed(CompletionOutcome::Applied { .. })));
+    assert!(matches!(outcomes[3], CommandOutcome::Completed(CompletionOutcome::Stale { .. })));
+    assert!(matches!(outcomes[4], CommandOutcome::Started(StartOutcome::Rejected { .. })));
+    let all = attempts(&fx, run.id).await;
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].status, all[1].stage.as_str()), (StageStatus::Succeeded, "validate"));
+
+    let events = fx
+        .store
+        .list_events(
+            &default_project(),
+            &EventQuery { run_id: Some(run.id), after: None, limit: 100 },
+        )
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "stage.pending",
+            "run.running",
+            "stage.running",
+            "stage.succeeded",
+            "stage.pending"
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
 }

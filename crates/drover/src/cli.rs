@@ -70,6 +70,47 @@ pub(crate) enum Command {
     /// The dead-letter queue: stages that used every attempt.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Measure drover (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// No-op tasks end to end through the real engine, store and bus.
+    Bus(BenchBusArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum BenchBackend {
+    Embedded,
+    Redis,
+    Nats,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchBusArgs {
+    #[arg(long, value_enum, default_value = "embedded")]
+    pub(crate) backend: BenchBackend,
+    /// Broker URL (default: the configured bus.url if it is of this backend, else the
+    /// broker's default local address).
+    #[arg(long)]
+    pub(crate) url: Option<String>,
+    /// Runs to push through.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) tasks: usize,
+    /// Tasks run at once by the worker.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) workers: u32,
+    /// Bytes of payload carried by each task.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) payload: usize,
+    /// No-op stages per run.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) stages: u32,
+    /// Runs submitted at once (like that many concurrent API clients).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) submitters: usize,
 }
 
 #[derive(Debug, Args)]

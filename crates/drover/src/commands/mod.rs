@@ -1,5 +1,6 @@
 //! One module per command family; each returns the process exit code.
 
+mod bench;
 mod dlq;
 mod run;
 mod runs;
@@ -24,6 +25,7 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Worker(args) => worker::work(&global, &config, &args).await,
         Command::Workers => worker::list(&global, &config).await,
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,
+        Command::Bench(command) => bench::bench(&global, &config, command).await,
     }
 }
 

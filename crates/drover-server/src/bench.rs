@@ -1,0 +1,263 @@
+//! `drover bench bus`: no-op tasks end to end through the real engine, the real SQLite
+//! store and the chosen bus, measuring what drover itself adds.
+//!
+//! Each run follows a pipeline of `stages` no-op stages. Instants are taken in-process with
+//! a monotonic clock: *enqueue* when the store publishes an attempt's `stage.pending`
+//! event (right after its commit), *start* when the no-op agent begins, *commit* when the
+//! store publishes `stage.succeeded`. Dispatch latency is start − enqueue; per-stage
+//! overhead is commit − enqueue (the agent itself does nothing).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use drover_agents::{Agent, AgentTask, WorkerPool, WorkerPoolConfig};
+use drover_bus::{AgentResult, BusOptions};
+use drover_domain::{
+    AgentType, AttemptId, Backoff, CorrelationId, EventKind, PipelineCatalog, PipelineName,
+    PipelineSpec, ProjectId, RunRequest, StageName, StageSpec, StageStatus, WorkerId,
+};
+use drover_engine::{Engine, EngineSettings};
+use drover_env::Layout;
+use drover_store::{SqliteStore, SqliteStoreOptions, Store};
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::ServerError;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BusBenchOptions {
+    /// `embedded`, or a `redis://` / `nats://` URL.
+    pub bus_url: String,
+    pub tasks: usize,
+    pub workers: u32,
+    pub payload_bytes: usize,
+    pub stages: u32,
+    /// Runs submitted at once, like that many concurrent API clients.
+    pub submitters: usize,
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BusBenchReport {
+    pub backend: String,
+    pub runs: usize,
+    pub stages_per_run: u32,
+    pub workers: u32,
+    pub payload_bytes: usize,
+    pub submitters: usize,
+    pub wall_seconds: f64,
+    /// Of which submitting the runs.
+    pub submit_seconds: f64,
+    pub runs_per_second: f64,
+    pub stages_per_second: f64,
+    pub dispatch_p50_ms: f64,
+    pub dispatch_p99_ms: f64,
+    pub stage_overhead_p50_ms: f64,
+    pub stage_overhead_p99_ms: f64,
+    /// Stages whose instants were not all observed (a lagging event feed).
+    pub unmeasured_stages: usize,
+}
+
+#[derive(Default)]
+struct Instants {
+    enqueued: HashMap<AttemptId, Instant>,
+    started: HashMap<AttemptId, Instant>,
+    committed: HashMap<AttemptId, Instant>,
+}
+
+type SharedInstants = Arc<Mutex<Instants>>;
+
+fn lock(instants: &SharedInstants) -> std::sync::MutexGuard<'_, Instants> {
+    instants.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Does nothing but note when it started.
+struct NoopAgent {
+    agent: AgentType,
+    instants: SharedInstants,
+}
+
+#[async_trait]
+impl Agent for NoopAgent {
+    fn agent_type(&self) -> &AgentType {
+        &self.agent
+    }
+
+    async fn run(&self, task: &AgentTask) -> AgentResult {
+        lock(&self.instants).started.insert(task.envelope.task_id, Instant::now());
+        AgentResult::Succeeded { output: serde_json::Value::Null }
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and reports.
+pub async fn bench_bus(options: BusBenchOptions) -> Result<BusBenchReport, ServerError> {
+    let dir = tempfile::tempdir().map_err(|err| ServerError::DataDir {
+        path: "temporary directory".to_owned(),
+        message: err.to_string(),
+    })?;
+    let store = SqliteStore::open(&SqliteStoreOptions {
+        url: format!("sqlite://{}", dir.path().join("bench.db").display()),
+        read_connections: 4,
+        busy_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    let bus_options = BusOptions {
+        capacity: (options.tasks * 2).max(1024),
+        batch_size: 64,
+        block_time: Duration::from_millis(500),
+        claim_idle: Duration::from_secs(30),
+        namespace: format!("bench{}", std::process::id()),
+    };
+    let bus = drover_bus::connect(&options.bus_url, bus_options).await?;
+    let backend = bus.kind().to_owned();
+
+    let agent = AgentType::parse("noop").expect("literal agent type");
+    let stages = (1..=options.stages.max(1))
+        .map(|n| StageSpec {
+            name: StageName::parse(format!("noop{n}")).expect("literal stage name"),
+            agent: agent.clone(),
+            max_attempts: 1,
+            timeout: Duration::from_secs(300),
+            backoff: Backoff::default(),
+        })
+        .collect();
+    let pipeline = PipelineSpec {
+        name: PipelineName::parse("bench").expect("literal pipeline name"),
+        description: "no-op stages".to_owned(),
+        stages,
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        bus.clone(),
+        Arc::new(PipelineCatalog::from_specs([pipeline])),
+        Layout::new(dir.path()),
+        EngineSettings {
+            heartbeat_interval: Duration::from_secs(5),
+            lease_duration: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(200),
+            dispatch_batch: 256,
+            redispatch_after: Duration::from_secs(60),
+            worker_liveness: Duration::from_secs(30),
+            instance: "bench".to_owned(),
+        },
+    ));
+
+    let instants = SharedInstants::default();
+    let mut feed = store.subscribe();
+    let stop = CancellationToken::new();
+    let total_stages = options.tasks * options.stages.max(1) as usize;
+    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<usize>();
+    let recorder = {
+        let instants = instants.clone();
+        let expected_runs = options.tasks;
+        tokio::spawn(async move {
+            let mut finished_runs = 0;
+            let mut lagged = 0;
+            loop {
+                match feed.recv().await {
+                    Ok(event) => {
+                        let now = Instant::now();
+                        match (event.kind, event.attempt_id) {
+                            (EventKind::Stage(StageStatus::Pending), Some(id)) => {
+                                lock(&instants).enqueued.insert(id, now);
+                            }
+                            (EventKind::Stage(StageStatus::Succeeded), Some(id)) => {
+                                lock(&instants).committed.insert(id, now);
+                            }
+                            (EventKind::Run(status), _) if status.is_terminal() => {
+                                finished_runs += 1;
+                                if finished_runs == expected_runs {
+                                    let _ = finished_tx.send(lagged);
+                                    return;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(RecvError::Lagged(skipped)) => lagged += skipped as usize,
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    };
+
+    let tasks = engine.spawn(stop.clone());
+    let pool = WorkerPool::start(
+        bus.clone(),
+        vec![Arc::new(NoopAgent { agent, instants: instants.clone() })],
+        WorkerPoolConfig {
+            worker_id: WorkerId::new("bench-worker"),
+            concurrency: options.workers.max(1),
+            heartbeat_interval: Duration::from_secs(5),
+            kind: "embedded".to_owned(),
+        },
+    );
+
+    let payload = "x".repeat(options.payload_bytes);
+    let started = Instant::now();
+    for n in 0..options.tasks {
+        let request = RunRequest::parse(format!("bench {n} {payload}")).unwrap_or_else(|_| {
+            RunRequest::parse(format!("bench {n}")).expect("short request is valid")
+        });
+        engine
+            .submit(&ProjectId::default_project(), request, "bench", CorrelationId::new())
+            .await
+            .map_err(|err| ServerError::DataDir {
+                path: "bench".to_owned(),
+                message: err.to_string(),
+            })?;
+    }
+    let submitted_in = started.elapsed();
+    let lagged = finished_rx.await.unwrap_or(0);
+    let wall = started.elapsed();
+    let _ = recorder.await;
+
+    pool.shutdown(Duration::from_secs(5)).await;
+    stop.cancel();
+    tasks.wait().await;
+
+    let instants = lock(&instants);
+    let mut dispatch = Vec::with_capacity(total_stages);
+    let mut overhead = Vec::with_capacity(total_stages);
+    for (id, enqueued) in &instants.enqueued {
+        if let Some(start) = instants.started.get(id) {
+            dispatch.push(start.saturating_duration_since(*enqueued).as_secs_f64() * 1000.0);
+        }
+        if let Some(commit) = instants.committed.get(id) {
+            overhead.push(commit.saturating_duration_since(*enqueued).as_secs_f64() * 1000.0);
+        }
+    }
+    dispatch.sort_by(f64::total_cmp);
+    overhead.sort_by(f64::total_cmp);
+    let seconds = wall.as_secs_f64();
+    Ok(BusBenchReport {
+        backend,
+        runs: options.tasks,
+        stages_per_run: options.stages.max(1),
+        workers: options.workers.max(1),
+        payload_bytes: options.payload_bytes,
+        submitters: options.submitters.max(1),
+        wall_seconds: seconds,
+        submit_seconds: submitted_in.as_secs_f64(),
+        runs_per_second: options.tasks as f64 / seconds,
+        stages_per_second: total_stages as f64 / seconds,
+        dispatch_p50_ms: percentile(&dispatch, 0.50),
+        dispatch_p99_ms: percentile(&dispatch, 0.99),
+        stage_overhead_p50_ms: percentile(&overhead, 0.50),
+        stage_overhead_p99_ms: percentile(&overhead, 0.99),
+        unmeasured_stages: total_stages.saturating_sub(overhead.len()) + lagged.min(total_stages),
+    })
+}
