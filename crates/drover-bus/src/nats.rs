@@ -165,7 +165,7 @@ impl NatsBus {
     ) -> BoxStream<'static, T>
     where
         T: Send + 'static,
-        F: Fn(jetstream::Message) -> Result<T, jetstream::Message> + Send + 'static,
+        F: Fn(jetstream::Message) -> Result<T, Box<jetstream::Message>> + Send + 'static,
     {
         let (sender, receiver) = mpsc::channel(self.options.batch_size.max(1));
         let jetstream = self.jetstream.clone();
@@ -340,7 +340,7 @@ impl Bus for NatsBus {
                 Some(envelope) => {
                     Ok(Delivery { envelope, handle: Arc::new(NatsHandle { message }) })
                 }
-                None => Err(message),
+                None => Err(Box::new(message)),
             },
         ))
     }
@@ -364,7 +364,7 @@ impl Bus for NatsBus {
                     message: decoded,
                     handle: Arc::new(NatsHandle { message }),
                 }),
-                None => Err(message),
+                None => Err(Box::new(message)),
             },
         ))
     }

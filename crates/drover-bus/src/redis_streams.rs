@@ -147,7 +147,7 @@ impl RedisBus {
                         }
                     }
                     Err(err) => {
-                        tracing::warn!(%channel, error = %err, "cannot connect for pub/sub; retrying")
+                        tracing::warn!(%channel, error = %err, "cannot connect for pub/sub; retrying");
                     }
                 }
                 if sender.is_closed() {

@@ -52,7 +52,7 @@ async fn reconcile(engine: &Engine) -> Result<(), StoreError> {
             Ok(true) => {}
             Ok(false) => lost.push(attempt),
             Err(err) => {
-                tracing::warn!(attempt_id = %attempt.id, error = %err, "cannot ask the broker; will retry")
+                tracing::warn!(attempt_id = %attempt.id, error = %err, "cannot ask the broker; will retry");
             }
         }
     }
@@ -71,7 +71,7 @@ async fn reconcile(engine: &Engine) -> Result<(), StoreError> {
                 }
             }
             Err(err) => {
-                tracing::warn!(attempt_id = %attempt.id, error = %err, "republishing failed; will retry")
+                tracing::warn!(attempt_id = %attempt.id, error = %err, "republishing failed; will retry");
             }
         }
     }

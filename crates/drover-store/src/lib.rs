@@ -133,6 +133,7 @@ pub enum WorkerCommand {
 
 /// What a [`WorkerCommand`] did, in the order the commands were given.
 #[derive(Debug, Clone)]
+#[expect(clippy::large_enum_variant, reason = "short-lived, one per command of a batch")]
 pub enum CommandOutcome {
     Started(StartOutcome),
     /// `false`: the lease was not extended (stale token, attempt no longer running).

@@ -98,11 +98,11 @@ impl Bus for HttpBus {
             .worker_message(message)
             .await
             .map_err(|err| BusError::Broker(err.to_string()))?;
-        if answer.cancel {
-            if let Some(attempt_id) = message.attempt_id() {
-                let reason = "the server says the attempt is no longer this worker's".to_owned();
-                let _ = self.control.send(Control::Cancel { attempt_id, reason });
-            }
+        if answer.cancel
+            && let Some(attempt_id) = message.attempt_id()
+        {
+            let reason = "the server says the attempt is no longer this worker's".to_owned();
+            let _ = self.control.send(Control::Cancel { attempt_id, reason });
         }
         Ok(())
     }

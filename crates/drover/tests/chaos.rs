@@ -172,13 +172,13 @@ impl Cluster {
                         .get(format!("{}/api/v1/runs/{id}", self.url))
                         .send()
                         .and_then(|r| r.json::<Value>());
-                    if let Ok(run) = run {
-                        if matches!(
+                    if let Ok(run) = run
+                        && matches!(
                             run["status"].as_str(),
                             Some("succeeded" | "failed" | "cancelled")
-                        ) {
-                            break run;
-                        }
+                        )
+                    {
+                        break run;
                     }
                     assert!(Instant::now() < deadline, "run {id} did not finish");
                     std::thread::sleep(Duration::from_millis(200));
