@@ -7,8 +7,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AttemptId, CorrelationId, EventSeq, ProjectId, RunId, RunStatus, StageStatus, Timestamp,
-    ValidationError,
+    AttemptId, CorrelationId, EnvStatus, EnvironmentId, EventSeq, ProjectId, RunId, RunStatus,
+    ServiceStatus, StageStatus, Timestamp, ValidationError,
 };
 
 /// What happened. The wire name is `<subject>.<what>`, e.g. `run.succeeded`.
@@ -16,6 +16,10 @@ use crate::{
 pub enum EventKind {
     Run(RunStatus),
     Stage(StageStatus),
+    /// `environment.<status>`
+    Env(EnvStatus),
+    /// `service.<status>`
+    Service(ServiceStatus),
     /// A dead-lettered attempt was sent to run again.
     DlqRedriven,
     /// A dead-lettered attempt was dismissed.
@@ -58,6 +62,23 @@ impl EventKind {
                 StageStatus::Cancelled => "stage.cancelled",
                 StageStatus::DeadLettered => "stage.dead_lettered",
             },
+            Self::Env(status) => match status {
+                EnvStatus::Creating => "environment.creating",
+                EnvStatus::Running => "environment.running",
+                EnvStatus::Stopping => "environment.stopping",
+                EnvStatus::Stopped => "environment.stopped",
+                EnvStatus::Error => "environment.error",
+                EnvStatus::Deleting => "environment.deleting",
+                EnvStatus::Deleted => "environment.deleted",
+            },
+            Self::Service(status) => match status {
+                ServiceStatus::Starting => "service.starting",
+                ServiceStatus::Ready => "service.ready",
+                ServiceStatus::Unhealthy => "service.unhealthy",
+                ServiceStatus::Crashed => "service.crashed",
+                ServiceStatus::Backoff => "service.backoff",
+                ServiceStatus::Stopped => "service.stopped",
+            },
             other => OTHER_KINDS
                 .iter()
                 .find(|(kind, _)| *kind == other)
@@ -89,6 +110,8 @@ impl FromStr for EventKind {
         match subject {
             "run" => status.parse().map(Self::Run).map_err(|_| unknown()),
             "stage" => status.parse().map(Self::Stage).map_err(|_| unknown()),
+            "environment" => status.parse().map(Self::Env).map_err(|_| unknown()),
+            "service" => status.parse().map(Self::Service).map_err(|_| unknown()),
             _ => Err(unknown()),
         }
     }
@@ -113,6 +136,7 @@ pub struct NewEvent {
     pub project_id: ProjectId,
     pub run_id: Option<RunId>,
     pub attempt_id: Option<AttemptId>,
+    pub environment_id: Option<EnvironmentId>,
     pub kind: EventKind,
     pub payload: serde_json::Value,
     pub correlation_id: Option<CorrelationId>,
@@ -125,6 +149,8 @@ pub struct Event {
     pub project_id: ProjectId,
     pub run_id: Option<RunId>,
     pub attempt_id: Option<AttemptId>,
+    #[serde(default)]
+    pub environment_id: Option<EnvironmentId>,
     pub kind: EventKind,
     pub payload: serde_json::Value,
     pub correlation_id: Option<CorrelationId>,
@@ -141,7 +167,9 @@ mod tests {
             .into_iter()
             .map(EventKind::Run)
             .chain(StageStatus::ALL.into_iter().map(EventKind::Stage))
-            .chain(OTHER_KINDS.iter().map(|(kind, _)| *kind));
+            .chain(OTHER_KINDS.iter().map(|(kind, _)| *kind))
+            .chain(EnvStatus::ALL.into_iter().map(EventKind::Env))
+            .chain(ServiceStatus::ALL.into_iter().map(EventKind::Service));
         for kind in kinds {
             assert_eq!(kind.as_str().parse::<EventKind>().unwrap(), kind);
         }

@@ -61,6 +61,11 @@ uuid_id!(
     "attempt"
 );
 uuid_id!(
+    /// Identifies one environment.
+    EnvironmentId,
+    "environment"
+);
+uuid_id!(
     /// Ties together everything caused by one request, across processes and the bus.
     CorrelationId,
     "correlation"
@@ -138,6 +143,16 @@ slug_id!(
     /// The name of a pipeline (`sdlc`, ...).
     PipelineName,
     "pipeline"
+);
+slug_id!(
+    /// The name of an environment, unique among a project's live environments.
+    EnvName,
+    "environment"
+);
+slug_id!(
+    /// The name of a service (`web`, `db`, `mailpit`, ...).
+    ServiceName,
+    "service"
 );
 slug_id!(
     /// The kind of agent that executes a stage; workers subscribe by agent type.

@@ -6,25 +6,32 @@
 //! the engine, the workers and the API. Illegal state transitions are rejected here with a
 //! typed [`TransitionError`]; nothing downstream writes a status without asking.
 
+mod environment;
 mod error;
 mod event;
 mod ids;
 mod pipeline;
 mod run;
+mod service;
 mod stage;
 mod time;
 mod worker;
 
+pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
 pub use ids::{
-    AgentType, AttemptId, CorrelationId, EventSeq, PipelineName, ProjectId, RunId, StageName,
-    WorkerId,
+    AgentType, AttemptId, CorrelationId, EnvName, EnvironmentId, EventSeq, PipelineName, ProjectId,
+    RunId, ServiceName, StageName, WorkerId,
 };
 pub use pipeline::{
     Backoff, Decision, NextStep, Outcome, PipelineCatalog, PipelineSpec, StageSpec, decide, sdlc,
 };
 pub use run::{Run, RunRequest, RunStatus};
+pub use service::{
+    DependencyCondition, PlaceholderValues, ProbeKind, Readiness, RestartPolicy, RestartRules,
+    ServiceRecord, ServiceSpec, ServiceStatus, Sharing, expand_placeholders,
+};
 pub use stage::{FencingToken, StageAttempt, StageStatus};
 pub use time::Timestamp;
 pub use worker::{Worker, WorkerProfile, WorkerStatus};

@@ -7,16 +7,18 @@
 //! in their names' documentation. After each commit the new events are published to
 //! in-process subscribers ([`Store::subscribe`]), so live streams never race the database.
 
+mod environments;
 mod sqlite;
 
 use async_trait::async_trait;
 use drover_domain::{
-    AttemptId, CorrelationId, Event, EventSeq, FencingToken, Outcome, PipelineCatalog,
-    PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt, StageName,
-    StageStatus, Timestamp, TransitionError, Worker, WorkerId, WorkerProfile,
+    AttemptId, CorrelationId, EnvStatus, EnvironmentId, Event, EventSeq, FencingToken, Outcome,
+    PipelineCatalog, PipelineSpec, ProjectId, Run, RunId, RunRequest, RunStatus, StageAttempt,
+    StageName, StageStatus, Timestamp, TransitionError, Worker, WorkerId, WorkerProfile,
 };
 use tokio::sync::broadcast;
 
+pub use environments::{EnvironmentQuery, EnvironmentStore, NewEnvironment};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -29,6 +31,14 @@ pub enum StoreError {
     RunNotFound(RunId),
     #[error("stage attempt {0} not found")]
     AttemptNotFound(AttemptId),
+    #[error("environment {0} not found")]
+    EnvironmentNotFound(String),
+    #[error("an environment named `{0}` already exists")]
+    EnvironmentNameTaken(String),
+    #[error("the project already has {limit} live environments, its quota; delete one first")]
+    EnvironmentQuotaExceeded { limit: u32 },
+    #[error("environment {id} is {status}; {action} is not possible")]
+    EnvironmentBusy { id: EnvironmentId, status: EnvStatus, action: &'static str },
     #[error("stage attempt {id} is not waiting in the dead-letter queue ({state})")]
     NotDeadLettered { id: AttemptId, state: String },
     #[error("run {id} already finished ({status})")]

@@ -5,6 +5,8 @@
 //! connection (no `SQLITE_BUSY` upgrades inside transactions, no lock convoys), while reads
 //! use a separate pool that WAL lets run alongside the writer.
 
+mod environments;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -50,8 +52,8 @@ pub struct SqliteStore {
     /// The one connection that writes. Held from a write transaction's start until its
     /// events are published, so subscribers receive events in sequence order; holding it
     /// (rather than taking it from a pool each time) saves a round trip per transaction.
-    writer: Arc<Mutex<SqliteConnection>>,
-    reader: SqlitePool,
+    pub(super) writer: Arc<Mutex<SqliteConnection>>,
+    pub(super) reader: SqlitePool,
     events: broadcast::Sender<Event>,
 }
 
@@ -72,7 +74,8 @@ macro_rules! attempt_columns {
 
 macro_rules! event_columns {
     () => {
-        "seq, project_id, run_id, attempt_id, kind, payload, correlation_id, created_at"
+        "seq, project_id, run_id, attempt_id, environment_id, kind, payload, correlation_id, \
+         created_at"
     };
 }
 
@@ -137,7 +140,7 @@ impl SqliteStore {
         Ok(value)
     }
 
-    fn publish(&self, events: Vec<Event>) {
+    pub(super) fn publish(&self, events: Vec<Event>) {
         for event in events {
             // No subscribers is fine: the events are in the database.
             let _ = self.events.send(event);
@@ -415,6 +418,7 @@ impl Store for SqliteStore {
                 project_id: attempt.project_id.clone(),
                 run_id: Some(attempt.run_id),
                 attempt_id: Some(attempt.id),
+                environment_id: None,
                 kind: EventKind::Stage(StageStatus::Dispatched),
                 payload: attempt_payload(&attempt, json!({})),
                 correlation_id: None,
@@ -610,6 +614,7 @@ impl Store for SqliteStore {
                 project_id: attempt.project_id.clone(),
                 run_id: Some(attempt.run_id),
                 attempt_id: Some(attempt.id),
+                environment_id: None,
                 kind: EventKind::Stage(StageStatus::Pending),
                 payload: attempt_payload(
                     &attempt,
@@ -859,6 +864,7 @@ async fn release_in(
         project_id: attempt.project_id.clone(),
         run_id: Some(attempt.run_id),
         attempt_id: Some(attempt.id),
+        environment_id: None,
         kind: EventKind::Stage(StageStatus::Pending),
         payload: attempt_payload(&attempt, json!({ "reason": "handed back by its worker" })),
         correlation_id: None,
@@ -1145,7 +1151,7 @@ async fn insert_attempt(
 }
 
 /// Appends events in one statement; sequence numbers follow their order in `events`.
-async fn append_events(
+pub(super) async fn append_events(
     conn: &mut SqliteConnection,
     events: Vec<NewEvent>,
     now: Timestamp,
@@ -1154,13 +1160,14 @@ async fn append_events(
         return Ok(Vec::new());
     }
     let mut sql = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO events (project_id, run_id, attempt_id, kind, payload, correlation_id, \
-         created_at) ",
+        "INSERT INTO events (project_id, run_id, attempt_id, environment_id, kind, payload, \
+         correlation_id, created_at) ",
     );
     sql.push_values(&events, |mut row, event| {
         row.push_bind(event.project_id.as_str().to_owned())
             .push_bind(event.run_id.map(|id| id.to_string()))
             .push_bind(event.attempt_id.map(|id| id.to_string()))
+            .push_bind(event.environment_id.map(|id| id.to_string()))
             .push_bind(event.kind.as_str())
             .push_bind(event.payload.to_string())
             .push_bind(event.correlation_id.map(|id| id.to_string()))
@@ -1179,6 +1186,7 @@ async fn append_events(
             project_id: event.project_id,
             run_id: event.run_id,
             attempt_id: event.attempt_id,
+            environment_id: event.environment_id,
             kind: event.kind,
             payload: event.payload,
             correlation_id: event.correlation_id,
@@ -1232,6 +1240,7 @@ fn dlq_event(letter: &StageAttempt, kind: EventKind, detail: serde_json::Value) 
         project_id: letter.project_id.clone(),
         run_id: Some(letter.run_id),
         attempt_id: Some(letter.id),
+        environment_id: None,
         kind,
         payload: attempt_payload(letter, detail),
         correlation_id: None,
@@ -1248,6 +1257,7 @@ fn worker_event(worker: &WorkerId, kind: EventKind, detail: serde_json::Value) -
         project_id: ProjectId::default_project(),
         run_id: None,
         attempt_id: None,
+        environment_id: None,
         kind,
         payload,
         correlation_id: None,
@@ -1259,6 +1269,7 @@ fn run_event(run: &Run, payload: serde_json::Value) -> NewEvent {
         project_id: run.project_id.clone(),
         run_id: Some(run.id),
         attempt_id: None,
+        environment_id: None,
         kind: EventKind::Run(run.status),
         payload,
         correlation_id: Some(run.correlation_id),
@@ -1274,6 +1285,7 @@ fn attempt_event(
         project_id: attempt.project_id.clone(),
         run_id: Some(attempt.run_id),
         attempt_id: Some(attempt.id),
+        environment_id: None,
         kind: EventKind::Stage(attempt.status),
         payload: attempt_payload(attempt, detail),
         correlation_id: Some(*correlation_id),
@@ -1294,7 +1306,7 @@ fn attempt_payload(attempt: &StageAttempt, detail: serde_json::Value) -> serde_j
     payload
 }
 
-fn corrupt(column: &str, err: impl std::fmt::Display) -> StoreError {
+pub(super) fn corrupt(column: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{column}: {err}"))
 }
 
@@ -1434,6 +1446,7 @@ struct EventRow {
     project_id: String,
     run_id: Option<String>,
     attempt_id: Option<String>,
+    environment_id: Option<String>,
     kind: String,
     payload: String,
     correlation_id: Option<String>,
@@ -1458,6 +1471,11 @@ impl TryFrom<EventRow> for Event {
                 .map(|id| id.parse())
                 .transpose()
                 .map_err(|e| corrupt("events.attempt_id", e))?,
+            environment_id: row
+                .environment_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|e| corrupt("events.environment_id", e))?,
             kind: row.kind.parse().map_err(|e| corrupt("events.kind", e))?,
             payload: serde_json::from_str(&row.payload)
                 .map_err(|e| corrupt("events.payload", e))?,
