@@ -247,6 +247,7 @@ async fn committed_events_are_mirrored_to_subscribers(bus: Arc<dyn Bus>) {
         project_id: ProjectId::default_project(),
         run_id: Some(RunId::new()),
         attempt_id: None,
+        environment_id: None,
         kind: EventKind::Run(RunStatus::Succeeded),
         payload: serde_json::json!({}),
         correlation_id: None,
