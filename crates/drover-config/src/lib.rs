@@ -4,13 +4,21 @@
 //! [`Config::apply`]). Everything is validated at load: an unknown key, a value of the wrong
 //! type or out of range is an error that names the key, where it came from, and why.
 
+mod services;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_domain::ServiceSpec;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+pub use services::{
+    EnvironmentsConfig, ReadinessConfig, ServiceConfig, parse_bytes, service_specs,
+};
 
 /// The file looked for in the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
@@ -29,6 +37,8 @@ pub enum ConfigError {
     Parse(String),
     #[error("invalid configuration: {key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("invalid configuration: {key}: {message}")]
+    InvalidService { key: String, message: String },
 }
 
 /// The whole configuration.
@@ -44,6 +54,9 @@ pub struct Config {
     pub engine: EngineConfig,
     pub workers: WorkersConfig,
     pub log: LogConfig,
+    pub environments: EnvironmentsConfig,
+    /// Services every environment runs, by name.
+    pub services: BTreeMap<String, ServiceConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +169,8 @@ impl Default for Config {
             engine: EngineConfig::default(),
             workers: WorkersConfig::default(),
             log: LogConfig::default(),
+            environments: EnvironmentsConfig::default(),
+            services: BTreeMap::new(),
         }
     }
 }
@@ -346,6 +361,22 @@ impl Config {
         if !(1..=1024).contains(&self.workers.concurrency) {
             return invalid("workers.concurrency", "must be between 1 and 1024");
         }
+        let envs = &self.environments;
+        if envs.block_size == 0 || envs.block_size > 1000 {
+            return invalid("environments.block_size", "must be between 1 and 1000");
+        }
+        if envs.port_range_start < 1024
+            || envs.port_range_end < envs.port_range_start + envs.block_size - 1
+        {
+            return invalid(
+                "environments.port_range_start",
+                "the range must start at 1024 or above and hold at least one block",
+            );
+        }
+        if envs.max_per_project == 0 {
+            return invalid("environments.max_per_project", "must be at least 1");
+        }
+        self.service_specs()?;
         if self.server.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes", "must be at least 1024");
         }
@@ -358,6 +389,11 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("drover.db").display()),
         }
+    }
+
+    /// The validated services of `[services.NAME]`.
+    pub fn service_specs(&self) -> Result<Vec<ServiceSpec>, ConfigError> {
+        service_specs(&self.services)
     }
 
     /// A worker silent for this long is marked lost.
