@@ -9,6 +9,9 @@ mod deployments;
 mod layout;
 mod ports;
 mod process;
+pub mod provider;
+pub mod resources;
+pub mod supervisor;
 
 pub use deployments::{Deployment, DeploymentError, Deployments};
 pub use layout::{Layout, app_hostname};

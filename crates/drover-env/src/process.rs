@@ -124,6 +124,13 @@ impl GroupChild {
         Ok(status)
     }
 
+    /// Its piped stdout and stderr, once.
+    pub fn take_output(
+        &mut self,
+    ) -> Option<(tokio::process::ChildStdout, tokio::process::ChildStderr)> {
+        Some((self.child.stdout.take()?, self.child.stderr.take()?))
+    }
+
     /// The leader's exit status if it has exited, without waiting.
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
         match self.child.try_wait() {
