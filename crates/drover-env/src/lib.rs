@@ -7,11 +7,13 @@
 
 mod deployments;
 mod layout;
+pub mod manager;
 mod ports;
 mod process;
 pub mod provider;
 pub mod resources;
 pub mod supervisor;
+pub mod workspace;
 
 pub use deployments::{Deployment, DeploymentError, Deployments};
 pub use layout::{Layout, app_hostname};

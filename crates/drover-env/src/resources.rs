@@ -21,6 +21,22 @@ pub fn group_rss_bytes(pgid: u32) -> u64 {
         .sum()
 }
 
+/// The live (non-zombie) processes of the process group `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.first().is_some_and(|state| *state != "Z")
+                    && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+            })
+        })
+        .collect()
+}
+
 /// Whether `pid` is alive (not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -15,6 +15,8 @@ use crate::StoreResult;
 /// An environment to create (in `creating`, desired `running`).
 #[derive(Debug, Clone)]
 pub struct NewEnvironment {
+    /// Chosen by the caller, who may already have made the workspace under it.
+    pub id: EnvironmentId,
     pub project_id: ProjectId,
     pub name: EnvName,
     pub workspace: String,

@@ -27,6 +27,7 @@ async fn store() -> (SqliteStore, tempfile::TempDir) {
 
 fn new_env(name: &str, base: u16, quota: u32) -> NewEnvironment {
     NewEnvironment {
+        id: drover_domain::EnvironmentId::new(),
         project_id: ProjectId::default_project(),
         name: EnvName::parse(name).unwrap(),
         workspace: format!("/tmp/{name}"),

@@ -97,7 +97,7 @@ impl EnvironmentStore for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Environment> {
         let env = Environment {
-            id: EnvironmentId::new(),
+            id: new.id,
             project_id: new.project_id.clone(),
             name: new.name.clone(),
             status: EnvStatus::Creating,

@@ -1,0 +1,1022 @@
+//! The environment manager: creates environments (workspace, port block, setup hook),
+//! records what users want (start, stop, delete) and runs the reconcile loop that makes
+//! the running services match it — also after a crash, when it first sweeps away what a
+//! killed server left running. It also stops idle environments and deletes long-stopped
+//! ones.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use drover_domain::{
+    DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, PlaceholderValues, PortBlock,
+    ProjectId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
+    expand_placeholders,
+};
+use drover_store::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{Mutex, Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::provider::Provider;
+use crate::supervisor::{
+    Instance, InstanceKey, InstancePlan, InstanceState, Reporter, start_instance,
+};
+use crate::{CommandSpec, resources, workspace};
+
+/// The env var every service process carries, naming its instance: how a restarted
+/// server recognises processes a killed one left behind.
+pub const INSTANCE_VAR: &str = "DROVER_INSTANCE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no free block of {size} ports in {start}-{end}")]
+    NoFreePorts { size: u16, start: u16, end: u16 },
+    #[error("the workspace could not be prepared: {0}")]
+    Workspace(String),
+    #[error("refusing to delete: {0}; pass --force to delete anyway")]
+    UnmergedWork(String),
+    #[error("environment {0} not found")]
+    NotFound(String),
+    #[error("service `{service}` is not running in environment {environment}")]
+    ServiceNotFound { environment: String, service: String },
+}
+
+/// How environments are laid out and looked after.
+#[derive(Debug, Clone)]
+pub struct EnvSettings {
+    pub data_dir: PathBuf,
+    pub port_range: (u16, u16),
+    pub block_size: u16,
+    pub quota: u32,
+    /// Zero: never.
+    pub idle_timeout: Duration,
+    /// Zero: never.
+    pub delete_after: Duration,
+    pub setup_command: String,
+    pub copy_files: Vec<String>,
+    /// How often the reconciler looks when nothing woke it.
+    pub reconcile_interval: Duration,
+}
+
+/// A request to create an environment.
+#[derive(Debug, Clone, Default)]
+pub struct CreateEnvironment {
+    pub name: Option<EnvName>,
+    /// Make the workspace a git worktree of this repository...
+    pub repo: Option<PathBuf>,
+    /// ...branched from this (default: its current HEAD).
+    pub base: Option<String>,
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+/// A service instance as reported to users.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub name: ServiceName,
+    pub environment: Option<EnvironmentId>,
+    pub sharing: Sharing,
+    pub state: InstanceState,
+    pub ports: BTreeMap<String, u16>,
+    pub hostname: String,
+    pub rss_bytes: u64,
+    pub log_path: PathBuf,
+}
+
+/// A hostname the proxy should route, and where to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoute {
+    pub host: String,
+    pub upstream: SocketAddr,
+    pub service: String,
+    pub environment: Option<EnvironmentId>,
+    pub environment_name: Option<String>,
+}
+
+struct Running {
+    instance: Instance,
+    ports: BTreeMap<String, u16>,
+    hostname: String,
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+/// The environment manager. Share it behind an `Arc`.
+pub struct EnvManager {
+    store: Arc<dyn EnvironmentStore>,
+    settings: EnvSettings,
+    services: Vec<ServiceSpec>,
+    provider: Arc<dyn Provider>,
+    instances: Mutex<HashMap<InstanceKey, Running>>,
+    wake: Notify,
+    routes: watch::Sender<Vec<ServiceRoute>>,
+}
+
+/// Records every service state change in the store.
+struct StoreReporter {
+    store: Arc<dyn EnvironmentStore>,
+}
+
+#[async_trait]
+impl Reporter for StoreReporter {
+    async fn report(&self, key: &InstanceKey, state: &InstanceState) {
+        let record = ServiceRecord {
+            environment_id: key.environment,
+            service: key.service.clone(),
+            status: state.status,
+            pid: state.pid,
+            restarts: state.restarts,
+            reason: state.reason.clone(),
+            updated_at: now(),
+        };
+        if let Err(err) = self.store.record_service(record).await {
+            tracing::warn!(instance = %key, error = %err, "cannot record a service state");
+        }
+        metrics::counter!("drover_env_service_states_total", "status" => state.status.to_string())
+            .increment(1);
+    }
+}
+
+impl EnvManager {
+    pub fn new(
+        store: Arc<dyn EnvironmentStore>,
+        settings: EnvSettings,
+        services: Vec<ServiceSpec>,
+        provider: Arc<dyn Provider>,
+    ) -> Self {
+        Self {
+            store,
+            settings,
+            services: dependencies_first(services),
+            provider,
+            instances: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            routes: watch::Sender::new(Vec::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn EnvironmentStore> {
+        &self.store
+    }
+
+    /// Routes for the proxy, updated as instances start and stop.
+    pub fn routes(&self) -> watch::Receiver<Vec<ServiceRoute>> {
+        self.routes.subscribe()
+    }
+
+    fn env_dir(&self, id: EnvironmentId) -> PathBuf {
+        self.settings.data_dir.join("envs").join(id.to_string())
+    }
+
+    fn shared_log(&self, service: &ServiceName) -> PathBuf {
+        self.settings.data_dir.join("shared").join(format!("{service}.log"))
+    }
+
+    /// Creates an environment: port block, workspace (directory or git worktree), setup
+    /// hook, then the reconciler starts its services.
+    pub async fn create(
+        &self,
+        project: &ProjectId,
+        request: CreateEnvironment,
+    ) -> Result<Environment, EnvError> {
+        let id = EnvironmentId::new();
+        let name = match request.name {
+            Some(name) => name,
+            None => {
+                let simple = id.as_uuid().simple().to_string();
+                EnvName::parse(format!("env-{}", &simple[simple.len() - 6..]))
+                    .map_err(|e| EnvError::Workspace(e.message))?
+            }
+        };
+        if self.store.find_environment(project, &name).await?.is_some() {
+            return Err(StoreError::EnvironmentNameTaken(name.to_string()).into());
+        }
+        let ports = self.allocate_ports().await?;
+        let dir = self.env_dir(id);
+        let workspace_path = dir.join("workspace");
+        let mut branch = None;
+        let prepared = async {
+            match &request.repo {
+                Some(repo) => {
+                    let new_branch = format!("drover/{name}");
+                    workspace::add_worktree(
+                        repo,
+                        &workspace_path,
+                        &new_branch,
+                        request.base.as_deref(),
+                    )
+                    .await?;
+                    workspace::copy_files(repo, &workspace_path, &self.settings.copy_files).await?;
+                    branch = Some(new_branch);
+                }
+                None => {
+                    tokio::fs::create_dir_all(&workspace_path).await.map_err(|e| e.to_string())?
+                }
+            }
+            workspace::run_setup(
+                &workspace_path,
+                &self.settings.setup_command,
+                &dir.join("setup.log"),
+            )
+            .await
+        }
+        .await;
+        if let Err(message) = prepared {
+            let _ = self.remove_workspace(request.repo.as_deref(), &workspace_path, true).await;
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(EnvError::Workspace(message));
+        }
+        let created = self
+            .store
+            .create_environment(
+                NewEnvironment {
+                    id,
+                    project_id: project.clone(),
+                    name,
+                    workspace: workspace_path.display().to_string(),
+                    ports,
+                    repo: request.repo.as_ref().map(|r| r.display().to_string()),
+                    branch,
+                    quota: self.settings.quota,
+                    actor: request.actor,
+                    reason: request.reason,
+                },
+                now(),
+            )
+            .await;
+        match created {
+            Ok(env) => {
+                self.wake.notify_one();
+                Ok(env)
+            }
+            Err(err) => {
+                let _ = self.remove_workspace(request.repo.as_deref(), &workspace_path, true).await;
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// The first aligned block in the range that overlaps no live environment's and whose
+    /// ports are all free right now.
+    async fn allocate_ports(&self) -> Result<PortBlock, EnvError> {
+        let (start, end) = self.settings.port_range;
+        let size = self.settings.block_size;
+        let used = self.store.used_port_blocks().await?;
+        let mut base = start;
+        while u32::from(base) + u32::from(size) - 1 <= u32::from(end) {
+            let candidate = PortBlock { base, size };
+            if !used.iter().any(|block| block.overlaps(candidate))
+                && candidate
+                    .ports()
+                    .all(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+            {
+                return Ok(candidate);
+            }
+            base = match base.checked_add(size) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+        Err(EnvError::NoFreePorts { size, start, end })
+    }
+
+    pub async fn find(
+        &self,
+        project: &ProjectId,
+        id_or_name: &str,
+    ) -> Result<Environment, EnvError> {
+        let found = match id_or_name.parse::<EnvironmentId>() {
+            Ok(id) => self.store.get_environment(project, id).await?,
+            Err(_) => match EnvName::parse(id_or_name) {
+                Ok(name) => self.store.find_environment(project, &name).await?,
+                Err(_) => None,
+            },
+        };
+        found.ok_or_else(|| EnvError::NotFound(id_or_name.to_owned()))
+    }
+
+    pub async fn list(
+        &self,
+        project: &ProjectId,
+        query: &EnvironmentQuery,
+    ) -> Result<Vec<Environment>, EnvError> {
+        Ok(self.store.list_environments(project, query).await?)
+    }
+
+    /// Asks for the environment to run (idempotent).
+    pub async fn start(
+        &self,
+        project: &ProjectId,
+        id: EnvironmentId,
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<Environment, EnvError> {
+        let env = self
+            .store
+            .set_desired(project, id, DesiredState::Running, actor, reason, now())
+            .await?;
+        self.wake.notify_one();
+        Ok(env)
+    }
+
+    /// Asks for the environment to stop (idempotent).
+    pub async fn stop(
+        &self,
+        project: &ProjectId,
+        id: EnvironmentId,
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<Environment, EnvError> {
+        let env = self
+            .store
+            .set_desired(project, id, DesiredState::Stopped, actor, reason, now())
+            .await?;
+        self.wake.notify_one();
+        Ok(env)
+    }
+
+    /// Asks for the environment to be deleted. A worktree with work not merged anywhere
+    /// is kept unless `force`.
+    pub async fn delete(
+        &self,
+        project: &ProjectId,
+        id: EnvironmentId,
+        force: bool,
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<Environment, EnvError> {
+        let env = self
+            .store
+            .get_environment(project, id)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
+        if !force && env.status != EnvStatus::Deleted {
+            if let (Some(repo), Some(branch)) = (&env.repo, &env.branch) {
+                if let Some(why) = workspace::unmerged_work(
+                    Path::new(repo),
+                    Path::new(&env.workspace),
+                    branch,
+                    &self.settings.copy_files,
+                )
+                .await
+                {
+                    return Err(EnvError::UnmergedWork(why));
+                }
+            }
+        }
+        let env = self
+            .store
+            .set_desired(project, id, DesiredState::Deleted, actor, reason, now())
+            .await?;
+        self.wake.notify_one();
+        Ok(env)
+    }
+
+    /// Notes activity in an environment (agent work, a proxied request).
+    pub async fn touch(&self, id: EnvironmentId) {
+        if let Err(err) = self.store.touch_environment(id, now()).await {
+            tracing::debug!(error = %err, "cannot record activity");
+        }
+    }
+
+    /// The services of an environment (`None`: the shared ones), live state first, the
+    /// store's record for those not running here.
+    pub async fn services(&self, env: Option<EnvironmentId>) -> Result<Vec<ServiceView>, EnvError> {
+        let instances = self.instances.lock().await;
+        let mut views: Vec<ServiceView> = instances
+            .iter()
+            .filter(|(key, _)| key.environment == env)
+            .map(|(key, running)| {
+                let state = running.instance.state();
+                let rss_bytes = state.pid.map_or(0, resources::group_rss_bytes);
+                ServiceView {
+                    name: key.service.clone(),
+                    environment: key.environment,
+                    sharing: if env.is_some() { Sharing::PerEnv } else { Sharing::Shared },
+                    state,
+                    ports: running.ports.clone(),
+                    hostname: running.hostname.clone(),
+                    rss_bytes,
+                    log_path: running.instance.log_path.clone(),
+                }
+            })
+            .collect();
+        drop(instances);
+        for record in self.store.service_records(env).await? {
+            if views.iter().any(|v| v.name == record.service) {
+                continue;
+            }
+            views.push(ServiceView {
+                name: record.service.clone(),
+                environment: record.environment_id,
+                sharing: if env.is_some() { Sharing::PerEnv } else { Sharing::Shared },
+                state: InstanceState {
+                    status: record.status,
+                    pid: None,
+                    restarts: record.restarts,
+                    reason: record.reason,
+                    completed: false,
+                    external: false,
+                },
+                ports: BTreeMap::new(),
+                hostname: String::new(),
+                rss_bytes: 0,
+                log_path: match env {
+                    Some(id) => {
+                        self.env_dir(id).join("logs").join(format!("{}.log", record.service))
+                    }
+                    None => self.shared_log(&record.service),
+                },
+            });
+        }
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(views)
+    }
+
+    /// Restarts one service of an environment now.
+    pub async fn restart_service(&self, env: &Environment, service: &str) -> Result<(), EnvError> {
+        let instances = self.instances.lock().await;
+        let running = instances
+            .iter()
+            .find(|(key, _)| key.environment == Some(env.id) && key.service.as_str() == service)
+            .map(|(_, running)| running)
+            .ok_or_else(|| EnvError::ServiceNotFound {
+                environment: env.name.to_string(),
+                service: service.to_owned(),
+            })?;
+        running.instance.restart();
+        Ok(())
+    }
+
+    /// The log file of a service and, if it runs, a live feed of its new lines.
+    pub async fn service_log(
+        &self,
+        env: Option<EnvironmentId>,
+        service: &str,
+    ) -> Result<(PathBuf, Option<broadcast::Receiver<String>>), EnvError> {
+        let instances = self.instances.lock().await;
+        if let Some(running) = instances
+            .iter()
+            .find(|(k, _)| k.environment == env && k.service.as_str() == service)
+            .map(|(_, r)| r)
+        {
+            return Ok((running.instance.log_path.clone(), Some(running.instance.follow())));
+        }
+        let known = self.services.iter().any(|s| s.name.as_str() == service);
+        let name = ServiceName::parse(service).ok().filter(|_| known).ok_or_else(|| {
+            EnvError::ServiceNotFound {
+                environment: env.map_or_else(|| "shared".to_owned(), |id| id.to_string()),
+                service: service.to_owned(),
+            }
+        })?;
+        let path = match env {
+            Some(id) => self.env_dir(id).join("logs").join(format!("{name}.log")),
+            None => self.shared_log(&name),
+        };
+        Ok((path, None))
+    }
+
+    /// The variables every process of the environment gets (ports, names, addresses).
+    pub fn variables(&self, env: &Environment) -> BTreeMap<String, String> {
+        let plan = self.port_plan(env);
+        let mut vars = BTreeMap::new();
+        vars.insert("DROVER_ENV".to_owned(), env.name.to_string());
+        vars.insert("DROVER_ENV_ID".to_owned(), env.id.to_string());
+        vars.insert("DROVER_WORKSPACE".to_owned(), env.workspace.clone());
+        vars.insert("DROVER_PORT_BASE".to_owned(), env.ports.base.to_string());
+        if let Ok(plan) = &plan {
+            for (service, ports) in plan {
+                for (port_name, port) in ports {
+                    vars.insert(
+                        format!("DROVER_PORT_{}_{}", upper(service.as_str()), upper(port_name)),
+                        port.to_string(),
+                    );
+                }
+                if let Some(first) = ports.values().next() {
+                    vars.insert(
+                        format!("DROVER_HOST_{}", upper(service.as_str())),
+                        hostname(service, Some(&env.name)),
+                    );
+                    vars.insert(
+                        format!("DROVER_SERVICE_{}_URL", upper(service.as_str())),
+                        format!("http://127.0.0.1:{first}"),
+                    );
+                }
+            }
+        }
+        for spec in self.services.iter().filter(|s| s.sharing == Sharing::Shared) {
+            if let Some(address) = &spec.address {
+                let upper_name = upper(spec.name.as_str());
+                vars.insert(format!("DROVER_SERVICE_{upper_name}_ADDR"), address.clone());
+                vars.insert(
+                    format!("DROVER_SERVICE_{upper_name}_URL"),
+                    format!("http://{address}"),
+                );
+                vars.insert(format!("DROVER_HOST_{upper_name}"), hostname(&spec.name, None));
+            }
+        }
+        vars
+    }
+
+    /// Which port of the block each per-env service's named ports get, in config order.
+    fn port_plan(
+        &self,
+        env: &Environment,
+    ) -> Result<BTreeMap<ServiceName, BTreeMap<String, u16>>, String> {
+        let mut next = 0_u16;
+        let mut plan = BTreeMap::new();
+        for spec in self.services.iter().filter(|s| s.sharing == Sharing::PerEnv) {
+            let mut ports = BTreeMap::new();
+            for name in &spec.ports {
+                let port = env.ports.port(next).ok_or_else(|| {
+                    format!(
+                        "the block of {} ports is too small for the services' named ports",
+                        env.ports.size
+                    )
+                })?;
+                ports.insert(name.clone(), port);
+                next += 1;
+            }
+            plan.insert(spec.name.clone(), ports);
+        }
+        Ok(plan)
+    }
+
+    /// Starts the loops: the orphan sweep first, then reconciliation and the idle/expiry
+    /// sweep, until `shutdown`.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> TaskTracker {
+        let tracker = TaskTracker::new();
+        let manager = self.clone();
+        tracker.spawn(async move {
+            manager.sweep_orphans().await;
+            loop {
+                if let Err(err) = manager.reconcile().await {
+                    tracing::error!(error = %err, "environment reconciliation failed");
+                }
+                if let Err(err) = manager.expire().await {
+                    tracing::error!(error = %err, "idle/expiry sweep failed");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = manager.wake.notified() => {}
+                    () = tokio::time::sleep(manager.settings.reconcile_interval) => {}
+                }
+            }
+        });
+        tracker.close();
+        tracker
+    }
+
+    /// Stops every instance (server shutdown). Environments keep their desired state and
+    /// come back when the server starts again.
+    pub async fn shutdown(&self) {
+        let all: Vec<(InstanceKey, Running)> = self.instances.lock().await.drain().collect();
+        let stops = all.into_iter().map(|(_, running)| running.instance.stop());
+        futures::future::join_all(stops).await;
+        self.publish_routes().await;
+    }
+
+    /// Processes a killed server left behind, found by their recorded process groups and
+    /// recognised by their `DROVER_INSTANCE` variable, are stopped; reconciliation then
+    /// starts what should run.
+    pub async fn sweep_orphans(&self) {
+        let records = match self.store.running_service_records().await {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read recorded services for the orphan sweep");
+                return;
+            }
+        };
+        for record in records {
+            let Some(pgid) = record.pid else { continue };
+            let key =
+                InstanceKey { environment: record.environment_id, service: record.service.clone() };
+            let members = resources::group_members(pgid);
+            let ours: Vec<u32> = members
+                .into_iter()
+                .filter(|pid| resources::has_env(*pid, INSTANCE_VAR, &key.to_string()))
+                .collect();
+            if !ours.is_empty() {
+                tracing::warn!(instance = %key, pgid, processes = ours.len(), "stopping processes a previous server left behind");
+                let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGTERM);
+                for _ in 0..50 {
+                    if resources::group_members(pgid).is_empty() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+            }
+            let stopped = ServiceRecord {
+                status: ServiceStatus::Stopped,
+                pid: None,
+                reason: Some(if ours.is_empty() {
+                    "gone with the previous server".to_owned()
+                } else {
+                    "orphan of a previous server; stopped".to_owned()
+                }),
+                updated_at: now(),
+                ..record
+            };
+            if let Err(err) = self.store.record_service(stopped).await {
+                tracing::warn!(error = %err, "cannot record an orphan's stop");
+            }
+        }
+    }
+
+    /// One pass: every live environment is moved towards its desired state.
+    pub async fn reconcile(&self) -> Result<(), EnvError> {
+        for env in self.store.live_environments().await? {
+            if let Err(err) = self.reconcile_one(&env).await {
+                tracing::error!(environment = %env.name, error = %err, "reconciling an environment failed");
+                if env.status != EnvStatus::Deleting {
+                    let _ = self
+                        .store
+                        .transition_environment(
+                            env.id,
+                            EnvStatus::Error,
+                            Some(err.to_string()),
+                            now(),
+                        )
+                        .await;
+                }
+            }
+        }
+        self.publish_routes().await;
+        Ok(())
+    }
+
+    async fn reconcile_one(&self, env: &Environment) -> Result<(), EnvError> {
+        use EnvStatus::*;
+        match (env.desired, env.status) {
+            (DesiredState::Running, Creating | Stopped | Error) => {
+                self.start_services(env).await?;
+                self.store.transition_environment(env.id, Running, None, now()).await?;
+                tracing::info!(environment = %env.name, "environment running");
+            }
+            (DesiredState::Running, Running) => self.start_services(env).await?,
+            (DesiredState::Running | DesiredState::Stopped, Stopping) => {
+                self.stop_services(env.id).await;
+                self.store.transition_environment(env.id, Stopped, None, now()).await?;
+            }
+            (DesiredState::Stopped, Running | Error) => {
+                self.store.transition_environment(env.id, Stopping, None, now()).await?;
+                self.stop_services(env.id).await;
+                self.store.transition_environment(env.id, Stopped, None, now()).await?;
+                tracing::info!(environment = %env.name, "environment stopped");
+            }
+            (DesiredState::Stopped, Creating) => {
+                self.store.transition_environment(env.id, Stopped, None, now()).await?;
+            }
+            (DesiredState::Stopped, Stopped) => self.stop_services(env.id).await,
+            (DesiredState::Deleted, Creating | Running | Stopped | Error | Stopping) => {
+                if env.status == Stopping {
+                    self.stop_services(env.id).await;
+                    self.store.transition_environment(env.id, Stopped, None, now()).await?;
+                }
+                self.store.transition_environment(env.id, Deleting, None, now()).await?;
+                self.finish_delete(env).await?;
+            }
+            (DesiredState::Deleted, Deleting) => self.finish_delete(env).await?,
+            (_, Deleted)
+            | (DesiredState::Running, Deleting)
+            | (DesiredState::Stopped, Deleting) => {}
+        }
+        Ok(())
+    }
+
+    async fn finish_delete(&self, env: &Environment) -> Result<(), EnvError> {
+        self.stop_services(env.id).await;
+        let repo = env.repo.as_deref().map(Path::new);
+        if let Err(message) = self.remove_workspace(repo, Path::new(&env.workspace), true).await {
+            tracing::warn!(environment = %env.name, %message, "workspace cleanup incomplete");
+        }
+        let _ = tokio::fs::remove_dir_all(self.env_dir(env.id)).await;
+        self.store.forget_services(Some(env.id)).await?;
+        self.store.transition_environment(env.id, EnvStatus::Deleted, None, now()).await?;
+        tracing::info!(environment = %env.name, "environment deleted");
+        Ok(())
+    }
+
+    async fn remove_workspace(
+        &self,
+        repo: Option<&Path>,
+        workspace: &Path,
+        force: bool,
+    ) -> Result<(), String> {
+        match repo {
+            Some(repo) => workspace::remove_worktree(repo, workspace, force).await,
+            None => match tokio::fs::remove_dir_all(workspace).await {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(err.to_string()),
+            },
+        }
+    }
+
+    /// Stops idle environments and deletes ones stopped for too long.
+    async fn expire(&self) -> Result<(), EnvError> {
+        let settings = &self.settings;
+        if !settings.idle_timeout.is_zero() {
+            for env in self.store.idle_environments(now().minus(settings.idle_timeout)).await? {
+                let reason =
+                    format!("idle for {}", humantime::format_duration(settings.idle_timeout));
+                tracing::info!(environment = %env.name, %reason, "stopping an idle environment");
+                self.store
+                    .set_desired(
+                        &env.project_id,
+                        env.id,
+                        DesiredState::Stopped,
+                        "drover",
+                        Some(&reason),
+                        now(),
+                    )
+                    .await?;
+                self.wake.notify_one();
+            }
+        }
+        if !settings.delete_after.is_zero() {
+            for env in self.store.stopped_environments(now().minus(settings.delete_after)).await? {
+                let reason =
+                    format!("stopped for {}", humantime::format_duration(settings.delete_after));
+                let repo = env.repo.as_deref().map(Path::new);
+                if let (Some(repo), Some(branch)) = (repo, &env.branch) {
+                    if let Some(why) = workspace::unmerged_work(
+                        repo,
+                        Path::new(&env.workspace),
+                        branch,
+                        &settings.copy_files,
+                    )
+                    .await
+                    {
+                        tracing::info!(environment = %env.name, %why, "not auto-deleting: unmerged work");
+                        continue;
+                    }
+                }
+                self.store
+                    .set_desired(
+                        &env.project_id,
+                        env.id,
+                        DesiredState::Deleted,
+                        "drover",
+                        Some(&reason),
+                        now(),
+                    )
+                    .await?;
+                self.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure every service of `env` (and every shared service) has an instance.
+    async fn start_services(&self, env: &Environment) -> Result<(), EnvError> {
+        let plan = self.port_plan(env).map_err(EnvError::Workspace)?;
+        let variables = self.variables(env);
+        let reporter: Arc<dyn Reporter> = Arc::new(StoreReporter { store: self.store.clone() });
+        let shared_dir = self.settings.data_dir.join("shared");
+        tokio::fs::create_dir_all(&shared_dir)
+            .await
+            .map_err(|err| EnvError::Workspace(err.to_string()))?;
+        let mut instances = self.instances.lock().await;
+        // Shared services first: started on first need, one instance for everyone.
+        for spec in self.services.iter().filter(|s| s.sharing == Sharing::Shared) {
+            let key = InstanceKey { environment: None, service: spec.name.clone() };
+            if instances.contains_key(&key) {
+                continue;
+            }
+            let address: Option<SocketAddr> = spec.address.as_deref().and_then(|a| a.parse().ok());
+            let port = address.map(|a| a.port());
+            let ports: BTreeMap<String, u16> =
+                spec.ports.iter().take(1).filter_map(|name| Some((name.clone(), port?))).collect();
+            let values = PlaceholderValues {
+                ports: ports.clone(),
+                first_port: port,
+                workspace: self.settings.data_dir.join("shared").display().to_string(),
+                env: "shared".to_owned(),
+                services: BTreeMap::new(),
+            };
+            let mut env_vars = vec![(INSTANCE_VAR.to_owned(), key.to_string())];
+            if let Some(port) = port {
+                env_vars.push(("PORT".to_owned(), port.to_string()));
+            }
+            let plan = build_plan(
+                &key,
+                spec,
+                &values,
+                env_vars,
+                self.settings.data_dir.join("shared"),
+                self.shared_log(&spec.name),
+                address,
+                &instances,
+            )
+            .map_err(EnvError::Workspace)?;
+            let instance = start_instance(
+                InstancePlan { external_addr: address, ..plan },
+                self.provider.clone(),
+                reporter.clone(),
+            );
+            instances.insert(
+                key.clone(),
+                Running { instance, ports, hostname: hostname(&spec.name, None) },
+            );
+        }
+        let service_addresses: BTreeMap<String, (String, u16)> = self
+            .services
+            .iter()
+            .filter_map(|spec| match spec.sharing {
+                Sharing::Shared => {
+                    let addr: SocketAddr = spec.address.as_deref()?.parse().ok()?;
+                    Some((spec.name.to_string(), (addr.ip().to_string(), addr.port())))
+                }
+                Sharing::PerEnv => {
+                    let port = *plan.get(&spec.name)?.values().next()?;
+                    Some((spec.name.to_string(), ("127.0.0.1".to_owned(), port)))
+                }
+            })
+            .collect();
+        for spec in self.services.iter().filter(|s| s.sharing == Sharing::PerEnv) {
+            let key = InstanceKey { environment: Some(env.id), service: spec.name.clone() };
+            if instances.contains_key(&key) {
+                continue;
+            }
+            let ports = plan.get(&spec.name).cloned().unwrap_or_default();
+            let first_port = spec.ports.first().and_then(|name| ports.get(name)).copied();
+            let values = PlaceholderValues {
+                ports: ports.clone(),
+                first_port,
+                workspace: env.workspace.clone(),
+                env: env.name.to_string(),
+                services: service_addresses.clone(),
+            };
+            let mut env_vars: Vec<(String, String)> =
+                variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            env_vars.push((INSTANCE_VAR.to_owned(), key.to_string()));
+            if let Some(port) = first_port {
+                env_vars.push(("PORT".to_owned(), port.to_string()));
+            }
+            for (name, port) in &ports {
+                env_vars.push((format!("DROVER_PORT_{}", upper(name)), port.to_string()));
+            }
+            let log = self.env_dir(env.id).join("logs").join(format!("{}.log", spec.name));
+            let plan = build_plan(
+                &key,
+                spec,
+                &values,
+                env_vars,
+                PathBuf::from(&env.workspace),
+                log,
+                None,
+                &instances,
+            )
+            .map_err(EnvError::Workspace)?;
+            let instance = start_instance(plan, self.provider.clone(), reporter.clone());
+            instances.insert(
+                key,
+                Running { instance, ports, hostname: hostname(&spec.name, Some(&env.name)) },
+            );
+        }
+        Ok(())
+    }
+
+    async fn stop_services(&self, env: EnvironmentId) {
+        let stopping: Vec<Running> = {
+            let mut instances = self.instances.lock().await;
+            let keys: Vec<InstanceKey> =
+                instances.keys().filter(|k| k.environment == Some(env)).cloned().collect();
+            keys.iter().filter_map(|k| instances.remove(k)).collect()
+        };
+        futures::future::join_all(stopping.into_iter().map(|running| running.instance.stop()))
+            .await;
+    }
+
+    async fn publish_routes(&self) {
+        let names: HashMap<EnvironmentId, String> = match self.store.live_environments().await {
+            Ok(envs) => envs.into_iter().map(|env| (env.id, env.name.to_string())).collect(),
+            Err(_) => HashMap::new(),
+        };
+        let instances = self.instances.lock().await;
+        let mut routes: Vec<ServiceRoute> = instances
+            .iter()
+            .filter_map(|(key, running)| {
+                let port = *running.ports.values().next()?;
+                let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                Some(ServiceRoute {
+                    host: running.hostname.clone(),
+                    upstream,
+                    service: key.service.to_string(),
+                    environment: key.environment,
+                    environment_name: key.environment.and_then(|id| names.get(&id).cloned()),
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a.host.cmp(&b.host));
+        self.routes.send_if_modified(|current| {
+            let changed = *current != routes;
+            if changed {
+                *current = routes;
+            }
+            changed
+        });
+    }
+}
+
+/// `<service>.<env>.localhost`, or `<service>.localhost` for a shared one.
+pub fn hostname(service: &ServiceName, env: Option<&EnvName>) -> String {
+    match env {
+        Some(env) => format!("{service}.{env}.localhost"),
+        None => format!("{service}.localhost"),
+    }
+}
+
+fn upper(name: &str) -> String {
+    name.to_ascii_uppercase().replace('-', "_")
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call site per sharing kind")]
+fn build_plan(
+    key: &InstanceKey,
+    spec: &ServiceSpec,
+    values: &PlaceholderValues,
+    mut env_vars: Vec<(String, String)>,
+    cwd: PathBuf,
+    log_path: PathBuf,
+    probe_addr: Option<SocketAddr>,
+    instances: &HashMap<InstanceKey, Running>,
+) -> Result<InstancePlan, String> {
+    let expand = |text: &str| {
+        expand_placeholders(text, values)
+            .map_err(|err| format!("service `{}`: {}", spec.name, err.message))
+    };
+    let program = expand(&spec.command)?;
+    let args = spec.args.iter().map(|arg| expand(arg)).collect::<Result<Vec<_>, _>>()?;
+    for (name, value) in &spec.env {
+        env_vars.push((name.clone(), expand(value)?));
+    }
+    let probe_port = spec
+        .readiness
+        .as_ref()
+        .and_then(|r| r.port.as_ref())
+        .and_then(|name| values.ports.get(name))
+        .copied()
+        .or(values.first_port);
+    let probe_addr =
+        probe_addr.or_else(|| probe_port.map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+    let mut dependencies = Vec::new();
+    for (dependency, condition) in &spec.depends_on {
+        let dep_key = instances
+            .keys()
+            .find(|k| {
+                &k.service == dependency
+                    && (k.environment == key.environment || k.environment.is_none())
+            })
+            .cloned();
+        if let Some(dep_key) = dep_key {
+            let watch: watch::Receiver<InstanceState> = instances[&dep_key].instance.watch();
+            dependencies.push((dep_key, watch, *condition));
+        }
+    }
+    Ok(InstancePlan {
+        key: key.clone(),
+        spec: spec.clone(),
+        command: CommandSpec { program, args, cwd, env: env_vars, log_path },
+        probe_addr,
+        dependencies,
+        external_addr: None,
+    })
+}
+
+/// Orders services so each comes after what it depends on (the config is acyclic).
+fn dependencies_first(services: Vec<ServiceSpec>) -> Vec<ServiceSpec> {
+    let mut ordered: Vec<ServiceSpec> = Vec::with_capacity(services.len());
+    let mut pending = services;
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut rest = Vec::new();
+        for spec in pending {
+            if spec.depends_on.keys().all(|dep| ordered.iter().any(|s| &s.name == dep)) {
+                ordered.push(spec);
+            } else {
+                rest.push(spec);
+            }
+        }
+        if rest.len() == before {
+            // A cycle (rejected at config load): keep the rest in their given order.
+            ordered.extend(rest);
+            break;
+        }
+        pending = rest;
+    }
+    ordered
+}

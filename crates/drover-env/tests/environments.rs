@@ -1,0 +1,368 @@
+//! The environment manager with a real SQLite store and real processes: port blocks,
+//! per-env and shared services, stop, delete, worktrees, idle auto-stop, orphan sweep.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_domain::{
+    DependencyCondition, EnvName, EnvStatus, Environment, ProbeKind, ProjectId, Readiness,
+    RestartRules, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
+};
+use drover_env::manager::{CreateEnvironment, EnvError, EnvManager, EnvSettings, INSTANCE_VAR};
+use drover_env::provider::LocalProvider;
+use drover_env::{free_port, resources};
+use drover_store::{EnvironmentStore, SqliteStore, SqliteStoreOptions, StoreError};
+use tokio_util::sync::CancellationToken;
+
+fn project() -> ProjectId {
+    ProjectId::default_project()
+}
+
+fn http_service(name: &str, sharing: Sharing, address: Option<String>) -> ServiceSpec {
+    ServiceSpec {
+        name: ServiceName::parse(name).unwrap(),
+        command: "python3".into(),
+        args: vec![
+            "-m".into(),
+            "http.server".into(),
+            "{port}".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+        ],
+        env: BTreeMap::new(),
+        ports: vec!["http".into()],
+        readiness: Some(Readiness {
+            kind: ProbeKind::Http { path: "/".into() },
+            port: None,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(20),
+            threshold: 1,
+        }),
+        depends_on: BTreeMap::new(),
+        restart: RestartRules::default(),
+        stop_grace: Duration::from_secs(2),
+        memory_limit_bytes: None,
+        sharing,
+        address,
+        log_max_bytes: 1 << 20,
+        log_keep: 1,
+    }
+}
+
+struct Fixture {
+    manager: Arc<EnvManager>,
+    store: Arc<SqliteStore>,
+    stop: CancellationToken,
+    dir: tempfile::TempDir,
+}
+
+async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&SqliteStoreOptions {
+            url: format!("sqlite://{}", dir.path().join("drover.db").display()),
+            read_connections: 2,
+            busy_timeout: Duration::from_secs(5),
+        })
+        .await
+        .unwrap(),
+    );
+    // A range of its own per test, so tests running at once never compete for ports.
+    let start = 30_000 + (free_port().unwrap() % 2_000) * 10;
+    let mut settings = EnvSettings {
+        data_dir: dir.path().to_path_buf(),
+        port_range: (start, start + 199),
+        block_size: 10,
+        quota: 5,
+        idle_timeout: Duration::ZERO,
+        delete_after: Duration::ZERO,
+        setup_command: String::new(),
+        copy_files: Vec::new(),
+        reconcile_interval: Duration::from_millis(200),
+    };
+    tweak(&mut settings);
+    let manager =
+        Arc::new(EnvManager::new(store.clone(), settings, services, Arc::new(LocalProvider)));
+    let stop = CancellationToken::new();
+    manager.spawn(stop.clone());
+    Fixture { manager, store, stop, dir }
+}
+
+impl Fixture {
+    async fn create(&self, name: &str) -> Environment {
+        self.manager
+            .create(
+                &project(),
+                CreateEnvironment {
+                    name: Some(EnvName::parse(name).unwrap()),
+                    actor: "test".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn wait_env(&self, name: &str, status: EnvStatus) -> Environment {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let env = self.manager.find(&project(), name).await.unwrap();
+            if env.status == status {
+                return env;
+            }
+            assert!(Instant::now() < deadline, "{name} stayed {} (wanted {status})", env.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_ready(
+        &self,
+        env: Option<&Environment>,
+        service: &str,
+    ) -> drover_env::manager::ServiceView {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let views = self.manager.services(env.map(|e| e.id)).await.unwrap();
+            if let Some(view) = views
+                .into_iter()
+                .find(|v| v.name.as_str() == service && v.state.status == ServiceStatus::Ready)
+            {
+                return view;
+            }
+            assert!(Instant::now() < deadline, "{service} never got ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn finish(self) {
+        self.stop.cancel();
+        self.manager.shutdown().await;
+    }
+}
+
+async fn get(port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_environments_with_the_same_services_get_disjoint_ports_and_both_serve() {
+    let fx = fixture(vec![http_service("web", Sharing::PerEnv, None)], |_| {}).await;
+    let a = fx.create("alpha").await;
+    let b = fx.create("beta").await;
+    assert!(!a.ports.overlaps(b.ports), "{:?} overlaps {:?}", a.ports, b.ports);
+    fx.wait_env("alpha", EnvStatus::Running).await;
+    fx.wait_env("beta", EnvStatus::Running).await;
+    let web_a = fx.wait_ready(Some(&a), "web").await;
+    let web_b = fx.wait_ready(Some(&b), "web").await;
+    let (port_a, port_b) = (web_a.ports["http"], web_b.ports["http"]);
+    assert_eq!(port_a, a.ports.base);
+    assert_eq!(port_b, b.ports.base);
+    assert_ne!(port_a, port_b);
+    assert_eq!(web_a.hostname, "web.alpha.localhost");
+    assert!(web_a.rss_bytes > 0);
+    let vars = fx.manager.variables(&a);
+    assert_eq!(vars["DROVER_PORT_BASE"], a.ports.base.to_string());
+    assert_eq!(vars["DROVER_PORT_WEB_HTTP"], port_a.to_string());
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn stopping_an_environment_stops_every_process_of_its_services() {
+    let mut sleeper = http_service("worker", Sharing::PerEnv, None);
+    sleeper.command = "sh".into();
+    sleeper.args = vec!["-c".into(), "sleep 600 & sleep 600 & wait".into()];
+    sleeper.readiness = None;
+    let fx = fixture(vec![sleeper], |_| {}).await;
+    let env = fx.create("gamma").await;
+    let view = fx.wait_ready(Some(&env), "worker").await;
+    let pgid = view.state.pid.unwrap();
+    assert!(!resources::group_members(pgid).is_empty());
+
+    fx.manager.stop(&project(), env.id, "test", Some("done")).await.unwrap();
+    // Stopping twice is one stop.
+    fx.manager.stop(&project(), env.id, "test", None).await.unwrap();
+    fx.wait_env("gamma", EnvStatus::Stopped).await;
+    assert!(
+        resources::group_members(pgid).is_empty(),
+        "processes of group {pgid} outlived the stop"
+    );
+    let records = fx.store.service_records(Some(env.id)).await.unwrap();
+    assert_eq!(records[0].status, ServiceStatus::Stopped);
+
+    fx.manager.start(&project(), env.id, "test", None).await.unwrap();
+    fx.wait_env("gamma", EnvStatus::Running).await;
+    fx.wait_ready(Some(&env), "worker").await;
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn a_shared_service_starts_once_for_three_environments() {
+    let mail_port = free_port().unwrap();
+    let mail = http_service("mail", Sharing::Shared, Some(format!("127.0.0.1:{mail_port}")));
+    let mut app = http_service("app", Sharing::PerEnv, None);
+    app.depends_on =
+        BTreeMap::from([(ServiceName::parse("mail").unwrap(), DependencyCondition::Ready)]);
+    app.env = BTreeMap::from([("MAIL_URL".to_owned(), "{url.mail}".to_owned())]);
+    let fx = fixture(vec![app, mail], |_| {}).await;
+    let mut envs = Vec::new();
+    for name in ["one", "two", "three"] {
+        envs.push(fx.create(name).await);
+    }
+    for env in &envs {
+        fx.wait_ready(Some(env), "app").await;
+    }
+    let shared = fx.manager.services(None).await.unwrap();
+    assert_eq!(shared.len(), 1, "one shared instance: {shared:?}");
+    assert_eq!(shared[0].ports["http"], mail_port);
+    assert_eq!(get(mail_port).await, 200);
+    let vars = fx.manager.variables(&envs[0]);
+    assert_eq!(vars["DROVER_SERVICE_MAIL_URL"], format!("http://127.0.0.1:{mail_port}"));
+    assert_eq!(vars["DROVER_HOST_MAIL"], "mail.localhost");
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn the_quota_caps_live_environments_and_deleting_frees_a_slot() {
+    let fx = fixture(Vec::new(), |settings| settings.quota = 2).await;
+    let first = fx.create("q1").await;
+    fx.create("q2").await;
+    let over = fx
+        .manager
+        .create(
+            &project(),
+            CreateEnvironment {
+                name: Some(EnvName::parse("q3").unwrap()),
+                actor: "test".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(over, Err(EnvError::Store(StoreError::EnvironmentQuotaExceeded { limit: 2 }))),
+        "{over:?}"
+    );
+    fx.manager.delete(&project(), first.id, false, "test", None).await.unwrap();
+    fx.wait_env(&first.id.to_string(), EnvStatus::Deleted).await;
+    assert!(!Path::new(&first.workspace).exists(), "the workspace was removed");
+    fx.create("q3").await;
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn an_idle_environment_is_stopped_and_the_stop_is_audited() {
+    let fx =
+        fixture(Vec::new(), |settings| settings.idle_timeout = Duration::from_millis(600)).await;
+    let env = fx.create("sleepy").await;
+    fx.wait_env("sleepy", EnvStatus::Running).await;
+    fx.wait_env("sleepy", EnvStatus::Stopped).await;
+    let audit = fx.store.list_audit(&project(), 10).await.unwrap();
+    let stop = audit.iter().find(|a| a.action == "environment.stop").expect("the stop is audited");
+    assert_eq!(stop.actor, "drover");
+    assert!(stop.reason.as_deref().unwrap().starts_with("idle for"), "{stop:?}");
+    assert_eq!(stop.target, env.id.to_string());
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn processes_left_by_a_killed_server_are_found_by_their_process_group_and_stopped() {
+    let fx = fixture(Vec::new(), |_| {}).await;
+    let env = fx.create("orphans").await;
+    // What a killed server leaves: a service's process group, still running, recorded.
+    let key = format!("worker@{}", env.id);
+    let mut orphan = std::process::Command::new("sh");
+    orphan.args(["-c", "sleep 600 & sleep 600 & wait"]).env(INSTANCE_VAR, &key);
+    std::os::unix::process::CommandExt::process_group(&mut orphan, 0);
+    let mut child = orphan.spawn().unwrap();
+    let pgid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resources::group_members(pgid).len() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fx.store
+        .record_service(ServiceRecord {
+            environment_id: Some(env.id),
+            service: ServiceName::parse("worker").unwrap(),
+            status: ServiceStatus::Ready,
+            pid: Some(pgid),
+            restarts: 0,
+            reason: None,
+            updated_at: Timestamp::from_millis(0),
+        })
+        .await
+        .unwrap();
+
+    fx.manager.sweep_orphans().await;
+    let _ = child.wait();
+    assert!(resources::group_members(pgid).is_empty(), "the orphan group survived the sweep");
+    let record = fx.store.service_records(Some(env.id)).await.unwrap().remove(0);
+    assert_eq!((record.status, record.pid), (ServiceStatus::Stopped, None));
+    assert!(record.reason.unwrap().contains("orphan"));
+    fx.finish().await;
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+#[tokio::test]
+async fn a_worktree_environment_with_unmerged_work_is_not_deleted_without_force() {
+    let fx = fixture(Vec::new(), |settings| settings.copy_files = vec![".env".into()]).await;
+    let repo = fx.dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("README.md"), "hello\n").unwrap();
+    std::fs::write(repo.join(".env"), "SECRET=1\n").unwrap();
+    git(&repo, &["add", "README.md"]);
+    git(&repo, &["commit", "-q", "-m", "init"]);
+
+    let env = fx
+        .manager
+        .create(
+            &project(),
+            CreateEnvironment {
+                name: Some(EnvName::parse("feature").unwrap()),
+                repo: Some(repo.clone()),
+                base: Some("main".into()),
+                actor: "test".into(),
+                reason: None,
+            },
+        )
+        .await
+        .unwrap();
+    let worktree = Path::new(&env.workspace);
+    assert!(worktree.join("README.md").is_file());
+    assert!(worktree.join(".env").is_file(), "copied by the setup hook");
+    assert_eq!(env.branch.as_deref(), Some("drover/feature"));
+
+    std::fs::write(worktree.join("work.txt"), "precious\n").unwrap();
+    git(worktree, &["add", "work.txt"]);
+    git(worktree, &["commit", "-q", "-m", "work"]);
+    let refused = fx.manager.delete(&project(), env.id, false, "test", None).await;
+    let Err(EnvError::UnmergedWork(why)) = refused else {
+        panic!("deleted unmerged work: {refused:?}")
+    };
+    assert!(why.contains("1 commit(s) not merged"), "{why}");
+    assert!(worktree.exists());
+
+    fx.manager.delete(&project(), env.id, true, "test", Some("abandoned")).await.unwrap();
+    fx.wait_env(&env.id.to_string(), EnvStatus::Deleted).await;
+    assert!(!worktree.exists(), "the worktree is gone");
+    fx.finish().await;
+}
