@@ -233,13 +233,13 @@ pub fn service_specs(
                 } else {
                     ProbeKind::LogLine { pattern: probe.log.clone().unwrap_or_default() }
                 };
-                if let Some(port) = &probe.port {
-                    if !service.ports.contains(port) {
-                        return Err(invalid(
-                            key("readiness.port"),
-                            format!("`{port}` is not one of the service's ports"),
-                        ));
-                    }
+                if let Some(port) = &probe.port
+                    && !service.ports.contains(port)
+                {
+                    return Err(invalid(
+                        key("readiness.port"),
+                        format!("`{port}` is not one of the service's ports"),
+                    ));
                 }
                 if probe.threshold == 0 {
                     return Err(invalid(key("readiness.threshold"), "must be at least 1"));
@@ -277,10 +277,10 @@ pub fn service_specs(
                 "a shared service needs the `host:port` it listens on",
             ));
         }
-        if let Some(address) = &service.address {
-            if address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-                return Err(invalid(key("address"), format!("`{address}` is not host:port")));
-            }
+        if let Some(address) = &service.address
+            && address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none()
+        {
+            return Err(invalid(key("address"), format!("`{address}` is not host:port")));
         }
         let memory_limit_bytes = match &service.memory_limit {
             None => None,

@@ -220,7 +220,7 @@ impl EnvManager {
                     branch = Some(new_branch);
                 }
                 None => {
-                    tokio::fs::create_dir_all(&workspace_path).await.map_err(|e| e.to_string())?
+                    tokio::fs::create_dir_all(&workspace_path).await.map_err(|e| e.to_string())?;
                 }
             }
             workspace::run_setup(
@@ -361,19 +361,18 @@ impl EnvManager {
             .get_environment(project, id)
             .await?
             .ok_or_else(|| EnvError::NotFound(id.to_string()))?;
-        if !force && env.status != EnvStatus::Deleted {
-            if let (Some(repo), Some(branch)) = (&env.repo, &env.branch) {
-                if let Some(why) = workspace::unmerged_work(
-                    Path::new(repo),
-                    Path::new(&env.workspace),
-                    branch,
-                    &self.settings.copy_files,
-                )
-                .await
-                {
-                    return Err(EnvError::UnmergedWork(why));
-                }
-            }
+        if !force
+            && env.status != EnvStatus::Deleted
+            && let (Some(repo), Some(branch)) = (&env.repo, &env.branch)
+            && let Some(why) = workspace::unmerged_work(
+                Path::new(repo),
+                Path::new(&env.workspace),
+                branch,
+                &self.settings.copy_files,
+            )
+            .await
+        {
+            return Err(EnvError::UnmergedWork(why));
         }
         let env = self
             .store
@@ -751,18 +750,17 @@ impl EnvManager {
                 let reason =
                     format!("stopped for {}", humantime::format_duration(settings.delete_after));
                 let repo = env.repo.as_deref().map(Path::new);
-                if let (Some(repo), Some(branch)) = (repo, &env.branch) {
-                    if let Some(why) = workspace::unmerged_work(
+                if let (Some(repo), Some(branch)) = (repo, &env.branch)
+                    && let Some(why) = workspace::unmerged_work(
                         repo,
                         Path::new(&env.workspace),
                         branch,
                         &settings.copy_files,
                     )
                     .await
-                    {
-                        tracing::info!(environment = %env.name, %why, "not auto-deleting: unmerged work");
-                        continue;
-                    }
+                {
+                    tracing::info!(environment = %env.name, %why, "not auto-deleting: unmerged work");
+                    continue;
                 }
                 self.store
                     .set_desired(

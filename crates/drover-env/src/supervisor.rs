@@ -205,19 +205,19 @@ impl Supervision {
         if !self.wait_for_dependencies().await {
             return;
         }
-        if let Some(addr) = self.plan.external_addr {
-            if tcp_answers(addr, Duration::from_millis(300)).await {
-                let reason = format!("already running outside drover at {addr}; using it");
-                tracing::info!(instance = %self.plan.key, "{reason}");
-                self.set(|s| {
-                    s.status = ServiceStatus::Ready;
-                    s.external = true;
-                    s.reason = Some(reason);
-                })
-                .await;
-                self.stop.cancelled().await;
-                return;
-            }
+        if let Some(addr) = self.plan.external_addr
+            && tcp_answers(addr, Duration::from_millis(300)).await
+        {
+            let reason = format!("already running outside drover at {addr}; using it");
+            tracing::info!(instance = %self.plan.key, "{reason}");
+            self.set(|s| {
+                s.status = ServiceStatus::Ready;
+                s.external = true;
+                s.reason = Some(reason);
+            })
+            .await;
+            self.stop.cancelled().await;
+            return;
         }
         let rules = self.plan.spec.restart;
         let mut recent: VecDeque<Instant> = VecDeque::new();
@@ -591,11 +591,11 @@ impl RotatingLog {
         if self.size + line.len() as u64 + 1 > self.max_bytes {
             self.rotate().await;
         }
-        if let Some(file) = &mut self.file {
-            if file.write_all(line.as_bytes()).await.is_ok() && file.write_all(b"\n").await.is_ok()
-            {
-                self.size += line.len() as u64 + 1;
-            }
+        if let Some(file) = &mut self.file
+            && file.write_all(line.as_bytes()).await.is_ok()
+            && file.write_all(b"\n").await.is_ok()
+        {
+            self.size += line.len() as u64 + 1;
         }
     }
 

@@ -98,17 +98,17 @@ pub async fn unmerged_work(
     branch: &str,
     copied: &[String],
 ) -> Option<String> {
-    if worktree.exists() {
-        if let Ok(status) = git(worktree, &["status", "--porcelain"]).await {
-            let changed = status
-                .lines()
-                .filter(|line| {
-                    !(line.starts_with("?? ") && copied.iter().any(|c| line[3..].trim() == c))
-                })
-                .count();
-            if changed > 0 {
-                return Some(format!("the worktree has {changed} uncommitted change(s)"));
-            }
+    if worktree.exists()
+        && let Ok(status) = git(worktree, &["status", "--porcelain"]).await
+    {
+        let changed = status
+            .lines()
+            .filter(|line| {
+                !(line.starts_with("?? ") && copied.iter().any(|c| line[3..].trim() == c))
+            })
+            .count();
+        if changed > 0 {
+            return Some(format!("the worktree has {changed} uncommitted change(s)"));
         }
     }
     let others: Vec<String> = git(repo, &["for-each-ref", "--format=%(refname)", "refs/heads"])
