@@ -32,6 +32,11 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
         ErrorCode::NotDeadLettered | ErrorCode::LeaseUnavailable => StatusCode::CONFLICT,
+        ErrorCode::EnvironmentNotFound | ErrorCode::ServiceNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::EnvironmentQuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::EnvironmentNameTaken | ErrorCode::UnmergedWork => StatusCode::CONFLICT,
+        ErrorCode::NoFreePorts => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::WorkspaceFailed => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::UnknownHost => StatusCode::NOT_FOUND,
         ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         ErrorCode::ProxyLoop => StatusCode::LOOP_DETECTED,
@@ -61,6 +66,13 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::DeadLetterNotFound => "Dead letter not found",
         ErrorCode::NotDeadLettered => "Not in the dead-letter queue",
         ErrorCode::LeaseUnavailable => "Leasing unavailable",
+        ErrorCode::EnvironmentNotFound => "Environment not found",
+        ErrorCode::EnvironmentQuotaExceeded => "Environment quota exceeded",
+        ErrorCode::EnvironmentNameTaken => "Environment name taken",
+        ErrorCode::UnmergedWork => "Unmerged work",
+        ErrorCode::ServiceNotFound => "Service not found",
+        ErrorCode::NoFreePorts => "No free ports",
+        ErrorCode::WorkspaceFailed => "Workspace failed",
         ErrorCode::UnknownHost => "Unknown host",
         ErrorCode::UpstreamUnavailable => "Upstream unavailable",
         ErrorCode::ProxyLoop => "Proxy loop",
@@ -173,6 +185,18 @@ impl From<StoreError> for ApiError {
             StoreError::AttemptNotFound(id) => {
                 Self::new(ErrorCode::DeadLetterNotFound, format!("no dead letter with id {id}"))
             }
+            StoreError::EnvironmentNotFound(id) => {
+                Self::new(ErrorCode::EnvironmentNotFound, format!("no environment {id}"))
+            }
+            err @ StoreError::EnvironmentQuotaExceeded { .. } => {
+                Self::new(ErrorCode::EnvironmentQuotaExceeded, err.to_string())
+            }
+            err @ StoreError::EnvironmentNameTaken(_) => {
+                Self::new(ErrorCode::EnvironmentNameTaken, err.to_string())
+            }
+            err @ StoreError::EnvironmentBusy { .. } => {
+                Self::new(ErrorCode::InvalidTransition, err.to_string())
+            }
             err @ StoreError::NotDeadLettered { .. } => {
                 Self::new(ErrorCode::NotDeadLettered, err.to_string())
             }
@@ -220,6 +244,13 @@ mod tests {
             ErrorCode::DeadLetterNotFound,
             ErrorCode::NotDeadLettered,
             ErrorCode::LeaseUnavailable,
+            ErrorCode::EnvironmentNotFound,
+            ErrorCode::EnvironmentQuotaExceeded,
+            ErrorCode::EnvironmentNameTaken,
+            ErrorCode::UnmergedWork,
+            ErrorCode::ServiceNotFound,
+            ErrorCode::NoFreePorts,
+            ErrorCode::WorkspaceFailed,
             ErrorCode::UnknownHost,
             ErrorCode::UpstreamUnavailable,
             ErrorCode::ProxyLoop,
@@ -230,6 +261,26 @@ mod tests {
             let status = status_of(code);
             assert!(status.is_client_error() || status.is_server_error(), "{code}");
             assert!(!title_of(code).is_empty());
+        }
+    }
+}
+
+impl From<drover_env::manager::EnvError> for ApiError {
+    fn from(err: drover_env::manager::EnvError) -> Self {
+        use drover_env::manager::EnvError;
+        match err {
+            EnvError::Store(err) => err.into(),
+            err @ EnvError::NoFreePorts { .. } => {
+                Self::new(ErrorCode::NoFreePorts, err.to_string())
+            }
+            err @ EnvError::Workspace(_) => Self::new(ErrorCode::WorkspaceFailed, err.to_string()),
+            err @ EnvError::UnmergedWork(_) => Self::new(ErrorCode::UnmergedWork, err.to_string()),
+            EnvError::NotFound(id) => {
+                Self::new(ErrorCode::EnvironmentNotFound, format!("no environment {id}"))
+            }
+            err @ EnvError::ServiceNotFound { .. } => {
+                Self::new(ErrorCode::ServiceNotFound, err.to_string())
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`error`]. Every query is scoped to the caller's project ([`Caller`]).
 
 mod dlq;
+pub mod environments;
 mod error;
 mod extract;
 mod logs;
@@ -26,6 +27,7 @@ use axum::routing::{get, post};
 use drover_domain::ProjectId;
 use drover_engine::Engine;
 use drover_env::Deployments;
+use drover_env::manager::EnvManager;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -41,6 +43,7 @@ pub struct AppState {
 
 struct Inner {
     engine: Arc<Engine>,
+    envs: Arc<EnvManager>,
     deployments: Deployments,
     metrics: Option<PrometheusHandle>,
     /// Fires when the server starts draining: no new runs, `readyz` says so.
@@ -53,8 +56,10 @@ struct Inner {
 }
 
 impl AppState {
+    #[expect(clippy::too_many_arguments, reason = "built once, by the composition root")]
     pub fn new(
         engine: Arc<Engine>,
+        envs: Arc<EnvManager>,
         deployments: Deployments,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
@@ -64,6 +69,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 engine,
+                envs,
                 deployments,
                 metrics,
                 draining,
@@ -76,6 +82,10 @@ impl AppState {
 
     fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    fn envs(&self) -> &EnvManager {
+        &self.inner.envs
     }
 }
 
@@ -107,6 +117,15 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/workers/config", get(workers::bootstrap))
         .route("/tasks/lease", post(workers::lease))
         .route("/worker-messages", post(workers::worker_message))
+        .route("/environments", post(environments::create).get(environments::list))
+        .route("/environments/{id}", get(environments::show).delete(environments::delete))
+        .route("/environments/{id}/start", post(environments::start))
+        .route("/environments/{id}/stop", post(environments::stop))
+        .route("/environments/{id}/services", get(environments::services))
+        .route("/environments/{id}/services/{name}/restart", post(environments::restart_service))
+        .route("/environments/{id}/services/{name}/logs", get(environments::service_logs))
+        .route("/services", get(environments::overview))
+        .route("/services/shared", get(environments::shared))
         .route("/dlq", get(dlq::list))
         .route("/dlq/{id}/redrive", post(dlq::redrive))
         .route("/dlq/{id}/discard", post(dlq::discard))

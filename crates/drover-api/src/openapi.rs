@@ -34,11 +34,26 @@ use crate::wire::{
         crate::dlq::list,
         crate::dlq::redrive,
         crate::dlq::discard,
+        crate::environments::create,
+        crate::environments::list,
+        crate::environments::show,
+        crate::environments::delete,
+        crate::environments::start,
+        crate::environments::stop,
+        crate::environments::services,
+        crate::environments::restart_service,
+        crate::environments::service_logs,
+        crate::environments::shared,
+        crate::environments::overview,
     ),
     components(schemas(
         CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
+        crate::environments::CreateEnvironmentBody, crate::environments::EnvironmentView,
+        crate::environments::EnvironmentPage, crate::environments::ServiceView,
+        crate::environments::ServiceList, crate::environments::ServicesOverview,
+        crate::environments::PortsView,
     )),
     tags(
         (name = "runs", description = "Pipeline runs"),
@@ -46,6 +61,7 @@ use crate::wire::{
         (name = "system", description = "Health and readiness"),
         (name = "workers", description = "Worker registry and the worker protocol over HTTP"),
         (name = "dlq", description = "Dead-letter queue"),
+        (name = "environments", description = "Environments and their services"),
     )
 )]
 struct ApiDoc;

@@ -78,6 +78,20 @@ pub enum ErrorCode {
     /// Tasks are leased over HTTP only when the server uses the embedded bus; with a
     /// broker, workers read the broker directly.
     LeaseUnavailable,
+    /// No environment with that id or name is visible to the caller.
+    EnvironmentNotFound,
+    /// The project already has as many live environments as its quota allows.
+    EnvironmentQuotaExceeded,
+    /// A live environment already has that name.
+    EnvironmentNameTaken,
+    /// Deleting would lose work that exists nowhere else (pass `force`).
+    UnmergedWork,
+    /// The environment has no such service.
+    ServiceNotFound,
+    /// No block of free ports is left in the configured range.
+    NoFreePorts,
+    /// The workspace could not be prepared (git, setup hook).
+    WorkspaceFailed,
     /// The proxy has no route for the request's `Host`.
     UnknownHost,
     /// The proxy's route leads to a service that does not answer.
@@ -112,6 +126,13 @@ impl ErrorCode {
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::NotDeadLettered => "not_dead_lettered",
             Self::LeaseUnavailable => "lease_unavailable",
+            Self::EnvironmentNotFound => "environment_not_found",
+            Self::EnvironmentQuotaExceeded => "environment_quota_exceeded",
+            Self::EnvironmentNameTaken => "environment_name_taken",
+            Self::UnmergedWork => "unmerged_work",
+            Self::ServiceNotFound => "service_not_found",
+            Self::NoFreePorts => "no_free_ports",
+            Self::WorkspaceFailed => "workspace_failed",
             Self::UnknownHost => "unknown_host",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProxyLoop => "proxy_loop",

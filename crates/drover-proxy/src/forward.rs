@@ -39,12 +39,16 @@ const HOP_BY_HOP: [&str; 8] = [
 pub(crate) struct Forwarder {
     routes: RouteTable,
     client: Client<HttpConnector, Incoming>,
+    activity: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Forwarder {
-    pub(crate) fn new(routes: RouteTable) -> Self {
+    pub(crate) fn new(
+        routes: RouteTable,
+        activity: Option<tokio::sync::mpsc::Sender<String>>,
+    ) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { routes, client }
+        Self { routes, client, activity }
     }
 
     pub(crate) async fn handle(
@@ -82,6 +86,9 @@ impl Forwarder {
                 Some(known),
             );
         };
+        if let (Some(sender), Some(key)) = (&self.activity, &route.activity) {
+            let _ = sender.try_send(key.clone());
+        }
 
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let upstream_uri = match format!("http://{}{path}", route.upstream).parse::<Uri>() {

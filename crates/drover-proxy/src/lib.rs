@@ -30,6 +30,7 @@ pub enum ProxyError {
 pub struct Proxy {
     listener: TcpListener,
     addr: SocketAddr,
+    activity: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Proxy {
@@ -37,7 +38,14 @@ impl Proxy {
         let listener =
             TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| ProxyError::Bind { addr, source })?;
-        Ok(Self { listener, addr })
+        Ok(Self { listener, addr, activity: None })
+    }
+
+    /// Sends the `activity` key of every route a request goes through (dropping reports
+    /// when the receiver lags: activity is a hint, not a log).
+    pub fn on_activity(mut self, sender: tokio::sync::mpsc::Sender<String>) -> Self {
+        self.activity = Some(sender);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -46,7 +54,7 @@ impl Proxy {
 
     /// Serves until `shutdown` fires, then lets open requests finish (up to 5 s).
     pub async fn run(self, routes: RouteTable, shutdown: CancellationToken) {
-        let forwarder = forward::Forwarder::new(routes);
+        let forwarder = forward::Forwarder::new(routes, self.activity.clone());
         let graceful = GracefulShutdown::new();
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {

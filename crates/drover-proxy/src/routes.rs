@@ -14,6 +14,8 @@ pub struct Route {
     pub service: String,
     /// The environment it belongs to, if it is not shared.
     pub environment: Option<String>,
+    /// Reported on every request routed here (see [`crate::Proxy::on_activity`]).
+    pub activity: Option<String>,
 }
 
 /// Shared, cheap to clone. Reads never wait on a request; writes replace entries whole.
@@ -87,6 +89,7 @@ mod tests {
             upstream: SocketAddr::from(([127, 0, 0, 1], port)),
             service: "app".into(),
             environment: None,
+            activity: None,
         }
     }
 

@@ -45,11 +45,19 @@ fn route(host: &str, upstream: SocketAddr, environment: &str) -> Route {
         upstream,
         service: "app".into(),
         environment: Some(environment.into()),
+        activity: Some(environment.into()),
     }
 }
 
 async fn start(routes: RouteTable) -> (SocketAddr, CancellationToken) {
-    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    start_reporting(routes, tokio::sync::mpsc::channel(16).0).await
+}
+
+async fn start_reporting(
+    routes: RouteTable,
+    activity: tokio::sync::mpsc::Sender<String>,
+) -> (SocketAddr, CancellationToken) {
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap()).await.unwrap().on_activity(activity);
     let addr = proxy.local_addr();
     let stop = CancellationToken::new();
     tokio::spawn(proxy.run(routes, stop.clone()));
@@ -146,5 +154,18 @@ async fn a_request_that_already_passed_a_drover_proxy_is_refused() {
     assert_eq!(response.status(), 508);
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "proxy_loop");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn every_routed_request_reports_activity_for_its_environment() {
+    let routes = RouteTable::new();
+    routes.upsert(route("app.busy.localhost", upstream("busy").await, "busy"));
+    let (sender, mut activity) = tokio::sync::mpsc::channel(16);
+    let (proxy, stop) = start_reporting(routes, sender).await;
+    get_via(proxy, "app.busy.localhost", "/").await;
+    assert_eq!(activity.recv().await.as_deref(), Some("busy"));
+    get_via(proxy, "nope.localhost", "/").await;
+    assert!(activity.try_recv().is_err(), "unknown hosts are not activity");
     stop.cancel();
 }

@@ -23,6 +23,8 @@ use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
+use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
+use drover_env::provider::LocalProvider;
 use drover_env::{Deployments, Layout};
 use drover_proxy::{Proxy, Route, RouteTable};
 use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
@@ -72,6 +74,7 @@ pub struct Server {
     store: SqliteStore,
     bus: Arc<dyn Bus>,
     engine: Arc<Engine>,
+    envs: Arc<EnvManager>,
     deployments: Deployments,
     proxy: Option<Proxy>,
     lock: DataDirLock,
@@ -105,6 +108,16 @@ impl Server {
                 instance: format!("server-{}", std::process::id()),
             },
         ));
+        let services = config.service_specs().map_err(|err| ServerError::DataDir {
+            path: config.data_dir.display().to_string(),
+            message: err.to_string(),
+        })?;
+        let envs = Arc::new(EnvManager::new(
+            Arc::new(store.clone()),
+            env_settings(&config),
+            services,
+            Arc::new(LocalProvider),
+        ));
         let addr = config.server.listen;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
@@ -126,6 +139,7 @@ impl Server {
             store,
             bus,
             engine,
+            envs,
             deployments: Deployments::new(),
             proxy,
             lock,
@@ -152,12 +166,25 @@ impl Server {
 
     /// Serves until `shutdown` fires, then drains and stops everything it started.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self { config, mode, listener, addr, store, bus, engine, deployments, proxy, lock } =
-            self;
+        let Self {
+            config,
+            mode,
+            listener,
+            addr,
+            store,
+            bus,
+            engine,
+            envs,
+            deployments,
+            proxy,
+            lock,
+        } = self;
         let draining = CancellationToken::new();
         let engine_stop = CancellationToken::new();
         let full = mode == Mode::Full;
         let engine_tasks = full.then(|| engine.spawn(engine_stop.clone()));
+        let env_stop = CancellationToken::new();
+        let env_tasks = full.then(|| envs.spawn(env_stop.clone()));
         let workers = (full && config.workers.embedded).then(|| {
             WorkerPool::start(
                 bus.clone(),
@@ -175,13 +202,21 @@ impl Server {
         let proxy_port = proxy.as_ref().map(|p| p.local_addr().port());
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
-            tokio::spawn(sync_routes(deployments.subscribe(), routes.clone(), draining.clone()));
+            tokio::spawn(sync_routes(
+                deployments.subscribe(),
+                envs.routes(),
+                routes.clone(),
+                draining.clone(),
+            ));
+            let (activity, reports) = tokio::sync::mpsc::channel(1024);
+            tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), "routing proxy serving");
-            tokio::spawn(proxy.run(routes, draining.clone()))
+            tokio::spawn(proxy.on_activity(activity).run(routes, draining.clone()))
         });
 
         let state = AppState::new(
             engine.clone(),
+            envs.clone(),
             deployments.clone(),
             Some(metrics_handle()),
             draining.clone(),
@@ -217,6 +252,11 @@ impl Server {
             tasks.wait().await;
         }
         deployments.stop_all(Duration::from_secs(5)).await;
+        env_stop.cancel();
+        if let Some(tasks) = env_tasks {
+            tasks.wait().await;
+        }
+        envs.shutdown().await;
         if let Some(proxy) = proxy_task {
             let _ = proxy.await;
         }
@@ -299,28 +339,81 @@ async fn mirror_events(
     }
 }
 
-/// Keeps the proxy's routes equal to the set of deployed apps: each run's app is reachable
-/// at its stable hostname for as long as it is deployed.
+/// The environment manager's settings from the configuration.
+fn env_settings(config: &Config) -> EnvSettings {
+    let envs = &config.environments;
+    EnvSettings {
+        data_dir: config.data_dir.clone(),
+        port_range: (envs.port_range_start, envs.port_range_end),
+        block_size: envs.block_size,
+        quota: envs.max_per_project,
+        idle_timeout: envs.idle_timeout,
+        delete_after: envs.delete_after,
+        setup_command: envs.setup_command.clone(),
+        copy_files: envs.copy_files.clone(),
+        reconcile_interval: Duration::from_secs(2),
+    }
+}
+
+/// Keeps the proxy's routes equal to what runs: each run's deployed app at
+/// `app.run-<id>.localhost`, each environment's services at `<service>.<env>.localhost`,
+/// shared ones at `<service>.localhost`.
 async fn sync_routes(
     mut deployments: tokio::sync::watch::Receiver<Vec<drover_env::Deployment>>,
+    mut services: tokio::sync::watch::Receiver<Vec<ServiceRoute>>,
     routes: RouteTable,
     stop: CancellationToken,
 ) {
     loop {
-        let current: Vec<Route> = deployments
+        let mut current: Vec<Route> = deployments
             .borrow_and_update()
             .iter()
             .map(|deployment| {
                 let upstream = SocketAddr::from(([127, 0, 0, 1], deployment.port));
                 let host = drover_env::app_hostname(deployment.run_id);
                 let environment = host.split('.').nth(1).map(str::to_owned);
-                Route { host, upstream, service: "app".to_owned(), environment }
+                Route { host, upstream, service: "app".to_owned(), environment, activity: None }
             })
             .collect();
+        current.extend(services.borrow_and_update().iter().map(|route| Route {
+            host: route.host.clone(),
+            upstream: route.upstream,
+            service: route.service.clone(),
+            environment: route.environment_name.clone(),
+            activity: route.environment.map(|id| id.to_string()),
+        }));
         routes.replace_all(current);
         tokio::select! {
             () = stop.cancelled() => return,
             changed = deployments.changed() => if changed.is_err() { return },
+            changed = services.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+/// Proxied requests are activity: the environment's idle clock starts over (recorded at
+/// most once every few seconds per environment).
+async fn record_activity(
+    mut reports: tokio::sync::mpsc::Receiver<String>,
+    envs: Arc<EnvManager>,
+    stop: CancellationToken,
+) {
+    let mut last: std::collections::HashMap<String, std::time::Instant> =
+        std::collections::HashMap::new();
+    loop {
+        let report = tokio::select! {
+            () = stop.cancelled() => return,
+            report = reports.recv() => match report {
+                Some(report) => report,
+                None => return,
+            },
+        };
+        if last.get(&report).is_some_and(|at| at.elapsed() < Duration::from_secs(5)) {
+            continue;
+        }
+        if let Ok(id) = report.parse() {
+            envs.touch(id).await;
+        }
+        last.insert(report, std::time::Instant::now());
     }
 }
