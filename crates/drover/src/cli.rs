@@ -70,9 +70,66 @@ pub(crate) enum Command {
     /// The dead-letter queue: stages that used every attempt.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Environments: isolated workspaces with their own ports and services.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Service instances of every environment and the shared ones.
+    Services {
+        /// Show resident memory per instance and what sharing saves.
+        #[arg(long)]
+        resources: bool,
+    },
     /// Measure drover (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EnvCommand {
+    /// Create an environment (its services start at once).
+    Create {
+        /// Name (default: generated).
+        name: Option<String>,
+        /// Make the workspace a git worktree of this repository, on its own branch.
+        #[arg(long)]
+        repo: Option<std::path::PathBuf>,
+        /// Branch or commit the worktree starts from.
+        #[arg(long, requires = "repo")]
+        base: Option<String>,
+    },
+    /// List environments.
+    Ls {
+        /// Include deleted ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show an environment, its services and variables.
+    Show { env: String },
+    /// Start an environment's services (idempotent).
+    Start { env: String },
+    /// Stop an environment's services (idempotent).
+    Stop { env: String },
+    /// Delete an environment and its workspace.
+    Rm {
+        env: String,
+        /// Delete even if the worktree holds unmerged work.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a service's log.
+    Logs {
+        env: String,
+        service: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in the environment's workspace, with its variables.
+    Exec {
+        env: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

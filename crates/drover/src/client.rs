@@ -7,6 +7,9 @@ use drover_api::wire::{
     AttemptView, CreateRun, DeadLetterPage, DeadLetterView, EventView, LeaseRequest, PipelineList,
     RunPage, RunView, WorkerBootstrap, WorkerList, WorkerMessageAck,
 };
+use drover_api::environments::{
+    CreateEnvironmentBody, EnvironmentPage, EnvironmentView, ServicesOverview,
+};
 use drover_bus::{TaskEnvelope, WorkerMessage};
 use futures::{Stream, StreamExt};
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -197,6 +200,69 @@ impl Client {
     pub(crate) async fn discard(&self, id: &str) -> Result<DeadLetterView, ClientError> {
         let path = format!("/api/v1/dlq/{}/discard", encode(id));
         self.json(self.request(reqwest::Method::POST, &path)).await
+    }
+
+    pub(crate) async fn create_environment(
+        &self,
+        body: &CreateEnvironmentBody,
+    ) -> Result<EnvironmentView, ClientError> {
+        self.json(self.request(reqwest::Method::POST, "/api/v1/environments").json(body)).await
+    }
+
+    pub(crate) async fn environments(&self, all: bool) -> Result<EnvironmentPage, ClientError> {
+        let query = [("all", all.to_string()), ("limit", "200".to_owned())];
+        self.json(self.request(reqwest::Method::GET, "/api/v1/environments").query(&query)).await
+    }
+
+    pub(crate) async fn environment(&self, env: &str) -> Result<EnvironmentView, ClientError> {
+        let path = format!("/api/v1/environments/{}", encode(env));
+        self.json(self.request(reqwest::Method::GET, &path)).await
+    }
+
+    /// `start` or `stop`.
+    pub(crate) async fn environment_action(
+        &self,
+        env: &str,
+        action: &str,
+    ) -> Result<EnvironmentView, ClientError> {
+        let path = format!("/api/v1/environments/{}/{action}", encode(env));
+        self.json(self.request(reqwest::Method::POST, &path)).await
+    }
+
+    pub(crate) async fn delete_environment(
+        &self,
+        env: &str,
+        force: bool,
+    ) -> Result<EnvironmentView, ClientError> {
+        let path = format!("/api/v1/environments/{}", encode(env));
+        let query = [("force", force.to_string())];
+        self.json(self.request(reqwest::Method::DELETE, &path).query(&query)).await
+    }
+
+    pub(crate) async fn services_overview(&self) -> Result<ServicesOverview, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/services")).await
+    }
+
+    /// A service's log file, or (following) its new lines as SSE data.
+    pub(crate) async fn service_log(
+        &self,
+        env: &str,
+        service: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
+        let path = format!("/api/v1/environments/{}/services/{}/logs", encode(env), encode(service));
+        let response = self
+            .send(self.request(reqwest::Method::GET, &path).query(&[("follow", follow.to_string())]))
+            .await?;
+        let base = self.base.clone();
+        let mut parser = SseParser::default();
+        Ok(response.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|err| ClientError::Unreachable { url: base.clone(), message: describe(&err) })?;
+            if !follow {
+                return Ok(chunk.to_vec());
+            }
+            Ok(parser.push(&chunk).into_iter().flat_map(|m| (m.data + "\n").into_bytes()).collect())
+        }))
     }
 
     pub(crate) async fn pipelines(&self) -> Result<PipelineList, ClientError> {

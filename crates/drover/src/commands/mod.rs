@@ -2,6 +2,7 @@
 
 mod bench;
 mod dlq;
+mod env;
 mod run;
 mod runs;
 mod up;
@@ -26,6 +27,8 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Workers => worker::list(&global, &config).await,
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,
         Command::Bench(command) => bench::bench(&global, &config, command).await,
+        Command::Env(command) => env::env(&global, &config, command).await,
+        Command::Services { resources } => env::services(&global, &config, resources).await,
     }
 }
 
