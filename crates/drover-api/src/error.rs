@@ -218,6 +218,26 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<drover_env::manager::EnvError> for ApiError {
+    fn from(err: drover_env::manager::EnvError) -> Self {
+        use drover_env::manager::EnvError;
+        match err {
+            EnvError::Store(err) => err.into(),
+            err @ EnvError::NoFreePorts { .. } => {
+                Self::new(ErrorCode::NoFreePorts, err.to_string())
+            }
+            err @ EnvError::Workspace(_) => Self::new(ErrorCode::WorkspaceFailed, err.to_string()),
+            err @ EnvError::UnmergedWork(_) => Self::new(ErrorCode::UnmergedWork, err.to_string()),
+            EnvError::NotFound(id) => {
+                Self::new(ErrorCode::EnvironmentNotFound, format!("no environment {id}"))
+            }
+            err @ EnvError::ServiceNotFound { .. } => {
+                Self::new(ErrorCode::ServiceNotFound, err.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,26 +281,6 @@ mod tests {
             let status = status_of(code);
             assert!(status.is_client_error() || status.is_server_error(), "{code}");
             assert!(!title_of(code).is_empty());
-        }
-    }
-}
-
-impl From<drover_env::manager::EnvError> for ApiError {
-    fn from(err: drover_env::manager::EnvError) -> Self {
-        use drover_env::manager::EnvError;
-        match err {
-            EnvError::Store(err) => err.into(),
-            err @ EnvError::NoFreePorts { .. } => {
-                Self::new(ErrorCode::NoFreePorts, err.to_string())
-            }
-            err @ EnvError::Workspace(_) => Self::new(ErrorCode::WorkspaceFailed, err.to_string()),
-            err @ EnvError::UnmergedWork(_) => Self::new(ErrorCode::UnmergedWork, err.to_string()),
-            EnvError::NotFound(id) => {
-                Self::new(ErrorCode::EnvironmentNotFound, format!("no environment {id}"))
-            }
-            err @ EnvError::ServiceNotFound { .. } => {
-                Self::new(ErrorCode::ServiceNotFound, err.to_string())
-            }
         }
     }
 }

@@ -56,7 +56,6 @@ struct Inner {
 }
 
 impl AppState {
-    #[expect(clippy::too_many_arguments, reason = "built once, by the composition root")]
     pub fn new(
         engine: Arc<Engine>,
         envs: Arc<EnvManager>,

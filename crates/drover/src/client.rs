@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use drover_api::Problem;
+use drover_api::environments::{
+    CreateEnvironmentBody, EnvironmentPage, EnvironmentView, ServicesOverview,
+};
 use drover_api::wire::{
     AttemptView, CreateRun, DeadLetterPage, DeadLetterView, EventView, LeaseRequest, PipelineList,
     RunPage, RunView, WorkerBootstrap, WorkerList, WorkerMessageAck,
-};
-use drover_api::environments::{
-    CreateEnvironmentBody, EnvironmentPage, EnvironmentView, ServicesOverview,
 };
 use drover_bus::{TaskEnvelope, WorkerMessage};
 use futures::{Stream, StreamExt};
@@ -250,14 +250,20 @@ impl Client {
         service: &str,
         follow: bool,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
-        let path = format!("/api/v1/environments/{}/services/{}/logs", encode(env), encode(service));
+        let path =
+            format!("/api/v1/environments/{}/services/{}/logs", encode(env), encode(service));
         let response = self
-            .send(self.request(reqwest::Method::GET, &path).query(&[("follow", follow.to_string())]))
+            .send(
+                self.request(reqwest::Method::GET, &path).query(&[("follow", follow.to_string())]),
+            )
             .await?;
         let base = self.base.clone();
         let mut parser = SseParser::default();
         Ok(response.bytes_stream().map(move |chunk| {
-            let chunk = chunk.map_err(|err| ClientError::Unreachable { url: base.clone(), message: describe(&err) })?;
+            let chunk = chunk.map_err(|err| ClientError::Unreachable {
+                url: base.clone(),
+                message: describe(&err),
+            })?;
             if !follow {
                 return Ok(chunk.to_vec());
             }

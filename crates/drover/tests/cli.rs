@@ -433,3 +433,71 @@ fn a_worker_without_a_server_says_how_to_get_one() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("cannot reach"), "{}", stderr(&output));
 }
+
+#[test]
+fn a_sigkilled_server_with_running_environments_finds_and_reconciles_them_with_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = 43_000 + (std::process::id() % 400) as u16 * 10;
+    std::fs::write(
+        dir.path().join("drover.toml"),
+        format!(
+            "[environments]\nport_range_start = {base}\nport_range_end = {}\n\n\
+             [services.web]\ncommand = \"sh\"\n\
+             args = [\"-c\", \"sleep 600 & exec python3 -m http.server $PORT --bind 127.0.0.1\"]\n\
+             readiness = {{ http = \"/\" }}\n",
+            base + 99
+        ),
+    )
+    .unwrap();
+    let up = Up::start(dir.path(), &[]);
+    run_ok(drover(dir.path()).args(["env", "create", "survivor"]));
+    let ready = |url: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http().get(format!("{url}/api/v1/environments/survivor")).send() {
+                let env: Value = response.json().unwrap();
+                if env["status"] == "running" && env["services"][0]["status"] == "ready" {
+                    return env;
+                }
+            }
+            assert!(Instant::now() < deadline, "the environment never got ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let before = ready(&up.url);
+    let old_group = before["services"][0]["pid"].as_u64().unwrap() as u32;
+    let port = before["services"][0]["ports"]["http"].as_u64().unwrap();
+    up.kill9();
+
+    // The service's shell child survives the server (it was not its direct child).
+    let orphans = group_members(old_group);
+    assert!(!orphans.is_empty(), "expected a leftover process in group {old_group}");
+
+    let up = Up::start(dir.path(), &[]);
+    let after = ready(&up.url);
+    let new_group = after["services"][0]["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new_group, old_group);
+    assert!(
+        group_members(old_group).is_empty(),
+        "the previous server's processes survived the restart"
+    );
+    assert_eq!(http().get(format!("http://127.0.0.1:{port}/")).send().unwrap().status(), 200);
+    assert!(up.interrupt().success());
+    assert!(group_members(new_group).is_empty(), "Ctrl-C left service processes behind");
+}
+
+/// Live processes of a process group.
+fn group_members(pgid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.first().is_some_and(|s| *s != "Z")
+                    && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+            })
+        })
+        .collect()
+}

@@ -13,7 +13,11 @@ use crate::cli::{EnvCommand, GlobalArgs};
 use crate::output;
 use crate::target::Target;
 
-pub(crate) async fn env(global: &GlobalArgs, config: &Config, command: EnvCommand) -> anyhow::Result<ExitCode> {
+pub(crate) async fn env(
+    global: &GlobalArgs,
+    config: &Config,
+    command: EnvCommand,
+) -> anyhow::Result<ExitCode> {
     // Without a server, changes are recorded for when one starts: environments run
     // inside `drover up`, not inside a one-shot command.
     let target = Target::connect(global, config, Mode::Inspect).await?;
@@ -22,17 +26,26 @@ pub(crate) async fn env(global: &GlobalArgs, config: &Config, command: EnvComman
     result
 }
 
-async fn run(global: &GlobalArgs, target: &Target, command: EnvCommand) -> anyhow::Result<ExitCode> {
+async fn run(
+    global: &GlobalArgs,
+    target: &Target,
+    command: EnvCommand,
+) -> anyhow::Result<ExitCode> {
     let client = &target.client;
     let note_offline = || {
         if target.is_embedded() {
-            output::note("no drover server is running: the change takes effect when `drover up` starts");
+            output::note(
+                "no drover server is running: the change takes effect when `drover up` starts",
+            );
         }
     };
     match command {
         EnvCommand::Create { name, repo, base } => {
             let repo = repo
-                .map(|path| std::path::absolute(&path).with_context(|| format!("cannot resolve {}", path.display())))
+                .map(|path| {
+                    std::path::absolute(&path)
+                        .with_context(|| format!("cannot resolve {}", path.display()))
+                })
                 .transpose()?;
             let body = CreateEnvironmentBody {
                 name,
@@ -125,7 +138,11 @@ fn print_env(global: &GlobalArgs, env: &EnvironmentView, detailed: bool) {
     }
     output::data(format!("environment  {} ({})", env.name, env.id));
     output::data(format!("status       {} (desired {})", env.status, env.desired));
-    output::data(format!("ports        {}-{}", env.ports.base, env.ports.base + env.ports.size - 1));
+    output::data(format!(
+        "ports        {}-{}",
+        env.ports.base,
+        env.ports.base + env.ports.size - 1
+    ));
     output::data(format!("workspace    {}", env.workspace));
     if let Some(branch) = &env.branch {
         output::data(format!("branch       {branch}"));
@@ -152,11 +169,18 @@ fn print_env(global: &GlobalArgs, env: &EnvironmentView, detailed: bool) {
                 ]
             })
             .collect();
-        output::table(&["SERVICE", "STATUS", "PID", "RESTARTS", "PORTS", "HOSTNAME", "REASON"], &rows);
+        output::table(
+            &["SERVICE", "STATUS", "PID", "RESTARTS", "PORTS", "HOSTNAME", "REASON"],
+            &rows,
+        );
     }
 }
 
-pub(crate) async fn services(global: &GlobalArgs, config: &Config, resources: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn services(
+    global: &GlobalArgs,
+    config: &Config,
+    resources: bool,
+) -> anyhow::Result<ExitCode> {
     let target = Target::connect(global, config, Mode::Inspect).await?;
     let overview = target.client.services_overview().await;
     target.close().await?;
@@ -184,7 +208,11 @@ pub(crate) async fn services(global: &GlobalArgs, config: &Config, resources: bo
         .collect();
     if resources {
         output::table(&["SERVICE", "ENVIRONMENT", "STATUS", "HOSTNAME", "RSS"], &rows);
-        output::data(format!("total {}; sharing saves {}", mib(overview.total_rss_bytes), mib(overview.saved_by_sharing_bytes)));
+        output::data(format!(
+            "total {}; sharing saves {}",
+            mib(overview.total_rss_bytes),
+            mib(overview.saved_by_sharing_bytes)
+        ));
     } else {
         output::table(&["SERVICE", "ENVIRONMENT", "STATUS", "HOSTNAME"], &rows);
     }

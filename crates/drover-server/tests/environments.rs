@@ -1,0 +1,202 @@
+//! Environments over HTTP on the real server: lifecycle, services, logs, quota and errors.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use drover_config::{Config, ReadinessConfig, ServiceConfig};
+use drover_domain::{RestartPolicy, Sharing};
+use drover_server::{Mode, Server};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn web_service() -> ServiceConfig {
+    ServiceConfig {
+        command: "python3".into(),
+        args: vec![
+            "-m".into(),
+            "http.server".into(),
+            "{port}".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+        ],
+        env: BTreeMap::new(),
+        ports: vec!["http".into()],
+        readiness: Some(ReadinessConfig {
+            http: Some("/".into()),
+            tcp: false,
+            exec: None,
+            log: None,
+            port: None,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(20),
+            threshold: 1,
+        }),
+        depends_on: BTreeMap::new(),
+        restart: RestartPolicy::OnFailure,
+        restart_backoff: Duration::from_millis(200),
+        restart_backoff_max: Duration::from_secs(2),
+        restart_reset_after: Duration::from_secs(60),
+        max_restarts: 3,
+        restart_window: Duration::from_secs(60),
+        stop_grace: Duration::from_secs(2),
+        memory_limit: None,
+        sharing: Sharing::PerEnv,
+        address: None,
+        log_max_bytes: 1 << 20,
+        log_keep: 1,
+    }
+}
+
+struct TestServer {
+    url: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn(quota: u32) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    config.workers.embedded = false;
+    config.environments.max_per_project = quota;
+    let start = 42_000 + (drover_testkit::free_port() % 500) * 10;
+    config.environments.port_range_start = start;
+    config.environments.port_range_end = start + 99;
+    config.services = BTreeMap::from([("web".to_owned(), web_service())]);
+    let server = Server::build(config, Mode::Full).await.unwrap();
+    let url = server.url();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    TestServer {
+        url,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_service_ready(&self, env: &str) -> Value {
+        for _ in 0..200 {
+            let (_, view) =
+                self.send(reqwest::Method::GET, &format!("/api/v1/environments/{env}"), None).await;
+            if view["status"] == "running" && view["services"][0]["status"] == "ready" {
+                return view;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{env} never had its service ready");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_environment_is_created_serves_stops_starts_and_is_deleted_over_http() {
+    let server = spawn(5).await;
+    use reqwest::Method;
+    let (status, created) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "web1" }))).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["status"], "creating");
+    let view = server.wait_service_ready("web1").await;
+    let port = view["services"][0]["ports"]["http"].as_u64().unwrap();
+    assert_eq!(view["variables"]["PORT"], Value::Null, "PORT is per process, not per environment");
+    assert_eq!(view["variables"]["DROVER_PORT_WEB_HTTP"], port.to_string());
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+
+    let (status, _) =
+        server.send(Method::GET, "/api/v1/environments/web1/services/web/logs", None).await;
+    assert_eq!(status, 200);
+    let log = server
+        .http
+        .get(format!("{}/api/v1/environments/web1/services/web/logs", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("GET / HTTP/1.1"), "{log}");
+
+    let (status, stopped) = server.send(Method::POST, "/api/v1/environments/web1/stop", None).await;
+    assert_eq!((status, stopped["desired"].as_str()), (202, Some("stopped")));
+    server.send(Method::POST, "/api/v1/environments/web1/stop", None).await;
+    for _ in 0..100 {
+        let (_, view) = server.send(Method::GET, "/api/v1/environments/web1", None).await;
+        if view["status"] == "stopped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/")).await.is_err(),
+        "the service still answers after stop"
+    );
+
+    server.send(Method::POST, "/api/v1/environments/web1/start", None).await;
+    server.wait_service_ready("web1").await;
+    let (status, _) =
+        server.send(Method::POST, "/api/v1/environments/web1/services/web/restart", None).await;
+    assert_eq!(status, 202);
+
+    let (status, deleted) = server.send(Method::DELETE, "/api/v1/environments/web1", None).await;
+    assert_eq!((status, deleted["desired"].as_str()), (202, Some("deleted")));
+    for _ in 0..100 {
+        let (status, _) = server.send(Method::GET, "/api/v1/environments/web1", None).await;
+        if status == 404 {
+            server.stop().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the environment was not deleted");
+}
+
+#[tokio::test]
+async fn the_environment_quota_answers_429_with_its_code_and_errors_have_codes() {
+    let server = spawn(1).await;
+    use reqwest::Method;
+    let (status, _) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "only" }))).await;
+    assert_eq!(status, 201);
+    let (status, problem) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "second" }))).await;
+    assert_eq!(status, 429, "{problem}");
+    assert_eq!(problem["code"], "environment_quota_exceeded");
+
+    let (status, problem) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "only" }))).await;
+    assert_eq!((status, problem["code"].as_str()), (409, Some("environment_name_taken")));
+    let (status, problem) = server
+        .send(Method::POST, "/api/v1/environments", Some(json!({ "name": "Bad Name" })))
+        .await;
+    assert_eq!((status, problem["code"].as_str()), (422, Some("validation_failed")));
+    assert_eq!(problem["errors"][0]["field"], "name");
+    let (status, problem) = server.send(Method::GET, "/api/v1/environments/nope", None).await;
+    assert_eq!((status, problem["code"].as_str()), (404, Some("environment_not_found")));
+    let (status, problem) =
+        server.send(Method::POST, "/api/v1/environments/only/services/nope/restart", None).await;
+    assert_eq!((status, problem["code"].as_str()), (404, Some("service_not_found")));
+    let (status, list) = server.send(Method::GET, "/api/v1/environments", None).await;
+    assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1));
+    server.stop().await;
+}
