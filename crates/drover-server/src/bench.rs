@@ -261,3 +261,231 @@ pub async fn bench_bus(options: BusBenchOptions) -> Result<BusBenchReport, Serve
         unmeasured_stages: total_stages.saturating_sub(overhead.len()) + lagged.min(total_stages),
     })
 }
+
+/// What `drover bench env` measures.
+#[derive(Debug, Clone)]
+pub struct EnvBenchOptions {
+    /// The repository environments are worktrees of (a generated one when `None`).
+    pub repo: Option<std::path::PathBuf>,
+    pub iterations: usize,
+}
+
+/// Create→ready times, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvBenchReport {
+    pub iterations: usize,
+    pub repo_files: usize,
+    pub git_worktree_add_p50_ms: f64,
+    pub git_worktree_add_p95_ms: f64,
+    pub env_no_services_p50_ms: f64,
+    pub env_no_services_p95_ms: f64,
+    pub env_two_services_p50_ms: f64,
+    pub env_two_services_p95_ms: f64,
+}
+
+async fn git(dir: &std::path::Path, args: &[&str]) -> Result<(), ServerError> {
+    let output = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@example.com")
+        .env("GIT_COMMITTER_NAME", "bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@example.com")
+        .output()
+        .await
+        .map_err(|err| bench_error(err.to_string()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(bench_error(String::from_utf8_lossy(&output.stderr).into_owned()))
+    }
+}
+
+fn bench_error(message: String) -> ServerError {
+    ServerError::DataDir { path: "bench".to_owned(), message }
+}
+
+/// Environment creation until every service is ready, beside a bare `git worktree add`.
+pub async fn bench_env(options: EnvBenchOptions) -> Result<EnvBenchReport, ServerError> {
+    use drover_domain::{
+        EnvName, EnvStatus, ProbeKind, Readiness, RestartRules, ServiceName, ServiceSpec,
+        ServiceStatus, Sharing,
+    };
+    use drover_env::manager::{CreateEnvironment, EnvManager, EnvSettings};
+
+    let dir = tempfile::tempdir().map_err(|err| bench_error(err.to_string()))?;
+    let (repo, repo_files) = match options.repo {
+        Some(repo) => {
+            let files = walk_count(&repo);
+            (repo, files)
+        }
+        None => {
+            let repo = dir.path().join("repo");
+            std::fs::create_dir_all(repo.join("src"))
+                .map_err(|err| bench_error(err.to_string()))?;
+            for n in 0..200 {
+                std::fs::write(
+                    repo.join("src").join(format!("module_{n}.py")),
+                    format!("def f{n}():\n    return {n}\n"),
+                )
+                .map_err(|err| bench_error(err.to_string()))?;
+            }
+            git(&repo, &["init", "-q", "-b", "main"]).await?;
+            git(&repo, &["add", "."]).await?;
+            git(&repo, &["commit", "-q", "-m", "bench"]).await?;
+            (repo, 200)
+        }
+    };
+    let store = Arc::new(
+        SqliteStore::open(&SqliteStoreOptions {
+            url: format!("sqlite://{}", dir.path().join("bench.db").display()),
+            read_connections: 2,
+            busy_timeout: Duration::from_secs(5),
+        })
+        .await?,
+    );
+    let web = |name: &str| ServiceSpec {
+        name: ServiceName::parse(name).expect("literal service name"),
+        command: "python3".into(),
+        args: vec![
+            "-m".into(),
+            "http.server".into(),
+            "{port}".into(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+        ],
+        env: Default::default(),
+        ports: vec!["http".into()],
+        readiness: Some(Readiness {
+            kind: ProbeKind::Http { path: "/".into() },
+            port: None,
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(30),
+            threshold: 1,
+        }),
+        depends_on: Default::default(),
+        restart: RestartRules::default(),
+        stop_grace: Duration::from_secs(2),
+        memory_limit_bytes: None,
+        sharing: Sharing::PerEnv,
+        address: None,
+        log_max_bytes: 1 << 20,
+        log_keep: 1,
+    };
+    let settings = |sub: &str| EnvSettings {
+        data_dir: dir.path().join(sub),
+        port_range: (44_000, 44_999),
+        block_size: 10,
+        quota: 1000,
+        idle_timeout: Duration::ZERO,
+        delete_after: Duration::ZERO,
+        setup_command: String::new(),
+        copy_files: Vec::new(),
+        reconcile_interval: Duration::from_millis(20),
+    };
+    // The bare baseline first, so it does not profit from caches warmed by the others.
+    let mut bare_git = Vec::with_capacity(options.iterations);
+    for n in 0..options.iterations {
+        let path = dir.path().join(format!("plain{n}"));
+        let path_text = path.display().to_string();
+        let branch = format!("plain{n}");
+        let started = Instant::now();
+        git(&repo, &["worktree", "add", "-q", "-b", &branch, &path_text]).await?;
+        bare_git.push(started.elapsed().as_secs_f64() * 1000.0);
+        git(&repo, &["worktree", "remove", "--force", &path_text]).await?;
+        git(&repo, &["branch", "-D", &branch]).await?;
+    }
+    bare_git.sort_by(f64::total_cmp);
+    let project = ProjectId::default_project();
+    let mut timings: Vec<Vec<f64>> = Vec::new();
+    for (sub, services) in [("bare", Vec::new()), ("two", vec![web("web"), web("api")])] {
+        let expected = services.len();
+        let manager = Arc::new(EnvManager::new(
+            store.clone(),
+            settings(sub),
+            services,
+            Arc::new(drover_env::provider::LocalProvider),
+        ));
+        let stop = CancellationToken::new();
+        let loops = manager.spawn(stop.clone());
+        let mut samples = Vec::with_capacity(options.iterations);
+        for n in 0..options.iterations {
+            let name = EnvName::parse(format!("{sub}{n}")).expect("generated name is a valid slug");
+            let started = Instant::now();
+            let env = manager
+                .create(
+                    &project,
+                    CreateEnvironment {
+                        name: Some(name),
+                        repo: Some(repo.clone()),
+                        base: None,
+                        actor: "bench".into(),
+                        reason: None,
+                    },
+                )
+                .await
+                .map_err(|err| bench_error(err.to_string()))?;
+            loop {
+                let current = manager
+                    .find(&project, &env.id.to_string())
+                    .await
+                    .map_err(|err| bench_error(err.to_string()))?;
+                let services = manager
+                    .services(Some(env.id))
+                    .await
+                    .map_err(|err| bench_error(err.to_string()))?;
+                let ready =
+                    services.iter().filter(|s| s.state.status == ServiceStatus::Ready).count();
+                if current.status == EnvStatus::Running && ready == expected {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(bench_error(format!("environment {} never got ready", env.name)));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            manager
+                .delete(&project, env.id, true, "bench", None)
+                .await
+                .map_err(|err| bench_error(err.to_string()))?;
+        }
+        stop.cancel();
+        loops.wait().await;
+        manager.reconcile().await.map_err(|err| bench_error(err.to_string()))?;
+        manager.shutdown().await;
+        samples.sort_by(f64::total_cmp);
+        timings.push(samples);
+    }
+    Ok(EnvBenchReport {
+        iterations: options.iterations,
+        repo_files,
+        git_worktree_add_p50_ms: percentile(&bare_git, 0.5),
+        git_worktree_add_p95_ms: percentile(&bare_git, 0.95),
+        env_no_services_p50_ms: percentile(&timings[0], 0.5),
+        env_no_services_p95_ms: percentile(&timings[0], 0.95),
+        env_two_services_p50_ms: percentile(&timings[1], 0.5),
+        env_two_services_p95_ms: percentile(&timings[1], 0.95),
+    })
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| {
+                    let path = entry.path();
+                    if path.file_name().is_some_and(|n| n == ".git") {
+                        0
+                    } else if path.is_dir() {
+                        walk_count(&path)
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

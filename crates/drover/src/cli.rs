@@ -136,6 +136,14 @@ pub(crate) enum EnvCommand {
 pub(crate) enum BenchCommand {
     /// No-op tasks end to end through the real engine, store and bus.
     Bus(BenchBusArgs),
+    /// Environment create→ready time, beside a bare `git worktree add`.
+    Env {
+        /// Repository to make worktrees of (default: a generated one with 200 files).
+        #[arg(long)]
+        repo: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

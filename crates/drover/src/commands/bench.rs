@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use drover_config::Config;
-use drover_server::bench::{BusBenchOptions, bench_bus};
+use drover_server::bench::{BusBenchOptions, EnvBenchOptions, bench_bus, bench_env};
 
 use crate::cli::{BenchBackend, BenchCommand, GlobalArgs};
 use crate::output;
@@ -71,6 +71,37 @@ pub(crate) async fn bench(
                         report.unmeasured_stages
                     ));
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Env { repo, iterations } => {
+            let report = bench_env(EnvBenchOptions { repo, iterations: iterations.max(1) }).await?;
+            if global.json {
+                output::json(&report);
+            } else {
+                let row = |what: &str, p50: f64, p95: f64| {
+                    vec![what.to_owned(), format!("{p50:.1} ms"), format!("{p95:.1} ms")]
+                };
+                output::table(
+                    &["CREATE → READY", "P50", "P95"],
+                    &[
+                        row(
+                            "git worktree add (bare)",
+                            report.git_worktree_add_p50_ms,
+                            report.git_worktree_add_p95_ms,
+                        ),
+                        row(
+                            "environment, no services",
+                            report.env_no_services_p50_ms,
+                            report.env_no_services_p95_ms,
+                        ),
+                        row(
+                            "environment, two services",
+                            report.env_two_services_p50_ms,
+                            report.env_two_services_p95_ms,
+                        ),
+                    ],
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
