@@ -95,8 +95,23 @@ pub(crate) async fn create_run(
         ));
     }
     let pipeline = body.pipeline.as_deref().unwrap_or(DEFAULT_PIPELINE);
-    let run =
-        state.engine().submit(&caller.project, request, pipeline, CorrelationId::new()).await?;
+    let placement = match &body.environment {
+        None => None,
+        Some(id_or_name) => {
+            let env = state.envs().find(&caller.project, id_or_name).await?;
+            if env.desired == drover_domain::DesiredState::Deleted {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidTransition,
+                    format!("environment {} is being deleted", env.name),
+                ));
+            }
+            Some(drover_engine::RunPlacement { environment_id: env.id, workspace: env.workspace })
+        }
+    };
+    let run = state
+        .engine()
+        .submit(&caller.project, request, pipeline, CorrelationId::new(), placement)
+        .await?;
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/runs/{}", run.id)) {
         headers.insert(header::LOCATION, location);

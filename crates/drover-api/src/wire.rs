@@ -16,6 +16,10 @@ pub struct CreateRun {
     /// The pipeline to run; `sdlc` when omitted.
     #[serde(default)]
     pub pipeline: Option<String>,
+    /// Run in this environment (id or name): its workspace, its services. Without it the
+    /// run gets a workspace of its own.
+    #[serde(default)]
+    pub environment: Option<String>,
 }
 
 /// A run, with its stage attempts when fetched alone.
@@ -35,6 +39,9 @@ pub struct RunView {
     pub finished_at: Option<String>,
     /// The deployed app, once the deploy stage succeeded.
     pub deployment: Option<DeploymentView>,
+    /// The environment it runs in, if any.
+    #[serde(default)]
+    pub environment_id: Option<String>,
     /// Every attempt of every stage, in pipeline order (only on `GET /runs/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptView>>,
@@ -149,6 +156,7 @@ impl RunView {
             started_at: run.started_at.map(time),
             finished_at: run.finished_at.map(time),
             deployment,
+            environment_id: run.environment_id.map(|id| id.to_string()),
             attempts: None,
         }
     }

@@ -165,6 +165,12 @@ pub struct Run {
     pub updated_at: Timestamp,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// The environment it runs in, if it was given one.
+    #[serde(default)]
+    pub environment_id: Option<crate::EnvironmentId>,
+    /// Where its agents work, when not the default per-run workspace.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 #[cfg(test)]

@@ -101,7 +101,10 @@ pub(crate) async fn envelopes(
                 fencing_token: attempt.fencing_token,
                 payload: json!({ "request": run.request }),
                 context: WorkflowContext {
-                    workspace: layout.workspace(run.id).display().to_string(),
+                    workspace: run
+                        .workspace
+                        .clone()
+                        .unwrap_or_else(|| layout.workspace(run.id).display().to_string()),
                     log_path: layout
                         .attempt_log(run.id, &attempt.stage, attempt.attempt)
                         .display()

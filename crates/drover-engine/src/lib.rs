@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use drover_bus::{Bus, Control};
 use drover_domain::{
-    AttemptId, CorrelationId, PipelineCatalog, ProjectId, Run, RunId, RunRequest, Timestamp,
+    AttemptId, CorrelationId, EnvironmentId, PipelineCatalog, ProjectId, Run, RunId, RunRequest,
+    Timestamp,
 };
 use drover_env::Layout;
 use drover_store::{NewRun, Store, StoreError};
@@ -32,6 +33,13 @@ pub enum EngineError {
     UnknownPipeline { name: String, known: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Where a run executes: an environment and its workspace.
+#[derive(Debug, Clone)]
+pub struct RunPlacement {
+    pub environment_id: EnvironmentId,
+    pub workspace: String,
 }
 
 /// Timing and batching of the engine's loops.
@@ -90,7 +98,8 @@ impl Engine {
         &self.layout
     }
 
-    /// Creates a run of `pipeline` for `request`. It is durable when this returns.
+    /// Creates a run of `pipeline` for `request`, in an environment's workspace when
+    /// `placement` says so. It is durable when this returns.
     #[tracing::instrument(skip_all, fields(project = %project, pipeline = pipeline))]
     pub async fn submit(
         &self,
@@ -98,6 +107,7 @@ impl Engine {
         request: RunRequest,
         pipeline: &str,
         correlation_id: CorrelationId,
+        placement: Option<RunPlacement>,
     ) -> Result<Run, EngineError> {
         let spec = self.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
             name: pipeline.to_owned(),
@@ -111,6 +121,8 @@ impl Engine {
                     pipeline: spec.clone(),
                     request,
                     correlation_id,
+                    environment_id: placement.as_ref().map(|p| p.environment_id),
+                    workspace: placement.map(|p| p.workspace),
                 },
                 now(),
             )

@@ -163,6 +163,7 @@ impl Harness {
                 RunRequest::parse("test").unwrap(),
                 pipeline,
                 CorrelationId::new(),
+                None,
             )
             .await
             .unwrap()
@@ -387,6 +388,7 @@ async fn an_unknown_pipeline_is_refused_and_names_the_known_ones() {
             RunRequest::parse("x").unwrap(),
             "nope",
             CorrelationId::new(),
+            None,
         )
         .await
         .unwrap_err();

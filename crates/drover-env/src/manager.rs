@@ -201,6 +201,11 @@ impl EnvManager {
         if self.store.find_environment(project, &name).await?.is_some() {
             return Err(StoreError::EnvironmentNameTaken(name.to_string()).into());
         }
+        // Checked here so a project over its quota costs no ports or workspace; the store
+        // checks again, atomically with the insert, for creations racing this one.
+        if self.store.count_live_environments(project).await? >= self.settings.quota {
+            return Err(StoreError::EnvironmentQuotaExceeded { limit: self.settings.quota }.into());
+        }
         let ports = self.allocate_ports().await?;
         let dir = self.env_dir(id);
         let workspace_path = dir.join("workspace");

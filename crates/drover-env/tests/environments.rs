@@ -70,10 +70,9 @@ async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings
         .unwrap(),
     );
     // A range of its own per test, so tests running at once never compete for ports.
-    let start = 30_000 + (free_port().unwrap() % 2_000) * 10;
     let mut settings = EnvSettings {
         data_dir: dir.path().to_path_buf(),
-        port_range: (start, start + 199),
+        port_range: drover_testkit::port_range(200),
         block_size: 10,
         quota: 5,
         idle_timeout: Duration::ZERO,

@@ -213,7 +213,7 @@ pub async fn bench_bus(options: BusBenchOptions) -> Result<BusBenchReport, Serve
             RunRequest::parse(format!("bench {n}")).expect("short request is valid")
         });
         engine
-            .submit(&ProjectId::default_project(), request, "bench", CorrelationId::new())
+            .submit(&ProjectId::default_project(), request, "bench", CorrelationId::new(), None)
             .await
             .map_err(|err| ServerError::DataDir {
                 path: "bench".to_owned(),

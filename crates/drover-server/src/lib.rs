@@ -200,6 +200,9 @@ impl Server {
         let upkeep = telemetry::spawn_upkeep(draining.clone());
         let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
         let proxy_port = proxy.as_ref().map(|p| p.local_addr().port());
+        let (activity, reports) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
+        tokio::spawn(agent_activity(store.subscribe(), activity.clone(), draining.clone()));
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
             tokio::spawn(sync_routes(
@@ -208,8 +211,6 @@ impl Server {
                 routes.clone(),
                 draining.clone(),
             ));
-            let (activity, reports) = tokio::sync::mpsc::channel(1024);
-            tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), "routing proxy serving");
             tokio::spawn(proxy.on_activity(activity).run(routes, draining.clone()))
         });
@@ -387,6 +388,33 @@ async fn sync_routes(
             () = stop.cancelled() => return,
             changed = deployments.changed() => if changed.is_err() { return },
             changed = services.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Agent work inside an environment is activity too: every stage event of a run placed
+/// in an environment reports it, so a long agent stage never sees its environment idled.
+async fn agent_activity(
+    mut events: tokio::sync::broadcast::Receiver<drover_domain::Event>,
+    reports: tokio::sync::mpsc::Sender<String>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(event) => {
+                if let (Some(id), drover_domain::EventKind::Stage(_)) =
+                    (event.environment_id, event.kind)
+                {
+                    // A full channel means activity is already queued: dropping is fine.
+                    let _ = reports.try_send(id.to_string());
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -56,15 +56,18 @@ struct TestServer {
 }
 
 async fn spawn(quota: u32) -> TestServer {
+    spawn_with(quota, false).await
+}
+
+async fn spawn_with(quota: u32, embedded_workers: bool) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.proxy.listen = "127.0.0.1:0".parse().unwrap();
-    config.workers.embedded = false;
+    config.workers.embedded = embedded_workers;
     config.environments.max_per_project = quota;
-    let start = 42_000 + (drover_testkit::free_port() % 500) * 10;
-    config.environments.port_range_start = start;
-    config.environments.port_range_end = start + 99;
+    (config.environments.port_range_start, config.environments.port_range_end) =
+        drover_testkit::port_range(100);
     config.services = BTreeMap::from([("web".to_owned(), web_service())]);
     let server = Server::build(config, Mode::Full).await.unwrap();
     let url = server.url();
@@ -198,5 +201,60 @@ async fn the_environment_quota_answers_429_with_its_code_and_errors_have_codes()
     assert_eq!((status, problem["code"].as_str()), (404, Some("service_not_found")));
     let (status, list) = server.send(Method::GET, "/api/v1/environments", None).await;
     assert_eq!((status, list["items"].as_array().unwrap().len()), (200, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_placed_in_an_environment_works_in_its_workspace_and_keeps_it_active() {
+    let server = spawn_with(5, true).await;
+    use reqwest::Method;
+    let (status, created) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "agent1" }))).await;
+    assert_eq!(status, 201, "{created}");
+    let env = server.wait_service_ready("agent1").await;
+    let workspace = std::path::PathBuf::from(env["workspace"].as_str().unwrap());
+    let idle_before = env["last_active_at"].as_str().unwrap().to_owned();
+
+    let (status, problem) = server
+        .send(
+            Method::POST,
+            "/api/v1/runs",
+            Some(json!({ "request": "Hello World API", "environment": "nope" })),
+        )
+        .await;
+    assert_eq!((status, problem["code"].as_str()), (404, Some("environment_not_found")));
+
+    let (status, run) = server
+        .send(
+            Method::POST,
+            "/api/v1/runs",
+            Some(json!({ "request": "Hello World API", "environment": "agent1" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["environment_id"], env["id"]);
+    let id = run["id"].as_str().unwrap().to_owned();
+    let mut finished = Value::Null;
+    for _ in 0..600 {
+        let (_, view) = server.send(Method::GET, &format!("/api/v1/runs/{id}"), None).await;
+        if matches!(view["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            finished = view;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert!(
+        workspace.join("drover.json").is_file(),
+        "the agents did not work in the environment's workspace {}",
+        workspace.display()
+    );
+    let (_, env) = server.send(Method::GET, "/api/v1/environments/agent1", None).await;
+    assert!(
+        env["last_active_at"].as_str().unwrap() > idle_before.as_str(),
+        "agent work did not count as activity: {} -> {}",
+        idle_before,
+        env["last_active_at"]
+    );
     server.stop().await;
 }

@@ -60,6 +60,9 @@ pub trait EnvironmentStore: Send + Sync + 'static {
         name: &EnvName,
     ) -> StoreResult<Option<Environment>>;
 
+    /// How many of the project's environments are not deleted (what the quota counts).
+    async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32>;
+
     async fn list_environments(
         &self,
         project: &ProjectId,

@@ -64,6 +64,9 @@ pub struct NewRun {
     pub pipeline: PipelineSpec,
     pub request: RunRequest,
     pub correlation_id: CorrelationId,
+    /// Run in this environment (its workspace), instead of a workspace of its own.
+    pub environment_id: Option<EnvironmentId>,
+    pub workspace: Option<String>,
 }
 
 /// Which runs to list: newest first, strictly older than `before` when paginating.

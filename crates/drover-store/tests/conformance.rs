@@ -52,6 +52,8 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
                 pipeline: sdlc(),
                 request: RunRequest::parse(request).unwrap(),
                 correlation_id: CorrelationId::new(),
+                environment_id: None,
+                workspace: None,
             },
             now,
         )
@@ -472,6 +474,8 @@ async fn data_survives_reopening_the_same_file() {
                     pipeline: sdlc(),
                     request: RunRequest::parse("persist me").unwrap(),
                     correlation_id: CorrelationId::new(),
+                    environment_id: None,
+                    workspace: None,
                 },
                 T0,
             )

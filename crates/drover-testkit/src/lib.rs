@@ -70,6 +70,21 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{}x{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A range of `width` ports (at most 200) for a test's environments: below the kernel's
+/// ephemeral range (so outgoing connections never squat in it), outside drover's default
+/// range, and different for every call in this process, so tests running at once never
+/// race for the same block.
+pub fn port_range(width: u16) -> (u16, u16) {
+    static NEXT_SLOT: AtomicU32 = AtomicU32::new(0);
+    const SLOTS: u32 = 50;
+    let width = width.clamp(1, 200);
+    let slot =
+        (std::process::id().wrapping_mul(7) + NEXT_SLOT.fetch_add(1, Ordering::Relaxed)) % SLOTS;
+    // Slots are 200 wide from 10000: the highest range ends below 20000.
+    let start = 10_000 + u16::try_from(slot).unwrap_or(0) * 200;
+    (start, start + width - 1)
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -230,6 +230,10 @@ pub(crate) struct RunArgs {
     /// With an embedded instance: keep the deployed app serving until Ctrl-C.
     #[arg(long)]
     pub(crate) serve: bool,
+    /// Run inside this environment: its workspace, ports and services
+    /// (see `drover env create`). Without it the run gets its own directory.
+    #[arg(long = "env", value_name = "NAME")]
+    pub(crate) environment: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

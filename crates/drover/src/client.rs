@@ -110,8 +110,13 @@ impl Client {
         &self,
         request: &str,
         pipeline: &str,
+        environment: Option<&str>,
     ) -> Result<RunView, ClientError> {
-        let body = CreateRun { request: request.to_owned(), pipeline: Some(pipeline.to_owned()) };
+        let body = CreateRun {
+            request: request.to_owned(),
+            pipeline: Some(pipeline.to_owned()),
+            environment: environment.map(str::to_owned),
+        };
         self.json(self.request(reqwest::Method::POST, "/api/v1/runs").json(&body)).await
     }
 

@@ -437,7 +437,7 @@ fn a_worker_without_a_server_says_how_to_get_one() {
 #[test]
 fn a_sigkilled_server_with_running_environments_finds_and_reconciles_them_with_no_orphan() {
     let dir = tempfile::tempdir().unwrap();
-    let base = 43_000 + (std::process::id() % 400) as u16 * 10;
+    let (base, _) = drover_testkit::port_range(100);
     std::fs::write(
         dir.path().join("drover.toml"),
         format!(

@@ -207,6 +207,16 @@ impl EnvironmentStore for SqliteStore {
         row.map(Environment::try_from).transpose()
     }
 
+    async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32> {
+        let (live,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted'",
+        )
+        .bind(project.as_str())
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(u32::try_from(live).unwrap_or(u32::MAX))
+    }
+
     async fn list_environments(
         &self,
         project: &ProjectId,

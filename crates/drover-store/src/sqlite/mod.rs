@@ -60,7 +60,7 @@ pub struct SqliteStore {
 macro_rules! run_columns {
     () => {
         "id, project_id, pipeline, request, status, correlation_id, error, created_at, \
-         updated_at, started_at, finished_at"
+         updated_at, started_at, finished_at, environment_id, workspace"
     };
 }
 
@@ -176,13 +176,15 @@ impl Store for SqliteStore {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            environment_id: new.environment_id,
+            workspace: new.workspace,
         };
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO runs (",
             run_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(run.id.to_string())
         .bind(run.project_id.as_str())
@@ -195,6 +197,8 @@ impl Store for SqliteStore {
         .bind(now.as_millis())
         .bind(None::<i64>)
         .bind(None::<i64>)
+        .bind(run.environment_id.map(|id| id.to_string()))
+        .bind(run.workspace.as_deref())
         .execute(&mut *tx)
         .await?;
         let mut events =
@@ -811,9 +815,10 @@ async fn start_in(
         update_run(tx, &run).await?;
         events.push(run_event(&run, json!({})));
     }
-    events.push(attempt_event(
+    events.push(attempt_event_in(
         &attempt,
         &run.correlation_id,
+        run.environment_id,
         json!({ "worker_id": start.worker_id }),
     ));
     Ok(StartOutcome::Started(attempt))
@@ -917,7 +922,7 @@ async fn complete_in(
         Outcome::Succeeded { output } => json!({ "output": output }),
         _ => json!({ "error": attempt.error }),
     };
-    events.push(attempt_event(&attempt, &run.correlation_id, detail));
+    events.push(attempt_event_in(&attempt, &run.correlation_id, run.environment_id, detail));
 
     let missing_stage = |index: u32| {
         StoreError::Corrupt(format!("pipeline `{}` has no stage {index}", pipeline.name))
@@ -1281,11 +1286,22 @@ fn attempt_event(
     correlation_id: &CorrelationId,
     detail: serde_json::Value,
 ) -> NewEvent {
+    attempt_event_in(attempt, correlation_id, None, detail)
+}
+
+/// A stage event, filed under the run's environment when it has one (agent work is the
+/// environment's activity).
+fn attempt_event_in(
+    attempt: &StageAttempt,
+    correlation_id: &CorrelationId,
+    environment_id: Option<drover_domain::EnvironmentId>,
+    detail: serde_json::Value,
+) -> NewEvent {
     NewEvent {
         project_id: attempt.project_id.clone(),
         run_id: Some(attempt.run_id),
         attempt_id: Some(attempt.id),
-        environment_id: None,
+        environment_id,
         kind: EventKind::Stage(attempt.status),
         payload: attempt_payload(attempt, detail),
         correlation_id: Some(*correlation_id),
@@ -1312,6 +1328,8 @@ pub(super) fn corrupt(column: &str, err: impl std::fmt::Display) -> StoreError {
 
 #[derive(FromRow)]
 struct RunRow {
+    environment_id: Option<String>,
+    workspace: Option<String>,
     id: String,
     project_id: String,
     pipeline: String,
@@ -1345,6 +1363,12 @@ impl TryFrom<RunRow> for Run {
             updated_at: Timestamp::from_millis(row.updated_at),
             started_at: row.started_at.map(Timestamp::from_millis),
             finished_at: row.finished_at.map(Timestamp::from_millis),
+            environment_id: row
+                .environment_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|e| corrupt("runs.environment_id", e))?,
+            workspace: row.workspace,
         })
     }
 }

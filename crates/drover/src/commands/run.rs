@@ -88,7 +88,7 @@ async fn submit_and_follow(
     args: &RunArgs,
 ) -> anyhow::Result<FollowOutcome> {
     let client = &target.client;
-    let run = client.create_run(request, &args.pipeline).await?;
+    let run = client.create_run(request, &args.pipeline, args.environment.as_deref()).await?;
     if args.detach {
         return Ok(FollowOutcome::Detached(run));
     }
