@@ -34,6 +34,8 @@ pub struct EnvironmentsConfig {
     pub setup_command: String,
     /// Files copied from the repository into a new worktree (e.g. `.env`, untracked).
     pub copy_files: Vec<String>,
+    /// The Docker Engine's Unix socket, for services with an `image`.
+    pub docker_socket: std::path::PathBuf,
 }
 
 impl Default for EnvironmentsConfig {
@@ -47,6 +49,7 @@ impl Default for EnvironmentsConfig {
             delete_after: Duration::ZERO,
             setup_command: String::new(),
             copy_files: Vec::new(),
+            docker_socket: "/var/run/docker.sock".into(),
         }
     }
 }
@@ -94,6 +97,12 @@ fn default_threshold() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
+    /// Run the service in a container of this image through the Docker Engine API
+    /// (`[environments] docker_socket`) instead of as a local process.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The program; with an `image`, optional (the image's own command).
+    #[serde(default)]
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
@@ -172,6 +181,15 @@ fn invalid(key: String, message: impl Into<String>) -> ConfigError {
     ConfigError::InvalidService { key, message: message.into() }
 }
 
+/// `postgres:16`, `ghcr.io/org/app@sha256:…`: no spaces or control characters, not empty,
+/// not starting with a dash (it would read as an option).
+fn valid_image(image: &str) -> bool {
+    !image.is_empty()
+        && image.len() <= 255
+        && !image.starts_with('-')
+        && image.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:@+".contains(c))
+}
+
 /// `512MiB`, `2GB`, `1024` → bytes.
 pub fn parse_bytes(text: &str) -> Option<u64> {
     let text = text.trim();
@@ -201,8 +219,14 @@ pub fn service_specs(
         let key = |field: &str| format!("services.{name}.{field}");
         let service_name = ServiceName::parse(name.as_str())
             .map_err(|err| invalid(format!("services.{name}"), err.message))?;
-        if service.command.trim().is_empty() {
-            return Err(invalid(key("command"), "must name a program"));
+        match &service.image {
+            Some(image) if !valid_image(image) => {
+                return Err(invalid(key("image"), format!("`{image}` is not an image reference")));
+            }
+            None if service.command.trim().is_empty() => {
+                return Err(invalid(key("command"), "must name a program (or set an `image`)"));
+            }
+            _ => {}
         }
         if service.ports.is_empty() && service.sharing == Sharing::PerEnv {
             return Err(invalid(key("ports"), "name at least one port"));
@@ -296,6 +320,7 @@ pub fn service_specs(
         }
         specs.push(ServiceSpec {
             name: service_name,
+            image: service.image.clone(),
             command: service.command.clone(),
             args: service.args.clone(),
             env: service.env.clone(),
@@ -422,6 +447,20 @@ mod tests {
         ))
         .unwrap_err();
         assert!(probe.to_string().contains("exactly one"), "{probe}");
+    }
+
+    #[test]
+    fn an_image_makes_the_command_optional_and_must_be_a_reference() {
+        let specs = service_specs(&service(
+            "[services.mail]\nimage = \"axllent/mailpit:v1.20\"\nports = [\"smtp\", \"http\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(specs[0].image.as_deref(), Some("axllent/mailpit:v1.20"));
+        assert_eq!(specs[0].command, "");
+        let bad = service_specs(&service("[services.mail]\nimage = \"-v /:/host\"\n")).unwrap_err();
+        assert!(bad.to_string().contains("services.mail.image"), "{bad}");
+        let neither = service_specs(&service("[services.mail]\nports = [\"smtp\"]\n")).unwrap_err();
+        assert!(neither.to_string().contains("services.mail.command"), "{neither}");
     }
 
     #[test]

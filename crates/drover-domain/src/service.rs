@@ -180,6 +180,10 @@ pub enum DependencyCondition {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: ServiceName,
+    /// Run it in a container of this image (the Docker provider) instead of as a local
+    /// process. `command` may then be empty: the image's own command.
+    #[serde(default)]
+    pub image: Option<String>,
     pub command: String,
     pub args: Vec<String>,
     /// Values may use placeholders, see [`crate::expand_placeholders`].

@@ -6,6 +6,7 @@
 //! itself dies, and every way of stopping it signals the whole group: no orphans.
 
 mod deployments;
+pub mod docker;
 mod layout;
 pub mod manager;
 mod ports;

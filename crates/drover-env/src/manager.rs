@@ -591,10 +591,14 @@ impl EnvManager {
         self.publish_routes().await;
     }
 
-    /// Processes a killed server left behind, found by their recorded process groups and
-    /// recognised by their `DROVER_INSTANCE` variable, are stopped; reconciliation then
-    /// starts what should run.
+    /// What a killed server left behind is stopped: containers, found by the provider's
+    /// labels, and processes, found by their recorded process groups and recognised by
+    /// their `DROVER_INSTANCE` variable; reconciliation then starts what should run.
     pub async fn sweep_orphans(&self) {
+        let containers = self.provider.sweep_orphans().await;
+        if containers > 0 {
+            tracing::warn!(containers, "removed containers a previous server left behind");
+        }
         let records = match self.store.running_service_records().await {
             Ok(records) => records,
             Err(err) => {

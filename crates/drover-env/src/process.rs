@@ -36,6 +36,9 @@ pub enum ProcessError {
     Wait { program: String, source: io::Error },
     #[error("cancelled")]
     Cancelled,
+    /// The provider (e.g. the Docker engine) could not start it.
+    #[error("{0}")]
+    Provider(String),
     #[error("`{program}` did not finish within {timeout:?}")]
     TimedOut { program: String, timeout: Duration },
 }

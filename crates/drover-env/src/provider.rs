@@ -1,6 +1,7 @@
 //! Providers: how a service instance's process is started. The local-process provider
-//! (the default) runs it as a child in its own process group; other providers (containers)
-//! implement the same trait.
+//! (the default) runs it as a child in its own process group; the Docker provider
+//! ([`crate::docker`]) runs it in a container; [`Providers`] picks one per service (a
+//! service with an `image` goes to Docker).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,12 +19,28 @@ pub struct ExitInfo {
     pub description: String,
 }
 
-type Output = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type Output = Box<dyn AsyncRead + Send + Unpin>;
+
+/// What to start for one service instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The instance (`service@env` or `shared/service`), for container names and labels.
+    pub instance: &'a str,
+    pub command: &'a CommandSpec,
+    /// Run it in a container of this image.
+    pub image: Option<&'a str>,
+    pub memory_limit_bytes: Option<u64>,
+}
 
 /// A started process.
 #[async_trait]
 pub trait SpawnedProcess: Send {
     fn pid(&self) -> Option<u32>;
+    /// Whether the memory limit is enforced by the provider itself (a container's cgroup);
+    /// when not, the supervisor watches resident memory.
+    fn limits_memory(&self) -> bool {
+        false
+    }
     /// Its stdout and stderr, once.
     fn take_output(&mut self) -> Option<(Output, Output)>;
     async fn wait(&mut self) -> ExitInfo;
@@ -37,7 +54,54 @@ pub trait SpawnedProcess: Send {
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    async fn spawn(&self, command: &CommandSpec) -> Result<Box<dyn SpawnedProcess>, ProcessError>;
+    async fn spawn(&self, launch: &Launch<'_>) -> Result<Box<dyn SpawnedProcess>, ProcessError>;
+    /// Removes what a previous server of this data directory left running and the store
+    /// does not know how to find (containers); returns how many. Local processes are swept
+    /// by their recorded process groups instead.
+    async fn sweep_orphans(&self) -> usize {
+        0
+    }
+}
+
+/// The providers a server has: local processes always, Docker when configured. A launch
+/// with an image goes to Docker; one without, to local processes.
+pub struct Providers {
+    local: LocalProvider,
+    docker: Option<Box<dyn Provider>>,
+}
+
+impl Providers {
+    pub fn new(docker: Option<Box<dyn Provider>>) -> Self {
+        Self { local: LocalProvider, docker }
+    }
+
+    pub fn local_only() -> Self {
+        Self::new(None)
+    }
+}
+
+#[async_trait]
+impl Provider for Providers {
+    fn name(&self) -> &'static str {
+        if self.docker.is_some() { "local+docker" } else { "local" }
+    }
+
+    async fn spawn(&self, launch: &Launch<'_>) -> Result<Box<dyn SpawnedProcess>, ProcessError> {
+        match (launch.image, &self.docker) {
+            (None, _) => self.local.spawn(launch).await,
+            (Some(_), Some(docker)) => docker.spawn(launch).await,
+            (Some(image), None) => Err(ProcessError::Provider(format!(
+                "image {image} needs the Docker provider, which is not configured"
+            ))),
+        }
+    }
+
+    async fn sweep_orphans(&self) -> usize {
+        match &self.docker {
+            Some(docker) => docker.sweep_orphans().await,
+            None => 0,
+        }
+    }
 }
 
 /// Local processes, each the leader of its own process group.
@@ -75,7 +139,7 @@ impl SpawnedProcess for LocalProcess {
     }
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
@@ -93,8 +157,8 @@ impl Provider for LocalProvider {
         "local"
     }
 
-    async fn spawn(&self, command: &CommandSpec) -> Result<Box<dyn SpawnedProcess>, ProcessError> {
-        let child = GroupChild::spawn(command, Stdio::piped(), Stdio::piped())?;
+    async fn spawn(&self, launch: &Launch<'_>) -> Result<Box<dyn SpawnedProcess>, ProcessError> {
+        let child = GroupChild::spawn(launch.command, Stdio::piped(), Stdio::piped())?;
         Ok(Box::new(LocalProcess { child }))
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::provider::{Provider, SpawnedProcess};
+use crate::provider::{Launch, Provider, SpawnedProcess};
 use crate::{CommandSpec, run_command};
 
 /// Which instance: a service of an environment, or a shared one.
@@ -224,7 +224,14 @@ impl Supervision {
         let mut streak = 0_u32;
         loop {
             let started = Instant::now();
-            let ended = match self.provider.spawn(&self.plan.command).await {
+            let instance = self.plan.key.to_string();
+            let launch = Launch {
+                instance: &instance,
+                command: &self.plan.command,
+                image: self.plan.spec.image.as_deref(),
+                memory_limit_bytes: self.plan.spec.memory_limit_bytes,
+            };
+            let ended = match self.provider.spawn(&launch).await {
                 Ok(process) => self.supervise(process).await,
                 Err(err) => {
                     Ended::Exited { success: false, description: format!("cannot start: {err}") }
@@ -386,8 +393,9 @@ impl Supervision {
                 Some(readiness) => self.probe(&readiness, log_lines).await,
             }
         };
+        let watched_limit = self.plan.spec.memory_limit_bytes.filter(|_| !process.limits_memory());
         let memory = async {
-            match self.plan.spec.memory_limit_bytes.zip(pid) {
+            match watched_limit.zip(pid) {
                 Some((limit, pid)) => watch_memory(pid, limit).await,
                 None => std::future::pending().await,
             }

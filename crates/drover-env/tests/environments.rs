@@ -23,6 +23,7 @@ fn project() -> ProjectId {
 fn http_service(name: &str, sharing: Sharing, address: Option<String>) -> ServiceSpec {
     ServiceSpec {
         name: ServiceName::parse(name).unwrap(),
+        image: None,
         command: "python3".into(),
         args: vec![
             "-m".into(),

@@ -1,6 +1,8 @@
 //! The supervisor with real processes: restarts and their pacing, graceful group stops,
 //! readiness probes, dependencies, memory limits, and using a service already running.
 
+mod common;
+use common::wait_for;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +43,7 @@ impl Recorder {
 fn spec(name: &str, script: &str) -> ServiceSpec {
     ServiceSpec {
         name: ServiceName::parse(name).unwrap(),
+        image: None,
         command: "sh".into(),
         args: vec!["-c".into(), script.into()],
         env: BTreeMap::new(),
@@ -72,25 +75,6 @@ fn plan(dir: &tempfile::TempDir, spec: ServiceSpec, port: Option<u16>) -> Instan
         command,
         dependencies: Vec::new(),
         external_addr: None,
-    }
-}
-
-async fn wait_for(
-    instance: &drover_env::supervisor::Instance,
-    what: &str,
-    done: impl Fn(&InstanceState) -> bool,
-) -> InstanceState {
-    let mut watch = instance.watch();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let state = watch.borrow_and_update().clone();
-        if done(&state) {
-            return state;
-        }
-        tokio::select! {
-            _ = watch.changed() => {}
-            () = tokio::time::sleep_until(deadline) => panic!("timed out waiting for {what}; last state {state:?}"),
-        }
     }
 }
 

@@ -347,6 +347,7 @@ pub async fn bench_env(options: EnvBenchOptions) -> Result<EnvBenchReport, Serve
     );
     let web = |name: &str| ServiceSpec {
         name: ServiceName::parse(name).expect("literal service name"),
+        image: None,
         command: "python3".into(),
         args: vec![
             "-m".into(),

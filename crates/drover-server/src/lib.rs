@@ -23,8 +23,9 @@ use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
+use drover_env::docker::DockerProvider;
 use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
-use drover_env::provider::LocalProvider;
+use drover_env::provider::Providers;
 use drover_env::{Deployments, Layout};
 use drover_proxy::{Proxy, Route, RouteTable};
 use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
@@ -53,6 +54,8 @@ pub enum ServerError {
     Bus(#[from] drover_bus::BusError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What the server runs besides the API.
@@ -108,15 +111,14 @@ impl Server {
                 instance: format!("server-{}", std::process::id()),
             },
         ));
-        let services = config.service_specs().map_err(|err| ServerError::DataDir {
-            path: config.data_dir.display().to_string(),
-            message: err.to_string(),
-        })?;
+        let services =
+            config.service_specs().map_err(|err| ServerError::Config(err.to_string()))?;
+        let providers = providers(&config, &services)?;
         let envs = Arc::new(EnvManager::new(
             Arc::new(store.clone()),
             env_settings(&config),
             services,
-            Arc::new(LocalProvider),
+            Arc::new(providers),
         ));
         let addr = config.server.listen;
         let listener =
@@ -390,6 +392,22 @@ async fn sync_routes(
             changed = services.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// Local processes always; the Docker provider too when a service names an image or the
+/// engine's socket exists (so containers a killed server left are swept either way).
+fn providers(
+    config: &Config,
+    services: &[drover_domain::ServiceSpec],
+) -> Result<Providers, ServerError> {
+    let socket = &config.environments.docker_socket;
+    let wanted = services.iter().any(|s| s.image.is_some());
+    if !wanted && !socket.exists() {
+        return Ok(Providers::local_only());
+    }
+    let docker = DockerProvider::new(socket, &config.data_dir)
+        .map_err(|err| ServerError::Config(err.to_string()))?;
+    Ok(Providers::new(Some(Box::new(docker))))
 }
 
 /// Agent work inside an environment is activity too: every stage event of a run placed

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 fn web_service() -> ServiceConfig {
     ServiceConfig {
+        image: None,
         command: "python3".into(),
         args: vec![
             "-m".into(),
