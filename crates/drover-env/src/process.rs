@@ -7,6 +7,7 @@
 //! `kill -9` of drover leaves no app holding a port.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -86,6 +87,21 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// Makes the child write `0` (itself) into an open `cgroup.procs` before `exec`, so the
+/// program and everything it ever starts live in that cgroup from the first instruction.
+#[allow(unsafe_code)]
+fn join_cgroup_before_exec(command: &mut Command, procs: RawFd) {
+    // SAFETY: the closure runs in the forked child before `exec`. It calls only write(2),
+    // which is async-signal-safe, allocates nothing and touches no lock. `procs` is open:
+    // the parent holds the file until `spawn` has returned, and it is close-on-exec.
+    unsafe {
+        command.pre_exec(move || {
+            let procs = BorrowedFd::borrow_raw(procs);
+            nix::unistd::write(procs, b"0").map(drop).map_err(io::Error::from)
+        });
+    }
+}
+
 /// A running child that leads its own process group.
 #[derive(Debug)]
 pub struct GroupChild {
@@ -98,8 +114,21 @@ pub struct GroupChild {
 impl GroupChild {
     /// Starts `spec` with the given output handles.
     pub fn spawn(spec: &CommandSpec, stdout: Stdio, stderr: Stdio) -> Result<Self, ProcessError> {
-        let child = spec
-            .command()
+        Self::spawn_in(spec, stdout, stderr, None)
+    }
+
+    /// Starts `spec` inside the cgroup whose `cgroup.procs` is open as `cgroup_procs`.
+    pub fn spawn_in(
+        spec: &CommandSpec,
+        stdout: Stdio,
+        stderr: Stdio,
+        cgroup_procs: Option<&std::fs::File>,
+    ) -> Result<Self, ProcessError> {
+        let mut command = spec.command();
+        if let Some(procs) = cgroup_procs {
+            join_cgroup_before_exec(&mut command, procs.as_raw_fd());
+        }
+        let child = command
             .stdout(stdout)
             .stderr(stderr)
             .spawn()

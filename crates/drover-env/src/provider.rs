@@ -4,11 +4,13 @@
 //! service with an `image` goes to Docker).
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
+use crate::cgroup::{LimitedGroup, MemoryCgroups};
 use crate::{CommandSpec, GroupChild, ProcessError};
 
 /// How a process ended.
@@ -71,12 +73,13 @@ pub struct Providers {
 }
 
 impl Providers {
-    pub fn new(docker: Option<Box<dyn Provider>>) -> Self {
-        Self { local: LocalProvider, docker }
+    pub fn new(local: LocalProvider, docker: Option<Box<dyn Provider>>) -> Self {
+        Self { local, docker }
     }
 
+    /// Local processes without kernel memory limits, and no Docker.
     pub fn local_only() -> Self {
-        Self::new(None)
+        Self::new(LocalProvider::default(), None)
     }
 }
 
@@ -104,18 +107,38 @@ impl Provider for Providers {
     }
 }
 
-/// Local processes, each the leader of its own process group.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LocalProvider;
+/// Local processes, each the leader of its own process group; with memory cgroups, a
+/// limited instance runs in a cgroup of its own so the kernel enforces its limit.
+#[derive(Debug, Clone, Default)]
+pub struct LocalProvider {
+    memory: Option<Arc<MemoryCgroups>>,
+}
+
+impl LocalProvider {
+    /// Limits enforced by the kernel through `cgroups`.
+    pub fn with_memory_cgroups(cgroups: Arc<MemoryCgroups>) -> Self {
+        Self { memory: Some(cgroups) }
+    }
+
+    /// Whether memory limits are enforced by the kernel (else by an RSS watch).
+    pub fn memory_cgroups(&self) -> Option<&MemoryCgroups> {
+        self.memory.as_deref()
+    }
+}
 
 struct LocalProcess {
     child: GroupChild,
+    cgroup: Option<LimitedGroup>,
 }
 
 #[async_trait]
 impl SpawnedProcess for LocalProcess {
     fn pid(&self) -> Option<u32> {
         Some(self.child.pid())
+    }
+
+    fn limits_memory(&self) -> bool {
+        self.cgroup.is_some()
     }
 
     fn take_output(&mut self) -> Option<(Output, Output)> {
@@ -125,7 +148,17 @@ impl SpawnedProcess for LocalProcess {
 
     async fn wait(&mut self) -> ExitInfo {
         match self.child.wait().await {
-            Ok(status) => ExitInfo { success: status.success(), description: describe(status) },
+            Ok(status) => match &self.cgroup {
+                Some(cgroup) if !status.success() && cgroup.oom_killed() => ExitInfo {
+                    success: false,
+                    description: format!(
+                        "memory limit: killed by the kernel over {} bytes ({})",
+                        cgroup.limit(),
+                        describe(status)
+                    ),
+                },
+                _ => ExitInfo { success: status.success(), description: describe(status) },
+            },
             Err(err) => ExitInfo { success: false, description: err.to_string() },
         }
     }
@@ -136,6 +169,18 @@ impl SpawnedProcess for LocalProcess {
 
     fn kill_group(&mut self) {
         self.child.signal_group(nix::sys::signal::Signal::SIGKILL);
+        if let Some(cgroup) = self.cgroup.take() {
+            // The cgroup can go once the killed processes are reaped: retry briefly.
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    if cgroup.remove() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tracing::warn!(cgroup = %cgroup.dir().display(), "cannot remove a service's cgroup");
+            });
+        }
     }
 }
 
@@ -158,7 +203,34 @@ impl Provider for LocalProvider {
     }
 
     async fn spawn(&self, launch: &Launch<'_>) -> Result<Box<dyn SpawnedProcess>, ProcessError> {
-        let child = GroupChild::spawn(launch.command, Stdio::piped(), Stdio::piped())?;
-        Ok(Box::new(LocalProcess { child }))
+        let cgroup = match (&self.memory, launch.memory_limit_bytes) {
+            (Some(cgroups), Some(limit)) => match cgroups.create(launch.instance, limit) {
+                Ok(cgroup) => Some(cgroup),
+                Err(err) => {
+                    tracing::warn!(instance = launch.instance, error = %err, "cannot make a memory cgroup; watching resident memory instead");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let procs = cgroup.as_ref().map(LimitedGroup::procs).transpose();
+        let spawned = match &procs {
+            Ok(procs) => {
+                GroupChild::spawn_in(launch.command, Stdio::piped(), Stdio::piped(), procs.as_ref())
+            }
+            Err(err) => Err(ProcessError::Provider(err.to_string())),
+        };
+        let (child, cgroup) = match (spawned, cgroup) {
+            (Ok(child), cgroup) => (child, cgroup),
+            (Err(err), None) => return Err(err),
+            // The cgroup could not be joined: run unlimited by the kernel (the supervisor
+            // then watches resident memory) rather than not at all.
+            (Err(err), Some(cgroup)) => {
+                tracing::warn!(instance = launch.instance, error = %err, "cannot start a service in its memory cgroup; watching resident memory instead");
+                cgroup.remove();
+                (GroupChild::spawn(launch.command, Stdio::piped(), Stdio::piped())?, None)
+            }
+        };
+        Ok(Box::new(LocalProcess { child, cgroup }))
     }
 }

@@ -417,7 +417,10 @@ fn plan(workspace: &Path, spec: ServiceSpec, port: u16) -> InstancePlan {
 }
 
 fn docker(socket: &Path, home: &Path) -> Arc<dyn Provider> {
-    Arc::new(Providers::new(Some(Box::new(DockerProvider::new(socket, home).unwrap()))))
+    Arc::new(Providers::new(
+        drover_env::provider::LocalProvider::default(),
+        Some(Box::new(DockerProvider::new(socket, home).unwrap())),
+    ))
 }
 
 #[tokio::test]

@@ -83,8 +83,12 @@ async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings
         reconcile_interval: Duration::from_millis(200),
     };
     tweak(&mut settings);
-    let manager =
-        Arc::new(EnvManager::new(store.clone(), settings, services, Arc::new(LocalProvider)));
+    let manager = Arc::new(EnvManager::new(
+        store.clone(),
+        settings,
+        services,
+        Arc::new(LocalProvider::default()),
+    ));
     let stop = CancellationToken::new();
     manager.spawn(stop.clone());
     Fixture { manager, store, stop, dir }

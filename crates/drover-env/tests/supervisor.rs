@@ -12,6 +12,7 @@ use drover_domain::{
     DependencyCondition, EnvironmentId, ProbeKind, Readiness, RestartPolicy, RestartRules,
     ServiceName, ServiceSpec, ServiceStatus, Sharing,
 };
+use drover_env::cgroup::MemoryCgroups;
 use drover_env::provider::LocalProvider;
 use drover_env::supervisor::{InstanceKey, InstancePlan, InstanceState, Reporter, start_instance};
 use drover_env::{CommandSpec, free_port, resources};
@@ -105,8 +106,11 @@ async fn a_crashing_service_restarts_with_growing_delays_and_gives_up_after_the_
         window: Duration::from_secs(60),
     };
     let recorder = Arc::new(Recorder::default());
-    let instance =
-        start_instance(plan(&dir, crashing, None), Arc::new(LocalProvider), recorder.clone());
+    let instance = start_instance(
+        plan(&dir, crashing, None),
+        Arc::new(LocalProvider::default()),
+        recorder.clone(),
+    );
     let last = wait_for(&instance, "giving up", |s| s.status == ServiceStatus::Crashed).await;
     assert_eq!(last.restarts, 3);
     assert!(last.reason.as_deref().unwrap().contains("gave up after 3 restarts"), "{last:?}");
@@ -133,8 +137,11 @@ async fn stopping_leaves_no_process_of_the_group_alive() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = Arc::new(Recorder::default());
     let service = spec("sleepers", "sleep 600 & sleep 600 & trap '' TERM; wait");
-    let instance =
-        start_instance(plan(&dir, service, None), Arc::new(LocalProvider), recorder.clone());
+    let instance = start_instance(
+        plan(&dir, service, None),
+        Arc::new(LocalProvider::default()),
+        recorder.clone(),
+    );
     let ready =
         wait_for(&instance, "ready", |s| s.status == ServiceStatus::Ready && s.pid.is_some()).await;
     let pgid = ready.pid.unwrap();
@@ -165,8 +172,11 @@ async fn http_readiness_waits_for_the_server_to_answer() {
         threshold: 2,
     });
     let recorder = Arc::new(Recorder::default());
-    let instance =
-        start_instance(plan(&dir, web, Some(port)), Arc::new(LocalProvider), recorder.clone());
+    let instance = start_instance(
+        plan(&dir, web, Some(port)),
+        Arc::new(LocalProvider::default()),
+        recorder.clone(),
+    );
     wait_for(&instance, "ready", |s| s.status == ServiceStatus::Ready).await;
     let states = recorder.of("web");
     assert!(
@@ -198,10 +208,11 @@ async fn a_dependant_starts_only_once_its_dependency_is_ready() {
         timeout: Duration::from_secs(10),
         threshold: 1,
     });
-    let db = start_instance(plan(&dir, db, None), Arc::new(LocalProvider), recorder.clone());
+    let db =
+        start_instance(plan(&dir, db, None), Arc::new(LocalProvider::default()), recorder.clone());
     let mut web = plan(&dir, spec("web", "exec sleep 600"), None);
     web.dependencies = vec![(db.key.clone(), db.watch(), DependencyCondition::Ready)];
-    let web = start_instance(web, Arc::new(LocalProvider), recorder.clone());
+    let web = start_instance(web, Arc::new(LocalProvider::default()), recorder.clone());
 
     let web_started = wait_for(&web, "web running", |s| s.pid.is_some()).await;
     assert!(web_started.pid.is_some());
@@ -232,11 +243,83 @@ async fn a_service_over_its_memory_limit_is_restarted_with_the_reason_recorded()
         ..RestartRules::default()
     };
     let recorder = Arc::new(Recorder::default());
-    let instance = start_instance(plan(&dir, hog, None), Arc::new(LocalProvider), recorder.clone());
+    let instance =
+        start_instance(plan(&dir, hog, None), Arc::new(LocalProvider::default()), recorder.clone());
     let crashed = wait_for(&instance, "crashed", |s| s.status == ServiceStatus::Crashed).await;
     assert!(crashed.reason.as_deref().unwrap().contains("memory limit exceeded"), "{crashed:?}");
     assert_eq!(crashed.restarts, 1);
     instance.stop().await;
+}
+
+/// Memory cgroups where this machine has a writable hierarchy (v2 delegated or v1).
+fn memory_cgroups() -> Option<Arc<MemoryCgroups>> {
+    match MemoryCgroups::detect() {
+        Ok(cgroups) => Some(Arc::new(cgroups)),
+        Err(reason) => {
+            eprintln!(
+                "drover-test: no kernel memory limits to test here ({reason}); the RSS watch test covers the fallback"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_a_memory_cgroup_the_kernel_enforces_the_limit_and_the_reason_says_so() {
+    let Some(cgroups) = memory_cgroups() else { return };
+    let provider = Arc::new(LocalProvider::with_memory_cgroups(cgroups.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut hog = spec(
+        "hog",
+        "exec python3 -c 'import time; x = bytearray(200 * 1024 * 1024); time.sleep(600)'",
+    );
+    hog.memory_limit_bytes = Some(50 * 1024 * 1024);
+    hog.restart = RestartRules {
+        max_restarts: 1,
+        backoff: Duration::from_millis(50),
+        ..RestartRules::default()
+    };
+    let recorder = Arc::new(Recorder::default());
+    let instance = start_instance(plan(&dir, hog, None), provider.clone(), recorder.clone());
+    let crashed = wait_for(&instance, "crashed", |s| s.status == ServiceStatus::Crashed).await;
+    let reason = crashed.reason.clone().unwrap_or_default();
+    assert!(reason.contains("memory limit: killed by the kernel over 52428800 bytes"), "{reason}");
+    assert_eq!(crashed.restarts, 1);
+    instance.stop().await;
+
+    // A well-behaved service runs in its own cgroup, children included, which goes with it.
+    let mut calm = spec("calm", "sleep 600 & exec sleep 600");
+    calm.memory_limit_bytes = Some(64 * 1024 * 1024);
+    let instance = start_instance(plan(&dir, calm, None), provider, recorder.clone());
+    let running = wait_for(&instance, "ready", |s| s.status == ServiceStatus::Ready).await;
+    let pid = running.pid.unwrap();
+    let own = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("memory") || l.starts_with("0::"))
+            .map(|l| l.rsplit_once(':').unwrap().1.to_owned())
+            .unwrap()
+    };
+    let path = own(pid);
+    let name = path.rsplit('/').next().unwrap().to_owned();
+    assert!(name.starts_with("drover-svc-"), "{path}");
+    let cgroup_dir = cgroups.base().join(&name);
+    let limit_file = match cgroups.version() {
+        drover_env::cgroup::CgroupVersion::V1 => "memory.limit_in_bytes",
+        drover_env::cgroup::CgroupVersion::V2 => "memory.max",
+    };
+    assert_eq!(std::fs::read_to_string(cgroup_dir.join(limit_file)).unwrap().trim(), "67108864");
+    let members = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")).unwrap();
+    assert_eq!(members.lines().count(), 2, "the service and its child: {members}");
+    instance.stop().await;
+    for _ in 0..60 {
+        if !cgroup_dir.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cgroup_dir.exists(), "the cgroup was removed with the service");
 }
 
 #[tokio::test]
@@ -248,7 +331,7 @@ async fn a_service_already_answering_at_its_address_is_used_not_started() {
     shared.key.environment = None;
     shared.external_addr = Some(addr);
     let recorder = Arc::new(Recorder::default());
-    let instance = start_instance(shared, Arc::new(LocalProvider), recorder.clone());
+    let instance = start_instance(shared, Arc::new(LocalProvider::default()), recorder.clone());
     let state = wait_for(&instance, "ready", |s| s.status == ServiceStatus::Ready).await;
     assert!(state.external && state.pid.is_none());
     assert!(state.reason.unwrap().contains("already running outside drover"));

@@ -406,7 +406,7 @@ pub async fn bench_env(options: EnvBenchOptions) -> Result<EnvBenchReport, Serve
             store.clone(),
             settings(sub),
             services,
-            Arc::new(drover_env::provider::LocalProvider),
+            Arc::new(drover_env::provider::LocalProvider::default()),
         ));
         let stop = CancellationToken::new();
         let loops = manager.spawn(stop.clone());

@@ -23,9 +23,10 @@ use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
+use drover_env::cgroup::MemoryCgroups;
 use drover_env::docker::DockerProvider;
 use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
-use drover_env::provider::Providers;
+use drover_env::provider::{LocalProvider, Providers};
 use drover_env::{Deployments, Layout};
 use drover_proxy::{Proxy, Route, RouteTable};
 use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
@@ -394,20 +395,37 @@ async fn sync_routes(
     }
 }
 
-/// Local processes always; the Docker provider too when a service names an image or the
+/// Local processes always (memory limits by the kernel where a memory cgroup is writable,
+/// else by an RSS watch); the Docker provider too when a service names an image or the
 /// engine's socket exists (so containers a killed server left are swept either way).
 fn providers(
     config: &Config,
     services: &[drover_domain::ServiceSpec],
 ) -> Result<Providers, ServerError> {
+    let limited = services.iter().any(|s| s.memory_limit_bytes.is_some() && s.image.is_none());
+    let local = match MemoryCgroups::detect() {
+        Ok(cgroups) => {
+            let swept = cgroups.sweep();
+            if limited {
+                tracing::info!(version = ?cgroups.version(), base = %cgroups.base().display(), swept, "memory limits enforced by cgroups");
+            }
+            LocalProvider::with_memory_cgroups(Arc::new(cgroups))
+        }
+        Err(reason) => {
+            if limited {
+                tracing::info!(%reason, "no writable memory cgroup; memory limits watch resident memory");
+            }
+            LocalProvider::default()
+        }
+    };
     let socket = &config.environments.docker_socket;
     let wanted = services.iter().any(|s| s.image.is_some());
     if !wanted && !socket.exists() {
-        return Ok(Providers::local_only());
+        return Ok(Providers::new(local, None));
     }
     let docker = DockerProvider::new(socket, &config.data_dir)
         .map_err(|err| ServerError::Config(err.to_string()))?;
-    Ok(Providers::new(Some(Box::new(docker))))
+    Ok(Providers::new(local, Some(Box::new(docker))))
 }
 
 /// Agent work inside an environment is activity too: every stage event of a run placed
