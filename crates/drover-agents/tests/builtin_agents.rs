@@ -2,6 +2,7 @@
 //! workspace, in pipeline order.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_agents::builtin::{
@@ -80,7 +81,9 @@ async fn the_sdlc_agents_scaffold_check_test_and_deploy_a_hello_world_api() {
 
     let deployments = Deployments::new();
     let deployed = succeeded(
-        DeployAgent::new(deployments.clone()).run(&task(&workspace, run, "deploy", request)).await,
+        DeployAgent::new(Arc::new(deployments.clone()))
+            .run(&task(&workspace, run, "deploy", request))
+            .await,
     );
     let url = deployed["url"].as_str().unwrap().to_owned();
     let body = reqwest::get(&url).await.unwrap().text().await.unwrap();

@@ -234,6 +234,10 @@ impl From<drover_env::manager::EnvError> for ApiError {
             err @ EnvError::ServiceNotFound { .. } => {
                 Self::new(ErrorCode::ServiceNotFound, err.to_string())
             }
+            err @ EnvError::ReservedName(_) => Self::validation(vec![FieldError {
+                field: "name".to_owned(),
+                message: err.to_string(),
+            }]),
         }
     }
 }

@@ -26,7 +26,6 @@ use axum::http::request::Parts;
 use axum::routing::{get, post};
 use drover_domain::ProjectId;
 use drover_engine::Engine;
-use drover_env::Deployments;
 use drover_env::manager::EnvManager;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +43,6 @@ pub struct AppState {
 struct Inner {
     engine: Arc<Engine>,
     envs: Arc<EnvManager>,
-    deployments: Deployments,
     metrics: Option<PrometheusHandle>,
     /// Fires when the server starts draining: no new runs, `readyz` says so.
     draining: CancellationToken,
@@ -59,7 +57,6 @@ impl AppState {
     pub fn new(
         engine: Arc<Engine>,
         envs: Arc<EnvManager>,
-        deployments: Deployments,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
         proxy_port: Option<u16>,
@@ -69,7 +66,6 @@ impl AppState {
             inner: Arc::new(Inner {
                 engine,
                 envs,
-                deployments,
                 metrics,
                 draining,
                 sse_keep_alive: Duration::from_secs(15),

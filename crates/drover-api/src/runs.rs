@@ -1,6 +1,6 @@
 //! `/api/v1/runs`: submit, list, show, cancel, and follow a run's events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 
 use axum::Json;
@@ -8,8 +8,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use drover_domain::{
-    CorrelationId, ErrorCode, Event, EventSeq, ProjectId, Run, RunId, RunRequest, RunStatus,
-    StageStatus,
+    AppSpec, CorrelationId, ErrorCode, Event, EventSeq, ProjectId, Run, RunId, RunRequest,
+    RunStatus, ServiceName, StageStatus,
 };
 use drover_store::{EventQuery, RunQuery, Store};
 use futures::Stream;
@@ -52,6 +52,7 @@ pub(crate) async fn find_run(
 /// The deployment recorded by a run's succeeded deploy stage, if any.
 fn deployment_of(
     state: &AppState,
+    apps_up: &HashSet<ServiceName>,
     run: RunId,
     output: Option<&serde_json::Value>,
 ) -> Option<DeploymentView> {
@@ -61,7 +62,7 @@ fn deployment_of(
         output.get("port").and_then(serde_json::Value::as_u64).and_then(|p| u16::try_from(p).ok());
     let pid =
         output.get("pid").and_then(serde_json::Value::as_u64).and_then(|p| u32::try_from(p).ok());
-    let live = state.inner.deployments.get(run).is_some_and(|d| d.url == url);
+    let live = apps_up.contains(&AppSpec::name_for(run));
     let hostname = drover_env::app_hostname(run);
     let routed_url =
         state.inner.proxy_port.filter(|_| live).map(|port| format!("http://{hostname}:{port}/"));
@@ -184,9 +185,12 @@ pub(crate) async fn list_runs(
             deploy_outputs.insert(run, output);
         }
     }
+    let apps_up = state.envs().apps_up().await;
     let items = runs
         .iter()
-        .map(|run| RunView::new(run, deployment_of(&state, run.id, deploy_outputs.get(&run.id))))
+        .map(|run| {
+            RunView::new(run, deployment_of(&state, &apps_up, run.id, deploy_outputs.get(&run.id)))
+        })
         .collect();
     Ok(Json(RunPage { items, next_cursor: next_cursor.flatten() }))
 }
@@ -212,7 +216,8 @@ pub(crate) async fn get_run(
         .rev()
         .find(|a| a.stage.as_str() == "deploy" && a.status == StageStatus::Succeeded)
         .and_then(|a| a.output.as_ref());
-    let mut view = RunView::new(&run, deployment_of(&state, run.id, deploy_output));
+    let apps_up = state.envs().apps_up().await;
+    let mut view = RunView::new(&run, deployment_of(&state, &apps_up, run.id, deploy_output));
     // An attempt not started while no live worker serves its agent type is waiting for
     // one, not stuck: say so.
     let waiting =

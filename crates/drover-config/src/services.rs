@@ -36,6 +36,9 @@ pub struct EnvironmentsConfig {
     pub copy_files: Vec<String>,
     /// The Docker Engine's Unix socket, for services with an `image`.
     pub docker_socket: std::path::PathBuf,
+    /// Apps deployed by runs kept running per project (in its `deployments` environment);
+    /// deploying one more undeploys the oldest.
+    pub max_deployed_apps: u32,
 }
 
 impl Default for EnvironmentsConfig {
@@ -50,6 +53,7 @@ impl Default for EnvironmentsConfig {
             setup_command: String::new(),
             copy_files: Vec::new(),
             docker_socket: "/var/run/docker.sock".into(),
+            max_deployed_apps: 5,
         }
     }
 }

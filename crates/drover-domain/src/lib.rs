@@ -29,8 +29,9 @@ pub use pipeline::{
 };
 pub use run::{Run, RunRequest, RunStatus};
 pub use service::{
-    DependencyCondition, PlaceholderValues, ProbeKind, Readiness, RestartPolicy, RestartRules,
-    ServiceRecord, ServiceSpec, ServiceStatus, Sharing, expand_placeholders,
+    AppSpec, DEPLOYMENTS_ENV, DependencyCondition, PlaceholderValues, ProbeKind, Readiness,
+    RestartPolicy, RestartRules, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
+    expand_placeholders,
 };
 pub use stage::{FencingToken, StageAttempt, StageStatus};
 pub use time::Timestamp;

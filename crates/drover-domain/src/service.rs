@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ServiceName, ValidationError};
+use crate::{RunId, ServiceName, ValidationError};
 
 /// What a service instance is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -312,5 +312,40 @@ mod tests {
         assert!(!RestartPolicy::OnFailure.restarts_after(true));
         assert!(RestartPolicy::Always.restarts_after(true));
         assert!(!RestartPolicy::Never.restarts_after(false));
+    }
+}
+
+/// The name of the long-lived environment deployed apps run in, one per project. Reserved:
+/// users cannot create an environment of that name, and it counts towards no quota and is
+/// never idled.
+pub const DEPLOYMENTS_ENV: &str = "deployments";
+
+/// An app a run deployed: a service of the project's `deployments` environment added at
+/// run time (not from the config), supervised like any other and restored after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    /// `run-<run id>`.
+    pub name: ServiceName,
+    pub run_id: RunId,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Where it runs: the run's workspace.
+    pub cwd: String,
+    /// The port it listens on (also `PORT`); its URL stays the same across restarts.
+    pub port: u16,
+    /// Readiness: this path answers 2xx.
+    pub health_path: String,
+    pub log_path: String,
+    /// Where the routing proxy serves it (`app.run-<id>.localhost`).
+    pub hostname: String,
+}
+
+impl AppSpec {
+    /// The service name of `run`'s app.
+    pub fn name_for(run: RunId) -> ServiceName {
+        // A run id is a UUID: `run-` and 32 hex digits is always a valid name.
+        ServiceName::parse(format!("run-{}", run.as_uuid().simple()))
+            .unwrap_or_else(|_| unreachable!("run-<hex> is a valid service name"))
     }
 }

@@ -5,6 +5,7 @@
 //! Every process started here is a group leader that also receives `SIGKILL` if drover
 //! itself dies, and every way of stopping it signals the whole group: no orphans.
 
+pub mod apps;
 pub mod cgroup;
 mod deployments;
 pub mod docker;

@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use drover_domain::{
-    DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, PlaceholderValues, PortBlock,
-    ProjectId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
+    AppSpec, DEPLOYMENTS_ENV, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId,
+    PlaceholderValues, PortBlock, ProbeKind, ProjectId, Readiness, RestartPolicy, RestartRules,
+    RunId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
     expand_placeholders,
 };
 use drover_store::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError};
@@ -47,6 +48,8 @@ pub enum EnvError {
     NotFound(String),
     #[error("service `{service}` is not running in environment {environment}")]
     ServiceNotFound { environment: String, service: String },
+    #[error("`{0}` is reserved for the environment deployed apps run in")]
+    ReservedName(String),
 }
 
 /// How environments are laid out and looked after.
@@ -62,6 +65,8 @@ pub struct EnvSettings {
     pub delete_after: Duration,
     pub setup_command: String,
     pub copy_files: Vec<String>,
+    /// Deployed apps kept running per project; deploying one more undeploys the oldest.
+    pub max_apps: usize,
     /// How often the reconciler looks when nothing woke it.
     pub reconcile_interval: Duration,
 }
@@ -189,6 +194,22 @@ impl EnvManager {
         project: &ProjectId,
         request: CreateEnvironment,
     ) -> Result<Environment, EnvError> {
+        if let Some(name) = &request.name
+            && name.as_str() == DEPLOYMENTS_ENV
+        {
+            return Err(EnvError::ReservedName(DEPLOYMENTS_ENV.to_owned()));
+        }
+        self.create_as(project, request, false).await
+    }
+
+    /// Creates an environment; a `system` one (the deployments environment) counts towards
+    /// no quota.
+    async fn create_as(
+        &self,
+        project: &ProjectId,
+        request: CreateEnvironment,
+        system: bool,
+    ) -> Result<Environment, EnvError> {
         let id = EnvironmentId::new();
         let name = match request.name {
             Some(name) => name,
@@ -203,7 +224,7 @@ impl EnvManager {
         }
         // Checked here so a project over its quota costs no ports or workspace; the store
         // checks again, atomically with the insert, for creations racing this one.
-        if self.store.count_live_environments(project).await? >= self.settings.quota {
+        if !system && self.store.count_live_environments(project).await? >= self.settings.quota {
             return Err(StoreError::EnvironmentQuotaExceeded { limit: self.settings.quota }.into());
         }
         let ports = self.allocate_ports().await?;
@@ -252,7 +273,7 @@ impl EnvManager {
                     ports,
                     repo: request.repo.as_ref().map(|r| r.display().to_string()),
                     branch,
-                    quota: self.settings.quota,
+                    quota: if system { u32::MAX } else { self.settings.quota },
                     actor: request.actor,
                     reason: request.reason,
                 },
@@ -557,6 +578,124 @@ impl EnvManager {
         Ok(plan)
     }
 
+    /// The project's `deployments` environment, created (outside the quota) on first use
+    /// and asked to run if someone stopped it.
+    async fn deployments_env(&self, project: &ProjectId) -> Result<Environment, EnvError> {
+        let name = EnvName::parse(DEPLOYMENTS_ENV).map_err(|e| EnvError::Workspace(e.message))?;
+        let env = match self.store.find_environment(project, &name).await? {
+            Some(env) => env,
+            None => {
+                let request = CreateEnvironment {
+                    name: Some(name.clone()),
+                    actor: "drover".to_owned(),
+                    reason: Some("the first app was deployed".to_owned()),
+                    ..CreateEnvironment::default()
+                };
+                match self.create_as(project, request, true).await {
+                    Ok(env) => env,
+                    // Created by a deploy running at the same time.
+                    Err(EnvError::Store(StoreError::EnvironmentNameTaken(_))) => self
+                        .store
+                        .find_environment(project, &name)
+                        .await?
+                        .ok_or_else(|| EnvError::NotFound(DEPLOYMENTS_ENV.to_owned()))?,
+                    Err(err) => return Err(err),
+                }
+            }
+        };
+        if env.desired != DesiredState::Running {
+            return self.start(project, env.id, "drover", Some("an app was deployed")).await;
+        }
+        Ok(env)
+    }
+
+    /// Deploys `app` into the project's `deployments` environment (replacing an earlier app
+    /// of the same run) and returns its state once its process has started, or failed to.
+    pub async fn deploy_app(
+        &self,
+        project: &ProjectId,
+        app: AppSpec,
+    ) -> Result<InstanceState, EnvError> {
+        let env = self.deployments_env(project).await?;
+        self.store.put_app(env.id, &app, now()).await?;
+        let apps = self.store.apps(env.id).await?;
+        let surplus = apps.len().saturating_sub(self.settings.max_apps.max(1));
+        for old in apps.iter().filter(|old| old.name != app.name).take(surplus) {
+            tracing::info!(run_id = %old.run_id, "undeploying the oldest app: more than {} deployed", self.settings.max_apps);
+            self.undeploy_app(project, old.run_id).await?;
+        }
+        let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
+        let earlier = self.instances.lock().await.remove(&key);
+        if let Some(earlier) = earlier {
+            earlier.instance.stop().await;
+        }
+        let reporter: Arc<dyn Reporter> = Arc::new(StoreReporter { store: self.store.clone() });
+        let mut state = {
+            let mut instances = self.instances.lock().await;
+            let running = start_app(&env, &app, self.provider.clone(), reporter);
+            let state = running.instance.watch();
+            instances.insert(key, running);
+            state
+        };
+        self.publish_routes().await;
+        self.wake.notify_one();
+        tracing::info!(run_id = %app.run_id, port = app.port, "app deployed in the deployments environment");
+        // Until the process is up (it has a pid) or its start failed.
+        let current = match tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| s.pid.is_some() || s.status != ServiceStatus::Starting),
+        )
+        .await
+        {
+            Ok(Ok(current)) => Some(current.clone()),
+            _ => None,
+        };
+        Ok(current.unwrap_or_else(|| state.borrow().clone()))
+    }
+
+    /// Stops and forgets `run`'s app.
+    pub async fn undeploy_app(&self, project: &ProjectId, run: RunId) -> Result<(), EnvError> {
+        let name = AppSpec::name_for(run);
+        let Ok(dname) = EnvName::parse(DEPLOYMENTS_ENV) else { return Ok(()) };
+        let Some(env) = self.store.find_environment(project, &dname).await? else {
+            return Ok(());
+        };
+        self.store.remove_app(env.id, &name).await?;
+        let key = InstanceKey { environment: Some(env.id), service: name };
+        let running = self.instances.lock().await.remove(&key);
+        if let Some(running) = running {
+            running.instance.stop().await;
+            tracing::info!(run_id = %run, "app undeployed");
+        }
+        self.publish_routes().await;
+        Ok(())
+    }
+
+    /// The names of the deployed apps that are up (starting or serving), for listing many
+    /// runs with one look.
+    pub async fn apps_up(&self) -> std::collections::HashSet<ServiceName> {
+        let instances = self.instances.lock().await;
+        instances
+            .iter()
+            .filter(|(key, running)| {
+                key.environment.is_some()
+                    && key.service.as_str().starts_with("run-")
+                    && app_is_up(&running.instance.state())
+            })
+            .map(|(key, _)| key.service.clone())
+            .collect()
+    }
+
+    /// The state of `run`'s deployed app, if it has one here.
+    pub async fn app_state(&self, run: RunId) -> Option<InstanceState> {
+        let name = AppSpec::name_for(run);
+        let instances = self.instances.lock().await;
+        instances
+            .iter()
+            .find(|(key, _)| key.service == name && key.environment.is_some())
+            .map(|(_, running)| running.instance.state())
+    }
+
     /// Starts the loops: the orphan sweep first, then reconciliation and the idle/expiry
     /// sweep, until `shutdown`.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> TaskTracker {
@@ -712,6 +851,7 @@ impl EnvManager {
         }
         let _ = tokio::fs::remove_dir_all(self.env_dir(env.id)).await;
         self.store.forget_services(Some(env.id)).await?;
+        self.store.forget_apps(env.id).await?;
         self.store.transition_environment(env.id, EnvStatus::Deleted, None, now()).await?;
         tracing::info!(environment = %env.name, "environment deleted");
         Ok(())
@@ -853,6 +993,15 @@ impl EnvManager {
                 }
             })
             .collect();
+        if env.name.as_str() == DEPLOYMENTS_ENV {
+            for app in self.store.apps(env.id).await? {
+                let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
+                if let std::collections::hash_map::Entry::Vacant(slot) = instances.entry(key) {
+                    slot.insert(start_app(env, &app, self.provider.clone(), reporter.clone()));
+                }
+            }
+            return Ok(());
+        }
         for spec in self.services.iter().filter(|s| s.sharing == Sharing::PerEnv) {
             let key = InstanceKey { environment: Some(env.id), service: spec.name.clone() };
             if instances.contains_key(&key) {
@@ -936,6 +1085,80 @@ impl EnvManager {
             }
             changed
         });
+    }
+}
+
+/// Whether a deployed app counts as up: starting or serving, not exited or given up on.
+pub fn app_is_up(state: &InstanceState) -> bool {
+    matches!(
+        state.status,
+        ServiceStatus::Starting | ServiceStatus::Ready | ServiceStatus::Unhealthy
+    )
+}
+
+/// Starts a deployed app as a supervised service of the deployments environment: probed
+/// on its health path, restarted on failure (5 times in 5 minutes, then given up on),
+/// routed at its own hostname.
+fn start_app(
+    env: &Environment,
+    app: &AppSpec,
+    provider: Arc<dyn Provider>,
+    reporter: Arc<dyn Reporter>,
+) -> Running {
+    let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
+    let spec = ServiceSpec {
+        name: app.name.clone(),
+        image: None,
+        command: app.program.clone(),
+        args: app.args.clone(),
+        env: BTreeMap::new(),
+        ports: vec!["http".to_owned()],
+        readiness: Some(Readiness {
+            kind: ProbeKind::Http { path: app.health_path.clone() },
+            port: None,
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(60),
+            threshold: 1,
+        }),
+        depends_on: BTreeMap::new(),
+        restart: RestartRules {
+            policy: RestartPolicy::OnFailure,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(60),
+            max_restarts: 5,
+            window: Duration::from_secs(300),
+        },
+        stop_grace: Duration::from_secs(3),
+        memory_limit_bytes: None,
+        sharing: Sharing::PerEnv,
+        address: None,
+        log_max_bytes: 10 * 1024 * 1024,
+        log_keep: 2,
+    };
+    let mut env_vars = app.env.clone();
+    env_vars.retain(|(name, _)| name != "PORT" && name != INSTANCE_VAR);
+    env_vars.push(("PORT".to_owned(), app.port.to_string()));
+    env_vars.push((INSTANCE_VAR.to_owned(), key.to_string()));
+    let plan = InstancePlan {
+        key,
+        spec,
+        command: CommandSpec {
+            program: app.program.clone(),
+            args: app.args.clone(),
+            cwd: PathBuf::from(&app.cwd),
+            env: env_vars,
+            log_path: PathBuf::from(&app.log_path),
+        },
+        probe_addr: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, app.port))),
+        dependencies: Vec::new(),
+        external_addr: None,
+    };
+    let instance = start_instance(plan, provider, reporter);
+    Running {
+        instance,
+        ports: BTreeMap::from([("http".to_owned(), app.port)]),
+        hostname: app.hostname.clone(),
     }
 }
 

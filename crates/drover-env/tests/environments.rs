@@ -80,6 +80,7 @@ async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings
         delete_after: Duration::ZERO,
         setup_command: String::new(),
         copy_files: Vec::new(),
+        max_apps: 5,
         reconcile_interval: Duration::from_millis(200),
     };
     tweak(&mut settings);
@@ -369,4 +370,76 @@ async fn a_worktree_environment_with_unmerged_work_is_not_deleted_without_force(
     fx.wait_env(&env.id.to_string(), EnvStatus::Deleted).await;
     assert!(!worktree.exists(), "the worktree is gone");
     fx.finish().await;
+}
+
+#[tokio::test]
+async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_beyond_the_cap() {
+    use drover_env::apps::{AppHost, AppLaunch};
+    let fixture = fixture(Vec::new(), |settings| settings.max_apps = 2).await;
+    let workspace = fixture.dir.path().join("app");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let run = drover_domain::RunId::new();
+        let port = free_port().unwrap();
+        let launch = AppLaunch {
+            project: project(),
+            run,
+            command: drover_env::CommandSpec {
+                program: "python3".into(),
+                args: vec![
+                    "-m".into(),
+                    "http.server".into(),
+                    port.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                ],
+                cwd: workspace.clone(),
+                env: Vec::new(),
+                log_path: fixture.dir.path().join(format!("{run}.log")),
+            },
+            port,
+            health_path: "/".into(),
+        };
+        let started = AppHost::deploy(fixture.manager.as_ref(), launch).await.unwrap();
+        assert_eq!(started.environment.as_deref(), Some("deployments"));
+        assert!(started.pid.is_some(), "{started:?}");
+        runs.push((run, port));
+    }
+    let deployments = fixture.manager.find(&project(), "deployments").await.unwrap();
+    let apps = fixture.store.apps(deployments.id).await.unwrap();
+    let kept: Vec<_> = apps.iter().map(|app| app.run_id).collect();
+    assert_eq!(kept, vec![runs[1].0, runs[2].0], "the oldest app was undeployed");
+    assert!(!AppHost::is_up(fixture.manager.as_ref(), runs[0].0).await);
+    for (run, port) in &runs[1..] {
+        assert!(AppHost::is_up(fixture.manager.as_ref(), *run).await);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_err() {
+            assert!(Instant::now() < deadline, "app on {port} never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(get(*port).await, 200);
+    }
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", runs[0].1)).await.is_err(),
+        "the undeployed app still listens"
+    );
+    // The deployments environment counts towards no quota and the name is reserved.
+    assert_eq!(fixture.store.count_live_environments(&project()).await.unwrap(), 0);
+    let reserved = fixture
+        .manager
+        .create(
+            &project(),
+            CreateEnvironment {
+                name: Some(EnvName::parse("deployments").unwrap()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(reserved, EnvError::ReservedName(_)), "{reserved}");
+    fixture.manager.undeploy_app(&project(), runs[1].0).await.unwrap();
+    fixture.manager.undeploy_app(&project(), runs[2].0).await.unwrap();
+    fixture.stop.cancel();
+    fixture.manager.shutdown().await;
 }

@@ -383,6 +383,7 @@ pub async fn bench_env(options: EnvBenchOptions) -> Result<EnvBenchReport, Serve
         delete_after: Duration::ZERO,
         setup_command: String::new(),
         copy_files: Vec::new(),
+        max_apps: 5,
         reconcile_interval: Duration::from_millis(20),
     };
     // The bare baseline first, so it does not profit from caches warmed by the others.

@@ -23,11 +23,11 @@ use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
 use drover_domain::{PipelineCatalog, WorkerId};
 use drover_engine::{Engine, EngineSettings};
+use drover_env::Layout;
 use drover_env::cgroup::MemoryCgroups;
 use drover_env::docker::DockerProvider;
 use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
 use drover_env::provider::{LocalProvider, Providers};
-use drover_env::{Deployments, Layout};
 use drover_proxy::{Proxy, Route, RouteTable};
 use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
 use tokio::net::TcpListener;
@@ -79,7 +79,6 @@ pub struct Server {
     bus: Arc<dyn Bus>,
     engine: Arc<Engine>,
     envs: Arc<EnvManager>,
-    deployments: Deployments,
     proxy: Option<Proxy>,
     lock: DataDirLock,
 }
@@ -134,19 +133,7 @@ impl Server {
             pid: std::process::id(),
             proxy: proxy.as_ref().map(|p| p.local_addr().to_string()),
         })?;
-        Ok(Self {
-            config,
-            mode,
-            listener,
-            addr,
-            store,
-            bus,
-            engine,
-            envs,
-            deployments: Deployments::new(),
-            proxy,
-            lock,
-        })
+        Ok(Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -169,19 +156,7 @@ impl Server {
 
     /// Serves until `shutdown` fires, then drains and stops everything it started.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self {
-            config,
-            mode,
-            listener,
-            addr,
-            store,
-            bus,
-            engine,
-            envs,
-            deployments,
-            proxy,
-            lock,
-        } = self;
+        let Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock } = self;
         let draining = CancellationToken::new();
         let engine_stop = CancellationToken::new();
         let full = mode == Mode::Full;
@@ -191,7 +166,7 @@ impl Server {
         let workers = (full && config.workers.embedded).then(|| {
             WorkerPool::start(
                 bus.clone(),
-                builtin::sdlc_agents(deployments.clone()),
+                builtin::sdlc_agents(envs.clone()),
                 WorkerPoolConfig {
                     worker_id: WorkerId::new(format!("embedded-{}", std::process::id())),
                     concurrency: config.workers.concurrency,
@@ -208,12 +183,7 @@ impl Server {
         tokio::spawn(agent_activity(store.subscribe(), activity.clone(), draining.clone()));
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
-            tokio::spawn(sync_routes(
-                deployments.subscribe(),
-                envs.routes(),
-                routes.clone(),
-                draining.clone(),
-            ));
+            tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), "routing proxy serving");
             tokio::spawn(proxy.on_activity(activity).run(routes, draining.clone()))
         });
@@ -221,7 +191,6 @@ impl Server {
         let state = AppState::new(
             engine.clone(),
             envs.clone(),
-            deployments.clone(),
             Some(metrics_handle()),
             draining.clone(),
             proxy_port,
@@ -255,7 +224,6 @@ impl Server {
         if let Some(tasks) = engine_tasks {
             tasks.wait().await;
         }
-        deployments.stop_all(Duration::from_secs(5)).await;
         env_stop.cancel();
         if let Some(tasks) = env_tasks {
             tasks.wait().await;
@@ -355,41 +323,34 @@ fn env_settings(config: &Config) -> EnvSettings {
         delete_after: envs.delete_after,
         setup_command: envs.setup_command.clone(),
         copy_files: envs.copy_files.clone(),
+        max_apps: envs.max_deployed_apps as usize,
         reconcile_interval: Duration::from_secs(2),
     }
 }
 
-/// Keeps the proxy's routes equal to what runs: each run's deployed app at
-/// `app.run-<id>.localhost`, each environment's services at `<service>.<env>.localhost`,
-/// shared ones at `<service>.localhost`.
+/// Keeps the proxy's routes equal to what runs: each environment's services at
+/// `<service>.<env>.localhost`, shared ones at `<service>.localhost`, and the apps of the
+/// `deployments` environment at `app.run-<id>.localhost`.
 async fn sync_routes(
-    mut deployments: tokio::sync::watch::Receiver<Vec<drover_env::Deployment>>,
     mut services: tokio::sync::watch::Receiver<Vec<ServiceRoute>>,
     routes: RouteTable,
     stop: CancellationToken,
 ) {
     loop {
-        let mut current: Vec<Route> = deployments
+        let current: Vec<Route> = services
             .borrow_and_update()
             .iter()
-            .map(|deployment| {
-                let upstream = SocketAddr::from(([127, 0, 0, 1], deployment.port));
-                let host = drover_env::app_hostname(deployment.run_id);
-                let environment = host.split('.').nth(1).map(str::to_owned);
-                Route { host, upstream, service: "app".to_owned(), environment, activity: None }
+            .map(|route| Route {
+                host: route.host.clone(),
+                upstream: route.upstream,
+                service: route.service.clone(),
+                environment: route.environment_name.clone(),
+                activity: route.environment.map(|id| id.to_string()),
             })
             .collect();
-        current.extend(services.borrow_and_update().iter().map(|route| Route {
-            host: route.host.clone(),
-            upstream: route.upstream,
-            service: route.service.clone(),
-            environment: route.environment_name.clone(),
-            activity: route.environment.map(|id| id.to_string()),
-        }));
         routes.replace_all(current);
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = deployments.changed() => if changed.is_err() { return },
             changed = services.changed() => if changed.is_err() { return },
         }
     }

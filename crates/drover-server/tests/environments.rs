@@ -53,7 +53,7 @@ struct TestServer {
     http: reqwest::Client,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 async fn spawn(quota: u32) -> TestServer {
@@ -62,7 +62,14 @@ async fn spawn(quota: u32) -> TestServer {
 
 async fn spawn_with(quota: u32, embedded_workers: bool) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    let mut server = spawn_at(dir.path(), quota, embedded_workers).await;
+    server._dir = Some(dir);
+    server
+}
+
+/// A server on the data directory under `dir` (which the caller keeps).
+async fn spawn_at(dir: &std::path::Path, quota: u32, embedded_workers: bool) -> TestServer {
+    let mut config = Config { data_dir: dir.join("data"), ..Config::default() };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.proxy.listen = "127.0.0.1:0".parse().unwrap();
     config.workers.embedded = embedded_workers;
@@ -79,7 +86,7 @@ async fn spawn_with(quota: u32, embedded_workers: bool) -> TestServer {
         http: reqwest::Client::builder().no_proxy().build().unwrap(),
         shutdown,
         task,
-        _dir: dir,
+        _dir: None,
     }
 }
 
@@ -257,5 +264,87 @@ async fn a_run_placed_in_an_environment_works_in_its_workspace_and_keeps_it_acti
         idle_before,
         env["last_active_at"]
     );
+    server.stop().await;
+}
+
+async fn wait_run(server: &TestServer, id: &str) -> Value {
+    for _ in 0..600 {
+        let (_, view) =
+            server.send(reqwest::Method::GET, &format!("/api/v1/runs/{id}"), None).await;
+        if matches!(view["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {id} did not finish");
+}
+
+async fn answers(url: &str) -> bool {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    matches!(client.get(url).send().await, Ok(response) if response.status().is_success())
+}
+
+#[tokio::test]
+async fn a_deployed_app_is_a_service_of_the_deployments_environment_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = spawn_at(dir.path(), 1, true).await;
+    use reqwest::Method;
+    let (status, run) = server
+        .send(Method::POST, "/api/v1/runs", Some(json!({ "request": "Hello World API" })))
+        .await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let finished = wait_run(&server, &id).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(finished["deployment"]["live"], true, "{finished}");
+    let url = finished["deployment"]["url"].as_str().unwrap().to_owned();
+    assert!(answers(&url).await);
+
+    let service = format!("run-{}", id.replace('-', ""));
+    let mut app = Value::Null;
+    for _ in 0..100 {
+        let (status, env) =
+            server.send(Method::GET, "/api/v1/environments/deployments", None).await;
+        assert_eq!(status, 200, "{env}");
+        app = env["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service.as_str())
+            .unwrap_or_else(|| panic!("no service {service} in {env}"))
+            .clone();
+        if app["status"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app["status"], "ready", "{app}");
+    assert_eq!(app["hostname"], finished["deployment"]["hostname"]);
+
+    // The deployments environment counts towards no quota (this server allows one).
+    let (status, created) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "mine" }))).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, problem) = server
+        .send(Method::POST, "/api/v1/environments", Some(json!({ "name": "deployments" })))
+        .await;
+    assert_eq!((status, problem["code"].as_str()), (422, Some("validation_failed")), "{problem}");
+
+    server.stop().await;
+    assert!(!answers(&url).await, "the app outlived the server");
+
+    // A new server on the same data directory brings the app back at the same URL.
+    let server = spawn_at(dir.path(), 1, true).await;
+    let mut back = false;
+    for _ in 0..200 {
+        if answers(&url).await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "the deployed app did not come back after the restart");
+    let (_, view) = server.send(Method::GET, &format!("/api/v1/runs/{id}"), None).await;
+    assert_eq!(view["deployment"]["live"], true, "{view}");
     server.stop().await;
 }

@@ -6,8 +6,8 @@
 
 use async_trait::async_trait;
 use drover_domain::{
-    AuditEntry, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, PortBlock, ProjectId,
-    ServiceRecord, Timestamp,
+    AppSpec, AuditEntry, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, PortBlock,
+    ProjectId, ServiceName, ServiceRecord, Timestamp,
 };
 
 use crate::StoreResult;
@@ -119,6 +119,18 @@ pub trait EnvironmentStore: Send + Sync + 'static {
 
     /// Forgets the instances of an environment (deleted).
     async fn forget_services(&self, env: Option<EnvironmentId>) -> StoreResult<()>;
+
+    /// Adds (or replaces) an app of an environment: a run-time service (a deployed app).
+    async fn put_app(&self, env: EnvironmentId, app: &AppSpec, now: Timestamp) -> StoreResult<()>;
+
+    /// Removes an app; whether there was one.
+    async fn remove_app(&self, env: EnvironmentId, name: &ServiceName) -> StoreResult<bool>;
+
+    /// The apps of an environment, oldest first.
+    async fn apps(&self, env: EnvironmentId) -> StoreResult<Vec<AppSpec>>;
+
+    /// Forgets the apps of an environment (deleted).
+    async fn forget_apps(&self, env: EnvironmentId) -> StoreResult<()>;
 
     async fn list_audit(&self, project: &ProjectId, limit: u32) -> StoreResult<Vec<AuditEntry>>;
 }

@@ -1,12 +1,15 @@
-//! The deploy agent: starts the app as a long-running child owned by the server (through
-//! the [`Deployments`] registry), waits until it is healthy, and reports its URL.
+//! The deploy agent: hands the app to an [`AppHost`] (on a server: a supervised service of
+//! the project's `deployments` environment), waits until it is healthy, and reports its
+//! URL.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use drover_bus::AgentResult;
-use drover_domain::{AgentType, Timestamp};
-use drover_env::{Deployments, free_port};
+use drover_domain::AgentType;
+use drover_env::apps::{AppHost, AppLaunch};
+use drover_env::free_port;
 use serde_json::json;
 
 use super::e2e::app_command;
@@ -15,13 +18,13 @@ use crate::{Agent, AgentFailure, AgentTask, Manifest, into_result};
 
 pub struct DeployAgent {
     agent_type: AgentType,
-    deployments: Deployments,
+    apps: Arc<dyn AppHost>,
     client: reqwest::Client,
 }
 
 impl DeployAgent {
-    pub fn new(deployments: Deployments) -> Self {
-        Self { agent_type: super::agent_type("deploy"), deployments, client: probe::client() }
+    pub fn new(apps: Arc<dyn AppHost>) -> Self {
+        Self { agent_type: super::agent_type("deploy"), apps, client: probe::client() }
     }
 }
 
@@ -34,7 +37,7 @@ impl Agent for DeployAgent {
     async fn run(&self, task: &AgentTask) -> AgentResult {
         let result = self.deploy(task).await;
         if result.is_err() {
-            self.deployments.stop(task.envelope.run_id, std::time::Duration::from_secs(3)).await;
+            self.apps.undeploy(&task.envelope.project_id, task.envelope.run_id).await;
         }
         into_result(result)
     }
@@ -54,21 +57,30 @@ impl DeployAgent {
         let base = format!("http://127.0.0.1:{port}");
         let url = format!("{base}/");
         task.log.line(format!("deploying `{}` on port {port}", spec.display())).await;
-        let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let deployment = self
-            .deployments
-            .deploy(run, &spec, port, url.clone(), now)
-            .await
-            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+        let launch = AppLaunch {
+            project: task.envelope.project_id.clone(),
+            run,
+            command: spec,
+            port,
+            health_path: manifest.health_path.clone(),
+        };
+        let deployment = self.apps.deploy(launch).await.map_err(AgentFailure::permanent)?;
+        if let Some(environment) = &deployment.environment {
+            task.log.line(format!("the app is a service of environment `{environment}`")).await;
+        }
 
         let health_url = format!("{base}{}", manifest.health_path);
-        let ready_in = probe::wait_healthy(&self.client, &health_url, &task.cancel, || match self
-            .deployments
-            .get(run)
-        {
-            Some(_) => Ok(()),
-            None => {
-                Err(format!("the app exited during startup; see {}", deployment.log_path.display()))
+        let log_path = deployment.log_path.display().to_string();
+        let apps = self.apps.clone();
+        let ready_in = probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
+            let apps = apps.clone();
+            let log_path = log_path.clone();
+            async move {
+                if apps.is_up(run).await {
+                    Ok(())
+                } else {
+                    Err(format!("the app exited during startup; see {log_path}"))
+                }
             }
         })
         .await?;
@@ -77,7 +89,8 @@ impl DeployAgent {
         if let Some(failure) = probe::failed_checks(&results) {
             return Err(failure);
         }
-        task.log.line(format!("deployed at {url} (pid {})", deployment.pid)).await;
+        let pid = deployment.pid.map_or_else(|| "unknown".to_owned(), |pid| pid.to_string());
+        task.log.line(format!("deployed at {url} (pid {pid})")).await;
         Ok(json!({
             "url": url,
             "port": port,

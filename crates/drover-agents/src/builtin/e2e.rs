@@ -64,14 +64,13 @@ impl E2eAgent {
         let base = format!("http://127.0.0.1:{port}");
         let health_url = format!("{base}{}", manifest.health_path);
         let outcome = async {
-            let ready_in =
-                probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
-                    match app.try_exited() {
-                        Some(status) => Err(format!("the app exited during startup ({status})")),
-                        None => Ok(()),
-                    }
+            let ready_in = probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
+                std::future::ready(match app.try_exited() {
+                    Some(status) => Err(format!("the app exited during startup ({status})")),
+                    None => Ok(()),
                 })
-                .await?;
+            })
+            .await?;
             task.log.line(format!("healthy after {} ms", ready_in.as_millis())).await;
             let results = probe::run_checks(&self.client, &base, &manifest.checks, &task.log).await;
             match probe::failed_checks(&results) {

@@ -11,7 +11,7 @@ mod validate;
 use std::sync::Arc;
 
 use drover_domain::AgentType;
-use drover_env::Deployments;
+use drover_env::apps::AppHost;
 
 pub use deploy::DeployAgent;
 pub use e2e::E2eAgent;
@@ -25,13 +25,14 @@ use crate::Agent;
 pub const PYTHON: &str = "python3";
 
 /// One agent for each stage of the built-in `sdlc` pipeline.
-pub fn sdlc_agents(deployments: Deployments) -> Vec<Arc<dyn Agent>> {
+/// `apps` keeps what the deploy stage deploys.
+pub fn sdlc_agents(apps: Arc<dyn AppHost>) -> Vec<Arc<dyn Agent>> {
     vec![
         Arc::new(ScaffoldAgent::new()),
         Arc::new(ValidateAgent::new()),
         Arc::new(E2eAgent::new()),
         Arc::new(IntegrationAgent::new()),
-        Arc::new(DeployAgent::new(deployments)),
+        Arc::new(DeployAgent::new(apps)),
     ]
 }
 

@@ -24,15 +24,18 @@ pub(super) fn client() -> reqwest::Client {
 
 /// Polls `url` until it answers 2xx. `alive` reports whether the app process still runs;
 /// an app that exits fails the probe at once instead of after the timeout.
-pub(super) async fn wait_healthy(
+pub(super) async fn wait_healthy<Alive>(
     client: &reqwest::Client,
     url: &str,
     cancel: &CancellationToken,
-    mut alive: impl FnMut() -> Result<(), String>,
-) -> Result<Duration, AgentFailure> {
+    mut alive: impl FnMut() -> Alive,
+) -> Result<Duration, AgentFailure>
+where
+    Alive: std::future::Future<Output = Result<(), String>>,
+{
     let started = Instant::now();
     loop {
-        alive().map_err(AgentFailure::transient)?;
+        alive().await.map_err(AgentFailure::transient)?;
         if let Ok(response) = client.get(url).send().await
             && response.status().is_success()
         {

@@ -2,8 +2,8 @@
 
 use async_trait::async_trait;
 use drover_domain::{
-    AuditEntry, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, EventKind, NewEvent,
-    PortBlock, ProjectId, ServiceName, ServiceRecord, Timestamp,
+    AppSpec, AuditEntry, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId, EventKind,
+    NewEvent, PortBlock, ProjectId, ServiceName, ServiceRecord, Timestamp,
 };
 use serde_json::json;
 use sqlx::{Connection, FromRow, QueryBuilder, Sqlite, SqliteConnection};
@@ -114,7 +114,7 @@ impl EnvironmentStore for SqliteStore {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         let (live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted'",
+            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments'",
         )
         .bind(new.project_id.as_str())
         .fetch_one(&mut *tx)
@@ -209,7 +209,7 @@ impl EnvironmentStore for SqliteStore {
 
     async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32> {
         let (live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted'",
+            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments'",
         )
         .bind(project.as_str())
         .fetch_one(&self.reader)
@@ -357,7 +357,7 @@ impl EnvironmentStore for SqliteStore {
             concat!(
                 "SELECT ",
                 env_columns!(),
-                " FROM environments WHERE status = 'running' AND desired = 'running' AND last_active_at < ?"
+                " FROM environments WHERE status = 'running' AND desired = 'running' AND last_active_at < ? AND name <> 'deployments'"
             ),
             idle_before,
         )
@@ -372,7 +372,7 @@ impl EnvironmentStore for SqliteStore {
             concat!(
                 "SELECT ",
                 env_columns!(),
-                " FROM environments WHERE status = 'stopped' AND desired = 'stopped' AND updated_at < ?"
+                " FROM environments WHERE status = 'stopped' AND desired = 'stopped' AND updated_at < ? AND name <> 'deployments'"
             ),
             stopped_before,
         )
@@ -461,6 +461,55 @@ impl EnvironmentStore for SqliteStore {
         let key = env.map_or_else(|| SHARED.to_owned(), |id| id.to_string());
         sqlx::query("DELETE FROM service_instances WHERE environment_id = ?")
             .bind(key)
+            .execute(&mut *self.writer.lock().await)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_app(&self, env: EnvironmentId, app: &AppSpec, now: Timestamp) -> StoreResult<()> {
+        let spec = serde_json::to_string(app).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO environment_apps (environment_id, name, run_id, spec, created_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (environment_id, name) DO UPDATE SET \
+             spec = excluded.spec, created_at = excluded.created_at",
+        )
+        .bind(env.to_string())
+        .bind(app.name.as_str())
+        .bind(app.run_id.to_string())
+        .bind(spec)
+        .bind(now.as_millis())
+        .execute(&mut *self.writer.lock().await)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_app(&self, env: EnvironmentId, name: &ServiceName) -> StoreResult<bool> {
+        let removed =
+            sqlx::query("DELETE FROM environment_apps WHERE environment_id = ? AND name = ?")
+                .bind(env.to_string())
+                .bind(name.as_str())
+                .execute(&mut *self.writer.lock().await)
+                .await?;
+        Ok(removed.rows_affected() > 0)
+    }
+
+    async fn apps(&self, env: EnvironmentId) -> StoreResult<Vec<AppSpec>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT spec FROM environment_apps WHERE environment_id = ? ORDER BY created_at, name",
+        )
+        .bind(env.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(spec,)| {
+                serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(format!("app: {e}")))
+            })
+            .collect()
+    }
+
+    async fn forget_apps(&self, env: EnvironmentId) -> StoreResult<()> {
+        sqlx::query("DELETE FROM environment_apps WHERE environment_id = ?")
+            .bind(env.to_string())
             .execute(&mut *self.writer.lock().await)
             .await?;
         Ok(())

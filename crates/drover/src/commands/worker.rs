@@ -27,7 +27,7 @@ pub(crate) async fn work(
     let bootstrap = client.worker_bootstrap().await.context("cannot ask the server how to join")?;
 
     let deployments = Deployments::new();
-    let agents = select_agents(&args.agent, &deployments)?;
+    let agents = select_agents(&args.agent, Arc::new(deployments.clone()))?;
     let heartbeat = Duration::from_millis(bootstrap.heartbeat_interval_ms.max(100));
     let options = BusOptions {
         capacity: config.bus.capacity,
@@ -79,9 +79,9 @@ pub(crate) async fn work(
 /// The built-in agents named on the command line (`all` for every one).
 fn select_agents(
     wanted: &[String],
-    deployments: &Deployments,
+    apps: Arc<dyn drover_env::apps::AppHost>,
 ) -> anyhow::Result<Vec<Arc<dyn Agent>>> {
-    let available = builtin::sdlc_agents(deployments.clone());
+    let available = builtin::sdlc_agents(apps);
     if wanted.iter().any(|w| w == "all") {
         return Ok(available);
     }
