@@ -205,6 +205,7 @@ pub(crate) async fn create(
                 name,
                 repo: body.repo.map(Into::into),
                 base: body.base,
+                workspace: None,
                 actor: LOCAL_ACTOR.to_owned(),
                 reason: body.reason,
             },

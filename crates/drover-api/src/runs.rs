@@ -96,7 +96,26 @@ pub(crate) async fn create_run(
         ));
     }
     let pipeline = body.pipeline.as_deref().unwrap_or(DEFAULT_PIPELINE);
+    let run_id = RunId::new();
+    let mut own_environment = None;
     let placement = match &body.environment {
+        // A run gets an environment of its own: its ports and per-environment services.
+        // Without one (no free ports, say) it still runs, in a directory of its own.
+        None if state.envs().is_active() => {
+            match state.envs().create_for_run(&caller.project, run_id).await {
+                Ok(env) => {
+                    own_environment = Some(env.id);
+                    Some(drover_engine::RunPlacement {
+                        environment_id: env.id,
+                        workspace: env.workspace,
+                    })
+                }
+                Err(err) => {
+                    tracing::warn!(run_id = %run_id, error = %err, "no environment for the run; it runs in a plain directory");
+                    None
+                }
+            }
+        }
         None => None,
         Some(id_or_name) => {
             let env = state.envs().find(&caller.project, id_or_name).await?;
@@ -109,10 +128,19 @@ pub(crate) async fn create_run(
             Some(drover_engine::RunPlacement { environment_id: env.id, workspace: env.workspace })
         }
     };
-    let run = state
+    let submitted = state
         .engine()
-        .submit(&caller.project, request, pipeline, CorrelationId::new(), placement)
-        .await?;
+        .submit_as(run_id, &caller.project, request, pipeline, CorrelationId::new(), placement)
+        .await;
+    let run = match submitted {
+        Ok(run) => run,
+        Err(err) => {
+            if let Some(env) = own_environment {
+                let _ = state.envs().release_run_environment(env).await;
+            }
+            return Err(err.into());
+        }
+    };
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/runs/{}", run.id)) {
         headers.insert(header::LOCATION, location);

@@ -29,9 +29,9 @@ pub use pipeline::{
 };
 pub use run::{Run, RunRequest, RunStatus};
 pub use service::{
-    AppSpec, DEPLOYMENTS_ENV, DependencyCondition, PlaceholderValues, ProbeKind, Readiness,
-    RestartPolicy, RestartRules, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
-    expand_placeholders,
+    AppSpec, DEPLOYMENTS_ENV, DependencyCondition, PlaceholderValues, ProbeKind, RUN_ENV_PREFIX,
+    Readiness, RestartPolicy, RestartRules, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
+    expand_placeholders, is_system_environment,
 };
 pub use stage::{FencingToken, StageAttempt, StageStatus};
 pub use time::Timestamp;

@@ -320,6 +320,16 @@ mod tests {
 /// never idled.
 pub const DEPLOYMENTS_ENV: &str = "deployments";
 
+/// The prefix of the environments drover creates for runs (`run-<12 hex of the run id>`),
+/// reserved like [`DEPLOYMENTS_ENV`]; they live as long as their run.
+pub const RUN_ENV_PREFIX: &str = "run-";
+
+/// Whether an environment of this name is one drover made for itself (no quota, no idling,
+/// not creatable by users).
+pub fn is_system_environment(name: &str) -> bool {
+    name == DEPLOYMENTS_ENV || name.starts_with(RUN_ENV_PREFIX)
+}
+
 /// An app a run deployed: a service of the project's `deployments` environment added at
 /// run time (not from the config), supervised like any other and restored after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

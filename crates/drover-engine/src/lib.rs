@@ -109,6 +109,20 @@ impl Engine {
         correlation_id: CorrelationId,
         placement: Option<RunPlacement>,
     ) -> Result<Run, EngineError> {
+        self.submit_as(RunId::new(), project, request, pipeline, correlation_id, placement).await
+    }
+
+    /// [`Self::submit`] with the run's id chosen by the caller (who prepared something
+    /// named after it, like its environment).
+    pub async fn submit_as(
+        &self,
+        id: RunId,
+        project: &ProjectId,
+        request: RunRequest,
+        pipeline: &str,
+        correlation_id: CorrelationId,
+        placement: Option<RunPlacement>,
+    ) -> Result<Run, EngineError> {
         let spec = self.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
             name: pipeline.to_owned(),
             known: self.pipelines.names().collect::<Vec<_>>().join(", "),
@@ -117,6 +131,7 @@ impl Engine {
             .store
             .create_run(
                 NewRun {
+                    id: Some(id),
                     project_id: project.clone(),
                     pipeline: spec.clone(),
                     request,

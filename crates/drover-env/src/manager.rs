@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use drover_domain::{
     AppSpec, DEPLOYMENTS_ENV, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId,
-    PlaceholderValues, PortBlock, ProbeKind, ProjectId, Readiness, RestartPolicy, RestartRules,
-    RunId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
-    expand_placeholders,
+    PlaceholderValues, PortBlock, ProbeKind, ProjectId, RUN_ENV_PREFIX, Readiness, RestartPolicy,
+    RestartRules, RunId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
+    Timestamp, expand_placeholders, is_system_environment,
 };
 use drover_store::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError};
 use nix::sys::signal::{Signal, killpg};
@@ -28,7 +28,7 @@ use crate::provider::Provider;
 use crate::supervisor::{
     Instance, InstanceKey, InstancePlan, InstanceState, Reporter, start_instance,
 };
-use crate::{CommandSpec, resources, workspace};
+use crate::{CommandSpec, Layout, resources, workspace};
 
 /// The env var every service process carries, naming its instance: how a restarted
 /// server recognises processes a killed one left behind.
@@ -79,6 +79,9 @@ pub struct CreateEnvironment {
     pub repo: Option<PathBuf>,
     /// ...branched from this (default: its current HEAD).
     pub base: Option<String>,
+    /// A workspace directory of drover's choosing outside the environment's own directory
+    /// (a run's), which deleting the environment leaves in place.
+    pub workspace: Option<PathBuf>,
     pub actor: String,
     pub reason: Option<String>,
 }
@@ -125,6 +128,8 @@ pub struct EnvManager {
     instances: Mutex<HashMap<InstanceKey, Running>>,
     wake: Notify,
     routes: watch::Sender<Vec<ServiceRoute>>,
+    /// Its loops run (`spawn`): environments it creates will be brought up.
+    active: std::sync::atomic::AtomicBool,
 }
 
 /// Records every service state change in the store.
@@ -167,7 +172,14 @@ impl EnvManager {
             instances: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             routes: watch::Sender::new(Vec::new()),
+            active: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the reconcile loop runs here (a server in full mode), so that environments
+    /// created now come up.
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn store(&self) -> &Arc<dyn EnvironmentStore> {
@@ -195,11 +207,68 @@ impl EnvManager {
         request: CreateEnvironment,
     ) -> Result<Environment, EnvError> {
         if let Some(name) = &request.name
-            && name.as_str() == DEPLOYMENTS_ENV
+            && is_system_environment(name.as_str())
         {
-            return Err(EnvError::ReservedName(DEPLOYMENTS_ENV.to_owned()));
+            return Err(EnvError::ReservedName(name.to_string()));
+        }
+        if request.workspace.is_some() {
+            return Err(EnvError::Workspace("only drover places workspaces elsewhere".to_owned()));
         }
         self.create_as(project, request, false).await
+    }
+
+    /// The environment a run executes in when it names none: `run-<12 hex of its id>`, its
+    /// workspace the run's own directory (kept when the environment goes), its own port
+    /// block and per-environment services. Outside the quota; deleted when the run ends.
+    pub async fn create_for_run(
+        &self,
+        project: &ProjectId,
+        run: RunId,
+    ) -> Result<Environment, EnvError> {
+        let simple = run.as_uuid().simple().to_string();
+        let name = EnvName::parse(format!("{RUN_ENV_PREFIX}{}", &simple[simple.len() - 12..]))
+            .map_err(|e| EnvError::Workspace(e.message))?;
+        let request = CreateEnvironment {
+            name: Some(name),
+            workspace: Some(Layout::new(&self.settings.data_dir).workspace(run)),
+            actor: "drover".to_owned(),
+            reason: Some(format!("run {run}")),
+            ..CreateEnvironment::default()
+        };
+        self.create_as(project, request, true).await
+    }
+
+    /// Deletes a run's environment once its run has ended (its workspace stays: the run's
+    /// files and the deployed app live there).
+    pub async fn release_run_environment(&self, id: EnvironmentId) -> Result<(), EnvError> {
+        let Some(env) = self.store.live_environments().await?.into_iter().find(|e| e.id == id)
+        else {
+            return Ok(());
+        };
+        if !env.name.as_str().starts_with(RUN_ENV_PREFIX) || env.desired == DesiredState::Deleted {
+            return Ok(());
+        }
+        self.store
+            .set_desired(
+                &env.project_id,
+                env.id,
+                DesiredState::Deleted,
+                "drover",
+                Some("its run ended"),
+                now(),
+            )
+            .await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The live environments drover made for runs.
+    pub async fn run_environments(&self) -> Result<Vec<Environment>, EnvError> {
+        let mut envs = self.store.live_environments().await?;
+        envs.retain(|env| {
+            env.name.as_str().starts_with(RUN_ENV_PREFIX) && env.desired != DesiredState::Deleted
+        });
+        Ok(envs)
     }
 
     /// Creates an environment; a `system` one (the deployments environment) counts towards
@@ -229,7 +298,7 @@ impl EnvManager {
         }
         let ports = self.allocate_ports().await?;
         let dir = self.env_dir(id);
-        let workspace_path = dir.join("workspace");
+        let workspace_path = request.workspace.clone().unwrap_or_else(|| dir.join("workspace"));
         let mut branch = None;
         let prepared = async {
             match &request.repo {
@@ -699,6 +768,7 @@ impl EnvManager {
     /// Starts the loops: the orphan sweep first, then reconciliation and the idle/expiry
     /// sweep, until `shutdown`.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> TaskTracker {
+        self.active.store(true, std::sync::atomic::Ordering::Relaxed);
         let tracker = TaskTracker::new();
         let manager = self.clone();
         tracker.spawn(async move {
@@ -846,7 +916,10 @@ impl EnvManager {
     async fn finish_delete(&self, env: &Environment) -> Result<(), EnvError> {
         self.stop_services(env.id).await;
         let repo = env.repo.as_deref().map(Path::new);
-        if let Err(message) = self.remove_workspace(repo, Path::new(&env.workspace), true).await {
+        let workspace = Path::new(&env.workspace);
+        // A workspace elsewhere (a run's) belongs to its owner, not to the environment.
+        let ours = repo.is_some() || workspace.starts_with(self.env_dir(env.id));
+        if ours && let Err(message) = self.remove_workspace(repo, workspace, true).await {
             tracing::warn!(environment = %env.name, %message, "workspace cleanup incomplete");
         }
         let _ = tokio::fs::remove_dir_all(self.env_dir(env.id)).await;

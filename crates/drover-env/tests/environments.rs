@@ -346,7 +346,7 @@ async fn a_worktree_environment_with_unmerged_work_is_not_deleted_without_force(
                 repo: Some(repo.clone()),
                 base: Some("main".into()),
                 actor: "test".into(),
-                reason: None,
+                ..Default::default()
             },
         )
         .await

@@ -310,7 +310,15 @@ async fn with_a_memory_cgroup_the_kernel_enforces_the_limit_and_the_reason_says_
         drover_env::cgroup::CgroupVersion::V2 => "memory.max",
     };
     assert_eq!(std::fs::read_to_string(cgroup_dir.join(limit_file)).unwrap().trim(), "67108864");
-    let members = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")).unwrap();
+    // The shell forks its background child a moment after it starts.
+    let mut members = String::new();
+    for _ in 0..100 {
+        members = std::fs::read_to_string(cgroup_dir.join("cgroup.procs")).unwrap();
+        if members.lines().count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(members.lines().count(), 2, "the service and its child: {members}");
     instance.stop().await;
     for _ in 0..60 {

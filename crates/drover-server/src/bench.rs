@@ -422,6 +422,7 @@ pub async fn bench_env(options: EnvBenchOptions) -> Result<EnvBenchReport, Serve
                         name: Some(name),
                         repo: Some(repo.clone()),
                         base: None,
+                        workspace: None,
                         actor: "bench".into(),
                         reason: None,
                     },

@@ -181,6 +181,14 @@ impl Server {
         let (activity, reports) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
         tokio::spawn(agent_activity(store.subscribe(), activity.clone(), draining.clone()));
+        if mode == Mode::Full {
+            tokio::spawn(release_run_environments(
+                store.clone(),
+                store.subscribe(),
+                envs.clone(),
+                draining.clone(),
+            ));
+        }
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
             tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
@@ -387,6 +395,62 @@ fn providers(
     let docker = DockerProvider::new(socket, &config.data_dir)
         .map_err(|err| ServerError::Config(err.to_string()))?;
     Ok(Providers::new(local, Some(Box::new(docker))))
+}
+
+/// A run's own environment goes when the run ends (its workspace stays): on the run's
+/// terminal event, and by a sweep (at start and every minute) for ends missed while the
+/// server was down or the event feed lagged.
+async fn release_run_environments(
+    store: SqliteStore,
+    mut events: tokio::sync::broadcast::Receiver<drover_domain::Event>,
+    envs: Arc<EnvManager>,
+    stop: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = sweep.tick() => sweep_finished_run_environments(&store, &envs).await,
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if let (true, Some(id)) = (event.kind.is_run_terminal(), event.environment_id)
+                        && let Err(err) = envs.release_run_environment(id).await
+                    {
+                        tracing::warn!(error = %err, "cannot release a run's environment");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    sweep_finished_run_environments(&store, &envs).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+async fn sweep_finished_run_environments(store: &SqliteStore, envs: &EnvManager) {
+    let swept = async {
+        // A minute's grace: a run's environment is made just before the run itself.
+        let settled = drover_domain::Timestamp::from_system_time(
+            std::time::SystemTime::now() - Duration::from_secs(60),
+        );
+        let candidates: Vec<_> = envs
+            .run_environments()
+            .await?
+            .into_iter()
+            .filter(|env| env.created_at < settled)
+            .collect();
+        let ids: Vec<_> = candidates.iter().map(|env| env.id).collect();
+        let unfinished: std::collections::HashSet<_> =
+            store.unfinished_runs_in(&ids).await?.into_iter().map(|(env, _)| env).collect();
+        for env in candidates.iter().filter(|env| !unfinished.contains(&env.id)) {
+            envs.release_run_environment(env.id).await?;
+        }
+        Ok::<_, drover_env::manager::EnvError>(())
+    };
+    if let Err(err) = swept.await {
+        tracing::warn!(error = %err, "sweeping the environments of ended runs failed");
+    }
 }
 
 /// Agent work inside an environment is activity too: every stage event of a run placed

@@ -348,3 +348,67 @@ async fn a_deployed_app_is_a_service_of_the_deployments_environment_and_survives
     assert_eq!(view["deployment"]["live"], true, "{view}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_run_gets_an_environment_of_its_own_that_goes_when_the_run_ends() {
+    let server = spawn_with(1, true).await;
+    use reqwest::Method;
+    let (status, run) = server
+        .send(Method::POST, "/api/v1/runs", Some(json!({ "request": "Hello World API" })))
+        .await;
+    assert_eq!(status, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    let env_id = run["environment_id"].as_str().expect("the run has an environment").to_owned();
+    let (status, env) =
+        server.send(Method::GET, &format!("/api/v1/environments/{env_id}"), None).await;
+    assert_eq!(status, 200, "{env}");
+    let hex = id.replace('-', "");
+    assert_eq!(env["name"], format!("run-{}", &hex[hex.len() - 12..]));
+    let workspace = std::path::PathBuf::from(env["workspace"].as_str().unwrap());
+    assert!(workspace.ends_with(format!("runs/{id}/workspace")), "{}", workspace.display());
+
+    // Its own instance of the per-environment services, on its own ports.
+    let mut web = Value::Null;
+    for _ in 0..100 {
+        let (_, env) =
+            server.send(Method::GET, &format!("/api/v1/environments/{env_id}"), None).await;
+        web = env["services"][0].clone();
+        if web["status"] == "ready" || env["status"] == "deleted" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (web["name"].as_str(), web["status"].as_str()),
+        (Some("web"), Some("ready")),
+        "{web}"
+    );
+    assert_eq!(web["ports"]["http"], env["ports"]["base"]);
+
+    // Run environments count towards no quota (this server allows one).
+    let (status, created) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "mine" }))).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, problem) =
+        server.send(Method::POST, "/api/v1/environments", Some(json!({ "name": "run-x" }))).await;
+    assert_eq!((status, problem["code"].as_str()), (422, Some("validation_failed")), "{problem}");
+
+    let finished = wait_run(&server, &id).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (status, view) =
+            server.send(Method::GET, &format!("/api/v1/environments/{env_id}"), None).await;
+        if status == 404 || view["status"] == "deleted" {
+            last = Value::Null;
+            break;
+        }
+        last = view;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, Value::Null, "the run's environment outlived the run");
+    assert!(workspace.join("drover.json").is_file(), "the run's workspace was kept");
+    let url = finished["deployment"]["url"].as_str().unwrap();
+    assert!(answers(url).await, "the deployed app (working in that workspace) still answers");
+    server.stop().await;
+}

@@ -60,6 +60,8 @@ pub enum StoreError {
 /// A run to create, with the pipeline it follows.
 #[derive(Debug, Clone)]
 pub struct NewRun {
+    /// The id to give it (chosen before, e.g. to name its environment), or a new one.
+    pub id: Option<RunId>,
     pub project_id: ProjectId,
     pub pipeline: PipelineSpec,
     pub request: RunRequest,
@@ -170,6 +172,12 @@ pub trait Store: Send + Sync + 'static {
     async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run>;
 
     async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>>;
+
+    /// The runs placed in these environments that have not ended, as (environment, run).
+    async fn unfinished_runs_in(
+        &self,
+        environments: &[EnvironmentId],
+    ) -> StoreResult<Vec<(EnvironmentId, RunId)>>;
 
     async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>>;
 

@@ -48,6 +48,7 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
     fx.store
         .create_run(
             NewRun {
+                id: None,
                 project_id: default_project(),
                 pipeline: sdlc(),
                 request: RunRequest::parse(request).unwrap(),
@@ -470,6 +471,7 @@ async fn data_survives_reopening_the_same_file() {
         let run = store
             .create_run(
                 NewRun {
+                    id: None,
                     project_id: default_project(),
                     pipeline: sdlc(),
                     request: RunRequest::parse("persist me").unwrap(),

@@ -114,7 +114,7 @@ impl EnvironmentStore for SqliteStore {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         let (live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments'",
+            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
         )
         .bind(new.project_id.as_str())
         .fetch_one(&mut *tx)
@@ -209,7 +209,7 @@ impl EnvironmentStore for SqliteStore {
 
     async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32> {
         let (live,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments'",
+            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
         )
         .bind(project.as_str())
         .fetch_one(&self.reader)
@@ -357,7 +357,7 @@ impl EnvironmentStore for SqliteStore {
             concat!(
                 "SELECT ",
                 env_columns!(),
-                " FROM environments WHERE status = 'running' AND desired = 'running' AND last_active_at < ? AND name <> 'deployments'"
+                " FROM environments WHERE status = 'running' AND desired = 'running' AND last_active_at < ? AND name <> 'deployments' AND name NOT LIKE 'run-%'"
             ),
             idle_before,
         )
@@ -372,7 +372,7 @@ impl EnvironmentStore for SqliteStore {
             concat!(
                 "SELECT ",
                 env_columns!(),
-                " FROM environments WHERE status = 'stopped' AND desired = 'stopped' AND updated_at < ? AND name <> 'deployments'"
+                " FROM environments WHERE status = 'stopped' AND desired = 'stopped' AND updated_at < ? AND name <> 'deployments' AND name NOT LIKE 'run-%'"
             ),
             stopped_before,
         )

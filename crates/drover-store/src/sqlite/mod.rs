@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_domain::{
-    AgentType, AttemptId, CorrelationId, Event, EventKind, EventSeq, FencingToken, NewEvent,
-    NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest, RunStatus,
-    StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Worker, WorkerId, WorkerProfile,
-    decide,
+    AgentType, AttemptId, CorrelationId, EnvironmentId, Event, EventKind, EventSeq, FencingToken,
+    NewEvent, NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest,
+    RunStatus, StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Worker, WorkerId,
+    WorkerProfile, decide,
 };
 use serde_json::json;
 use sqlx::sqlite::{
@@ -165,7 +165,7 @@ impl Store for SqliteStore {
             StoreError::Corrupt(format!("pipeline `{}` has no stages", new.pipeline.name))
         })?;
         let run = Run {
-            id: RunId::new(),
+            id: new.id.unwrap_or_else(RunId::new),
             project_id: new.project_id,
             pipeline: new.pipeline.name.clone(),
             request: new.request,
@@ -213,6 +213,32 @@ impl Store for SqliteStore {
 
     async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>> {
         fetch_run(&self.reader, project, id).await
+    }
+
+    async fn unfinished_runs_in(
+        &self,
+        environments: &[EnvironmentId],
+    ) -> StoreResult<Vec<(EnvironmentId, RunId)>> {
+        if environments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "SELECT environment_id, id FROM runs WHERE status IN ('queued', 'running', 'waiting_approval') AND environment_id IN (",
+        );
+        let mut ids = sql.separated(", ");
+        for env in environments {
+            ids.push_bind(env.to_string());
+        }
+        sql.push(")");
+        let rows: Vec<(String, String)> = sql.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter()
+            .map(|(env, run)| {
+                Ok((
+                    env.parse().map_err(|_| corrupt("runs.environment_id", &env))?,
+                    run.parse().map_err(|_| corrupt("runs.id", &run))?,
+                ))
+            })
+            .collect()
     }
 
     async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>> {
@@ -1274,7 +1300,7 @@ fn run_event(run: &Run, payload: serde_json::Value) -> NewEvent {
         project_id: run.project_id.clone(),
         run_id: Some(run.id),
         attempt_id: None,
-        environment_id: None,
+        environment_id: run.environment_id,
         kind: EventKind::Run(run.status),
         payload,
         correlation_id: Some(run.correlation_id),
