@@ -34,6 +34,7 @@ fn task(workspace: &Path, run_id: RunId, stage: &str, request: &str) -> AgentTas
                 workspace: workspace.display().to_string(),
                 log_path: log_path.display().to_string(),
                 outputs: Default::default(),
+                variables: Default::default(),
             },
             deadline: None,
             correlation_id: CorrelationId::new(),

@@ -107,6 +107,7 @@ pub(crate) async fn create_run(
                     own_environment = Some(env.id);
                     Some(drover_engine::RunPlacement {
                         environment_id: env.id,
+                        variables: state.envs().variables(&env),
                         workspace: env.workspace,
                     })
                 }
@@ -125,7 +126,11 @@ pub(crate) async fn create_run(
                     format!("environment {} is being deleted", env.name),
                 ));
             }
-            Some(drover_engine::RunPlacement { environment_id: env.id, workspace: env.workspace })
+            Some(drover_engine::RunPlacement {
+                environment_id: env.id,
+                variables: state.envs().variables(&env),
+                workspace: env.workspace,
+            })
         }
     };
     let submitted = state

@@ -40,6 +40,10 @@ pub struct WorkflowContext {
     pub log_path: String,
     /// Outputs of the stages that already succeeded, by stage name.
     pub outputs: BTreeMap<String, serde_json::Value>,
+    /// The variables of the run's environment (ports, service addresses): what the
+    /// processes an agent starts for the run should see.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variables: BTreeMap<String, String>,
 }
 
 /// How an agent's work ended.

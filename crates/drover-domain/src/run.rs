@@ -171,6 +171,9 @@ pub struct Run {
     /// Where its agents work, when not the default per-run workspace.
     #[serde(default)]
     pub workspace: Option<String>,
+    /// Its environment's variables (ports, service addresses), given to its agents.
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ pub(crate) async fn envelopes(
                         .display()
                         .to_string(),
                     outputs: outputs.get(&run.id).cloned().unwrap_or_default(),
+                    variables: run.variables.clone(),
                 },
                 deadline: attempt.deadline_at,
                 correlation_id: run.correlation_id,

@@ -40,6 +40,8 @@ pub enum EngineError {
 pub struct RunPlacement {
     pub environment_id: EnvironmentId,
     pub workspace: String,
+    /// The environment's variables, handed to the run's agents with every task.
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 /// Timing and batching of the engine's loops.
@@ -137,7 +139,8 @@ impl Engine {
                     request,
                     correlation_id,
                     environment_id: placement.as_ref().map(|p| p.environment_id),
-                    workspace: placement.map(|p| p.workspace),
+                    workspace: placement.as_ref().map(|p| p.workspace.clone()),
+                    variables: placement.map(|p| p.variables).unwrap_or_default(),
                 },
                 now(),
             )

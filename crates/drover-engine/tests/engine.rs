@@ -33,7 +33,14 @@ impl Agent for Echo {
     }
     async fn run(&self, task: &AgentTask) -> AgentResult {
         let seen: Vec<&String> = task.envelope.context.outputs.keys().collect();
-        AgentResult::Succeeded { output: json!({ "stage": task.envelope.stage, "saw": seen }) }
+        AgentResult::Succeeded {
+            output: json!({
+                "stage": task.envelope.stage,
+                "saw": seen,
+                "workspace": task.envelope.context.workspace,
+                "variables": task.envelope.context.variables,
+            }),
+        }
     }
 }
 
@@ -211,6 +218,41 @@ async fn a_run_moves_through_every_stage_once_and_each_stage_sees_the_earlier_ou
     assert_eq!(attempts.len(), 3);
     assert!(attempts.iter().all(|a| a.status == StageStatus::Succeeded && a.attempt == 1));
     assert_eq!(attempts[2].output.as_ref().unwrap()["saw"], json!(["one", "two"]));
+    workers.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_run_placed_in_an_environment_hands_its_workspace_and_variables_to_every_task() {
+    let stages = ["one", "two"].map(|n| stage(n, "echo", 3, Duration::from_secs(30)));
+    let h = Harness::start(vec![pipeline("p", stages.to_vec())]).await;
+    let workers = h.workers(vec![Arc::new(Echo(agent("echo")))]);
+    let environment = drover_domain::EnvironmentId::new();
+    let placement = drover_engine::RunPlacement {
+        environment_id: environment,
+        workspace: "/envs/feature/workspace".into(),
+        variables: [("DROVER_SERVICE_DB_URL".to_owned(), "http://127.0.0.1:20001".to_owned())]
+            .into(),
+    };
+    let run = h
+        .engine
+        .submit(
+            &ProjectId::default_project(),
+            RunRequest::parse("test").unwrap(),
+            "p",
+            CorrelationId::new(),
+            Some(placement),
+        )
+        .await
+        .unwrap();
+    assert_eq!(run.environment_id, Some(environment));
+    let done = h.wait_for(run.id, |r| r.status.is_terminal()).await;
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert_eq!(done.variables["DROVER_SERVICE_DB_URL"], "http://127.0.0.1:20001", "stored");
+    for attempt in h.attempts(run.id).await {
+        let output = attempt.output.unwrap();
+        assert_eq!(output["workspace"], "/envs/feature/workspace");
+        assert_eq!(output["variables"]["DROVER_SERVICE_DB_URL"], "http://127.0.0.1:20001");
+    }
     workers.shutdown(Duration::from_secs(1)).await;
 }
 

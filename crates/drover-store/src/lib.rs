@@ -69,6 +69,8 @@ pub struct NewRun {
     /// Run in this environment (its workspace), instead of a workspace of its own.
     pub environment_id: Option<EnvironmentId>,
     pub workspace: Option<String>,
+    /// The environment's variables, for its agents.
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 /// Which runs to list: newest first, strictly older than `before` when paginating.

@@ -55,6 +55,7 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
                 correlation_id: CorrelationId::new(),
                 environment_id: None,
                 workspace: None,
+                variables: Default::default(),
             },
             now,
         )
@@ -478,6 +479,7 @@ async fn data_survives_reopening_the_same_file() {
                     correlation_id: CorrelationId::new(),
                     environment_id: None,
                     workspace: None,
+                    variables: Default::default(),
                 },
                 T0,
             )

@@ -89,19 +89,23 @@ impl E2eAgent {
     }
 }
 
-/// The command that starts the app on `port`, writing to the attempt's log.
+/// The command that starts the app on `port`, writing to the attempt's log: the run
+/// environment's variables (service addresses and the like), then what the app itself
+/// needs (its own `PORT` wins over the environment's).
 pub(super) fn app_command(manifest: &Manifest, task: &AgentTask, port: u16) -> CommandSpec {
+    let mut env = super::environment_variables(task);
+    env.extend([
+        ("PORT".to_owned(), port.to_string()),
+        ("HOST".to_owned(), "127.0.0.1".to_owned()),
+        ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+        ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
+        ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
+    ]);
     CommandSpec {
         program: manifest.start[0].clone(),
         args: manifest.start[1..].to_vec(),
         cwd: task.workspace.clone(),
-        env: vec![
-            ("PORT".to_owned(), port.to_string()),
-            ("HOST".to_owned(), "127.0.0.1".to_owned()),
-            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
-            ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
-            ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
-        ],
+        env,
         log_path: task.log.path().to_path_buf(),
     }
 }

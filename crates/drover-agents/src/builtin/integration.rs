@@ -43,7 +43,11 @@ async fn integration(task: &AgentTask) -> Result<serde_json::Value, AgentFailure
         program: manifest.test[0].clone(),
         args: manifest.test[1..].to_vec(),
         cwd: task.workspace.clone(),
-        env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
+        env: {
+            let mut env = super::environment_variables(task);
+            env.push(("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()));
+            env
+        },
         log_path: task.log.path().to_path_buf(),
     };
     let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {

@@ -36,6 +36,11 @@ pub fn sdlc_agents(apps: Arc<dyn AppHost>) -> Vec<Arc<dyn Agent>> {
     ]
 }
 
+/// The variables of the run's environment, for the processes an agent starts.
+fn environment_variables(task: &crate::AgentTask) -> Vec<(String, String)> {
+    task.envelope.context.variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 fn agent_type(name: &str) -> AgentType {
     // Only called with the literal names of the built-in agents, which are valid slugs.
     AgentType::parse(name).expect("built-in agent type is a valid slug")

@@ -60,7 +60,7 @@ pub struct SqliteStore {
 macro_rules! run_columns {
     () => {
         "id, project_id, pipeline, request, status, correlation_id, error, created_at, \
-         updated_at, started_at, finished_at, environment_id, workspace"
+         updated_at, started_at, finished_at, environment_id, workspace, variables"
     };
 }
 
@@ -178,13 +178,14 @@ impl Store for SqliteStore {
             finished_at: None,
             environment_id: new.environment_id,
             workspace: new.workspace,
+            variables: new.variables,
         };
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO runs (",
             run_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(run.id.to_string())
         .bind(run.project_id.as_str())
@@ -199,6 +200,11 @@ impl Store for SqliteStore {
         .bind(None::<i64>)
         .bind(run.environment_id.map(|id| id.to_string()))
         .bind(run.workspace.as_deref())
+        .bind(if run.variables.is_empty() {
+            None
+        } else {
+            serde_json::to_string(&run.variables).ok()
+        })
         .execute(&mut *tx)
         .await?;
         let mut events =
@@ -1356,6 +1362,7 @@ pub(super) fn corrupt(column: &str, err: impl std::fmt::Display) -> StoreError {
 struct RunRow {
     environment_id: Option<String>,
     workspace: Option<String>,
+    variables: Option<String>,
     id: String,
     project_id: String,
     pipeline: String,
@@ -1395,6 +1402,12 @@ impl TryFrom<RunRow> for Run {
                 .transpose()
                 .map_err(|e| corrupt("runs.environment_id", e))?,
             workspace: row.workspace,
+            variables: row
+                .variables
+                .map(|json| serde_json::from_str(&json))
+                .transpose()
+                .map_err(|e| corrupt("runs.variables", e))?
+                .unwrap_or_default(),
         })
     }
 }
