@@ -10,10 +10,10 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 use crate::routes::{RouteTable, normalize_host};
@@ -51,10 +51,12 @@ impl Forwarder {
         Self { routes, client, activity }
     }
 
+    /// Forwards one request that arrived over `scheme` (`http` or `https`) from `peer`.
     pub(crate) async fn handle(
         &self,
         mut request: Request<Incoming>,
         peer: SocketAddr,
+        scheme: &'static str,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let host = request
@@ -102,18 +104,45 @@ impl Forwarder {
                 );
             }
         };
+        // An upgrade (WebSocket) keeps its `Upgrade` header and, once the upstream
+        // switches protocols, both connections are spliced together.
+        let upgrade = requested_upgrade(request.headers());
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         *request.uri_mut() = upstream_uri;
+        // Upstreams speak HTTP/1.1 whatever the client spoke (an HTTP/2 request carries
+        // its host in `:authority`, which becomes `Host`).
+        *request.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(request.headers_mut());
-        add_forwarding_headers(request.headers_mut(), peer, &host);
+        if !request.headers().contains_key(header::HOST)
+            && let Ok(value) = HeaderValue::from_str(&host)
+        {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        if let Some(protocol) = &upgrade {
+            request.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            request.headers_mut().insert(header::UPGRADE, protocol.clone());
+        }
+        add_forwarding_headers(request.headers_mut(), peer, &host, scheme);
 
         let service = route.service.clone();
         match self.client.request(request).await {
-            Ok(response) => {
+            Ok(mut response) => {
+                let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let upstream_side =
+                    (switched && client_side.is_some()).then(|| hyper::upgrade::on(&mut response));
                 let (mut parts, body) = response.into_parts();
+                let protocol = parts.headers.get(header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut parts.headers);
                 metrics::histogram!("drover_proxy_request_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("drover_proxy_requests_total", "status" => parts.status.as_u16().to_string()).increment(1);
+                if let (Some(client_side), Some(upstream_side), Some(protocol)) =
+                    (client_side, upstream_side, protocol)
+                {
+                    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    parts.headers.insert(header::UPGRADE, protocol);
+                    tokio::spawn(splice(client_side, upstream_side));
+                }
                 Response::from_parts(parts, body.boxed())
             }
             Err(err) => {
@@ -137,6 +166,35 @@ impl Forwarder {
     }
 }
 
+/// The protocol a request asks to switch to, if it asks (`Connection: upgrade` and an
+/// `Upgrade` header).
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Copies bytes both ways between an upgraded client connection and its upstream until
+/// either side closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %err, "upgraded connection ended with an error");
+    }
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -153,8 +211,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
+fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str, scheme: &str) {
     let client_ip = peer.ip().to_string();
+    let forwarded_node = match peer {
+        SocketAddr::V4(_) => client_ip.clone(),
+        SocketAddr::V6(_) => format!("[{client_ip}]"),
+    };
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client_ip}"),
         None => client_ip.clone(),
@@ -162,8 +224,8 @@ fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str)
     let pairs = [
         ("x-forwarded-for", forwarded_for),
         ("x-forwarded-host", host.to_owned()),
-        ("x-forwarded-proto", "http".to_owned()),
-        ("forwarded", format!("for=\"{client_ip}\";host=\"{host}\";proto=http")),
+        ("x-forwarded-proto", scheme.to_owned()),
+        ("forwarded", format!("for=\"{forwarded_node}\";host=\"{host}\";proto={scheme}")),
     ];
     for (name, value) in pairs {
         if let Ok(value) = HeaderValue::from_str(&value) {

@@ -1,44 +1,62 @@
 //! The routing proxy: clients reach a service by a stable hostname
-//! (`app.run-1a2b3c4d.localhost`), never by its port. Requests are routed by their `Host`
-//! header through a [`RouteTable`] that changes live as services start and stop, without
-//! restarting the listener or touching connections to other hosts.
+//! (`web.alice.localhost`, `app.run-1a2b3c4d.localhost`), never by its port. Requests are
+//! routed by their `Host` header through a [`RouteTable`] that changes live as services
+//! start and stop, without restarting the listener or touching connections to other hosts.
 //!
-//! An unknown host gets a 404 problem listing the known hostnames; a route whose upstream
-//! does not answer gets a 502 naming the service. A request that already passed through a
-//! drover proxy is refused (508) so a misrouted table cannot loop.
+//! HTTP/1.1 and HTTP/2 (cleartext by prior knowledge, or by ALPN over TLS), streamed
+//! bodies, SSE and WebSocket upgrades pass through. An unknown host gets a 404 problem
+//! listing the known hostnames; a route whose upstream does not answer gets a 502 naming
+//! the service. A request that already passed through a drover proxy is refused (508) so
+//! a misrouted table cannot loop. HTTPS uses certificates minted per hostname by a local
+//! CA ([`tls`]).
 
 mod forward;
 mod routes;
+pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub use routes::{Route, RouteTable};
+pub use tls::{LocalCa, TlsError};
+
+/// How long a client may take to finish a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
-/// A bound proxy listener, not yet serving.
+/// A bound proxy listener (and optionally an HTTPS one), not yet serving.
 pub struct Proxy {
     listener: TcpListener,
     addr: SocketAddr,
+    tls: Option<(TcpListener, SocketAddr, Arc<tls::CertStore>)>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Proxy {
     pub async fn bind(addr: SocketAddr) -> Result<Self, ProxyError> {
-        let listener =
-            TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| ProxyError::Bind { addr, source })?;
-        Ok(Self { listener, addr, activity: None })
+        let (listener, addr) = bind(addr).await?;
+        Ok(Self { listener, addr, tls: None, activity: None })
+    }
+
+    /// Also serves HTTPS on `addr`, with certificates from `ca`.
+    pub async fn with_tls(mut self, addr: SocketAddr, ca: LocalCa) -> Result<Self, ProxyError> {
+        let (listener, addr) = bind(addr).await?;
+        self.tls = Some((listener, addr, Arc::new(tls::CertStore::new(ca))));
+        Ok(self)
     }
 
     /// Sends the `activity` key of every route a request goes through (dropping reports
@@ -52,40 +70,125 @@ impl Proxy {
         self.addr
     }
 
+    /// Where HTTPS is served, if it is.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(_, addr, _)| *addr)
+    }
+
     /// Serves until `shutdown` fires, then lets open requests finish (up to 5 s).
     pub async fn run(self, routes: RouteTable, shutdown: CancellationToken) {
         let forwarder = forward::Forwarder::new(routes, self.activity.clone());
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let tls = self.tls.and_then(|(listener, _, certs)| match certs.server_config() {
+            Ok(config) => Some((listener, certs, config)),
+            Err(err) => {
+                tracing::error!(error = %err, "HTTPS disabled");
+                None
+            }
+        });
+        // Handshakes run in their own tasks and hand finished streams back here, where
+        // they are served like the others (and drained like them on shutdown).
+        let (secured, mut handshaken) = tokio::sync::mpsc::channel(64);
         loop {
-            let (stream, peer) = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "proxy accept failed");
-                        continue;
-                    }
+                    Ok((stream, peer)) => serve(stream, peer, "http", &forwarder, &graceful),
+                    Err(err) => tracing::warn!(error = %err, "proxy accept failed"),
                 },
-            };
-            let forwarder = forwarder.clone();
-            let service = hyper::service::service_fn(move |request| {
-                let forwarder = forwarder.clone();
-                async move { Ok::<_, std::convert::Infallible>(forwarder.handle(request, peer).await) }
-            });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection.into_owned());
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::debug!(error = %err, "proxy connection ended with an error");
+                accepted = accept(tls.as_ref().map(|(listener, _, _)| listener)) => match accepted {
+                    Ok((stream, peer)) => {
+                        if let Some((_, certs, config)) = &tls {
+                            let done = secured.clone();
+                            let (certs, config) = (certs.clone(), config.clone());
+                            tokio::spawn(async move {
+                                if let Some(stream) = handshake(stream, peer, certs, config).await {
+                                    let _ = done.send((stream, peer)).await;
+                                }
+                            });
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "proxy TLS accept failed"),
+                },
+                Some((stream, peer)) = handshaken.recv() => {
+                    serve(stream, peer, "https", &forwarder, &graceful);
                 }
-            });
+            }
         }
-        if tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await.is_err() {
             tracing::warn!("proxy connections still open after 5s; dropping them");
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ProxyError> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| ProxyError::Bind { addr, source })?;
+    Ok((listener, addr))
+}
+
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one connection (HTTP/1.1 with upgrades, or HTTP/2) until it closes.
+fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    scheme: &'static str,
+    forwarder: &forward::Forwarder,
+    graceful: &GracefulShutdown,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let forwarder = forwarder.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let forwarder = forwarder.clone();
+        async move { Ok::<_, std::convert::Infallible>(forwarder.handle(request, peer, scheme).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection.into_owned());
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "proxy connection ended with an error");
+        }
+    });
+}
+
+/// Reads the client's hello, mints a certificate for the name it asks for if none is
+/// cached (off the async threads), then finishes the handshake.
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    certs: Arc<tls::CertStore>,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let start = acceptor.await?;
+        let name = tls::requested_name(start.client_hello().server_name());
+        tokio::task::spawn_blocking(move || certs.ensure(&name))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+        start.into_stream(config).await
+    })
+    .await;
+    match accepted {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
         }
     }
 }

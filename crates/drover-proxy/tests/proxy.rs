@@ -31,6 +31,8 @@ async fn upstream(name: &'static str) -> SocketAddr {
                 "x_forwarded_for": forwarded_for,
                 "x_forwarded_host": forwarded_host,
                 "via": headers.get("via").and_then(|v| v.to_str().ok()),
+                "x_forwarded_proto": headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()),
+                "forwarded": headers.get("forwarded").and_then(|v| v.to_str().ok()),
             }))
         }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -90,6 +92,8 @@ async fn each_hostname_reaches_its_own_upstream_with_forwarding_headers() {
     assert_eq!(a["x_forwarded_for"], "127.0.0.1");
     assert_eq!(a["x_forwarded_host"], "app.run-a.localhost:7080");
     assert_eq!(a["via"], "1.1 drover");
+    assert_eq!(a["x_forwarded_proto"], "http");
+    assert_eq!(a["forwarded"], "for=\"127.0.0.1\";host=\"app.run-a.localhost:7080\";proto=http");
     let b: Value = get_via(proxy, "APP.run-b.localhost", "/").await.json().await.unwrap();
     assert_eq!(b["upstream"], "b");
     stop.cancel();
@@ -167,5 +171,183 @@ async fn every_routed_request_reports_activity_for_its_environment() {
     assert_eq!(activity.recv().await.as_deref(), Some("busy"));
     get_via(proxy, "nope.localhost", "/").await;
     assert!(activity.try_recv().is_err(), "unknown hosts are not activity");
+    stop.cancel();
+}
+
+/// An upstream with a WebSocket echo at `/ws` and an SSE stream at `/events` that sends
+/// one event, then waits until `release` is notified before sending the second.
+async fn streaming_upstream(release: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::response::sse::{Event, Sse};
+    let app = Router::new()
+        .route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut socket| async move {
+                    while let Some(Ok(message)) = socket.recv().await {
+                        if let Message::Text(text) = message
+                            && socket.send(Message::Text(format!("echo {text}").into())).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            }),
+        )
+        .route(
+            "/events",
+            get(move || {
+                let release = release.clone();
+                async move {
+                    let events = futures::stream::unfold(0, move |n| {
+                        let release = release.clone();
+                        async move {
+                            match n {
+                                0 => {}
+                                1 => release.notified().await,
+                                _ => return None,
+                            }
+                            let event = Event::default().data(format!("event {n}"));
+                            Some((Ok::<_, std::convert::Infallible>(event), n + 1))
+                        }
+                    });
+                    Sse::new(events)
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn a_websocket_echo_survives_a_route_change_for_another_host() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let routes = RouteTable::new();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    routes.upsert(route("ws.alice.localhost", streaming_upstream(release).await, "alice"));
+    routes.upsert(route("app.bob.localhost", upstream("bob-1").await, "bob"));
+    let (proxy, stop) = start(routes.clone()).await;
+
+    let mut request = format!("ws://{proxy}/ws").into_client_request().unwrap();
+    request.headers_mut().insert("host", "ws.alice.localhost".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status(), 101);
+    socket.send(Message::text("one")).await.unwrap();
+    let echoed = socket.next().await.unwrap().unwrap();
+    assert_eq!(echoed.to_text().unwrap(), "echo one");
+
+    // Another host's route moves to a new upstream (and then goes) while the socket is open.
+    routes.upsert(route("app.bob.localhost", upstream("bob-2").await, "bob"));
+    let moved: Value = get_via(proxy, "app.bob.localhost", "/").await.json().await.unwrap();
+    assert_eq!(moved["upstream"], "bob-2");
+    routes.remove("app.bob.localhost");
+
+    socket.send(Message::text("two")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.unwrap();
+    assert_eq!(echoed.unwrap().unwrap().to_text().unwrap(), "echo two");
+    socket.close(None).await.unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn server_sent_events_stream_through_unbuffered() {
+    use futures::StreamExt;
+    let routes = RouteTable::new();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    routes.upsert(route("events.alice.localhost", streaming_upstream(release.clone()).await, "alice"));
+    let (proxy, stop) = start(routes).await;
+
+    let response = get_via(proxy, "events.alice.localhost", "/events").await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    // The first event arrives while the upstream still holds the stream open: nothing
+    // waits for the body to end or a buffer to fill.
+    let first = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("the first event was held back by the proxy")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: event 0"), "{first:?}");
+    release.notify_one();
+    let mut rest = String::new();
+    while let Some(chunk) = body.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(rest.contains("data: event 1"), "{rest}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_by_prior_knowledge() {
+    let routes = RouteTable::new();
+    routes.upsert(route("app.h2.localhost", upstream("h2").await, "h2"));
+    let (proxy, stop) = start(routes).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("app.h2.localhost", proxy)
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("http://app.h2.localhost:{}/over-h2", proxy.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["upstream"], "h2");
+    assert_eq!(answer["path"], "/over-h2");
+    assert_eq!(answer["x_forwarded_host"], format!("app.h2.localhost:{}", proxy.port()));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn https_uses_a_certificate_minted_for_the_host_and_signed_by_the_local_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = drover_proxy::LocalCa::load_or_create(dir.path()).unwrap();
+    let ca_pem = std::fs::read(ca.cert_path()).unwrap();
+    let routes = RouteTable::new();
+    routes.upsert(route("app.secure.localhost", upstream("secure").await, "secure"));
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+        .with_tls("127.0.0.1:0".parse().unwrap(), ca)
+        .await
+        .unwrap();
+    let tls_addr = proxy.tls_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(routes, stop.clone()));
+
+    // Trusting only the local CA (no system roots): the handshake verifies the minted leaf.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
+        .resolve("app.secure.localhost", tls_addr)
+        .resolve("other.secure.localhost", tls_addr)
+        .build()
+        .unwrap();
+    let url = format!("https://app.secure.localhost:{}/tls", tls_addr.port());
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["upstream"], "secure");
+    assert_eq!(answer["x_forwarded_proto"], "https");
+    // A second name gets its own certificate (and, being unrouted, the 404 problem).
+    let other = format!("https://other.secure.localhost:{}/", tls_addr.port());
+    assert_eq!(client.get(&other).send().await.unwrap().status(), 404);
+
+    // A client that does not trust the CA refuses the certificate.
+    let untrusting = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([])
+        .resolve("app.secure.localhost", tls_addr)
+        .build()
+        .unwrap();
+    assert!(untrusting.get(&url).send().await.is_err());
     stop.cancel();
 }
