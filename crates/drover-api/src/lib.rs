@@ -12,6 +12,7 @@ mod extract;
 mod logs;
 mod openapi;
 mod request_id;
+pub mod routes;
 mod runs;
 mod system;
 pub mod wire;
@@ -47,8 +48,8 @@ struct Inner {
     /// Fires when the server starts draining: no new runs, `readyz` says so.
     draining: CancellationToken,
     sse_keep_alive: Duration,
-    /// Port of the routing proxy, when one runs.
-    proxy_port: Option<u16>,
+    /// Where the routing proxy listens, when one runs.
+    proxy: routes::ProxyAddrs,
     /// What external workers are told when they join.
     bootstrap: wire::WorkerBootstrap,
 }
@@ -59,7 +60,7 @@ impl AppState {
         envs: Arc<EnvManager>,
         metrics: Option<PrometheusHandle>,
         draining: CancellationToken,
-        proxy_port: Option<u16>,
+        proxy: routes::ProxyAddrs,
         bootstrap: wire::WorkerBootstrap,
     ) -> Self {
         Self {
@@ -69,7 +70,7 @@ impl AppState {
                 metrics,
                 draining,
                 sse_keep_alive: Duration::from_secs(15),
-                proxy_port,
+                proxy,
                 bootstrap,
             }),
         }
@@ -121,6 +122,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/environments/{id}/services/{name}/logs", get(environments::service_logs))
         .route("/services", get(environments::overview))
         .route("/services/shared", get(environments::shared))
+        .route("/routes", get(routes::list))
         .route("/dlq", get(dlq::list))
         .route("/dlq/{id}/redrive", post(dlq::redrive))
         .route("/dlq/{id}/discard", post(dlq::discard))

@@ -45,6 +45,7 @@ use crate::wire::{
         crate::environments::service_logs,
         crate::environments::shared,
         crate::environments::overview,
+        crate::routes::list,
     ),
     components(schemas(
         CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
@@ -53,7 +54,8 @@ use crate::wire::{
         crate::environments::CreateEnvironmentBody, crate::environments::EnvironmentView,
         crate::environments::EnvironmentPage, crate::environments::ServiceView,
         crate::environments::ServiceList, crate::environments::ServicesOverview,
-        crate::environments::PortsView,
+        crate::environments::PortsView, crate::routes::RouteList, crate::routes::RouteView,
+        crate::routes::UnroutedView,
     )),
     tags(
         (name = "runs", description = "Pipeline runs"),
@@ -62,6 +64,7 @@ use crate::wire::{
         (name = "workers", description = "Worker registry and the worker protocol over HTTP"),
         (name = "dlq", description = "Dead-letter queue"),
         (name = "environments", description = "Environments and their services"),
+        (name = "routes", description = "The routing proxy's hostnames"),
     )
 )]
 struct ApiDoc;

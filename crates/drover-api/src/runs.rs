@@ -64,8 +64,12 @@ fn deployment_of(
         output.get("pid").and_then(serde_json::Value::as_u64).and_then(|p| u32::try_from(p).ok());
     let live = apps_up.contains(&AppSpec::name_for(run));
     let hostname = drover_env::app_hostname(run);
-    let routed_url =
-        state.inner.proxy_port.filter(|_| live).map(|port| format!("http://{hostname}:{port}/"));
+    let routed_url = state
+        .inner
+        .proxy
+        .http
+        .filter(|_| live)
+        .map(|addr| format!("http://{hostname}:{}/", addr.port()));
     Some(DeploymentView { url, port, pid, live, hostname: Some(hostname), routed_url })
 }
 

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_domain::ServiceSpec;
+use drover_domain::{CustomRoute, RouteTarget, ServiceSpec, Sharing, parse_hostname};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,9 @@ pub struct Config {
     pub environments: EnvironmentsConfig,
     /// Services every environment runs, by name.
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Custom hostnames for the proxy: `"api.novu.loc" = "novu:api"` (a shared service and
+    /// one of its ports) or `"mail.alice.loc" = "alice/mailpit"` (one environment's).
+    pub routes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +81,8 @@ pub struct ProxyConfig {
     pub enabled: bool,
     /// Address of the routing proxy.
     pub listen: SocketAddr,
+    /// Also serve HTTPS here, with certificates from a local CA kept in the data directory.
+    pub tls_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +176,7 @@ impl Default for Config {
             log: LogConfig::default(),
             environments: EnvironmentsConfig::default(),
             services: BTreeMap::new(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -192,6 +198,7 @@ impl Default for ProxyConfig {
             enabled: true,
             // The literal is a valid socket address.
             listen: DEFAULT_PROXY_LISTEN.parse().expect("default proxy address parses"),
+            tls_listen: None,
         }
     }
 }
@@ -245,6 +252,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub proxy_listen: Option<SocketAddr>,
+    pub proxy_tls_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub embedded_workers: Option<bool>,
 }
@@ -285,6 +293,9 @@ impl Config {
         }
         if let Some(listen) = overrides.proxy_listen {
             self.proxy.listen = listen;
+        }
+        if let Some(listen) = overrides.proxy_tls_listen {
+            self.proxy.tls_listen = Some(listen);
         }
         if let Some(format) = overrides.log_format {
             self.log.format = format;
@@ -376,7 +387,7 @@ impl Config {
         if envs.max_per_project == 0 {
             return invalid("environments.max_per_project", "must be at least 1");
         }
-        self.service_specs()?;
+        self.custom_routes()?;
         if self.server.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes", "must be at least 1024");
         }
@@ -394,6 +405,55 @@ impl Config {
     /// The validated services of `[services.NAME]`.
     pub fn service_specs(&self) -> Result<Vec<ServiceSpec>, ConfigError> {
         service_specs(&self.services)
+    }
+
+    /// The validated `[routes]`: each hostname well-formed, each target a configured
+    /// service (shared ones without an environment, per-environment ones with one) and,
+    /// if named, one of its ports.
+    pub fn custom_routes(&self) -> Result<Vec<CustomRoute>, ConfigError> {
+        let specs = self.service_specs()?;
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (host, target) in &self.routes {
+            let key = format!("routes.\"{host}\"");
+            let invalid =
+                |message: String| ConfigError::InvalidService { key: key.clone(), message };
+            let host = parse_hostname(host).map_err(|e| invalid(e.message))?;
+            let target = RouteTarget::parse(target).map_err(|e| invalid(e.message))?;
+            let Some(spec) = specs.iter().find(|s| s.name == target.service) else {
+                return Err(invalid(format!("no service `{}` in [services]", target.service)));
+            };
+            match (spec.sharing, &target.environment) {
+                (Sharing::Shared, Some(_)) => {
+                    return Err(invalid(format!(
+                        "`{}` is shared: name it without an environment",
+                        target.service
+                    )));
+                }
+                (Sharing::PerEnv, None) => {
+                    return Err(invalid(format!(
+                        "`{}` runs per environment: name one, as ENV/{}",
+                        target.service, target.service
+                    )));
+                }
+                _ => {}
+            }
+            if let Some(port) = &target.port {
+                let reachable: &[String] = match spec.sharing {
+                    // A shared service has one address: its first port.
+                    Sharing::Shared => spec.ports.get(..1).unwrap_or_default(),
+                    Sharing::PerEnv => &spec.ports,
+                };
+                if !reachable.contains(port) {
+                    return Err(invalid(format!(
+                        "`{}` has no routable port `{port}` (it has: {})",
+                        target.service,
+                        reachable.join(", ")
+                    )));
+                }
+            }
+            routes.push(CustomRoute { host, target });
+        }
+        Ok(routes)
     }
 
     /// A worker silent for this long is marked lost.
@@ -517,6 +577,39 @@ mod tests {
         Jail::expect_with(|_jail| {
             let err = Config::load(Some(Path::new("nope.toml")), &Overrides::default());
             assert!(matches!(err, Err(ConfigError::MissingFile(_))));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn custom_routes_name_a_configured_service_and_port() {
+        Jail::expect_with(|jail| {
+            let services = "[services.novu]\ncommand = \"novu\"\nports = [\"api\"]\nsharing = \"shared\"\naddress = \"127.0.0.1:3002\"\n\
+                [services.mailpit]\ncommand = \"mailpit\"\nports = [\"smtp\", \"web\"]\n";
+            jail.create_file(
+                "drover.toml",
+                &format!("{services}[routes]\n\"API.novu.loc\" = \"novu:api\"\n\"mail.alice.loc\" = \"alice/mailpit:web\"\n"),
+            )?;
+            let routes = load_in(jail).expect("valid").custom_routes().unwrap();
+            assert_eq!(routes[0].host, "api.novu.loc");
+            assert_eq!(routes[0].target.to_string(), "novu:api");
+            assert_eq!(routes[1].target.to_string(), "alice/mailpit:web");
+
+            for (route, expected) in [
+                ("\"api.novu.loc\" = \"nope\"", "no service `nope`"),
+                ("\"api.novu.loc\" = \"bob/novu\"", "`novu` is shared"),
+                ("\"mail.loc\" = \"mailpit\"", "name one, as ENV/mailpit"),
+                (
+                    "\"mail.loc\" = \"a/mailpit:imap\"",
+                    "no routable port `imap` (it has: smtp, web)",
+                ),
+                ("\"bad_host.loc\" = \"novu\"", "may only hold letters"),
+            ] {
+                jail.create_file("drover.toml", &format!("{services}[routes]\n{route}\n"))?;
+                let message = load_in(jail).unwrap_err().to_string();
+                assert!(message.contains("routes."), "{message}");
+                assert!(message.contains(expected), "{route}: {message}");
+            }
             Ok(())
         });
     }

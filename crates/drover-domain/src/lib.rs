@@ -11,6 +11,7 @@ mod error;
 mod event;
 mod ids;
 mod pipeline;
+mod route;
 mod run;
 mod service;
 mod stage;
@@ -27,6 +28,7 @@ pub use ids::{
 pub use pipeline::{
     Backoff, Decision, NextStep, Outcome, PipelineCatalog, PipelineSpec, StageSpec, decide, sdlc,
 };
+pub use route::{CustomRoute, RouteTarget, parse_hostname};
 pub use run::{Run, RunRequest, RunStatus};
 pub use service::{
     AppSpec, DEPLOYMENTS_ENV, DependencyCondition, PlaceholderValues, ProbeKind, RUN_ENV_PREFIX,

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use drover_domain::{
-    AppSpec, DEPLOYMENTS_ENV, DesiredState, EnvName, EnvStatus, Environment, EnvironmentId,
-    PlaceholderValues, PortBlock, ProbeKind, ProjectId, RUN_ENV_PREFIX, Readiness, RestartPolicy,
-    RestartRules, RunId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
-    Timestamp, expand_placeholders, is_system_environment,
+    AppSpec, CustomRoute, DEPLOYMENTS_ENV, DesiredState, EnvName, EnvStatus, Environment,
+    EnvironmentId, PlaceholderValues, PortBlock, ProbeKind, ProjectId, RUN_ENV_PREFIX, Readiness,
+    RestartPolicy, RestartRules, RunId, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus,
+    Sharing, Timestamp, expand_placeholders, is_system_environment,
 };
 use drover_store::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError};
 use nix::sys::signal::{Signal, killpg};
@@ -107,6 +107,19 @@ pub struct ServiceRoute {
     pub service: String,
     pub environment: Option<EnvironmentId>,
     pub environment_name: Option<String>,
+    pub kind: RouteKind,
+}
+
+/// Why a hostname is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// `<service>.<env>.localhost` or, shared, `<service>.localhost`.
+    Service,
+    /// A deployed app: `app.run-<id>.localhost`.
+    App,
+    /// A name from `[routes]`.
+    Custom,
 }
 
 struct Running {
@@ -128,6 +141,8 @@ pub struct EnvManager {
     instances: Mutex<HashMap<InstanceKey, Running>>,
     wake: Notify,
     routes: watch::Sender<Vec<ServiceRoute>>,
+    /// `[routes]`: resolved against running instances whenever routes are published.
+    custom_routes: std::sync::RwLock<Vec<CustomRoute>>,
     /// Its loops run (`spawn`): environments it creates will be brought up.
     active: std::sync::atomic::AtomicBool,
 }
@@ -172,6 +187,7 @@ impl EnvManager {
             instances: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             routes: watch::Sender::new(Vec::new()),
+            custom_routes: std::sync::RwLock::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -189,6 +205,17 @@ impl EnvManager {
     /// Routes for the proxy, updated as instances start and stop.
     pub fn routes(&self) -> watch::Receiver<Vec<ServiceRoute>> {
         self.routes.subscribe()
+    }
+
+    /// Sets the custom hostnames (`[routes]`); each is routed while its service runs.
+    pub async fn set_custom_routes(&self, routes: Vec<CustomRoute>) {
+        *self.custom_routes.write().unwrap_or_else(|poison| poison.into_inner()) = routes;
+        self.publish_routes().await;
+    }
+
+    /// The custom hostnames, routed or not.
+    pub fn custom_routes(&self) -> Vec<CustomRoute> {
+        self.custom_routes.read().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
 
     fn env_dir(&self, id: EnvironmentId) -> PathBuf {
@@ -1135,21 +1162,51 @@ impl EnvManager {
             Ok(envs) => envs.into_iter().map(|env| (env.id, env.name.to_string())).collect(),
             Err(_) => HashMap::new(),
         };
+        let custom = self.custom_routes();
         let instances = self.instances.lock().await;
         let mut routes: Vec<ServiceRoute> = instances
             .iter()
             .filter_map(|(key, running)| {
-                let port = *running.ports.values().next()?;
-                let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                let environment_name = key.environment.and_then(|id| names.get(&id).cloned());
+                let kind = match environment_name.as_deref() {
+                    Some(DEPLOYMENTS_ENV) => RouteKind::App,
+                    _ => RouteKind::Service,
+                };
                 Some(ServiceRoute {
                     host: running.hostname.clone(),
-                    upstream,
+                    upstream: self.upstream(key, running, None)?,
                     service: key.service.to_string(),
                     environment: key.environment,
-                    environment_name: key.environment.and_then(|id| names.get(&id).cloned()),
+                    environment_name,
+                    kind,
                 })
             })
             .collect();
+        // Custom names win over generated ones they collide with.
+        for route in custom {
+            let environment = match &route.target.environment {
+                Some(name) => {
+                    let id = names.iter().find(|(_, n)| *n == name.as_str()).map(|(id, _)| *id);
+                    let Some(id) = id else { continue };
+                    Some(id)
+                }
+                None => None,
+            };
+            let key = InstanceKey { environment, service: route.target.service.clone() };
+            let Some(running) = instances.get(&key) else { continue };
+            let Some(upstream) = self.upstream(&key, running, route.target.port.as_deref()) else {
+                continue;
+            };
+            routes.retain(|r| r.host != route.host);
+            routes.push(ServiceRoute {
+                host: route.host,
+                upstream,
+                service: route.target.to_string(),
+                environment,
+                environment_name: route.target.environment.map(|e| e.to_string()),
+                kind: RouteKind::Custom,
+            });
+        }
         routes.sort_by(|a, b| a.host.cmp(&b.host));
         self.routes.send_if_modified(|current| {
             let changed = *current != routes;
@@ -1158,6 +1215,28 @@ impl EnvManager {
             }
             changed
         });
+    }
+
+    /// Where an instance answers on `port` (default: its first declared port); a shared
+    /// service at its configured address.
+    fn upstream(
+        &self,
+        key: &InstanceKey,
+        running: &Running,
+        port: Option<&str>,
+    ) -> Option<SocketAddr> {
+        let spec = self.services.iter().find(|spec| spec.name == key.service);
+        if key.environment.is_none()
+            && let Some(address) = spec.and_then(|s| s.address.as_deref()?.parse().ok())
+        {
+            return Some(address);
+        }
+        let name = port.or_else(|| spec.and_then(|s| s.ports.first()).map(String::as_str));
+        let port = match name {
+            Some(name) => *running.ports.get(name)?,
+            None => *running.ports.values().next()?,
+        };
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 }
 

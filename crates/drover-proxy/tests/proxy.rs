@@ -186,7 +186,10 @@ async fn streaming_upstream(release: std::sync::Arc<tokio::sync::Notify>) -> Soc
                 ws.on_upgrade(|mut socket| async move {
                     while let Some(Ok(message)) = socket.recv().await {
                         if let Message::Text(text) = message
-                            && socket.send(Message::Text(format!("echo {text}").into())).await.is_err()
+                            && socket
+                                .send(Message::Text(format!("echo {text}").into()))
+                                .await
+                                .is_err()
                         {
                             return;
                         }
@@ -259,7 +262,11 @@ async fn server_sent_events_stream_through_unbuffered() {
     use futures::StreamExt;
     let routes = RouteTable::new();
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    routes.upsert(route("events.alice.localhost", streaming_upstream(release.clone()).await, "alice"));
+    routes.upsert(route(
+        "events.alice.localhost",
+        streaming_upstream(release.clone()).await,
+        "alice",
+    ));
     let (proxy, stop) = start(routes).await;
 
     let response = get_via(proxy, "events.alice.localhost", "/events").await;

@@ -21,6 +21,9 @@ pub struct ServerInfo {
     /// The routing proxy's address, when it runs.
     #[serde(default)]
     pub proxy: Option<String>,
+    /// Its HTTPS address, when it serves HTTPS.
+    #[serde(default)]
+    pub proxy_tls: Option<String>,
 }
 
 impl ServerInfo {
@@ -98,7 +101,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = DataDirLock::acquire(dir.path()).unwrap();
         first
-            .publish(&ServerInfo { url: "http://127.0.0.1:1".into(), pid: 42, proxy: None })
+            .publish(&ServerInfo {
+                url: "http://127.0.0.1:1".into(),
+                pid: 42,
+                proxy: None,
+                proxy_tls: None,
+            })
             .unwrap();
         let Err(err) = DataDirLock::acquire(dir.path()) else { panic!("locked twice") };
         assert!(err.to_string().contains("pid 42"), "{err}");

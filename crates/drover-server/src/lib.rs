@@ -124,14 +124,19 @@ impl Server {
         let listener =
             TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        envs.set_custom_routes(
+            config.custom_routes().map_err(|err| ServerError::Config(err.to_string()))?,
+        )
+        .await;
         let proxy = match mode == Mode::Full && config.proxy.enabled {
-            true => Some(Proxy::bind(config.proxy.listen).await?),
+            true => Some(bind_proxy(&config).await?),
             false => None,
         };
         lock.publish(&ServerInfo {
             url: format!("http://{addr}"),
             pid: std::process::id(),
             proxy: proxy.as_ref().map(|p| p.local_addr().to_string()),
+            proxy_tls: proxy.as_ref().and_then(Proxy::tls_addr).map(|a| a.to_string()),
         })?;
         Ok(Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock })
     }
@@ -152,6 +157,11 @@ impl Server {
     /// Where the routing proxy listens, if it runs.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy.as_ref().map(Proxy::local_addr)
+    }
+
+    /// Where the routing proxy serves HTTPS, if it does.
+    pub fn proxy_tls_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().and_then(Proxy::tls_addr)
     }
 
     /// Serves until `shutdown` fires, then drains and stops everything it started.
@@ -177,7 +187,10 @@ impl Server {
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
         let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
-        let proxy_port = proxy.as_ref().map(|p| p.local_addr().port());
+        let proxy_addrs = drover_api::routes::ProxyAddrs {
+            http: proxy.as_ref().map(Proxy::local_addr),
+            https: proxy.as_ref().and_then(Proxy::tls_addr),
+        };
         let (activity, reports) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
         tokio::spawn(agent_activity(store.subscribe(), activity.clone(), draining.clone()));
@@ -192,7 +205,7 @@ impl Server {
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
             tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
-            tracing::info!(addr = %proxy.local_addr(), "routing proxy serving");
+            tracing::info!(addr = %proxy.local_addr(), tls = ?proxy.tls_addr(), "routing proxy serving");
             tokio::spawn(proxy.on_activity(activity).run(routes, draining.clone()))
         });
 
@@ -201,7 +214,7 @@ impl Server {
             envs.clone(),
             Some(metrics_handle()),
             draining.clone(),
-            proxy_port,
+            proxy_addrs,
             worker_bootstrap(&config),
         );
         let app = drover_api::router(state, config.server.body_limit_bytes);
@@ -334,6 +347,25 @@ fn env_settings(config: &Config) -> EnvSettings {
         max_apps: envs.max_deployed_apps as usize,
         reconcile_interval: Duration::from_secs(2),
     }
+}
+
+/// The routing proxy's listeners: HTTP, and HTTPS with the data directory's local CA
+/// (made on first use) when `proxy.tls_listen` is set.
+async fn bind_proxy(config: &Config) -> Result<Proxy, ServerError> {
+    let proxy = Proxy::bind(config.proxy.listen).await?;
+    let Some(tls_listen) = config.proxy.tls_listen else { return Ok(proxy) };
+    let dir = proxy_ca_dir(&config.data_dir);
+    let ca = tokio::task::spawn_blocking(move || drover_proxy::LocalCa::load_or_create(&dir))
+        .await
+        .map_err(|err| ServerError::Config(format!("loading the local CA: {err}")))?
+        .map_err(drover_proxy::ProxyError::from)?;
+    tracing::info!(ca = %ca.cert_path().display(), "HTTPS certificates are signed by the local CA");
+    Ok(proxy.with_tls(tls_listen, ca).await?)
+}
+
+/// Where the proxy's local CA is kept.
+pub fn proxy_ca_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("proxy-ca")
 }
 
 /// Keeps the proxy's routes equal to what runs: each environment's services at

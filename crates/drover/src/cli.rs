@@ -79,9 +79,31 @@ pub(crate) enum Command {
         #[arg(long)]
         resources: bool,
     },
+    /// Hostnames the routing proxy answers for, and where each leads.
+    Routes {
+        /// Print `/etc/hosts` lines for the names outside `.localhost`.
+        #[arg(long)]
+        hosts: bool,
+        /// With --hosts: write those lines into the hosts file (a marked block, replaced
+        /// each time) instead of printing them.
+        #[arg(long, requires = "hosts")]
+        apply: bool,
+        /// The hosts file --apply edits.
+        #[arg(long, default_value = "/etc/hosts", requires = "apply")]
+        hosts_file: PathBuf,
+    },
+    /// The routing proxy.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
     /// Measure drover (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProxyCommand {
+    /// Print where the local CA behind HTTPS is (made now if missing) and how to trust it.
+    Trust,
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +233,10 @@ pub(crate) struct ServeArgs {
     /// Address of the routing proxy (`<service>.<env>.localhost`).
     #[arg(long)]
     pub(crate) proxy_listen: Option<SocketAddr>,
+    /// Also serve HTTPS here, with certificates minted per hostname by a local CA
+    /// (see `drover proxy trust`).
+    #[arg(long)]
+    pub(crate) proxy_tls_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]

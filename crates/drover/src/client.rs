@@ -248,6 +248,10 @@ impl Client {
         self.json(self.request(reqwest::Method::GET, "/api/v1/services")).await
     }
 
+    pub(crate) async fn routes(&self) -> Result<drover_api::routes::RouteList, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/routes")).await
+    }
+
     /// A service's log file, or (following) its new lines as SSE data.
     pub(crate) async fn service_log(
         &self,

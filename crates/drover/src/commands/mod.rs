@@ -3,6 +3,7 @@
 mod bench;
 mod dlq;
 mod env;
+mod routes;
 mod run;
 mod runs;
 mod up;
@@ -29,6 +30,10 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Bench(command) => bench::bench(&global, &config, command).await,
         Command::Env(command) => env::env(&global, &config, command).await,
         Command::Services { resources } => env::services(&global, &config, resources).await,
+        Command::Routes { hosts, apply, hosts_file } => {
+            routes::routes(&global, &config, hosts, apply.then_some(hosts_file)).await
+        }
+        Command::Proxy(crate::cli::ProxyCommand::Trust) => routes::trust(&global, &config).await,
     }
 }
 

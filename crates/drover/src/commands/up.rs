@@ -21,13 +21,19 @@ pub(crate) async fn serve(
     if let Some(listen) = args.proxy_listen {
         config.proxy.listen = listen;
     }
+    if let Some(listen) = args.proxy_tls_listen {
+        config.proxy.tls_listen = Some(listen);
+    }
     config.workers.embedded = embedded_workers;
     let server = Server::build(config, Mode::Full).await.context("cannot start drover")?;
     let url = server.url();
     let proxy = server.proxy_addr().map(|addr| addr.to_string());
+    let proxy_tls = server.proxy_tls_addr().map(|addr| addr.to_string());
     let data_dir = server.config().data_dir.display().to_string();
     if global.json {
-        output::json(&serde_json::json!({ "url": url, "proxy": proxy, "data_dir": data_dir }));
+        output::json(&serde_json::json!({
+            "url": url, "proxy": proxy, "proxy_tls": proxy_tls, "data_dir": data_dir
+        }));
     } else {
         let workers = if embedded_workers { "with built-in workers" } else { "without workers" };
         output::note(format!(
