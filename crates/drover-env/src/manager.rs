@@ -108,6 +108,8 @@ pub struct ServiceRoute {
     pub environment: Option<EnvironmentId>,
     pub environment_name: Option<String>,
     pub kind: RouteKind,
+    /// The instance behind it.
+    pub instance: InstanceKey,
 }
 
 /// Why a hostname is routed.
@@ -211,6 +213,21 @@ impl EnvManager {
     pub async fn set_custom_routes(&self, routes: Vec<CustomRoute>) {
         *self.custom_routes.write().unwrap_or_else(|poison| poison.into_inner()) = routes;
         self.publish_routes().await;
+    }
+
+    /// What an instance is doing, in a few words (`backoff: exited with status 1, 2
+    /// restarts`), for error messages about it.
+    pub async fn describe_instance(&self, key: &InstanceKey) -> Option<String> {
+        let state = self.instances.lock().await.get(key)?.instance.state();
+        let mut text = state.status.to_string();
+        if let Some(reason) = &state.reason {
+            text.push_str(": ");
+            text.push_str(reason);
+        }
+        if state.restarts > 0 {
+            text.push_str(&format!(", {} restarts", state.restarts));
+        }
+        Some(text)
     }
 
     /// The custom hostnames, routed or not.
@@ -1179,6 +1196,7 @@ impl EnvManager {
                     environment: key.environment,
                     environment_name,
                     kind,
+                    instance: key.clone(),
                 })
             })
             .collect();
@@ -1205,6 +1223,7 @@ impl EnvManager {
                 environment,
                 environment_name: route.target.environment.map(|e| e.to_string()),
                 kind: RouteKind::Custom,
+                instance: key,
             });
         }
         routes.sort_by(|a, b| a.host.cmp(&b.host));

@@ -42,6 +42,21 @@ impl std::fmt::Display for InstanceKey {
     }
 }
 
+impl std::str::FromStr for InstanceKey {
+    type Err = drover_domain::ValidationError;
+
+    /// The inverse of `Display`: `SERVICE@ENVIRONMENT_ID` or `SERVICE@shared`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || drover_domain::ValidationError::new("instance", format!("`{s}`"));
+        let (service, environment) = s.rsplit_once('@').ok_or_else(invalid)?;
+        let environment = match environment {
+            "shared" => None,
+            id => Some(id.parse()?),
+        };
+        Ok(Self { environment, service: ServiceName::parse(service)? })
+    }
+}
+
 /// What an instance is doing, as its watchers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceState {

@@ -2,6 +2,7 @@
 //! headers, stream the body both ways, and turn failures into problem responses.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
+use crate::UpstreamStates;
 use crate::routes::{RouteTable, normalize_host};
 
 pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -40,15 +42,17 @@ pub(crate) struct Forwarder {
     routes: RouteTable,
     client: Client<HttpConnector, Incoming>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
+    states: Option<Arc<dyn UpstreamStates>>,
 }
 
 impl Forwarder {
     pub(crate) fn new(
         routes: RouteTable,
         activity: Option<tokio::sync::mpsc::Sender<String>>,
+        states: Option<Arc<dyn UpstreamStates>>,
     ) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { routes, client, activity }
+        Self { routes, client, activity, states }
     }
 
     /// Forwards one request that arrived over `scheme` (`http` or `https`) from `peer`.
@@ -152,15 +156,23 @@ impl Forwarder {
                     .as_deref()
                     .map(|e| format!(" of environment `{e}`"))
                     .unwrap_or_default();
-                problem(
+                let state = match &self.states {
+                    Some(states) => states.describe(&route).await,
+                    None => None,
+                };
+                let state_text =
+                    state.as_deref().map(|s| format!(" (state: {s})")).unwrap_or_default();
+                let mut response = problem(
                     StatusCode::BAD_GATEWAY,
                     ErrorCode::UpstreamUnavailable,
                     &format!(
-                        "service `{service}`{environment} at {} is not answering: {err}",
+                        "service `{service}`{environment}{state_text} at {} is not answering: {err}",
                         route.upstream
                     ),
                     None,
-                )
+                );
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
             }
         }
     }

@@ -25,6 +25,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub use routes::{Route, RouteTable};
+
+/// What the proxy asks when a route's upstream does not answer, to say in the 502 what
+/// state the service is in (`backoff: exited with status 1, restart 2`).
+#[async_trait::async_trait]
+pub trait UpstreamStates: Send + Sync + 'static {
+    async fn describe(&self, route: &Route) -> Option<String>;
+}
 pub use tls::{LocalCa, TlsError};
 
 /// How long a client may take to finish a TLS handshake.
@@ -44,12 +51,13 @@ pub struct Proxy {
     addr: SocketAddr,
     tls: Option<(TcpListener, SocketAddr, Arc<tls::CertStore>)>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
+    states: Option<Arc<dyn UpstreamStates>>,
 }
 
 impl Proxy {
     pub async fn bind(addr: SocketAddr) -> Result<Self, ProxyError> {
         let (listener, addr) = bind(addr).await?;
-        Ok(Self { listener, addr, tls: None, activity: None })
+        Ok(Self { listener, addr, tls: None, activity: None, states: None })
     }
 
     /// Also serves HTTPS on `addr`, with certificates from `ca`.
@@ -66,6 +74,12 @@ impl Proxy {
         self
     }
 
+    /// Asks `states` what a service whose upstream does not answer is doing.
+    pub fn with_states(mut self, states: Arc<dyn UpstreamStates>) -> Self {
+        self.states = Some(states);
+        self
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -77,7 +91,7 @@ impl Proxy {
 
     /// Serves until `shutdown` fires, then lets open requests finish (up to 5 s).
     pub async fn run(self, routes: RouteTable, shutdown: CancellationToken) {
-        let forwarder = forward::Forwarder::new(routes, self.activity.clone());
+        let forwarder = forward::Forwarder::new(routes, self.activity.clone(), self.states.clone());
         let graceful = GracefulShutdown::new();
         let tls = self.tls.and_then(|(listener, _, certs)| match certs.server_config() {
             Ok(config) => Some((listener, certs, config)),

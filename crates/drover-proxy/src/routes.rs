@@ -16,6 +16,9 @@ pub struct Route {
     pub environment: Option<String>,
     /// Reported on every request routed here (see [`crate::Proxy::on_activity`]).
     pub activity: Option<String>,
+    /// The supervised instance behind it, as its owner names it: asked about when the
+    /// upstream does not answer (see [`crate::UpstreamStates`]).
+    pub instance: Option<String>,
 }
 
 /// Shared, cheap to clone. Reads never wait on a request; writes replace entries whole.
@@ -90,6 +93,7 @@ mod tests {
             service: "app".into(),
             environment: None,
             activity: None,
+            instance: None,
         }
     }
 

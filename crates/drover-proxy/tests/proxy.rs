@@ -48,6 +48,7 @@ fn route(host: &str, upstream: SocketAddr, environment: &str) -> Route {
         service: "app".into(),
         environment: Some(environment.into()),
         activity: Some(environment.into()),
+        instance: None,
     }
 }
 
@@ -129,22 +130,46 @@ async fn an_unknown_host_gets_a_404_problem_listing_the_known_hosts() {
     stop.cancel();
 }
 
+/// Says every service is in backoff after a crash.
+struct Crashed;
+
+#[async_trait::async_trait]
+impl drover_proxy::UpstreamStates for Crashed {
+    async fn describe(&self, route: &Route) -> Option<String> {
+        Some(format!("backoff: {} exited with status 1", route.instance.as_deref()?))
+    }
+}
+
 #[tokio::test]
-async fn a_dead_upstream_gets_a_502_naming_the_service() {
+async fn a_dead_upstream_gets_a_502_naming_the_service_and_its_state() {
     let closed = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
     let routes = RouteTable::new();
-    routes.upsert(route("app.gone.localhost", closed, "gone"));
-    let (proxy, stop) = start(routes).await;
+    routes.upsert(Route {
+        instance: Some("app@gone".into()),
+        ..route("app.gone.localhost", closed, "gone")
+    });
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+        .with_states(std::sync::Arc::new(Crashed));
+    let addr = proxy.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(routes, stop.clone()));
 
-    let response = get_via(proxy, "app.gone.localhost", "/").await;
+    let response = get_via(addr, "app.gone.localhost", "/").await;
     assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(response.headers()["retry-after"], "1");
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "upstream_unavailable");
+    assert_eq!(problem["status"], 502);
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains("service `app` of environment `gone`"), "{detail}");
+    assert!(detail.contains("(state: backoff: app@gone exited with status 1)"), "{detail}");
+    assert!(detail.contains(&closed.to_string()), "{detail}");
     stop.cancel();
 }
 

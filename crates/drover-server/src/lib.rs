@@ -206,7 +206,8 @@ impl Server {
             let routes = RouteTable::new();
             tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), tls = ?proxy.tls_addr(), "routing proxy serving");
-            tokio::spawn(proxy.on_activity(activity).run(routes, draining.clone()))
+            let states = Arc::new(ServiceStates(envs.clone()));
+            tokio::spawn(proxy.on_activity(activity).with_states(states).run(routes, draining.clone()))
         });
 
         let state = AppState::new(
@@ -349,6 +350,17 @@ fn env_settings(config: &Config) -> EnvSettings {
     }
 }
 
+/// Tells the proxy what a service whose upstream does not answer is doing.
+struct ServiceStates(Arc<EnvManager>);
+
+#[async_trait::async_trait]
+impl drover_proxy::UpstreamStates for ServiceStates {
+    async fn describe(&self, route: &Route) -> Option<String> {
+        let key = route.instance.as_deref()?.parse().ok()?;
+        self.0.describe_instance(&key).await
+    }
+}
+
 /// The routing proxy's listeners: HTTP, and HTTPS with the data directory's local CA
 /// (made on first use) when `proxy.tls_listen` is set.
 async fn bind_proxy(config: &Config) -> Result<Proxy, ServerError> {
@@ -386,6 +398,7 @@ async fn sync_routes(
                 service: route.service.clone(),
                 environment: route.environment_name.clone(),
                 activity: route.environment.map(|id| id.to_string()),
+                instance: Some(route.instance.to_string()),
             })
             .collect();
         routes.replace_all(current);

@@ -42,7 +42,8 @@ fn named_web_service() -> ServiceConfig {
         }),
         depends_on: BTreeMap::new(),
         restart: RestartPolicy::OnFailure,
-        restart_backoff: Duration::from_millis(200),
+        // Long enough to catch the service between a crash and its restart.
+        restart_backoff: Duration::from_secs(3),
         restart_backoff_max: Duration::from_secs(2),
         restart_reset_after: Duration::from_secs(60),
         max_restarts: 3,
@@ -215,5 +216,30 @@ async fn two_environments_services_are_reached_by_hostname_and_custom_names() {
     assert_eq!(problem["code"], "unknown_host");
     assert_eq!(problem["known_hosts"], json!(["web.alice.loc", "web.alice.localhost"]));
     assert_eq!(server.via_proxy("web.alice.localhost").await.0, 200);
+
+    // alice's service crashes: until it is back, the 502 says what state it is in.
+    let (_, alice_env) = server.send(Method::GET, "/api/v1/environments/alice", None).await;
+    let pid = alice_env["services"][0]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL)
+        .unwrap();
+    // (The first 502s may still say `ready`: the supervisor has not reaped it yet.)
+    let mut detail = String::new();
+    for _ in 0..100 {
+        let (status, body) = server.via_proxy("web.alice.localhost").await;
+        if status == 502 {
+            let problem: Value = serde_json::from_str(&body).unwrap();
+            detail = problem["detail"].as_str().unwrap().to_owned();
+            if detail.contains("crashed") || detail.contains("backoff") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(detail.contains("service `web` of environment `alice` (state: "), "{detail}");
+    assert!(detail.contains("crashed") || detail.contains("backoff"), "{detail}");
+    assert_eq!(
+        server.wait_routed("web.alice.localhost").await,
+        "env=alice host=web.alice.localhost"
+    );
     server.stop().await;
 }
