@@ -5,9 +5,11 @@
 //! the engine it started, heartbeats while the agent works (so an agent may run for hours),
 //! honours cancellation by stopping the agent's process group, and publishes the result.
 //! The built-in agents ([`builtin`]) work offline: they scaffold a project from a template
-//! catalog, validate it, run it end to end, run its tests and deploy it.
+//! catalog, validate it, run it end to end, run its tests and deploy it. Agents defined
+//! in the config run a command ([`CommandAgentRunner`]) or the template scaffolder.
 
 pub mod builtin;
+mod command;
 mod manifest;
 mod stage_log;
 pub mod templates;
@@ -20,6 +22,7 @@ use drover_bus::{AgentResult, TaskEnvelope};
 use drover_domain::AgentType;
 use tokio_util::sync::CancellationToken;
 
+pub use command::CommandAgentRunner;
 pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
 pub use stage_log::StageLog;
 pub use worker::{WorkerPool, WorkerPoolConfig};

@@ -52,6 +52,8 @@ struct Inner {
     proxy: routes::ProxyAddrs,
     /// What external workers are told when they join.
     bootstrap: wire::WorkerBootstrap,
+    /// The agents stages can name.
+    agents: Vec<drover_domain::AgentDefinition>,
 }
 
 impl AppState {
@@ -62,6 +64,7 @@ impl AppState {
         draining: CancellationToken,
         proxy: routes::ProxyAddrs,
         bootstrap: wire::WorkerBootstrap,
+        agents: Vec<drover_domain::AgentDefinition>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -72,6 +75,7 @@ impl AppState {
                 sse_keep_alive: Duration::from_secs(15),
                 proxy,
                 bootstrap,
+                agents,
             }),
         }
     }
@@ -109,6 +113,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/runs/{id}/events", get(runs::run_events))
         .route("/runs/{id}/logs", get(logs::run_logs))
         .route("/pipelines", get(system::pipelines))
+        .route("/agents", get(system::agents))
         .route("/workers", get(workers::list_workers))
         .route("/workers/config", get(workers::bootstrap))
         .route("/tasks/lease", post(workers::lease))

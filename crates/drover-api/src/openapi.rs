@@ -5,9 +5,9 @@ use utoipa::OpenApi;
 
 use crate::error::{FieldError, Problem};
 use crate::wire::{
-    AttemptView, CreateRun, DeadLetterPage, DeadLetterView, DeploymentView, EventView, HealthView,
-    LeaseRequest, PipelineList, PipelineView, RunPage, RunView, StageView, WorkerBootstrap,
-    WorkerList, WorkerMessageAck, WorkerView,
+    AgentList, AgentView, AttemptView, CreateRun, DeadLetterPage, DeadLetterView, DeploymentView,
+    EventView, HealthView, LeaseRequest, PipelineList, PipelineView, RunPage, RunView, StageView,
+    WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView,
 };
 
 #[derive(OpenApi)]
@@ -21,6 +21,7 @@ use crate::wire::{
         crate::system::healthz,
         crate::system::readyz,
         crate::system::pipelines,
+        crate::system::agents,
         crate::runs::create_run,
         crate::runs::list_runs,
         crate::runs::get_run,
@@ -48,7 +49,7 @@ use crate::wire::{
         crate::routes::list,
     ),
     components(schemas(
-        CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
+        AgentList, AgentView, CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
         crate::environments::CreateEnvironmentBody, crate::environments::EnvironmentView,

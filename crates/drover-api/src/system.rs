@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use drover_domain::ErrorCode;
 
 use crate::error::{ApiError, Problem};
-use crate::wire::{HealthView, PipelineList, PipelineView, StageView};
+use crate::wire::{AgentList, AgentView, HealthView, PipelineList, PipelineView, StageView};
 use crate::{AppState, Caller};
 
 /// Liveness: the process answers.
@@ -77,6 +77,36 @@ pub(crate) async fn pipelines(
         })
         .collect();
     Json(PipelineList { items })
+}
+
+/// The agents stages can name: built-in ones and those of `[agents]`.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "pipelines", responses((status = 200, body = AgentList)))]
+pub(crate) async fn agents(State(state): State<AppState>, _caller: Caller) -> Json<AgentList> {
+    use drover_domain::AgentRunner;
+    let items = state
+        .inner
+        .agents
+        .iter()
+        .map(|agent| {
+            let (kind, command, env) = match &agent.runner {
+                AgentRunner::Builtin => ("builtin", None, Vec::new()),
+                AgentRunner::Template => ("template", None, Vec::new()),
+                AgentRunner::Command(command) => (
+                    "command",
+                    Some(std::iter::once(&command.program).chain(&command.args).cloned().collect()),
+                    command.env.keys().cloned().collect(),
+                ),
+            };
+            AgentView {
+                name: agent.name.to_string(),
+                kind: kind.to_owned(),
+                description: agent.description.clone(),
+                command,
+                env,
+            }
+        })
+        .collect();
+    Json(AgentList { items })
 }
 
 /// This API's OpenAPI document.

@@ -129,6 +129,24 @@ pub struct PipelineList {
     pub items: Vec<PipelineView>,
 }
 
+/// An agent a stage can name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    pub name: String,
+    /// `builtin`, `template` or `command`.
+    pub kind: String,
+    pub description: String,
+    /// For a command agent: the program and its argument templates.
+    pub command: Option<Vec<String>>,
+    /// For a command agent: the names of its extra variables (never their values).
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub items: Vec<AgentView>,
+}
+
 /// `GET /healthz` and `GET /readyz`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HealthView {

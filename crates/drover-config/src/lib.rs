@@ -4,6 +4,7 @@
 //! [`Config::apply`]). Everything is validated at load: an unknown key, a value of the wrong
 //! type or out of range is an error that names the key, where it came from, and why.
 
+mod pipelines;
 mod services;
 
 use std::collections::BTreeMap;
@@ -11,11 +12,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_domain::{CustomRoute, RouteTarget, ServiceSpec, Sharing, parse_hostname};
+use drover_domain::{
+    AgentDefinition, CustomRoute, PipelineCatalog, RouteTarget, ServiceSpec, Sharing,
+    parse_hostname,
+};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+pub use pipelines::{AgentConfig, AgentKindConfig, PipelineConfig, StageConfig};
 pub use services::{
     EnvironmentsConfig, ReadinessConfig, ServiceConfig, parse_bytes, service_specs,
 };
@@ -39,6 +44,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
     #[error("invalid configuration: {key}: {message}")]
     InvalidService { key: String, message: String },
+    /// A value was loaded but is invalid: says which file was read.
+    #[error("{}: {source}", file.display())]
+    InFile { file: PathBuf, source: Box<ConfigError> },
 }
 
 /// The whole configuration.
@@ -60,6 +68,10 @@ pub struct Config {
     /// Custom hostnames for the proxy: `"api.novu.loc" = "novu:api"` (a shared service and
     /// one of its ports) or `"mail.alice.loc" = "alice/mailpit"` (one environment's).
     pub routes: BTreeMap<String, String>,
+    /// Agents as data: `[agents.NAME]` (a command, or the template scaffolder).
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Pipelines as data: `[pipelines.NAME]`, possibly extending `sdlc`.
+    pub pipelines: BTreeMap<String, PipelineConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +189,8 @@ impl Default for Config {
             environments: EnvironmentsConfig::default(),
             services: BTreeMap::new(),
             routes: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            pipelines: BTreeMap::new(),
         }
     }
 }
@@ -262,13 +276,14 @@ impl Config {
     /// `DROVER_<SECTION>__<KEY>` variables, then `overrides`, and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match file {
+        let read: Option<PathBuf> = match file {
             Some(path) if !path.is_file() => return Err(ConfigError::MissingFile(path.into())),
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
-            }
-            None => {}
+            Some(path) => Some(path.into()),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => Some(DEFAULT_CONFIG_FILE.into()),
+            None => None,
+        };
+        if let Some(path) = &read {
+            figment = figment.merge(Toml::file_exact(path));
         }
         // Only variables with a section separator are config keys: `DROVER_SERVER` and
         // `DROVER_TOKEN` are CLI settings, not sections.
@@ -279,7 +294,10 @@ impl Config {
             ConfigError::Parse(messages.join("; "))
         })?;
         config.apply(overrides);
-        config.validate()?;
+        config.validate().map_err(|source| match read {
+            Some(file) => ConfigError::InFile { file, source: Box::new(source) },
+            None => source,
+        })?;
         Ok(config)
     }
 
@@ -388,6 +406,7 @@ impl Config {
             return invalid("environments.max_per_project", "must be at least 1");
         }
         self.custom_routes()?;
+        self.pipeline_catalog()?;
         if self.server.body_limit_bytes < 1024 {
             return invalid("server.body_limit_bytes", "must be at least 1024");
         }
@@ -456,6 +475,16 @@ impl Config {
         Ok(routes)
     }
 
+    /// Every agent: the built-in ones, then `[agents]`.
+    pub fn agent_definitions(&self) -> Result<Vec<AgentDefinition>, ConfigError> {
+        pipelines::agent_definitions(&self.agents)
+    }
+
+    /// Every pipeline: `sdlc`, then `[pipelines]`.
+    pub fn pipeline_catalog(&self) -> Result<PipelineCatalog, ConfigError> {
+        pipelines::pipeline_catalog(&self.pipelines, &self.agent_definitions()?)
+    }
+
     /// A worker silent for this long is marked lost.
     pub fn worker_liveness(&self) -> Duration {
         self.engine.heartbeat_interval * 3
@@ -488,6 +517,7 @@ fn describe_figment_error(err: figment::Error) -> String {
 #[cfg(test)]
 #[allow(clippy::result_large_err, reason = "figment's Jail closures return figment::Error")]
 mod tests {
+    use drover_domain::AgentRunner;
     use figment::Jail;
 
     use super::*;
@@ -609,6 +639,90 @@ mod tests {
                 let message = load_in(jail).unwrap_err().to_string();
                 assert!(message.contains("routes."), "{message}");
                 assert!(message.contains(expected), "{route}: {message}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_pipeline_extends_sdlc_and_swaps_its_scaffold_agent_for_a_command() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "drover.toml",
+                r#"
+[agents.coder]
+command = "python3"
+args = ["coder.py", "{prompt}"]
+env = { MODEL = "small", TEMPERATURE = "0" }
+
+[agents.careful-coder]
+extends = "coder"
+env = { MODEL = "large" }
+
+[pipelines.mine]
+extends = "sdlc"
+[[pipelines.mine.stages]]
+name = "scaffold"
+agent = "careful-coder"
+timeout = "20m"
+[[pipelines.mine.stages]]
+name = "review"
+agent = "coder"
+"#,
+            )?;
+            let config = load_in(jail).expect("valid");
+            let agents = config.agent_definitions().unwrap();
+            let careful = agents.iter().find(|a| a.name.as_str() == "careful-coder").unwrap();
+            let AgentRunner::Command(command) = &careful.runner else { panic!("{careful:?}") };
+            // Inherited program and args, one variable overridden, the other kept.
+            assert_eq!((command.program.as_str(), command.args.len()), ("python3", 2));
+            assert_eq!(command.env["MODEL"], "large");
+            assert_eq!(command.env["TEMPERATURE"], "0");
+
+            let catalog = config.pipeline_catalog().unwrap();
+            let mine = catalog.get("mine").unwrap();
+            let sdlc = catalog.get("sdlc").unwrap();
+            let names: Vec<&str> = mine.stages.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["scaffold", "validate", "e2e", "integration", "deploy", "review"]);
+            assert_eq!(mine.stages[0].agent.as_str(), "careful-coder");
+            assert_eq!(mine.stages[0].timeout, Duration::from_secs(1200));
+            assert_eq!(mine.stages[0].max_attempts, sdlc.stages[0].max_attempts, "inherited");
+            assert_eq!(mine.stages[1], sdlc.stages[1], "untouched stages are the base's");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_agent_or_pipeline_is_refused_naming_the_file_and_key() {
+        Jail::expect_with(|jail| {
+            for (text, expected) in [
+                (
+                    "[pipelines.mine]\nextends = \"sdlc\"\n[[pipelines.mine.stages]]\nname = \"scaffold\"\nagent = \"ghost\"\n",
+                    "drover.toml: invalid configuration: pipelines.mine.stages[0].agent: no agent `ghost`",
+                ),
+                (
+                    "[agents.a]\nextends = \"b\"\n[agents.b]\nextends = \"a\"\n",
+                    "goes round in a circle",
+                ),
+                (
+                    "[agents.x]\nkind = \"command\"\n",
+                    "agents.x.command: a command agent must name a program",
+                ),
+                (
+                    "[agents.deploy]\ncommand = \"x\"\n",
+                    "agents.deploy: is the name of a built-in agent",
+                ),
+                ("[pipelines.p]\nextends = \"nope\"\n", "pipelines.p.extends: no pipeline `nope`"),
+                ("[pipelines.p]\n", "pipelines.p.stages: a pipeline needs at least one stage"),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\n[[pipelines.p.stages]]\nname = \"a\"\nagent = \"deploy\"\n",
+                    "pipelines.p.stages[1].name: stage `a` is listed twice",
+                ),
+            ] {
+                jail.create_file("drover.toml", text)?;
+                let message = load_in(jail).unwrap_err().to_string();
+                assert!(message.contains(expected), "{text}: {message}");
+                assert!(message.starts_with("drover.toml: "), "{message}");
             }
             Ok(())
         });

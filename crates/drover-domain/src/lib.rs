@@ -6,6 +6,7 @@
 //! the engine, the workers and the API. Illegal state transitions are rejected here with a
 //! typed [`TransitionError`]; nothing downstream writes a status without asking.
 
+mod agent;
 mod environment;
 mod error;
 mod event;
@@ -18,6 +19,7 @@ mod stage;
 mod time;
 mod worker;
 
+pub use agent::{AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};

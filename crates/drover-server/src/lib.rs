@@ -21,7 +21,7 @@ use drover_api::AppState;
 use drover_api::wire::WorkerBootstrap;
 use drover_bus::{Bus, BusOptions};
 use drover_config::Config;
-use drover_domain::{PipelineCatalog, WorkerId};
+use drover_domain::{AgentDefinition, WorkerId};
 use drover_engine::{Engine, EngineSettings};
 use drover_env::Layout;
 use drover_env::cgroup::MemoryCgroups;
@@ -99,7 +99,9 @@ impl Server {
         let engine = Arc::new(Engine::new(
             Arc::new(store.clone()),
             bus.clone(),
-            Arc::new(PipelineCatalog::builtin()),
+            Arc::new(
+                config.pipeline_catalog().map_err(|err| ServerError::Config(err.to_string()))?,
+            ),
             Layout::new(&config.data_dir),
             EngineSettings {
                 heartbeat_interval: config.engine.heartbeat_interval,
@@ -173,10 +175,12 @@ impl Server {
         let engine_tasks = full.then(|| engine.spawn(engine_stop.clone()));
         let env_stop = CancellationToken::new();
         let env_tasks = full.then(|| envs.spawn(env_stop.clone()));
+        // Validated when the config was loaded.
+        let agents = config.agent_definitions().unwrap_or_else(|_| AgentDefinition::builtins());
         let workers = (full && config.workers.embedded).then(|| {
             WorkerPool::start(
                 bus.clone(),
-                builtin::sdlc_agents(envs.clone()),
+                builtin::configured_agents(&agents, envs.clone()),
                 WorkerPoolConfig {
                     worker_id: WorkerId::new(format!("embedded-{}", std::process::id())),
                     concurrency: config.workers.concurrency,
@@ -217,6 +221,7 @@ impl Server {
             draining.clone(),
             proxy_addrs,
             worker_bootstrap(&config),
+            agents,
         );
         let app = drover_api::router(state, config.server.body_limit_bytes);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");

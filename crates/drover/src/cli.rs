@@ -61,8 +61,10 @@ pub(crate) enum Command {
     /// Inspect and control runs.
     #[command(subcommand)]
     Runs(RunsCommand),
-    /// List the pipelines the server runs.
+    /// List the pipelines the server runs (built-in `sdlc` and `[pipelines]`).
     Pipelines,
+    /// List the agents stages can name (built-in ones and `[agents]`).
+    Agents,
     /// Run agents for a server: lease its tasks and report back (Ctrl-C drains).
     Worker(WorkerArgs),
     /// List the workers registered with the server.

@@ -280,6 +280,10 @@ impl Client {
         }))
     }
 
+    pub(crate) async fn agents(&self) -> Result<drover_api::wire::AgentList, ClientError> {
+        self.json(self.request(reqwest::Method::GET, "/api/v1/agents")).await
+    }
+
     pub(crate) async fn pipelines(&self) -> Result<PipelineList, ClientError> {
         self.json(self.request(reqwest::Method::GET, "/api/v1/pipelines")).await
     }

@@ -501,3 +501,82 @@ fn group_members(pgid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A stand-in for a coding CLI (`claude -p PROMPT`): says what it does, writes a project
+/// into its working directory, and reports its result and usage on the last line.
+const FAKE_CODER: &str = r#"
+import json, os, shutil, sys
+prompt, template = sys.argv[1], sys.argv[2]
+print(f"fake-coder: asked to build {prompt!r} in {os.getcwd()}", flush=True)
+print(f"fake-coder: model {os.environ['CODER_MODEL']}", flush=True)
+shutil.copytree(template, os.getcwd(), dirs_exist_ok=True)
+print(json.dumps({"files": sorted(os.listdir(".")), "usage": {"tokens": 1234, "cost_usd": 0.02}}))
+"#;
+
+#[test]
+fn a_pipeline_extending_sdlc_with_a_command_agent_for_scaffold_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fake_coder.py"), FAKE_CODER).unwrap();
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../drover-agents/templates/hello-world-api");
+    let config = format!(
+        r#"
+[agents.fake-coder]
+command = "python3"
+args = ["{coder}", "{{prompt}}", "{template}"]
+env = {{ CODER_MODEL = "tiny-for-{{stage}}" }}
+
+[pipelines.coded]
+extends = "sdlc"
+description = "sdlc with a coding CLI writing the code"
+[[pipelines.coded.stages]]
+name = "scaffold"
+agent = "fake-coder"
+"#,
+        coder = dir.path().join("fake_coder.py").display(),
+        template = template.display(),
+    );
+    std::fs::write(dir.path().join("drover.toml"), config).unwrap();
+
+    let agents = stdout(&run_ok(drover(dir.path()).args(["agents"])));
+    assert!(agents.contains("fake-coder") && agents.contains("command"), "{agents}");
+    let pipelines = stdout(&run_ok(drover(dir.path()).args(["pipelines"])));
+    assert!(pipelines.contains("scaffold (fake-coder) → validate"), "{pipelines}");
+
+    let output = run_ok(drover(dir.path()).args([
+        "--json",
+        "run",
+        "--pipeline",
+        "coded",
+        "Hello World API",
+    ]));
+    let run: Value = serde_json::from_slice(&output.stdout).expect("one JSON document");
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let scaffold = &run["attempts"][0];
+    assert_eq!(scaffold["stage"], "scaffold");
+    assert_eq!(scaffold["output"]["usage"]["tokens"], 1234, "{scaffold}");
+    assert!(scaffold["output"]["files"].as_array().unwrap().contains(&Value::from("app.py")));
+    assert_eq!(run["attempts"].as_array().unwrap().len(), 5, "the other stages ran: {run}");
+
+    let id = run["id"].as_str().unwrap();
+    let logs =
+        stdout(&run_ok(drover(dir.path()).args(["runs", "logs", id, "--stage", "scaffold"])));
+    assert!(logs.contains("fake-coder: asked to build 'Hello World API'"), "{logs}");
+    assert!(logs.contains("fake-coder: model tiny-for-scaffold"), "{logs}");
+
+    // A config naming an agent that does not exist is refused before anything runs.
+    std::fs::write(
+        dir.path().join("drover.toml"),
+        "[pipelines.broken]\nextends = \"sdlc\"\n[[pipelines.broken.stages]]\nname = \"scaffold\"\nagent = \"ghost\"\n",
+    )
+    .unwrap();
+    let refused = drover(dir.path()).args(["run", "Hello World API"]).output().unwrap();
+    assert!(!refused.status.success());
+    let err = stderr(&refused);
+    assert!(
+        err.contains("drover.toml")
+            && err.contains("pipelines.broken.stages[0].agent")
+            && err.contains("ghost"),
+        "{err}"
+    );
+}

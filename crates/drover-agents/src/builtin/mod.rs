@@ -36,8 +36,30 @@ pub fn sdlc_agents(apps: Arc<dyn AppHost>) -> Vec<Arc<dyn Agent>> {
     ]
 }
 
+/// The agents `definitions` name: built-in ones, config-defined commands and template
+/// scaffolders. `apps` keeps what the deploy stage deploys.
+pub fn configured_agents(
+    definitions: &[drover_domain::AgentDefinition],
+    apps: Arc<dyn AppHost>,
+) -> Vec<Arc<dyn Agent>> {
+    use drover_domain::AgentRunner;
+    let mut agents = sdlc_agents(apps);
+    for definition in definitions {
+        match &definition.runner {
+            AgentRunner::Builtin => {}
+            AgentRunner::Template => {
+                agents.push(Arc::new(ScaffoldAgent::named(definition.name.clone())));
+            }
+            AgentRunner::Command(command) => agents.push(Arc::new(
+                crate::command::CommandAgentRunner::new(definition.name.clone(), command.clone()),
+            )),
+        }
+    }
+    agents
+}
+
 /// The variables of the run's environment, for the processes an agent starts.
-fn environment_variables(task: &crate::AgentTask) -> Vec<(String, String)> {
+pub(crate) fn environment_variables(task: &crate::AgentTask) -> Vec<(String, String)> {
     task.envelope.context.variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 

@@ -17,6 +17,11 @@ impl ScaffoldAgent {
     pub fn new() -> Self {
         Self { agent_type: super::agent_type("scaffold") }
     }
+
+    /// The same scaffolder under another agent type (`kind = "template"` in `[agents]`).
+    pub fn named(agent_type: AgentType) -> Self {
+        Self { agent_type }
+    }
 }
 
 impl Default for ScaffoldAgent {

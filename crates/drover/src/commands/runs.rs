@@ -104,6 +104,27 @@ async fn runs_with(
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) async fn agents(global: &GlobalArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    let target = Target::connect(global, config, Mode::Inspect).await?;
+    let list = target.client.agents().await;
+    target.close().await?;
+    let list = list?;
+    if global.json {
+        output::json(&list);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .items
+        .iter()
+        .map(|a| {
+            let command = a.command.as_ref().map(|c| c.join(" ")).unwrap_or_default();
+            vec![a.name.clone(), a.kind.clone(), command, a.description.clone()]
+        })
+        .collect();
+    output::table(&["AGENT", "KIND", "COMMAND", "DESCRIPTION"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn pipelines(global: &GlobalArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let target = Target::connect(global, config, Mode::Inspect).await?;
     let list = target.client.pipelines().await;
@@ -117,7 +138,14 @@ pub(crate) async fn pipelines(global: &GlobalArgs, config: &Config) -> anyhow::R
         .items
         .iter()
         .map(|p| {
-            let stages: Vec<String> = p.stages.iter().map(|s| s.name.clone()).collect();
+            let stages: Vec<String> = p
+                .stages
+                .iter()
+                .map(|s| match s.agent == s.name {
+                    true => s.name.clone(),
+                    false => format!("{} ({})", s.name, s.agent),
+                })
+                .collect();
             vec![p.name.clone(), stages.join(" → "), p.description.clone()]
         })
         .collect();

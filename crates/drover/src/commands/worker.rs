@@ -27,7 +27,8 @@ pub(crate) async fn work(
     let bootstrap = client.worker_bootstrap().await.context("cannot ask the server how to join")?;
 
     let deployments = Deployments::new();
-    let agents = select_agents(&args.agent, Arc::new(deployments.clone()))?;
+    let definitions = config.agent_definitions()?;
+    let agents = select_agents(&args.agent, &definitions, Arc::new(deployments.clone()))?;
     let heartbeat = Duration::from_millis(bootstrap.heartbeat_interval_ms.max(100));
     let options = BusOptions {
         capacity: config.bus.capacity,
@@ -76,12 +77,14 @@ pub(crate) async fn work(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The built-in agents named on the command line (`all` for every one).
+/// The agents (built-in and from `[agents]`) named on the command line (`all` for every
+/// one).
 fn select_agents(
     wanted: &[String],
+    definitions: &[drover_domain::AgentDefinition],
     apps: Arc<dyn drover_env::apps::AppHost>,
 ) -> anyhow::Result<Vec<Arc<dyn Agent>>> {
-    let available = builtin::sdlc_agents(apps);
+    let available = builtin::configured_agents(definitions, apps);
     if wanted.iter().any(|w| w == "all") {
         return Ok(available);
     }

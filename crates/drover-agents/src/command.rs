@@ -1,0 +1,208 @@
+//! The `command` agent: any coding CLI (`claude -p`, `codex exec`, `aider`, a script) run
+//! in the run's workspace, in its own process group, its output streamed into the
+//! attempt's log as it is written. Exit code 0 is success; a JSON object on the last line
+//! of output becomes the stage's output, and its `usage` (tokens, cost) is kept with it.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use drover_bus::AgentResult;
+use drover_domain::{AgentType, CommandAgent};
+use drover_env::{CommandSpec, ProcessError, run_command};
+use serde_json::{Value, json};
+
+use crate::{Agent, AgentFailure, AgentTask, into_result};
+
+/// An agent defined as a command in the config.
+pub struct CommandAgentRunner {
+    agent_type: AgentType,
+    spec: CommandAgent,
+}
+
+impl CommandAgentRunner {
+    pub fn new(agent_type: AgentType, spec: CommandAgent) -> Self {
+        Self { agent_type, spec }
+    }
+}
+
+#[async_trait]
+impl Agent for CommandAgentRunner {
+    fn agent_type(&self) -> &AgentType {
+        &self.agent_type
+    }
+
+    async fn run(&self, task: &AgentTask) -> AgentResult {
+        into_result(self.execute(task).await)
+    }
+}
+
+impl CommandAgentRunner {
+    async fn execute(&self, task: &AgentTask) -> Result<Value, AgentFailure> {
+        let values = Placeholders::of(task);
+        let mut env = super::builtin::environment_variables(task);
+        env.extend([
+            ("DROVER_PROMPT".to_owned(), values.prompt.clone()),
+            ("DROVER_WORKSPACE".to_owned(), task.workspace.display().to_string()),
+            ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
+            ("DROVER_STAGE".to_owned(), task.envelope.stage.to_string()),
+            ("DROVER_ATTEMPT".to_owned(), task.envelope.attempt.to_string()),
+        ]);
+        env.extend(self.spec.env.iter().map(|(k, v)| (k.clone(), values.expand(v))));
+        let spec = CommandSpec {
+            program: values.expand(&self.spec.program),
+            args: self.spec.args.iter().map(|arg| values.expand(arg)).collect(),
+            cwd: task.workspace.clone(),
+            env,
+            log_path: task.log.path().to_path_buf(),
+        };
+        let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
+            ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
+            other => AgentFailure::transient(other.to_string()),
+        })?;
+        let reported = last_line_json(&output.output_tail);
+        if !output.success() {
+            let excerpt: Vec<&str> = output.output_tail.lines().rev().take(10).collect();
+            let excerpt: Vec<&str> = excerpt.into_iter().rev().collect();
+            let message = format!(
+                "`{}` failed ({}):\n{}",
+                self.spec.program,
+                output.status,
+                excerpt.join("\n")
+            );
+            return Err(match self.spec.retry_on_failure {
+                true => AgentFailure::transient(message),
+                false => AgentFailure::permanent(message),
+            });
+        }
+        let mut result = json!({ "agent": self.agent_type.as_str(), "exit_code": 0 });
+        if let Some(Value::Object(fields)) = reported {
+            for (key, value) in fields {
+                result[key] = value;
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// The last non-empty line of `output`, if it is a JSON object.
+fn last_line_json(output: &str) -> Option<Value> {
+    let line = output.lines().rev().find(|line| !line.trim().is_empty())?;
+    match serde_json::from_str(line.trim()) {
+        Ok(value @ Value::Object(_)) => Some(value),
+        _ => None,
+    }
+}
+
+/// What `{…}` placeholders stand for in one attempt.
+struct Placeholders {
+    prompt: String,
+    simple: BTreeMap<&'static str, String>,
+    variables: BTreeMap<String, String>,
+    outputs: BTreeMap<String, Value>,
+}
+
+impl Placeholders {
+    fn of(task: &AgentTask) -> Self {
+        let envelope = &task.envelope;
+        let prompt =
+            envelope.payload.get("request").and_then(Value::as_str).unwrap_or("").to_owned();
+        let simple = BTreeMap::from([
+            ("prompt", prompt.clone()),
+            ("workspace", task.workspace.display().to_string()),
+            ("run_id", envelope.run_id.to_string()),
+            ("stage", envelope.stage.to_string()),
+            ("attempt", envelope.attempt.to_string()),
+        ]);
+        Self {
+            prompt,
+            simple,
+            variables: envelope.context.variables.clone(),
+            outputs: envelope.context.outputs.clone(),
+        }
+    }
+
+    /// Replaces every known `{name}`; unknown ones are left as written. Values are
+    /// substituted once (a value holding `{…}` is not expanded again) and each argument
+    /// stays one argument: nothing goes through a shell.
+    fn expand(&self, text: &str) -> String {
+        let mut result = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find('{') {
+            result.push_str(&rest[..start]);
+            let after = &rest[start + 1..];
+            let Some(end) = after.find('}') else {
+                result.push_str(&rest[start..]);
+                return result;
+            };
+            let name = &after[..end];
+            match self.lookup(name) {
+                Some(value) => result.push_str(&value),
+                None => result.push_str(&rest[start..start + end + 2]),
+            }
+            rest = &after[end + 1..];
+        }
+        result.push_str(rest);
+        result
+    }
+
+    fn lookup(&self, name: &str) -> Option<String> {
+        if let Some(value) = self.simple.get(name) {
+            return Some(value.clone());
+        }
+        if let Some(variable) = name.strip_prefix("env.") {
+            return self.variables.get(variable).cloned();
+        }
+        let path = name.strip_prefix("output.")?;
+        let (stage, field) = match path.split_once('.') {
+            Some((stage, field)) => (stage, Some(field)),
+            None => (path, None),
+        };
+        let output = self.outputs.get(stage)?;
+        let value = match field {
+            Some(field) => field.split('.').try_fold(output, |value, key| value.get(key))?,
+            None => output,
+        };
+        Some(match value {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placeholders() -> Placeholders {
+        Placeholders {
+            prompt: "Hello {World}".into(),
+            simple: BTreeMap::from([
+                ("prompt", "Hello {World}".into()),
+                ("stage", "scaffold".into()),
+            ]),
+            variables: BTreeMap::from([("PORT".into(), "8080".into())]),
+            outputs: BTreeMap::from([(
+                "scaffold".into(),
+                json!({ "template": "hello", "files": { "count": 3 } }),
+            )]),
+        }
+    }
+
+    #[test]
+    fn placeholders_expand_once_and_unknown_ones_stay() {
+        let values = placeholders();
+        assert_eq!(values.expand("-p {prompt}"), "-p Hello {World}");
+        assert_eq!(values.expand("{stage}:{env.PORT}"), "scaffold:8080");
+        assert_eq!(values.expand("{output.scaffold.template}"), "hello");
+        assert_eq!(values.expand("{output.scaffold.files.count}"), "3");
+        assert_eq!(values.expand("{nope} {env.MISSING} {"), "{nope} {env.MISSING} {");
+        assert_eq!(values.expand("{output.scaffold.files}"), r#"{"count":3}"#);
+    }
+
+    #[test]
+    fn only_a_json_object_on_the_last_line_is_a_result() {
+        assert_eq!(last_line_json("work\n{\"a\": 1}\n\n"), Some(json!({ "a": 1 })));
+        assert_eq!(last_line_json("{\"a\": 1}\ndone\n"), None);
+        assert_eq!(last_line_json("[1, 2]"), None);
+    }
+}

@@ -1,0 +1,290 @@
+//! `[agents.NAME]` and `[pipelines.NAME]`: agents and pipelines as data. Either may
+//! `extends` another (a base agent, or a base pipeline such as the built-in `sdlc`) and
+//! override some of its fields. Resolved and validated at load: an unknown agent, a cycle
+//! of `extends`, a duplicate stage is an error naming the key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use drover_domain::{
+    AgentDefinition, AgentRunner, AgentType, Backoff, CommandAgent, PipelineCatalog, PipelineName,
+    PipelineSpec, StageName, StageSpec, sdlc,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+/// How deep `extends` chains may go (also what stops a cycle).
+const MAX_EXTENDS_DEPTH: usize = 16;
+
+/// `[agents.NAME]`. Every field is optional so that an agent that `extends` another
+/// only states what it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Another `[agents.NAME]` whose fields this one inherits.
+    pub extends: Option<String>,
+    /// `command` (a program run in the workspace) or `template` (the offline scaffolder).
+    pub kind: Option<AgentKindConfig>,
+    pub description: Option<String>,
+    /// The program (`claude`, `codex`, `aider`, `python3`, …).
+    pub command: Option<String>,
+    /// Its arguments; placeholders: `{prompt}`, `{workspace}`, `{run_id}`, `{stage}`,
+    /// `{attempt}`, `{env.NAME}`, `{output.STAGE}`, `{output.STAGE.FIELD}`.
+    pub args: Option<Vec<String>>,
+    /// Extra variables (merged over the base agent's); values may hold placeholders.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Retry a non-zero exit (default true: coding CLIs fail on rate limits and networks).
+    pub retry_on_failure: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentKindConfig {
+    Command,
+    Template,
+}
+
+/// `[pipelines.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// A pipeline (`sdlc` or another `[pipelines.NAME]`) whose stages this one starts from.
+    pub extends: Option<String>,
+    pub description: Option<String>,
+    /// `[[pipelines.NAME.stages]]`: a stage named like one of the base's changes it in
+    /// place; a new name is added at the end.
+    pub stages: Vec<StageConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    pub agent: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    /// First wait between attempts (doubles each time, up to `backoff_max`).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+}
+
+fn invalid(key: String, message: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidService { key, message: message.into() }
+}
+
+/// The built-in agents and those of `[agents]`, resolved through their `extends`.
+pub(crate) fn agent_definitions(
+    agents: &BTreeMap<String, AgentConfig>,
+) -> Result<Vec<AgentDefinition>, ConfigError> {
+    let mut definitions = AgentDefinition::builtins();
+    for name in agents.keys() {
+        let key = format!("agents.{name}");
+        let agent_type =
+            AgentType::parse(name.as_str()).map_err(|e| invalid(key.clone(), e.message))?;
+        if definitions.iter().any(|d| d.name == agent_type) {
+            return Err(invalid(key, "is the name of a built-in agent; choose another"));
+        }
+        let merged = resolve_agent(agents, name)?;
+        let runner = match merged.kind {
+            Some(AgentKindConfig::Template) => AgentRunner::Template,
+            Some(AgentKindConfig::Command) | None => {
+                let program = merged.command.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
+                    invalid(format!("{key}.command"), "a command agent must name a program")
+                })?;
+                AgentRunner::Command(CommandAgent {
+                    program,
+                    args: merged.args.unwrap_or_default(),
+                    env: merged.env.unwrap_or_default(),
+                    retry_on_failure: merged.retry_on_failure.unwrap_or(true),
+                })
+            }
+        };
+        let description = merged.description.unwrap_or_else(|| match &runner {
+            AgentRunner::Command(command) => format!("runs `{}`", command.program),
+            _ => "the offline template scaffolder".to_owned(),
+        });
+        definitions.push(AgentDefinition { name: agent_type, description, runner });
+    }
+    Ok(definitions)
+}
+
+/// `name`'s fields over its base's, over its base's base's…
+fn resolve_agent(
+    agents: &BTreeMap<String, AgentConfig>,
+    name: &str,
+) -> Result<AgentConfig, ConfigError> {
+    let mut chain = vec![name.to_owned()];
+    let mut current = &agents[name];
+    while let Some(base) = &current.extends {
+        let key = format!("agents.{}.extends", chain.last().map_or(name, String::as_str));
+        if chain.contains(base) || chain.len() > MAX_EXTENDS_DEPTH {
+            return Err(invalid(
+                key,
+                format!("`extends` goes round in a circle: {} → {base}", chain.join(" → ")),
+            ));
+        }
+        current = agents.get(base).ok_or_else(|| {
+            invalid(
+                key,
+                format!(
+                    "no agent `{base}` in [agents] to extend (built-in agents cannot be extended)"
+                ),
+            )
+        })?;
+        chain.push(base.clone());
+    }
+    // Base first, each child overriding what it states.
+    let mut merged = AgentConfig::default();
+    for link in chain.iter().rev() {
+        let agent = &agents[link];
+        merged.kind = agent.kind.or(merged.kind);
+        merged.description = agent.description.clone().or(merged.description);
+        merged.command = agent.command.clone().or(merged.command);
+        merged.args = agent.args.clone().or(merged.args);
+        merged.retry_on_failure = agent.retry_on_failure.or(merged.retry_on_failure);
+        if let Some(env) = &agent.env {
+            merged.env.get_or_insert_with(BTreeMap::new).extend(env.clone());
+        }
+    }
+    Ok(merged)
+}
+
+/// The built-in `sdlc` pipeline and those of `[pipelines]`, each resolved through its
+/// `extends` and checked against the known agents.
+pub(crate) fn pipeline_catalog(
+    pipelines: &BTreeMap<String, PipelineConfig>,
+    agents: &[AgentDefinition],
+) -> Result<PipelineCatalog, ConfigError> {
+    let mut resolved: BTreeMap<String, PipelineSpec> = BTreeMap::new();
+    let builtin = sdlc();
+    resolved.insert(builtin.name.to_string(), builtin);
+    for name in pipelines.keys() {
+        let key = format!("pipelines.{name}");
+        if name == "sdlc" {
+            return Err(invalid(key, "`sdlc` is built in; extend it under another name"));
+        }
+        let spec = resolve_pipeline(pipelines, name, &mut resolved, agents, 0)?;
+        resolved.insert(name.clone(), spec);
+    }
+    Ok(PipelineCatalog::from_specs(resolved.into_values()))
+}
+
+fn resolve_pipeline(
+    pipelines: &BTreeMap<String, PipelineConfig>,
+    name: &str,
+    resolved: &mut BTreeMap<String, PipelineSpec>,
+    agents: &[AgentDefinition],
+    depth: usize,
+) -> Result<PipelineSpec, ConfigError> {
+    if let Some(done) = resolved.get(name) {
+        return Ok(done.clone());
+    }
+    let key = format!("pipelines.{name}");
+    let config = &pipelines[name];
+    let pipeline_name = PipelineName::parse(name).map_err(|e| invalid(key.clone(), e.message))?;
+    let mut stages = match &config.extends {
+        Some(base) if depth >= MAX_EXTENDS_DEPTH || base == name => {
+            return Err(invalid(
+                format!("{key}.extends"),
+                format!("`extends` goes round in a circle through `{base}`"),
+            ));
+        }
+        Some(base) if resolved.contains_key(base) || pipelines.contains_key(base) => {
+            resolve_pipeline(pipelines, base, resolved, agents, depth + 1)?.stages
+        }
+        Some(base) => {
+            return Err(invalid(
+                format!("{key}.extends"),
+                format!("no pipeline `{base}` to extend"),
+            ));
+        }
+        None => Vec::new(),
+    };
+    let mut seen = BTreeSet::new();
+    for (index, stage) in config.stages.iter().enumerate() {
+        let stage_key = format!("{key}.stages[{index}]");
+        let stage_name = StageName::parse(stage.name.as_str())
+            .map_err(|e| invalid(format!("{stage_key}.name"), e.message))?;
+        if !seen.insert(stage_name.clone()) {
+            return Err(invalid(
+                format!("{stage_key}.name"),
+                format!("stage `{stage_name}` is listed twice"),
+            ));
+        }
+        let agent = match &stage.agent {
+            Some(agent) => {
+                let known = agents.iter().find(|a| a.name.as_str() == agent).ok_or_else(|| {
+                    let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+                    invalid(
+                        format!("{stage_key}.agent"),
+                        format!("no agent `{agent}` (known: {})", names.join(", ")),
+                    )
+                })?;
+                Some(known.name.clone())
+            }
+            None => None,
+        };
+        if stage.max_attempts.is_some_and(|n| !(1..=100).contains(&n)) {
+            return Err(invalid(format!("{stage_key}.max_attempts"), "must be between 1 and 100"));
+        }
+        if stage
+            .timeout
+            .is_some_and(|t| t < Duration::from_secs(1) || t > Duration::from_secs(7 * 24 * 3600))
+        {
+            return Err(invalid(format!("{stage_key}.timeout"), "must be between 1s and 7 days"));
+        }
+        match stages.iter_mut().find(|s| s.name == stage_name) {
+            Some(existing) => {
+                if let Some(agent) = agent {
+                    existing.agent = agent;
+                }
+                apply_stage_fields(existing, stage);
+            }
+            None => {
+                let agent = agent.ok_or_else(|| {
+                    invalid(
+                        format!("{stage_key}.agent"),
+                        format!("a new stage (`{stage_name}`) needs an agent"),
+                    )
+                })?;
+                let mut spec = StageSpec {
+                    name: stage_name,
+                    agent,
+                    max_attempts: 3,
+                    timeout: Duration::from_secs(600),
+                    backoff: Backoff::default(),
+                };
+                apply_stage_fields(&mut spec, stage);
+                stages.push(spec);
+            }
+        }
+    }
+    if stages.is_empty() {
+        return Err(invalid(format!("{key}.stages"), "a pipeline needs at least one stage"));
+    }
+    let description = config
+        .description
+        .clone()
+        .unwrap_or_else(|| stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → "));
+    Ok(PipelineSpec { name: pipeline_name, description, stages })
+}
+
+fn apply_stage_fields(spec: &mut StageSpec, stage: &StageConfig) {
+    if let Some(timeout) = stage.timeout {
+        spec.timeout = timeout;
+    }
+    if let Some(attempts) = stage.max_attempts {
+        spec.max_attempts = attempts;
+    }
+    if let Some(initial) = stage.backoff {
+        spec.backoff.initial = initial;
+    }
+    if let Some(max) = stage.backoff_max {
+        spec.backoff.max = max;
+    }
+    spec.backoff.max = spec.backoff.max.max(spec.backoff.initial);
+}

@@ -1,0 +1,62 @@
+//! Agent definitions: what executes a stage. The built-in agents are code; users add
+//! agents as data (`[agents.NAME]` in the config): a `command` (any coding CLI or script)
+//! or another name for the offline `template` scaffolder.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::AgentType;
+
+/// The agent types built into drover (the `sdlc` pipeline's stages).
+pub const BUILTIN_AGENTS: [&str; 5] = ["scaffold", "validate", "e2e", "integration", "deploy"];
+
+/// One agent a server or worker can run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentDefinition {
+    pub name: AgentType,
+    pub description: String,
+    pub runner: AgentRunner,
+}
+
+/// How an agent does its work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentRunner {
+    /// Code built into drover (one of [`BUILTIN_AGENTS`]).
+    Builtin,
+    /// The offline scaffolder, under another name.
+    Template,
+    /// A program run in the workspace, in its own process group.
+    Command(CommandAgent),
+}
+
+/// A command agent: `program args…` with placeholders (`{prompt}`, `{workspace}`,
+/// `{run_id}`, `{stage}`, `{attempt}`, `{env.NAME}`, `{output.STAGE}`,
+/// `{output.STAGE.FIELD}`) expanded per attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandAgent {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Extra variables; values may hold placeholders. Never shown (they may be keys).
+    #[serde(skip)]
+    pub env: BTreeMap<String, String>,
+    /// Whether a non-zero exit may be retried (rate limits, network); a program that
+    /// cannot be started never is.
+    pub retry_on_failure: bool,
+}
+
+impl AgentDefinition {
+    /// The built-in agents.
+    pub fn builtins() -> Vec<Self> {
+        BUILTIN_AGENTS
+            .iter()
+            .map(|name| Self {
+                // The names are literals that satisfy the slug rules.
+                name: AgentType::parse(*name).expect("built-in agent type is a valid slug"),
+                description: format!("built-in {name} agent"),
+                runner: AgentRunner::Builtin,
+            })
+            .collect()
+    }
+}
