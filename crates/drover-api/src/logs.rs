@@ -17,6 +17,8 @@ use crate::extract::ApiQuery;
 use crate::runs::find_run;
 use crate::{AppState, Caller};
 
+mod follow;
+
 /// The pseudo-stage that names the deployed app's output.
 const APP: &str = "app";
 
@@ -27,6 +29,11 @@ pub(crate) struct LogsQuery {
     stage: Option<String>,
     /// Only this attempt number.
     attempt: Option<u32>,
+    /// Follow as server-sent events: every attempt's lines as they are written
+    /// (`attempt` events open each attempt's section, `line` events carry its output),
+    /// then `end` once the run has finished and everything was sent.
+    #[serde(default)]
+    follow: bool,
 }
 
 /// A run's logs as plain text, one section per stage attempt.
@@ -45,6 +52,9 @@ pub(crate) async fn run_logs(
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
+    if query.follow {
+        return Ok(follow::follow(state, caller.project, run.id, query.stage).into_response());
+    }
     let layout = state.engine().layout();
     let attempts = state.engine().store().list_attempts(&caller.project, run.id).await?;
     let wanted_stage = query.stage.as_deref();

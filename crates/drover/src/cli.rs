@@ -289,7 +289,10 @@ pub(crate) enum RunsCommand {
         #[arg(long)]
         stage: Option<String>,
         /// Only this attempt number.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "follow")]
         attempt: Option<u32>,
+        /// Print the output as it is written, until the run ends.
+        #[arg(short, long)]
+        follow: bool,
     },
 }

@@ -288,14 +288,16 @@ impl Client {
         self.json(self.request(reqwest::Method::GET, "/api/v1/pipelines")).await
     }
 
-    /// The run's logs as a stream of byte chunks.
+    /// The run's logs as a stream of byte chunks; following, the output as it is written
+    /// until the run ends, each attempt headed like in the plain listing.
     pub(crate) async fn logs(
         &self,
         id: &str,
         stage: Option<&str>,
         attempt: Option<u32>,
+        follow: bool,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
-        let mut query = Vec::new();
+        let mut query = vec![("follow", follow.to_string())];
         if let Some(stage) = stage {
             query.push(("stage", stage.to_owned()));
         }
@@ -305,11 +307,35 @@ impl Client {
         let path = format!("/api/v1/runs/{}/logs", encode(id));
         let response = self.send(self.request(reqwest::Method::GET, &path).query(&query)).await?;
         let base = self.base.clone();
+        let mut parser = SseParser::default();
         Ok(response.bytes_stream().map(move |chunk| {
-            chunk.map(|bytes| bytes.to_vec()).map_err(|err| ClientError::Unreachable {
+            let chunk = chunk.map_err(|err| ClientError::Unreachable {
                 url: base.clone(),
                 message: describe(&err),
-            })
+            })?;
+            if !follow {
+                return Ok(chunk.to_vec());
+            }
+            let mut text = Vec::new();
+            for message in parser.push(&chunk) {
+                match message.event.as_deref() {
+                    Some("attempt") => {
+                        let header: serde_json::Value =
+                            serde_json::from_str(&message.data).unwrap_or_default();
+                        text.extend(
+                            format!(
+                                "==> {} attempt {} <==\n",
+                                header["stage"].as_str().unwrap_or("?"),
+                                header["attempt"]
+                            )
+                            .into_bytes(),
+                        );
+                    }
+                    Some("line") => text.extend((message.data + "\n").into_bytes()),
+                    _ => {}
+                }
+            }
+            Ok(text)
         }))
     }
 

@@ -91,8 +91,8 @@ async fn runs_with(
                 output::note(format!("run {} cancelled", run.id));
             }
         }
-        RunsCommand::Logs { id, stage, attempt } => {
-            let chunks = client.logs(&id, stage.as_deref(), attempt).await?;
+        RunsCommand::Logs { id, stage, attempt, follow } => {
+            let chunks = client.logs(&id, stage.as_deref(), attempt, follow).await?;
             futures::pin_mut!(chunks);
             let mut stdout = std::io::stdout().lock();
             while let Some(chunk) = chunks.next().await {

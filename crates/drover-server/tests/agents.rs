@@ -1,0 +1,107 @@
+//! Config-defined agents and pipelines in the real server: a command agent's output
+//! followed live over `GET /runs/{id}/logs?follow=true`, and `GET /agents`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use drover_config::{AgentConfig, AgentKindConfig, Config, PipelineConfig, StageConfig};
+use drover_server::{Mode, Server};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Says one line, waits for a gate file, says another: whoever reads the first line
+/// before the gate opens is reading the log live.
+const GATED: &str = "import os, sys, time\n\
+print('before the gate', flush=True)\n\
+while not os.path.exists(sys.argv[1]):\n\
+\x20   time.sleep(0.02)\n\
+print('after the gate', flush=True)\n";
+
+/// Reads `body` into `seen` until it holds `needle`.
+async fn read_until(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    seen: &mut String,
+    needle: &str,
+) {
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` in: {seen}"))
+            .expect("the stream ended early")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn a_command_agents_log_streams_live_and_the_agents_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("gated.py");
+    std::fs::write(&script, GATED).unwrap();
+    let gate = dir.path().join("gate");
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.enabled = false;
+    config.agents = BTreeMap::from([(
+        "gated".to_owned(),
+        AgentConfig {
+            kind: Some(AgentKindConfig::Command),
+            command: Some("python3".into()),
+            args: Some(vec![script.display().to_string(), gate.display().to_string()]),
+            env: Some(BTreeMap::from([("API_KEY".to_owned(), "sk-never-shown".to_owned())])),
+            ..AgentConfig::default()
+        },
+    )]);
+    config.pipelines = BTreeMap::from([(
+        "gated".to_owned(),
+        PipelineConfig {
+            stages: vec![StageConfig {
+                name: "work".into(),
+                agent: Some("gated".into()),
+                ..StageConfig::default()
+            }],
+            ..PipelineConfig::default()
+        },
+    )]);
+    let server = Server::build(config, Mode::Full).await.unwrap();
+    let url = server.url();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    let agents: Value =
+        http.get(format!("{url}/api/v1/agents")).send().await.unwrap().json().await.unwrap();
+    let gated = agents["items"].as_array().unwrap().iter().find(|a| a["name"] == "gated").unwrap();
+    assert_eq!(gated["kind"], "command");
+    assert_eq!(gated["env"], json!(["API_KEY"]));
+    assert!(!agents.to_string().contains("sk-never-shown"), "a variable's value was shown");
+
+    let run: Value = http
+        .post(format!("{url}/api/v1/runs"))
+        .json(&json!({ "request": "anything", "pipeline": "gated" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+    let response =
+        http.get(format!("{url}/api/v1/runs/{id}/logs?follow=true")).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    read_until(&mut body, &mut seen, "data: before the gate").await;
+    assert!(seen.contains("event: attempt"), "{seen}");
+    assert!(!seen.contains("after the gate"), "{seen}");
+    std::fs::write(&gate, "").unwrap();
+    read_until(&mut body, &mut seen, "event: end").await;
+    assert!(seen.contains("data: after the gate"), "{seen}");
+
+    let finished: Value =
+        http.get(format!("{url}/api/v1/runs/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+}
