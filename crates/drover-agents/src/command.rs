@@ -94,7 +94,7 @@ fn last_line_json(output: &str) -> Option<Value> {
 }
 
 /// What `{…}` placeholders stand for in one attempt.
-struct Placeholders {
+pub(crate) struct Placeholders {
     prompt: String,
     simple: BTreeMap<&'static str, String>,
     variables: BTreeMap<String, String>,
@@ -102,7 +102,7 @@ struct Placeholders {
 }
 
 impl Placeholders {
-    fn of(task: &AgentTask) -> Self {
+    pub(crate) fn of(task: &AgentTask) -> Self {
         let envelope = &task.envelope;
         let prompt =
             envelope.payload.get("request").and_then(Value::as_str).unwrap_or("").to_owned();
@@ -124,7 +124,7 @@ impl Placeholders {
     /// Replaces every known `{name}`; unknown ones are left as written. Values are
     /// substituted once (a value holding `{…}` is not expanded again) and each argument
     /// stays one argument: nothing goes through a shell.
-    fn expand(&self, text: &str) -> String {
+    pub(crate) fn expand(&self, text: &str) -> String {
         let mut result = String::with_capacity(text.len());
         let mut rest = text;
         while let Some(start) = rest.find('{') {

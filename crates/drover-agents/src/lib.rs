@@ -10,6 +10,7 @@
 
 pub mod builtin;
 mod command;
+mod llm;
 mod manifest;
 mod stage_log;
 pub mod templates;
@@ -23,6 +24,7 @@ use drover_domain::AgentType;
 use tokio_util::sync::CancellationToken;
 
 pub use command::CommandAgentRunner;
+pub use llm::{KeySource, LlmAgentRunner};
 pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
 pub use stage_log::StageLog;
 pub use worker::{WorkerPool, WorkerPoolConfig};

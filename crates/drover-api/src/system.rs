@@ -91,6 +91,7 @@ pub(crate) async fn agents(State(state): State<AppState>, _caller: Caller) -> Js
             let (kind, command, env) = match &agent.runner {
                 AgentRunner::Builtin => ("builtin", None, Vec::new()),
                 AgentRunner::Template => ("template", None, Vec::new()),
+                AgentRunner::Llm(llm) => ("llm", None, llm.api_key_env.iter().cloned().collect()),
                 AgentRunner::Command(command) => (
                     "command",
                     Some(std::iter::once(&command.program).chain(&command.args).cloned().collect()),

@@ -659,6 +659,11 @@ env = { MODEL = "small", TEMPERATURE = "0" }
 extends = "coder"
 env = { MODEL = "large" }
 
+[agents.planner]
+kind = "llm"
+model = "qwen2.5-coder"
+api_key_env = "OLLAMA_KEY"
+
 [pipelines.mine]
 extends = "sdlc"
 [[pipelines.mine.stages]]
@@ -678,6 +683,11 @@ agent = "coder"
             assert_eq!((command.program.as_str(), command.args.len()), ("python3", 2));
             assert_eq!(command.env["MODEL"], "large");
             assert_eq!(command.env["TEMPERATURE"], "0");
+
+            let planner = agents.iter().find(|a| a.name.as_str() == "planner").unwrap();
+            let AgentRunner::Llm(llm) = &planner.runner else { panic!("{planner:?}") };
+            assert_eq!(llm.base_url, "http://127.0.0.1:11434/v1", "Ollama's by default");
+            assert_eq!((llm.prompt.as_str(), llm.max_tokens), ("{prompt}", 4096));
 
             let catalog = config.pipeline_catalog().unwrap();
             let mine = catalog.get("mine").unwrap();

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use drover_domain::{
-    AgentDefinition, AgentRunner, AgentType, Backoff, CommandAgent, PipelineCatalog, PipelineName,
-    PipelineSpec, StageName, StageSpec, sdlc,
+    AgentDefinition, AgentRunner, AgentType, Backoff, CommandAgent, LlmAgent, LlmProvider,
+    PipelineCatalog, PipelineName, PipelineSpec, StageName, StageSpec, sdlc,
 };
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,21 @@ pub struct AgentConfig {
     pub env: Option<BTreeMap<String, String>>,
     /// Retry a non-zero exit (default true: coding CLIs fail on rate limits and networks).
     pub retry_on_failure: Option<bool>,
+    /// `llm`: `openai` (any compatible server; the default) or `anthropic`.
+    pub provider: Option<LlmProvider>,
+    /// `llm`: the API's base URL (default: Ollama's `http://127.0.0.1:11434/v1` for
+    /// `openai`, `https://api.anthropic.com` for `anthropic`).
+    pub base_url: Option<String>,
+    /// `llm`: the model name.
+    pub model: Option<String>,
+    /// `llm`: the variable holding the API key (e.g. `OPENAI_API_KEY`).
+    pub api_key_env: Option<String>,
+    /// `llm`: the system message.
+    pub system: Option<String>,
+    /// `llm`: the user message (default `{prompt}`).
+    pub prompt: Option<String>,
+    /// `llm`: the most tokens the answer may have (default 4096).
+    pub max_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +58,7 @@ pub struct AgentConfig {
 pub enum AgentKindConfig {
     Command,
     Template,
+    Llm,
 }
 
 /// `[pipelines.NAME]`.
@@ -91,6 +107,7 @@ pub(crate) fn agent_definitions(
         let merged = resolve_agent(agents, name)?;
         let runner = match merged.kind {
             Some(AgentKindConfig::Template) => AgentRunner::Template,
+            Some(AgentKindConfig::Llm) => AgentRunner::Llm(llm_agent(&key, &merged)?),
             Some(AgentKindConfig::Command) | None => {
                 let program = merged.command.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
                     invalid(format!("{key}.command"), "a command agent must name a program")
@@ -103,13 +120,54 @@ pub(crate) fn agent_definitions(
                 })
             }
         };
-        let description = merged.description.unwrap_or_else(|| match &runner {
+        let description = merged.description.clone().unwrap_or_else(|| match &runner {
             AgentRunner::Command(command) => format!("runs `{}`", command.program),
+            AgentRunner::Llm(llm) => format!("asks `{}` at {}", llm.model, llm.base_url),
             _ => "the offline template scaffolder".to_owned(),
         });
         definitions.push(AgentDefinition { name: agent_type, description, runner });
     }
     Ok(definitions)
+}
+
+fn llm_agent(key: &str, merged: &AgentConfig) -> Result<LlmAgent, ConfigError> {
+    let provider = merged.provider.unwrap_or(LlmProvider::Openai);
+    let model = merged
+        .model
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+        .ok_or_else(|| invalid(format!("{key}.model"), "an llm agent must name a model"))?;
+    let base_url = merged.base_url.clone().unwrap_or_else(|| match provider {
+        LlmProvider::Openai => "http://127.0.0.1:11434/v1".to_owned(),
+        LlmProvider::Anthropic => "https://api.anthropic.com".to_owned(),
+    });
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        return Err(invalid(
+            format!("{key}.base_url"),
+            format!("`{base_url}` is not an http(s) URL"),
+        ));
+    }
+    if let Some(var) = &merged.api_key_env
+        && (var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        return Err(invalid(
+            format!("{key}.api_key_env"),
+            "must name an environment variable (letters, digits, `_`), not hold the key",
+        ));
+    }
+    let max_tokens = merged.max_tokens.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&max_tokens) {
+        return Err(invalid(format!("{key}.max_tokens"), "must be between 1 and 1000000"));
+    }
+    Ok(LlmAgent {
+        provider,
+        base_url: base_url.trim_end_matches('/').to_owned(),
+        model,
+        api_key_env: merged.api_key_env.clone(),
+        system: merged.system.clone(),
+        prompt: merged.prompt.clone().unwrap_or_else(|| "{prompt}".to_owned()),
+        max_tokens,
+    })
 }
 
 /// `name`'s fields over its base's, over its base's base's…
@@ -146,6 +204,13 @@ fn resolve_agent(
         merged.command = agent.command.clone().or(merged.command);
         merged.args = agent.args.clone().or(merged.args);
         merged.retry_on_failure = agent.retry_on_failure.or(merged.retry_on_failure);
+        merged.provider = agent.provider.or(merged.provider);
+        merged.base_url = agent.base_url.clone().or(merged.base_url);
+        merged.model = agent.model.clone().or(merged.model);
+        merged.api_key_env = agent.api_key_env.clone().or(merged.api_key_env);
+        merged.system = agent.system.clone().or(merged.system);
+        merged.prompt = agent.prompt.clone().or(merged.prompt);
+        merged.max_tokens = agent.max_tokens.or(merged.max_tokens);
         if let Some(env) = &agent.env {
             merged.env.get_or_insert_with(BTreeMap::new).extend(env.clone());
         }

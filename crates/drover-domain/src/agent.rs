@@ -29,6 +29,33 @@ pub enum AgentRunner {
     Template,
     /// A program run in the workspace, in its own process group.
     Command(CommandAgent),
+    /// A chat model behind an HTTP API, streamed.
+    Llm(LlmAgent),
+}
+
+/// Which wire protocol an `llm` agent speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmProvider {
+    /// OpenAI-compatible chat completions (`POST {base_url}/chat/completions`): OpenAI,
+    /// Ollama (`http://127.0.0.1:11434/v1`), vLLM, llama.cpp, LM Studio…
+    Openai,
+    /// Anthropic Messages (`POST {base_url}/v1/messages`).
+    Anthropic,
+}
+
+/// An `llm` agent: one streamed chat turn per attempt; the answer is the stage's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LlmAgent {
+    pub provider: LlmProvider,
+    pub base_url: String,
+    pub model: String,
+    /// The name of the variable holding the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    pub system: Option<String>,
+    /// The user message; placeholders as for command agents (default `{prompt}`).
+    pub prompt: String,
+    pub max_tokens: u32,
 }
 
 /// A command agent: `program args…` with placeholders (`{prompt}`, `{workspace}`,

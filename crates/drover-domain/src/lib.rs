@@ -19,7 +19,9 @@ mod stage;
 mod time;
 mod worker;
 
-pub use agent::{AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent};
+pub use agent::{
+    AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent, LlmAgent, LlmProvider,
+};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};

@@ -50,6 +50,10 @@ pub fn configured_agents(
             AgentRunner::Template => {
                 agents.push(Arc::new(ScaffoldAgent::named(definition.name.clone())));
             }
+            AgentRunner::Llm(llm) => agents.push(Arc::new(crate::llm::LlmAgentRunner::new(
+                definition.name.clone(),
+                llm.clone(),
+            ))),
             AgentRunner::Command(command) => agents.push(Arc::new(
                 crate::command::CommandAgentRunner::new(definition.name.clone(), command.clone()),
             )),

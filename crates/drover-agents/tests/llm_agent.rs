@@ -1,0 +1,232 @@
+//! The `llm` agent against local servers that speak the real wire protocols (OpenAI chat
+//! completions and Anthropic Messages, both streamed as server-sent events): the answer
+//! streams into the log, the transcript and usage are kept, and the key stays secret.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use drover_agents::{Agent, AgentTask, LlmAgentRunner, StageLog};
+use drover_bus::{AgentResult, TaskEnvelope, WorkflowContext};
+use drover_domain::{
+    AgentType, AttemptId, CorrelationId, FencingToken, LlmAgent, LlmProvider, PipelineName,
+    ProjectId, RunId, StageName,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn task(dir: &Path, request: &str) -> AgentTask {
+    let workspace = dir.join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let log_path = dir.join("plan.1.log");
+    AgentTask {
+        envelope: TaskEnvelope {
+            task_id: AttemptId::new(),
+            project_id: ProjectId::default_project(),
+            run_id: RunId::new(),
+            pipeline: PipelineName::parse("p").unwrap(),
+            stage: StageName::parse("plan").unwrap(),
+            agent: AgentType::parse("planner").unwrap(),
+            attempt: 1,
+            fencing_token: FencingToken::FIRST,
+            payload: json!({ "request": request }),
+            context: WorkflowContext {
+                workspace: workspace.display().to_string(),
+                log_path: log_path.display().to_string(),
+                outputs: Default::default(),
+                variables: Default::default(),
+            },
+            deadline: None,
+            correlation_id: CorrelationId::new(),
+            traceparent: None,
+        },
+        workspace,
+        log: StageLog::new(log_path),
+        cancel: CancellationToken::new(),
+    }
+}
+
+/// What the double received: headers of interest and the JSON body.
+type Seen = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
+
+/// A server speaking OpenAI's streamed chat completions at `/v1/chat/completions` and
+/// Anthropic's streamed Messages at `/v1/messages`; a request without the right key gets
+/// the vendor's 401, which quotes the key back.
+async fn model_api(seen: Seen) -> SocketAddr {
+    let openai = {
+        let seen = seen.clone();
+        move |headers: HeaderMap, body: axum::Json<Value>| async move {
+            seen.lock().unwrap().push((headers.clone(), body.0.clone()));
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if auth != "Bearer sk-test-123" {
+                let quoted = auth.trim_start_matches("Bearer ");
+                let error = json!({ "error": { "message": format!("Incorrect API key provided: {quoted}"), "type": "invalid_request_error" } });
+                return (StatusCode::UNAUTHORIZED, axum::Json(error)).into_response();
+            }
+            let chunk = |delta: Value, finish: Value| {
+                json!({ "id": "c1", "object": "chat.completion.chunk", "model": "tiny",
+                        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+            };
+            let events = [
+                chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
+                chunk(json!({ "content": "Plan: " }), Value::Null),
+                chunk(json!({ "content": "write app.py" }), Value::Null),
+                chunk(json!({}), json!("stop")),
+                json!({ "id": "c1", "object": "chat.completion.chunk", "choices": [],
+                        "usage": { "prompt_tokens": 21, "completion_tokens": 4, "total_tokens": 25 } }),
+            ];
+            let mut body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            body.push_str("data: [DONE]\n\n");
+            ([("content-type", "text/event-stream")], body).into_response()
+        }
+    };
+    let anthropic = move |headers: HeaderMap, body: axum::Json<Value>| async move {
+        seen.lock().unwrap().push((headers, body.0));
+        let events = [
+            (
+                "message_start",
+                json!({ "type": "message_start", "message": { "id": "m1", "usage": { "input_tokens": 30, "output_tokens": 1 } } }),
+            ),
+            (
+                "content_block_start",
+                json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
+            ),
+            ("ping", json!({ "type": "ping" })),
+            (
+                "content_block_delta",
+                json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Hello from " } }),
+            ),
+            (
+                "content_block_delta",
+                json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Claude" } }),
+            ),
+            ("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })),
+            (
+                "message_delta",
+                json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn" }, "usage": { "output_tokens": 7 } }),
+            ),
+            ("message_stop", json!({ "type": "message_stop" })),
+        ];
+        let body: String =
+            events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
+        ([("content-type", "text/event-stream")], body).into_response()
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(openai))
+        .route("/v1/messages", post(anthropic));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Test keys, by variable name (the process environment is not touched).
+fn keys(name: &str) -> Option<String> {
+    match name {
+        "OPENAI_KEY_OK" => Some("sk-test-123".into()),
+        "OPENAI_KEY_BAD" => Some("sk-wrong-456".into()),
+        "ANTHROPIC_KEY" => Some("sk-ant-789".into()),
+        _ => None,
+    }
+}
+
+fn agent(provider: LlmProvider, base_url: String, key_var: &str) -> LlmAgentRunner {
+    LlmAgentRunner::new(
+        AgentType::parse("planner").unwrap(),
+        LlmAgent {
+            provider,
+            base_url,
+            model: "tiny".into(),
+            api_key_env: Some(key_var.into()),
+            system: Some("You plan {stage} work.".into()),
+            prompt: "Make a plan for: {prompt}".into(),
+            max_tokens: 256,
+        },
+    )
+    .with_keys(Arc::new(keys))
+}
+
+#[tokio::test]
+async fn an_openai_compatible_stream_is_logged_and_its_transcript_and_usage_kept() {
+    let seen: Seen = Arc::default();
+    let addr = model_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let task = task(dir.path(), "Hello World API");
+    let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "OPENAI_KEY_OK");
+    let output = match runner.run(&task).await {
+        AgentResult::Succeeded { output } => output,
+        AgentResult::Failed { error, .. } => panic!("{error}"),
+    };
+    assert_eq!(output["text"], "Plan: write app.py");
+    assert_eq!(output["finish_reason"], "stop");
+    assert_eq!(output["usage"], json!({ "input_tokens": 21, "output_tokens": 4, "tokens": 25 }));
+
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(headers["authorization"], "Bearer sk-test-123");
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["model"], "tiny");
+    assert_eq!(body["messages"][0], json!({ "role": "system", "content": "You plan plan work." }));
+    assert_eq!(
+        body["messages"][1],
+        json!({ "role": "user", "content": "Make a plan for: Hello World API" })
+    );
+
+    let log = std::fs::read_to_string(task.log.path()).unwrap();
+    assert!(log.contains("Plan: write app.py"), "{log}");
+    assert!(!log.contains("sk-test-123"), "the key reached the log");
+    let transcript: Value =
+        serde_json::from_slice(&std::fs::read(output["transcript"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(transcript["request"]["messages"][1]["content"], "Make a plan for: Hello World API");
+    assert_eq!(transcript["response"]["text"], "Plan: write app.py");
+    assert_eq!(transcript["response"]["usage"]["tokens"], 25);
+    assert!(!transcript.to_string().contains("sk-test-123"), "the key reached the transcript");
+}
+
+#[tokio::test]
+async fn a_rejected_key_fails_the_stage_without_ever_showing_the_key() {
+    let addr = model_api(Arc::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "OPENAI_KEY_BAD");
+    match runner.run(&task(dir.path(), "x")).await {
+        AgentResult::Failed { error, retryable } => {
+            assert!(error.contains("401"), "{error}");
+            assert!(error.contains("Incorrect API key provided: [redacted]"), "{error}");
+            assert!(!error.contains("sk-wrong-456"), "{error}");
+            assert!(!retryable, "a bad key will not fix itself");
+        }
+        AgentResult::Succeeded { output } => panic!("succeeded: {output}"),
+    }
+    // A key variable that is not set is named, and nothing is sent.
+    let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "NO_SUCH_KEY");
+    match runner.run(&task(dir.path(), "x")).await {
+        AgentResult::Failed { error, .. } => {
+            assert!(error.contains("`NO_SUCH_KEY` is not set"), "{error}");
+        }
+        AgentResult::Succeeded { output } => panic!("succeeded: {output}"),
+    }
+}
+
+#[tokio::test]
+async fn the_anthropic_messages_stream_is_read_the_same_way() {
+    let seen: Seen = Arc::default();
+    let addr = model_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let runner = agent(LlmProvider::Anthropic, format!("http://{addr}"), "ANTHROPIC_KEY");
+    let output = match runner.run(&task(dir.path(), "Todo API")).await {
+        AgentResult::Succeeded { output } => output,
+        AgentResult::Failed { error, .. } => panic!("{error}"),
+    };
+    assert_eq!(output["text"], "Hello from Claude");
+    assert_eq!(output["finish_reason"], "end_turn");
+    assert_eq!(output["usage"], json!({ "input_tokens": 30, "output_tokens": 7, "tokens": 37 }));
+    let (headers, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(headers["x-api-key"], "sk-ant-789");
+    assert_eq!(headers["anthropic-version"], "2023-06-01");
+    assert_eq!(body["system"], "You plan plan work.");
+    assert_eq!(body["messages"][0]["content"], "Make a plan for: Todo API");
+}
