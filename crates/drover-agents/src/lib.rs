@@ -8,6 +8,7 @@
 //! catalog, validate it, run it end to end, run its tests and deploy it. Agents defined
 //! in the config run a command ([`CommandAgentRunner`]) or the template scaffolder.
 
+mod artifacts;
 pub mod builtin;
 mod command;
 mod llm;

@@ -253,6 +253,7 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         envelope,
     };
     tracing::info!("stage started");
+    let snapshot = crate::artifacts::Snapshot::take(&task.workspace, task.log.path()).await;
     let deadline_after_cancel = async {
         cancel.cancelled().await;
         tokio::time::sleep(CANCEL_CLEANUP).await;
@@ -261,6 +262,9 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         result = agent.run(&task) => Some(result),
         () = deadline_after_cancel => None,
     };
+    if let Some(snapshot) = snapshot {
+        snapshot.diff_into(&task.log.path().with_extension("diff")).await;
+    }
     heartbeat.abort();
     shared.running().remove(&attempt_id);
 

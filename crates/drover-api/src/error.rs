@@ -32,7 +32,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
         ErrorCode::NotDeadLettered | ErrorCode::LeaseUnavailable => StatusCode::CONFLICT,
-        ErrorCode::EnvironmentNotFound | ErrorCode::ServiceNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::EnvironmentNotFound
+        | ErrorCode::ServiceNotFound
+        | ErrorCode::ArtifactNotFound => StatusCode::NOT_FOUND,
         ErrorCode::EnvironmentQuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::EnvironmentNameTaken | ErrorCode::UnmergedWork => StatusCode::CONFLICT,
         ErrorCode::NoFreePorts => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,6 +73,7 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::EnvironmentNameTaken => "Environment name taken",
         ErrorCode::UnmergedWork => "Unmerged work",
         ErrorCode::ServiceNotFound => "Service not found",
+        ErrorCode::ArtifactNotFound => "Artifact not found",
         ErrorCode::NoFreePorts => "No free ports",
         ErrorCode::WorkspaceFailed => "Workspace failed",
         ErrorCode::UnknownHost => "Unknown host",

@@ -5,6 +5,7 @@
 //! results into wire types; every error, from any layer, becomes problem+json in
 //! [`error`]. Every query is scoped to the caller's project ([`Caller`]).
 
+pub mod artifacts;
 mod dlq;
 pub mod environments;
 mod error;
@@ -112,6 +113,8 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/runs/{id}/cancel", post(runs::cancel_run))
         .route("/runs/{id}/events", get(runs::run_events))
         .route("/runs/{id}/logs", get(logs::run_logs))
+        .route("/runs/{id}/artifacts", get(artifacts::list))
+        .route("/runs/{id}/artifacts/{name}", get(artifacts::download))
         .route("/pipelines", get(system::pipelines))
         .route("/agents", get(system::agents))
         .route("/workers", get(workers::list_workers))

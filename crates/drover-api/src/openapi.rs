@@ -28,6 +28,8 @@ use crate::wire::{
         crate::runs::cancel_run,
         crate::runs::run_events,
         crate::logs::run_logs,
+        crate::artifacts::list,
+        crate::artifacts::download,
         crate::workers::list_workers,
         crate::workers::bootstrap,
         crate::workers::lease,
@@ -56,6 +58,7 @@ use crate::wire::{
         crate::environments::EnvironmentPage, crate::environments::ServiceView,
         crate::environments::ServiceList, crate::environments::ServicesOverview,
         crate::environments::PortsView, crate::routes::RouteList, crate::routes::RouteView,
+        crate::artifacts::ArtifactList, crate::artifacts::ArtifactView,
         crate::routes::UnroutedView,
     )),
     tags(

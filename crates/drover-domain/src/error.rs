@@ -88,6 +88,8 @@ pub enum ErrorCode {
     UnmergedWork,
     /// The environment has no such service.
     ServiceNotFound,
+    /// The run has no artifact of that name.
+    ArtifactNotFound,
     /// No block of free ports is left in the configured range.
     NoFreePorts,
     /// The workspace could not be prepared (git, setup hook).
@@ -131,6 +133,7 @@ impl ErrorCode {
             Self::EnvironmentNameTaken => "environment_name_taken",
             Self::UnmergedWork => "unmerged_work",
             Self::ServiceNotFound => "service_not_found",
+            Self::ArtifactNotFound => "artifact_not_found",
             Self::NoFreePorts => "no_free_ports",
             Self::WorkspaceFailed => "workspace_failed",
             Self::UnknownHost => "unknown_host",

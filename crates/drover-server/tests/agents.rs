@@ -105,3 +105,109 @@ async fn a_command_agents_log_streams_live_and_the_agents_are_listed() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn an_attempt_in_a_git_workspace_leaves_its_diff_as_an_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    for args in
+        [&["init", "-q", "-b", "main"][..], &["commit", "-q", "--allow-empty", "-m", "start"]]
+    {
+        let status = std::process::Command::new("git")
+            .current_dir(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.enabled = false;
+    (config.environments.port_range_start, config.environments.port_range_end) =
+        drover_testkit::port_range(20);
+    config.agents = BTreeMap::from([(
+        "writer".to_owned(),
+        AgentConfig {
+            command: Some("sh".into()),
+            args: Some(vec!["-c".into(), "echo 'print(1)' > made_by_agent.py".into()]),
+            ..AgentConfig::default()
+        },
+    )]);
+    config.pipelines = BTreeMap::from([(
+        "write".to_owned(),
+        PipelineConfig {
+            stages: vec![StageConfig {
+                name: "code".into(),
+                agent: Some("writer".into()),
+                ..StageConfig::default()
+            }],
+            ..PipelineConfig::default()
+        },
+    )]);
+    let server = Server::build(config, Mode::Full).await.unwrap();
+    let url = server.url();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    let created = http
+        .post(format!("{url}/api/v1/environments"))
+        .json(&json!({ "name": "feature", "repo": repo.display().to_string() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let run: Value = http
+        .post(format!("{url}/api/v1/runs"))
+        .json(&json!({ "request": "add a file", "pipeline": "write", "environment": "feature" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+    let mut finished = Value::Null;
+    for _ in 0..200 {
+        finished =
+            http.get(format!("{url}/api/v1/runs/{id}")).send().await.unwrap().json().await.unwrap();
+        if finished["status"] == "succeeded" || finished["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+
+    let artifacts: Value = http
+        .get(format!("{url}/api/v1/runs/{id}/artifacts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = artifacts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["code.1.diff", "code.1.log"], "{artifacts}");
+    let diff =
+        http.get(format!("{url}/api/v1/runs/{id}/artifacts/code.1.diff")).send().await.unwrap();
+    assert_eq!(diff.headers()["content-type"], "text/x-diff; charset=utf-8");
+    let diff = diff.text().await.unwrap();
+    assert!(diff.contains("made_by_agent.py") && diff.contains("+print(1)"), "{diff}");
+    let missing =
+        http.get(format!("{url}/api/v1/runs/{id}/artifacts/..%2Fdrover.db")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let problem: Value = missing.json().await.unwrap();
+    assert_eq!(problem["code"], "artifact_not_found");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+}

@@ -282,6 +282,16 @@ pub(crate) enum RunsCommand {
     Show { id: String },
     /// Cancel a run and stop its running stage.
     Cancel { id: String },
+    /// List what each stage attempt left (logs, transcripts, diffs), or download them.
+    Artifacts {
+        id: String,
+        /// Only this stage's (or `app`).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Download them into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a run's logs (every stage attempt, then the deployed app).
     Logs {
         id: String,

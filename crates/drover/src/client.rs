@@ -280,6 +280,33 @@ impl Client {
         }))
     }
 
+    pub(crate) async fn artifacts(
+        &self,
+        id: &str,
+        stage: Option<&str>,
+    ) -> Result<drover_api::artifacts::ArtifactList, ClientError> {
+        let path = format!("/api/v1/runs/{}/artifacts", encode(id));
+        let query: Vec<(&str, &str)> = stage.map(|s| ("stage", s)).into_iter().collect();
+        self.json(self.request(reqwest::Method::GET, &path).query(&query)).await
+    }
+
+    /// One artifact's bytes, as they arrive.
+    pub(crate) async fn artifact(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
+        let path = format!("/api/v1/runs/{}/artifacts/{}", encode(id), encode(name));
+        let response = self.send(self.request(reqwest::Method::GET, &path)).await?;
+        let base = self.base.clone();
+        Ok(response.bytes_stream().map(move |chunk| {
+            chunk.map(|bytes| bytes.to_vec()).map_err(|err| ClientError::Unreachable {
+                url: base.clone(),
+                message: describe(&err),
+            })
+        }))
+    }
+
     pub(crate) async fn agents(&self) -> Result<drover_api::wire::AgentList, ClientError> {
         self.json(self.request(reqwest::Method::GET, "/api/v1/agents")).await
     }

@@ -564,6 +564,21 @@ agent = "fake-coder"
     assert!(logs.contains("fake-coder: asked to build 'Hello World API'"), "{logs}");
     assert!(logs.contains("fake-coder: model tiny-for-scaffold"), "{logs}");
 
+    let artifacts = stdout(&run_ok(drover(dir.path()).args(["runs", "artifacts", id])));
+    assert!(
+        artifacts.contains("scaffold.1.log") && artifacts.contains("deploy.1.log"),
+        "{artifacts}"
+    );
+    let out = dir.path().join("artifacts");
+    run_ok(
+        drover(dir.path())
+            .args(["runs", "artifacts", id, "--stage", "scaffold", "--out"])
+            .arg(&out),
+    );
+    let saved = std::fs::read_to_string(out.join("scaffold.1.log")).unwrap();
+    assert!(saved.contains("fake-coder: asked to build"), "{saved}");
+    assert!(!out.join("validate.1.log").exists(), "--stage scaffold saved other stages");
+
     // A config naming an agent that does not exist is refused before anything runs.
     std::fs::write(
         dir.path().join("drover.toml"),

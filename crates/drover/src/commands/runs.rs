@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use drover_config::Config;
 use drover_server::Mode;
 use futures::StreamExt;
@@ -89,6 +91,47 @@ async fn runs_with(
                 output::json(&run);
             } else {
                 output::note(format!("run {} cancelled", run.id));
+            }
+        }
+        RunsCommand::Artifacts { id, stage, out } => {
+            let list = client.artifacts(&id, stage.as_deref()).await?;
+            if let Some(dir) = out {
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                for item in &list.items {
+                    let path = dir.join(&item.name);
+                    let mut file = tokio::fs::File::create(&path)
+                        .await
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    let chunks = client.artifact(&id, &item.name).await?;
+                    futures::pin_mut!(chunks);
+                    while let Some(chunk) = chunks.next().await {
+                        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk?).await?;
+                    }
+                }
+                output::note(format!(
+                    "{} artifacts written to {}",
+                    list.items.len(),
+                    dir.display()
+                ));
+            } else if global.json {
+                output::json(&list);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .items
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.stage.clone(),
+                            a.attempt.map(|n| n.to_string()).unwrap_or_default(),
+                            a.kind.clone(),
+                            a.size_bytes.to_string(),
+                            a.name.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["STAGE", "ATTEMPT", "KIND", "BYTES", "NAME"], &rows);
             }
         }
         RunsCommand::Logs { id, stage, attempt, follow } => {

@@ -1,0 +1,165 @@
+//! `GET /api/v1/runs/{id}/artifacts` and `…/artifacts/{name}`: what each stage attempt
+//! left besides its result: its log, an `llm` agent's transcript, the diff it made in a
+//! git workspace, and the deployed app's output. Names come from the run's own log
+//! directory listing, so a request can only ever name one of those files.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use drover_domain::ErrorCode;
+use serde::{Deserialize, Serialize};
+use tokio_util::io::ReaderStream;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::{ApiError, Problem};
+use crate::extract::ApiQuery;
+use crate::runs::find_run;
+use crate::{AppState, Caller};
+
+/// One file a stage attempt left.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactView {
+    /// The file name, e.g. `scaffold.1.diff`; download it at `…/artifacts/{name}`.
+    pub name: String,
+    /// `app` for the deployed app's output.
+    pub stage: String,
+    pub attempt: Option<u32>,
+    /// `log`, `transcript` or `diff`.
+    pub kind: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactList {
+    pub items: Vec<ArtifactView>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ArtifactsQuery {
+    /// Only this stage's (or `app`).
+    stage: Option<String>,
+}
+
+/// A run's artifacts, in stage and attempt order.
+#[utoipa::path(
+    get, path = "/api/v1/runs/{id}/artifacts", tag = "runs",
+    params(("id" = String, Path, description = "Run id"), ArtifactsQuery),
+    responses(
+        (status = 200, body = ArtifactList),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<ArtifactsQuery>,
+) -> Result<Json<ArtifactList>, ApiError> {
+    let run = find_run(&state, &caller.project, &id).await?;
+    let dir = state.engine().layout().logs_dir(run.id);
+    let mut items = Vec::new();
+    if let Ok(mut entries) = tokio::fs::read_dir(&dir).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(mut artifact) = describe(&name) else { continue };
+            if query.stage.as_deref().is_some_and(|s| s != artifact.stage) {
+                continue;
+            }
+            artifact.size_bytes = entry.metadata().await.map(|m| m.len()).unwrap_or(0);
+            items.push(artifact);
+        }
+    }
+    // Pipeline order is attempt order in time; the log files' stages sort by the run's
+    // attempts.
+    let attempts = state.engine().store().list_attempts(&caller.project, run.id).await?;
+    let position = |a: &ArtifactView| {
+        attempts
+            .iter()
+            .position(|t| t.stage.as_str() == a.stage && Some(t.attempt) == a.attempt)
+            .unwrap_or(usize::MAX)
+    };
+    items.sort_by(|a, b| position(a).cmp(&position(b)).then_with(|| a.name.cmp(&b.name)));
+    Ok(Json(ArtifactList { items }))
+}
+
+/// One artifact's bytes.
+#[utoipa::path(
+    get, path = "/api/v1/runs/{id}/artifacts/{name}", tag = "runs",
+    params(("id" = String, Path, description = "Run id"), ("name" = String, Path, description = "Artifact name")),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = String),
+        (status = 404, description = "No such run or artifact", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let run = find_run(&state, &caller.project, &id).await?;
+    let missing = || {
+        ApiError::new(
+            ErrorCode::ArtifactNotFound,
+            format!("run {} has no artifact `{name}`", run.id),
+        )
+    };
+    let artifact = describe(&name).ok_or_else(missing)?;
+    let path = state.engine().layout().logs_dir(run.id).join(&artifact.name);
+    let file = tokio::fs::File::open(&path).await.map_err(|_| missing())?;
+    let content_type = match artifact.kind.as_str() {
+        "transcript" => "application/json",
+        "diff" => "text/x-diff; charset=utf-8",
+        _ => "text/plain; charset=utf-8",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(ReaderStream::new(file)))
+        .into_response())
+}
+
+/// What a log-directory file name says: `STAGE.N.log`, `STAGE.N.transcript.json`,
+/// `STAGE.N.diff`, `app.log`. Anything else (including any path) is not an artifact.
+fn describe(name: &str) -> Option<ArtifactView> {
+    if name == "app.log" {
+        return Some(artifact(name, "app", None, "log"));
+    }
+    let (stem, kind) = [(".transcript.json", "transcript"), (".diff", "diff"), (".log", "log")]
+        .into_iter()
+        .find_map(|(suffix, kind)| Some((name.strip_suffix(suffix)?, kind)))?;
+    let (stage, attempt) = stem.rsplit_once('.')?;
+    let attempt: u32 = attempt.parse().ok()?;
+    drover_domain::StageName::parse(stage).ok()?;
+    Some(artifact(name, stage, Some(attempt), kind))
+}
+
+fn artifact(name: &str, stage: &str, attempt: Option<u32>, kind: &str) -> ArtifactView {
+    ArtifactView {
+        name: name.to_owned(),
+        stage: stage.to_owned(),
+        attempt,
+        kind: kind.to_owned(),
+        size_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_log_directorys_own_names_are_artifacts() {
+        let diff = describe("scaffold.2.diff").unwrap();
+        assert_eq!(
+            (diff.stage.as_str(), diff.attempt, diff.kind.as_str()),
+            ("scaffold", Some(2), "diff")
+        );
+        assert_eq!(describe("plan.1.transcript.json").unwrap().kind, "transcript");
+        assert_eq!(describe("app.log").unwrap().stage, "app");
+        for bad in
+            ["../drover.db", "x.log", "a/b.1.log", "scaffold.one.log", ".1.log", "s.1.git-index"]
+        {
+            assert!(describe(bad).is_none(), "{bad}");
+        }
+    }
+}
