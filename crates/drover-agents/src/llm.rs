@@ -8,6 +8,7 @@
 //! The agent proposes nothing to run: its answer is text for later stages
 //! (`{output.STAGE.text}`).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,60 @@ pub struct LlmAgentRunner {
     spec: LlmAgent,
     http: reqwest::Client,
     keys: KeySource,
+    cache: Option<ResponseCache>,
+}
+
+/// Answers kept on disk by a hash of the whole request (URL, model, messages, limits),
+/// each reused until its age passes the agent's `cache_ttl`.
+struct ResponseCache {
+    dir: PathBuf,
+    ttl: Duration,
+}
+
+impl ResponseCache {
+    fn path(&self, url: &str, body: &Value) -> PathBuf {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{url}\n{body}").as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{hex}.json"))
+    }
+
+    /// A kept answer younger than the TTL; an expired one is removed.
+    async fn get(&self, path: &Path) -> Option<Answer> {
+        let age = tokio::fs::metadata(path).await.ok()?.modified().ok()?.elapsed().ok()?;
+        if age > self.ttl {
+            let _ = tokio::fs::remove_file(path).await;
+            return None;
+        }
+        let kept: Value = serde_json::from_slice(&tokio::fs::read(path).await.ok()?).ok()?;
+        Some(Answer {
+            text: kept["text"].as_str()?.to_owned(),
+            truncated: kept["truncated"].as_bool().unwrap_or(false),
+            finish_reason: kept["finish_reason"].as_str().map(str::to_owned),
+            input_tokens: kept["input_tokens"].as_u64(),
+            output_tokens: kept["output_tokens"].as_u64(),
+        })
+    }
+
+    async fn put(&self, path: &Path, answer: &Answer) {
+        let kept = json!({
+            "text": answer.text,
+            "truncated": answer.truncated,
+            "finish_reason": answer.finish_reason,
+            "input_tokens": answer.input_tokens,
+            "output_tokens": answer.output_tokens,
+        });
+        // Written aside and renamed, so a reader never sees half an answer.
+        let partial = path.with_extension("partial");
+        let written = async {
+            tokio::fs::create_dir_all(&self.dir).await?;
+            tokio::fs::write(&partial, kept.to_string()).await?;
+            tokio::fs::rename(&partial, path).await
+        };
+        if let Err(err) = written.await {
+            tracing::warn!(error = %err, "cannot keep an llm answer in the cache");
+        }
+    }
 }
 
 impl LlmAgentRunner {
@@ -48,7 +103,13 @@ impl LlmAgentRunner {
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         let keys: KeySource = Arc::new(|name| std::env::var(name).ok());
-        Self { agent_type, spec, http, keys }
+        Self { agent_type, spec, http, keys, cache: None }
+    }
+
+    /// Keeps answers under `dir` when the agent has a `cache_ttl`.
+    pub fn with_cache_dir(mut self, dir: PathBuf) -> Self {
+        self.cache = self.spec.cache_ttl.map(|ttl| ResponseCache { dir, ttl });
+        self
     }
 
     /// Reads API keys from `keys` instead (project secrets, a test's own values).
@@ -113,9 +174,30 @@ impl LlmAgentRunner {
             format!("$ {} {} ({url})\n", provider_name(self.spec.provider), self.spec.model);
         let _ = log.write_all(header.as_bytes()).await;
 
-        let answer = tokio::select! {
-            () = task.cancel.cancelled() => return Err(AgentFailure::transient("cancelled")),
-            answer = self.converse(request, &mut log, &secret) => answer?,
+        let cached = match &self.cache {
+            Some(cache) => {
+                let path = cache.path(&url, &body);
+                cache.get(&path).await.map(|answer| (answer, path))
+            }
+            None => None,
+        };
+        let from_cache = cached.is_some();
+        let answer = match cached {
+            Some((answer, _)) => {
+                let _ = log.write_all(b"(answer reused from the llm cache)\n").await;
+                let _ = log.write_all(answer.text.as_bytes()).await;
+                answer
+            }
+            None => {
+                let answer = tokio::select! {
+                    () = task.cancel.cancelled() => return Err(AgentFailure::transient("cancelled")),
+                    answer = self.converse(request, &mut log, &secret) => answer?,
+                };
+                if let Some(cache) = &self.cache {
+                    cache.put(&cache.path(&url, &body), &answer).await;
+                }
+                answer
+            }
         };
         let _ = log.write_all(b"\n").await;
         let _ = log.flush().await;
@@ -131,6 +213,7 @@ impl LlmAgentRunner {
             "model": self.spec.model,
             "url": url,
             "request": body,
+            "cached": from_cache,
             "response": {
                 "text": answer.text,
                 "truncated": answer.truncated,
@@ -158,6 +241,7 @@ impl LlmAgentRunner {
             "text": text,
             "finish_reason": answer.finish_reason,
             "usage": usage,
+            "cached": from_cache,
             "transcript": transcript_path.display().to_string(),
         }))
     }

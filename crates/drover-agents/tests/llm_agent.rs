@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
@@ -145,6 +146,7 @@ fn agent(provider: LlmProvider, base_url: String, key_var: &str) -> LlmAgentRunn
             system: Some("You plan {stage} work.".into()),
             prompt: "Make a plan for: {prompt}".into(),
             max_tokens: 256,
+            cache_ttl: None,
         },
     )
     .with_keys(Arc::new(keys))
@@ -229,4 +231,46 @@ async fn the_anthropic_messages_stream_is_read_the_same_way() {
     assert_eq!(headers["anthropic-version"], "2023-06-01");
     assert_eq!(body["system"], "You plan plan work.");
     assert_eq!(body["messages"][0]["content"], "Make a plan for: Todo API");
+}
+
+#[tokio::test]
+async fn with_a_cache_ttl_an_identical_request_is_answered_from_the_cache() {
+    let seen: Seen = Arc::default();
+    let addr = model_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let with_ttl = |ttl: Option<Duration>| {
+        LlmAgentRunner::new(
+            AgentType::parse("planner").unwrap(),
+            LlmAgent {
+                provider: LlmProvider::Openai,
+                base_url: format!("http://{addr}/v1"),
+                model: "tiny".into(),
+                api_key_env: Some("OPENAI_KEY_OK".into()),
+                system: None,
+                prompt: "{prompt}".into(),
+                max_tokens: 256,
+                cache_ttl: ttl,
+            },
+        )
+        .with_keys(Arc::new(keys))
+        .with_cache_dir(dir.path().join("cache"))
+    };
+    let answer = |result: AgentResult| match result {
+        AgentResult::Succeeded { output } => output,
+        AgentResult::Failed { error, .. } => panic!("{error}"),
+    };
+    let first =
+        answer(with_ttl(Some(Duration::from_secs(3600))).run(&task(dir.path(), "same")).await);
+    let second =
+        answer(with_ttl(Some(Duration::from_secs(3600))).run(&task(dir.path(), "same")).await);
+    assert_eq!(seen.lock().unwrap().len(), 1, "the second identical request reached the API");
+    assert_eq!((first["cached"].as_bool(), second["cached"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(first["text"], second["text"]);
+    assert_eq!(second["usage"], first["usage"]);
+    // Another prompt is another request.
+    answer(with_ttl(Some(Duration::from_secs(3600))).run(&task(dir.path(), "different")).await);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    // Without a TTL (the default) nothing is reused.
+    answer(with_ttl(None).run(&task(dir.path(), "same")).await);
+    assert_eq!(seen.lock().unwrap().len(), 3);
 }

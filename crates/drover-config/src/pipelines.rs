@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub prompt: Option<String>,
     /// `llm`: the most tokens the answer may have (default 4096).
     pub max_tokens: Option<u32>,
+    /// `llm`: reuse the answer to an identical request for this long (off by default).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +170,7 @@ fn llm_agent(key: &str, merged: &AgentConfig) -> Result<LlmAgent, ConfigError> {
         system: merged.system.clone(),
         prompt: merged.prompt.clone().unwrap_or_else(|| "{prompt}".to_owned()),
         max_tokens,
+        cache_ttl: merged.cache_ttl.filter(|ttl| !ttl.is_zero()),
     })
 }
 
@@ -211,6 +215,7 @@ fn resolve_agent(
         merged.system = agent.system.clone().or(merged.system);
         merged.prompt = agent.prompt.clone().or(merged.prompt);
         merged.max_tokens = agent.max_tokens.or(merged.max_tokens);
+        merged.cache_ttl = agent.cache_ttl.or(merged.cache_ttl);
         if let Some(env) = &agent.env {
             merged.env.get_or_insert_with(BTreeMap::new).extend(env.clone());
         }

@@ -56,6 +56,10 @@ pub struct LlmAgent {
     /// The user message; placeholders as for command agents (default `{prompt}`).
     pub prompt: String,
     pub max_tokens: u32,
+    /// Answers to an identical request (same model, same messages) are reused for this
+    /// long; `None`: never (the default).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Option<std::time::Duration>,
 }
 
 /// A command agent: `program args…` with placeholders (`{prompt}`, `{workspace}`,

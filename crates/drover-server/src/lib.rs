@@ -180,7 +180,7 @@ impl Server {
         let workers = (full && config.workers.embedded).then(|| {
             WorkerPool::start(
                 bus.clone(),
-                builtin::configured_agents(&agents, envs.clone()),
+                builtin::configured_agents(&agents, envs.clone(), &config.data_dir),
                 WorkerPoolConfig {
                     worker_id: WorkerId::new(format!("embedded-{}", std::process::id())),
                     concurrency: config.workers.concurrency,

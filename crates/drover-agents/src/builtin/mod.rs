@@ -37,10 +37,12 @@ pub fn sdlc_agents(apps: Arc<dyn AppHost>) -> Vec<Arc<dyn Agent>> {
 }
 
 /// The agents `definitions` name: built-in ones, config-defined commands and template
-/// scaffolders. `apps` keeps what the deploy stage deploys.
+/// scaffolders. `apps` keeps what the deploy stage deploys; `llm` agents with a
+/// `cache_ttl` keep answers under `data_dir/llm-cache`.
 pub fn configured_agents(
     definitions: &[drover_domain::AgentDefinition],
     apps: Arc<dyn AppHost>,
+    data_dir: &std::path::Path,
 ) -> Vec<Arc<dyn Agent>> {
     use drover_domain::AgentRunner;
     let mut agents = sdlc_agents(apps);
@@ -50,10 +52,10 @@ pub fn configured_agents(
             AgentRunner::Template => {
                 agents.push(Arc::new(ScaffoldAgent::named(definition.name.clone())));
             }
-            AgentRunner::Llm(llm) => agents.push(Arc::new(crate::llm::LlmAgentRunner::new(
-                definition.name.clone(),
-                llm.clone(),
-            ))),
+            AgentRunner::Llm(llm) => agents.push(Arc::new(
+                crate::llm::LlmAgentRunner::new(definition.name.clone(), llm.clone())
+                    .with_cache_dir(data_dir.join("llm-cache")),
+            )),
             AgentRunner::Command(command) => agents.push(Arc::new(
                 crate::command::CommandAgentRunner::new(definition.name.clone(), command.clone()),
             )),

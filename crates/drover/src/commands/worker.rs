@@ -28,7 +28,8 @@ pub(crate) async fn work(
 
     let deployments = Deployments::new();
     let definitions = config.agent_definitions()?;
-    let agents = select_agents(&args.agent, &definitions, Arc::new(deployments.clone()))?;
+    let agents =
+        select_agents(&args.agent, &definitions, Arc::new(deployments.clone()), &config.data_dir)?;
     let heartbeat = Duration::from_millis(bootstrap.heartbeat_interval_ms.max(100));
     let options = BusOptions {
         capacity: config.bus.capacity,
@@ -83,8 +84,9 @@ fn select_agents(
     wanted: &[String],
     definitions: &[drover_domain::AgentDefinition],
     apps: Arc<dyn drover_env::apps::AppHost>,
+    data_dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Arc<dyn Agent>>> {
-    let available = builtin::configured_agents(definitions, apps);
+    let available = builtin::configured_agents(definitions, apps, data_dir);
     if wanted.iter().any(|w| w == "all") {
         return Ok(available);
     }
