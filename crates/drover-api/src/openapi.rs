@@ -51,7 +51,8 @@ use crate::wire::{
         crate::routes::list,
     ),
     components(schemas(
-        AgentList, AgentView, CreateRun, RunView, RunPage, AttemptView, DeploymentView, EventView, PipelineList,
+        AgentList, AgentView, CreateRun, RunView, RunPage, crate::wire::BudgetBody,
+        crate::wire::UsageView, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
         crate::environments::CreateEnvironmentBody, crate::environments::EnvironmentView,

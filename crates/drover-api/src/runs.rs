@@ -93,6 +93,11 @@ pub(crate) async fn create_run(
 ) -> Result<(StatusCode, HeaderMap, Json<RunView>), ApiError> {
     let request = RunRequest::parse(body.request)
         .map_err(|err| ApiError::validation(vec![FieldError::from(err)]))?;
+    let budget = body
+        .budget
+        .map(|b| drover_domain::Budget::new(b.tokens, b.cost_usd))
+        .transpose()
+        .map_err(|err| ApiError::validation(vec![FieldError::from(err)]))?;
     if state.inner.draining.is_cancelled() {
         return Err(ApiError::new(
             ErrorCode::ShuttingDown,
@@ -139,7 +144,14 @@ pub(crate) async fn create_run(
     };
     let submitted = state
         .engine()
-        .submit_as(run_id, &caller.project, request, pipeline, CorrelationId::new(), placement)
+        .submit_as(
+            run_id,
+            &caller.project,
+            request,
+            pipeline,
+            CorrelationId::new(),
+            drover_engine::RunOptions { placement, budget },
+        )
         .await;
     let run = match submitted {
         Ok(run) => run,
@@ -269,6 +281,12 @@ pub(crate) async fn get_run(
     } else {
         Default::default()
     };
+    let spent = attempts
+        .iter()
+        .filter_map(|a| a.output.as_ref())
+        .map(drover_domain::Usage::reported_in)
+        .fold(drover_domain::Usage::default(), drover_domain::Usage::plus);
+    view.usage = Some(crate::wire::UsageView { tokens: spent.tokens, cost_usd: spent.cost_usd });
     view.attempts = Some(
         attempts
             .iter()

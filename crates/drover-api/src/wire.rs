@@ -20,6 +20,26 @@ pub struct CreateRun {
     /// run gets a workspace of its own.
     #[serde(default)]
     pub environment: Option<String>,
+    /// What its stages may spend together; past it the run stops with the reason.
+    #[serde(default)]
+    pub budget: Option<BudgetBody>,
+}
+
+/// A run's budget: `tokens`, `cost_usd`, or both.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+}
+
+/// What a run's stages spent (from the `usage` their agents reported).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct UsageView {
+    pub tokens: u64,
+    pub cost_usd: f64,
 }
 
 /// A run, with its stage attempts when fetched alone.
@@ -45,6 +65,12 @@ pub struct RunView {
     /// Every attempt of every stage, in pipeline order (only on `GET /runs/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptView>>,
+    /// Its budget, if it has one.
+    #[serde(default)]
+    pub budget: Option<BudgetBody>,
+    /// What its stages spent so far (only on `GET /runs/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageView>,
 }
 
 /// Where a run's app was deployed.
@@ -176,6 +202,8 @@ impl RunView {
             deployment,
             environment_id: run.environment_id.map(|id| id.to_string()),
             attempts: None,
+            budget: run.budget.map(|b| BudgetBody { tokens: b.tokens, cost_usd: b.cost_usd }),
+            usage: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! typed [`TransitionError`]; nothing downstream writes a status without asking.
 
 mod agent;
+mod budget;
 mod environment;
 mod error;
 mod event;
@@ -22,6 +23,7 @@ mod worker;
 pub use agent::{
     AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent, LlmAgent, LlmProvider,
 };
+pub use budget::{Budget, Usage};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};

@@ -174,6 +174,9 @@ pub struct Run {
     /// Its environment's variables (ports, service addresses), given to its agents.
     #[serde(default)]
     pub variables: std::collections::BTreeMap<String, String>,
+    /// What its stages may spend together; past it the run stops.
+    #[serde(default)]
+    pub budget: Option<crate::Budget>,
 }
 
 #[cfg(test)]

@@ -44,6 +44,15 @@ pub struct RunPlacement {
     pub variables: std::collections::BTreeMap<String, String>,
 }
 
+/// How a run is to be executed, beyond its request and pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Its environment (else a workspace of its own).
+    pub placement: Option<RunPlacement>,
+    /// What its stages may spend together.
+    pub budget: Option<drover_domain::Budget>,
+}
+
 /// Timing and batching of the engine's loops.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -111,7 +120,8 @@ impl Engine {
         correlation_id: CorrelationId,
         placement: Option<RunPlacement>,
     ) -> Result<Run, EngineError> {
-        self.submit_as(RunId::new(), project, request, pipeline, correlation_id, placement).await
+        let options = RunOptions { placement, budget: None };
+        self.submit_as(RunId::new(), project, request, pipeline, correlation_id, options).await
     }
 
     /// [`Self::submit`] with the run's id chosen by the caller (who prepared something
@@ -123,8 +133,9 @@ impl Engine {
         request: RunRequest,
         pipeline: &str,
         correlation_id: CorrelationId,
-        placement: Option<RunPlacement>,
+        options: RunOptions,
     ) -> Result<Run, EngineError> {
+        let RunOptions { placement, budget } = options;
         let spec = self.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
             name: pipeline.to_owned(),
             known: self.pipelines.names().collect::<Vec<_>>().join(", "),
@@ -141,6 +152,7 @@ impl Engine {
                     environment_id: placement.as_ref().map(|p| p.environment_id),
                     workspace: placement.as_ref().map(|p| p.workspace.clone()),
                     variables: placement.map(|p| p.variables).unwrap_or_default(),
+                    budget,
                 },
                 now(),
             )

@@ -71,6 +71,8 @@ pub struct NewRun {
     pub workspace: Option<String>,
     /// The environment's variables, for its agents.
     pub variables: std::collections::BTreeMap<String, String>,
+    /// What its stages may spend together.
+    pub budget: Option<drover_domain::Budget>,
 }
 
 /// Which runs to list: newest first, strictly older than `before` when paginating.

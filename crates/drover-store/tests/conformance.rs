@@ -56,6 +56,7 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
                 environment_id: None,
                 workspace: None,
                 variables: Default::default(),
+                budget: None,
             },
             now,
         )
@@ -480,6 +481,7 @@ async fn data_survives_reopening_the_same_file() {
                     environment_id: None,
                     workspace: None,
                     variables: Default::default(),
+                    budget: None,
                 },
                 T0,
             )

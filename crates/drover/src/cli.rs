@@ -262,6 +262,12 @@ pub(crate) struct RunArgs {
     /// (see `drover env create`). Without it the run gets its own directory.
     #[arg(long = "env", value_name = "NAME")]
     pub(crate) environment: Option<String>,
+    /// Stop the run once its stages together used more tokens than this.
+    #[arg(long, value_name = "TOKENS")]
+    pub(crate) budget_tokens: Option<u64>,
+    /// Stop the run once its stages together cost more than this many US dollars.
+    #[arg(long, value_name = "USD")]
+    pub(crate) budget_cost: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]

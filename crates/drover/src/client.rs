@@ -111,11 +111,13 @@ impl Client {
         request: &str,
         pipeline: &str,
         environment: Option<&str>,
+        budget: Option<drover_api::wire::BudgetBody>,
     ) -> Result<RunView, ClientError> {
         let body = CreateRun {
             request: request.to_owned(),
             pipeline: Some(pipeline.to_owned()),
             environment: environment.map(str::to_owned),
+            budget,
         };
         self.json(self.request(reqwest::Method::POST, "/api/v1/runs").json(&body)).await
     }

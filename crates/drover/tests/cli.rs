@@ -579,6 +579,34 @@ agent = "fake-coder"
     assert!(saved.contains("fake-coder: asked to build"), "{saved}");
     assert!(!out.join("validate.1.log").exists(), "--stage scaffold saved other stages");
 
+    // With a budget below what the coder reports, the run stops after that stage and
+    // says what was spent of what was allowed.
+    let over = drover(dir.path())
+        .args([
+            "--json",
+            "run",
+            "--pipeline",
+            "coded",
+            "--budget-tokens",
+            "1000",
+            "Hello World API",
+        ])
+        .output()
+        .unwrap();
+    assert!(!over.status.success(), "{}", stderr(&over));
+    let run: Value = serde_json::from_slice(&over.stdout).expect("one JSON document");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"], "budget exceeded: 1234 tokens used of 1000 allowed");
+    assert_eq!(run["budget"]["tokens"], 1000);
+    assert_eq!(run["attempts"].as_array().unwrap().len(), 1, "stages ran past the budget: {run}");
+    assert_eq!(run["attempts"][0]["status"], "succeeded");
+    let refused = drover(dir.path())
+        .args(["run", "--budget-tokens", "0", "Hello World API"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("budget.tokens"), "{}", stderr(&refused));
+
     // A config naming an agent that does not exist is refused before anything runs.
     std::fs::write(
         dir.path().join("drover.toml"),

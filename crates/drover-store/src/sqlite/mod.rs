@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, EnvironmentId, Event, EventKind, EventSeq, FencingToken,
     NewEvent, NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest,
-    RunStatus, StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Worker, WorkerId,
+    RunStatus, StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Usage, Worker, WorkerId,
     WorkerProfile, decide,
 };
 use serde_json::json;
@@ -60,7 +60,7 @@ pub struct SqliteStore {
 macro_rules! run_columns {
     () => {
         "id, project_id, pipeline, request, status, correlation_id, error, created_at, \
-         updated_at, started_at, finished_at, environment_id, workspace, variables"
+         updated_at, started_at, finished_at, environment_id, workspace, variables, budget"
     };
 }
 
@@ -179,13 +179,14 @@ impl Store for SqliteStore {
             environment_id: new.environment_id,
             workspace: new.workspace,
             variables: new.variables,
+            budget: new.budget,
         };
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO runs (",
             run_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(run.id.to_string())
         .bind(run.project_id.as_str())
@@ -205,6 +206,7 @@ impl Store for SqliteStore {
         } else {
             serde_json::to_string(&run.variables).ok()
         })
+        .bind(run.budget.and_then(|budget| serde_json::to_string(&budget).ok()))
         .execute(&mut *tx)
         .await?;
         let mut events =
@@ -940,7 +942,28 @@ async fn complete_in(
             run.id, run.pipeline
         )));
     };
-    let decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
+    let mut decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
+    // A run with a budget stops once its stages together spent past it (the attempt that
+    // crossed it still counts as done).
+    if let (Some(budget), Outcome::Succeeded { output }) = (run.budget, &completion.outcome)
+        && !matches!(decision.next, NextStep::FinishRun { status: RunStatus::Failed, .. })
+    {
+        let earlier: Vec<(String,)> = sqlx::query_as(
+            "SELECT output FROM stage_attempts WHERE run_id = ? AND id != ? AND output IS NOT NULL",
+        )
+        .bind(run.id.to_string())
+        .bind(attempt.id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let spent = earlier
+            .iter()
+            .filter_map(|(json,)| serde_json::from_str(json).ok())
+            .map(|output| Usage::reported_in(&output))
+            .fold(Usage::reported_in(output), Usage::plus);
+        if let Some(reason) = budget.exceeded_by(&spent) {
+            decision.next = NextStep::FinishRun { status: RunStatus::Failed, error: Some(reason) };
+        }
+    }
 
     attempt.status = attempt.status.become_(decision.attempt_status)?;
     attempt.error = decision.attempt_error.clone();
@@ -1363,6 +1386,7 @@ struct RunRow {
     environment_id: Option<String>,
     workspace: Option<String>,
     variables: Option<String>,
+    budget: Option<String>,
     id: String,
     project_id: String,
     pipeline: String,
@@ -1408,6 +1432,11 @@ impl TryFrom<RunRow> for Run {
                 .transpose()
                 .map_err(|e| corrupt("runs.variables", e))?
                 .unwrap_or_default(),
+            budget: row
+                .budget
+                .map(|json| serde_json::from_str(&json))
+                .transpose()
+                .map_err(|e| corrupt("runs.budget", e))?,
         })
     }
 }

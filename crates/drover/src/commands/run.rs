@@ -88,7 +88,11 @@ async fn submit_and_follow(
     args: &RunArgs,
 ) -> anyhow::Result<FollowOutcome> {
     let client = &target.client;
-    let run = client.create_run(request, &args.pipeline, args.environment.as_deref()).await?;
+    let budget = (args.budget_tokens.is_some() || args.budget_cost.is_some()).then_some(
+        drover_api::wire::BudgetBody { tokens: args.budget_tokens, cost_usd: args.budget_cost },
+    );
+    let run =
+        client.create_run(request, &args.pipeline, args.environment.as_deref(), budget).await?;
     if args.detach {
         return Ok(FollowOutcome::Detached(run));
     }
