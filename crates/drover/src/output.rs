@@ -8,10 +8,16 @@ use drover_api::wire::{AttemptView, EventView, RunView};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-/// Prints one line of data on stdout.
-#[allow(clippy::print_stdout)]
+/// Prints one line of data on stdout. A reader that went away (`drover … | head`) ends
+/// the command quietly, as it does for other Unix tools, instead of a panic.
 pub(crate) fn data(line: impl AsRef<str>) {
-    println!("{}", line.as_ref());
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = writeln!(stdout, "{}", line.as_ref())
+        && err.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
 }
 
 /// Prints a value as pretty JSON on stdout.
@@ -19,9 +25,10 @@ pub(crate) fn json(value: &impl serde::Serialize) {
     data(serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-/// Prints a note for humans on stderr.
+/// Prints a note for humans on stderr (dropped if stderr is gone).
 pub(crate) fn note(line: impl AsRef<str>) {
-    eprintln!("{}", line.as_ref());
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{}", line.as_ref());
 }
 
 pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
