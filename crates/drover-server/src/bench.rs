@@ -6,6 +6,8 @@
 //! event (right after its commit), *start* when the no-op agent begins, *commit* when the
 //! store publishes `stage.succeeded`. Dispatch latency is start − enqueue; per-stage
 //! overhead is commit − enqueue (the agent itself does nothing).
+//!
+//! `drover bench env` and `drover bench proxy` ([`proxy`]) are below and in their own module.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,13 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerError;
+
+mod proxy;
+
+pub use proxy::{
+    BENCH_HOST, BenchServer, ProxyBenchError, ProxyBenchOptions, ProxyBenchReport, TargetFigures,
+    bench_proxy, cancel_when_stdin_closes, find_nginx, guard,
+};
 
 /// What to measure.
 #[derive(Debug, Clone)]

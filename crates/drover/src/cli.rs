@@ -168,6 +168,65 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
     },
+    /// HTTP load straight to a small upstream, through the drover proxy and through nginx.
+    Proxy(BenchProxyArgs),
+    /// Runs a program until it exits or stdin closes, then ends its process group (how
+    /// `bench proxy` starts nginx).
+    #[command(hide = true)]
+    Guard {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The upstream of `bench proxy`: prints its address, then answers every request
+    /// until stdin closes.
+    #[command(hide = true)]
+    Upstream {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// The drover proxy of `bench proxy`: prints its address, then routes until stdin
+    /// closes.
+    #[command(hide = true)]
+    ProxyServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// `HOST=UPSTREAM`, e.g. `bench.localhost=127.0.0.1:8080`.
+        #[arg(long = "route", value_parser = parse_route, required = true)]
+        routes: Vec<(String, SocketAddr)>,
+    },
+}
+
+fn parse_route(text: &str) -> Result<(String, SocketAddr), String> {
+    let (host, upstream) =
+        text.split_once('=').ok_or_else(|| format!("`{text}` is not HOST=UPSTREAM"))?;
+    let upstream = upstream.parse().map_err(|err| format!("upstream `{upstream}`: {err}"))?;
+    Ok((host.to_owned(), upstream))
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchProxyArgs {
+    /// Keep-alive connections of the full-load pass.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) connections: usize,
+    /// Keep-alive connections of the moderate-load pass (added latency).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) moderate_connections: usize,
+    /// Requests per second offered by the moderate-load pass, between all its
+    /// connections (0: back to back).
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) moderate_rate: u32,
+    /// Measured time per target and pass (over all rounds).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: std::time::Duration,
+    /// Slices each measurement is cut into, the targets taking turns.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: u32,
+    /// Unmeasured load before each slice.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) warmup: std::time::Duration,
+    /// nginx to compare with (default: `nginx` on PATH, else /usr/sbin/nginx).
+    #[arg(long)]
+    pub(crate) nginx: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -3,9 +3,12 @@
 use std::process::ExitCode;
 
 use drover_config::Config;
-use drover_server::bench::{BusBenchOptions, EnvBenchOptions, bench_bus, bench_env};
+use drover_server::bench::{
+    BenchServer, BusBenchOptions, EnvBenchOptions, ProxyBenchOptions, ProxyBenchReport,
+    TargetFigures, bench_bus, bench_env, bench_proxy, cancel_when_stdin_closes, find_nginx, guard,
+};
 
-use crate::cli::{BenchBackend, BenchCommand, GlobalArgs};
+use crate::cli::{BenchBackend, BenchCommand, BenchProxyArgs, GlobalArgs};
 use crate::output;
 
 pub(crate) async fn bench(
@@ -104,6 +107,126 @@ pub(crate) async fn bench(
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Proxy(args) => proxy(global, args).await,
+        BenchCommand::Guard { command } => {
+            let code = guard(&command).await?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        BenchCommand::Upstream { listen } => serve(BenchServer::upstream(listen).await?).await,
+        BenchCommand::ProxyServer { listen, routes } => {
+            serve(BenchServer::proxy(listen, &routes).await?).await
+        }
+    }
+}
+
+/// The parent reads the address on the first line of stdout; the end of stdin (the
+/// parent closed it, or is gone), Ctrl-C or SIGTERM stops.
+async fn serve(server: BenchServer) -> anyhow::Result<ExitCode> {
+    output::data(server.local_addr().to_string());
+    let stop = super::interrupted();
+    cancel_when_stdin_closes(stop.clone());
+    server.serve(stop).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn proxy(global: &GlobalArgs, args: BenchProxyArgs) -> anyhow::Result<ExitCode> {
+    let nginx = args.nginx.or_else(find_nginx);
+    if nginx.is_none() {
+        output::note(
+            "note: nginx not found (on PATH or in /usr/sbin); measuring direct and drover only",
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let bench = bench_proxy(ProxyBenchOptions {
+        exe,
+        nginx,
+        connections: args.connections,
+        moderate_connections: args.moderate_connections,
+        moderate_rate: Some(args.moderate_rate),
+        duration: args.duration,
+        rounds: args.rounds,
+        warmup: args.warmup,
+    });
+    // Ctrl-C drops the bench, whose handles kill every child's process group (nginx's
+    // workers included) and remove the temporary directory.
+    let interrupted = super::interrupted();
+    let report = tokio::select! {
+        report = bench => report?,
+        () = interrupted.cancelled() => {
+            output::note("interrupted");
+            return Ok(ExitCode::from(crate::EXIT_INTERRUPTED));
+        }
+    };
+    if global.json {
+        output::json(&report);
+    } else {
+        print_proxy_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_proxy_report(report: &ProxyBenchReport) {
+    let ms = |value: f64| if value.is_finite() { format!("{value:.3} ms") } else { "-".to_owned() };
+    let row = |load: &str, figures: &TargetFigures| {
+        vec![
+            load.to_owned(),
+            figures.target.clone(),
+            figures.connections.to_string(),
+            figures.requests.to_string(),
+            format!("{:.0}", figures.requests_per_second),
+            ms(figures.p50_ms),
+            ms(figures.p99_ms),
+            figures.cpu_us_per_request.map_or("-".to_owned(), |us| format!("{us:.1} µs")),
+            figures.non_2xx.to_string(),
+            figures.errors.to_string(),
+        ]
+    };
+    let moderate = match report.moderate_rate {
+        Some(rate) => format!("moderate ({rate}/s)"),
+        None => "moderate".to_owned(),
+    };
+    let rows: Vec<Vec<String>> = report
+        .full_load
+        .iter()
+        .map(|figures| row("full", figures))
+        .chain(report.moderate_load.iter().map(|figures| row(&moderate, figures)))
+        .collect();
+    output::table(
+        &[
+            "LOAD", "TARGET", "CONNS", "REQUESTS", "REQ/S", "P50", "P99", "CPU/REQ", "NON-2XX",
+            "ERRORS",
+        ],
+        &rows,
+    );
+    output::data("");
+    match report.drover_to_nginx_throughput {
+        Some(ratio) => output::data(format!(
+            "drover/nginx throughput at full load: {ratio:.2}× (target ≥ 0.90×: {})",
+            if ratio >= 0.9 { "met" } else { "not met" }
+        )),
+        None => output::data("drover/nginx throughput at full load: - (nginx not measured)"),
+    }
+    let added = report.drover_added_p99_ms;
+    output::data(format!(
+        "p99 added by drover at moderate load: {} (target < 1 ms: {})",
+        ms(added),
+        if added < 1.0 { "met" } else { "not met" }
+    ));
+    if let Some(added) = report.nginx_added_p99_ms {
+        output::data(format!("p99 added by nginx at moderate load: {}", ms(added)));
+    }
+    for (load, figures) in report
+        .full_load
+        .iter()
+        .map(|figures| ("full", figures))
+        .chain(report.moderate_load.iter().map(|figures| ("moderate", figures)))
+    {
+        if !figures.clean() {
+            output::note(format!(
+                "warning: {} at {load} load: {} 2xx responses, {} non-2xx, {} failed requests",
+                figures.target, figures.requests, figures.non_2xx, figures.errors
+            ));
         }
     }
 }
