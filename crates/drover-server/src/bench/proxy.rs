@@ -294,10 +294,10 @@ impl Spawned {
         self.child.try_wait().ok().flatten()
     }
 
-    /// Closes its stdin and sends the group `SIGTERM`; after `grace`, dropping kills it.
+    /// Closes its stdin (the child's signal to stop) and waits up to `grace` for it to
+    /// exit; dropping then kills whatever is left of the group.
     async fn stop(mut self, grace: Duration) {
         drop(self.stdin.take());
-        let _ = killpg(self.group, Signal::SIGTERM);
         let _ = tokio::time::timeout(grace, self.child.wait()).await;
     }
 }
@@ -540,8 +540,9 @@ pub fn cancel_when_stdin_closes(token: CancellationToken) {
 }
 
 /// `drover bench guard -- PROGRAM ARGS…`: runs the program in this process's group (it
-/// leads one, as the bench starts it) and returns its exit code; if stdin closes first,
-/// kills the whole group, the program's own children included (nginx's workers).
+/// leads one, as the bench starts it) and returns its exit code. If stdin closes first,
+/// stops it: `SIGTERM` (nginx then stops and reaps its workers), and after 2 s `SIGKILL`
+/// to the whole group, the program's own children included.
 pub async fn guard(command: &[String]) -> Result<i32, ProxyBenchError> {
     let (program, args) =
         command.split_first().ok_or_else(|| ProxyBenchError::new("nothing to guard"))?;
@@ -560,6 +561,13 @@ pub async fn guard(command: &[String]) -> Result<i32, ProxyBenchError> {
             Ok(status.code().unwrap_or(1))
         }
         () = closed.cancelled() => {
+            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let stopped = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+            if let Ok(Ok(status)) = stopped {
+                return Ok(status.code().unwrap_or(1));
+            }
             // Ends this process too.
             let _ = killpg(nix::unistd::getpgrp(), Signal::SIGKILL);
             Ok(1)
