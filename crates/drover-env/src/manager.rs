@@ -555,15 +555,24 @@ impl EnvManager {
             if views.iter().any(|v| v.name == record.service) {
                 continue;
             }
+            // Recorded as up but not running here (a previous server's, not yet brought
+            // back by the reconciler): not ready until an instance of this server says so.
+            let (status, reason) = match record.status {
+                ServiceStatus::Starting | ServiceStatus::Ready | ServiceStatus::Unhealthy => (
+                    ServiceStatus::Starting,
+                    Some("recorded as running; waiting for this server to start it".to_owned()),
+                ),
+                other => (other, record.reason),
+            };
             views.push(ServiceView {
                 name: record.service.clone(),
                 environment: record.environment_id,
                 sharing: if env.is_some() { Sharing::PerEnv } else { Sharing::Shared },
                 state: InstanceState {
-                    status: record.status,
+                    status,
                     pid: None,
                     restarts: record.restarts,
-                    reason: record.reason,
+                    reason,
                     completed: false,
                     external: false,
                 },

@@ -456,7 +456,10 @@ fn a_sigkilled_server_with_running_environments_finds_and_reconciles_them_with_n
         loop {
             if let Ok(response) = http().get(format!("{url}/api/v1/environments/survivor")).send() {
                 let env: Value = response.json().unwrap();
-                if env["status"] == "running" && env["services"][0]["status"] == "ready" {
+                if env["status"] == "running"
+                    && env["services"][0]["status"] == "ready"
+                    && env["services"][0]["pid"].is_u64()
+                {
                     return env;
                 }
             }
