@@ -18,6 +18,52 @@ while not os.path.exists(sys.argv[1]):\n\
 \x20   time.sleep(0.02)\n\
 print('after the gate', flush=True)\n";
 
+/// A full server on `data_dir` whose one pipeline, `pipeline`, has one stage, `stage`,
+/// done by the command agent `agent`.
+struct OneStageServer {
+    url: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
+}
+
+impl OneStageServer {
+    async fn start(
+        data_dir: std::path::PathBuf,
+        (pipeline, stage): (&str, &str),
+        (agent, config): (&str, AgentConfig),
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut server_config = Config { data_dir, ..Config::default() };
+        server_config.server.listen = "127.0.0.1:0".parse().unwrap();
+        server_config.proxy.enabled = false;
+        server_config.agents = BTreeMap::from([(agent.to_owned(), config)]);
+        server_config.pipelines = BTreeMap::from([(
+            pipeline.to_owned(),
+            PipelineConfig {
+                stages: vec![StageConfig {
+                    name: stage.into(),
+                    agent: Some(agent.into()),
+                    ..StageConfig::default()
+                }],
+                ..PipelineConfig::default()
+            },
+        )]);
+        tweak(&mut server_config);
+        let server = Server::build(server_config, Mode::Full).await.unwrap();
+        let url = server.url();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        Self { url, http, shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
 /// Reads `body` into `seen` until it holds `needle`.
 async fn read_until(
     body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
@@ -40,35 +86,23 @@ async fn a_command_agents_log_streams_live_and_the_agents_are_listed() {
     let script = dir.path().join("gated.py");
     std::fs::write(&script, GATED).unwrap();
     let gate = dir.path().join("gate");
-    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
-    config.agents = BTreeMap::from([(
-        "gated".to_owned(),
-        AgentConfig {
-            kind: Some(AgentKindConfig::Command),
-            command: Some("python3".into()),
-            args: Some(vec![script.display().to_string(), gate.display().to_string()]),
-            env: Some(BTreeMap::from([("API_KEY".to_owned(), "sk-never-shown".to_owned())])),
-            ..AgentConfig::default()
-        },
-    )]);
-    config.pipelines = BTreeMap::from([(
-        "gated".to_owned(),
-        PipelineConfig {
-            stages: vec![StageConfig {
-                name: "work".into(),
-                agent: Some("gated".into()),
-                ..StageConfig::default()
-            }],
-            ..PipelineConfig::default()
-        },
-    )]);
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let server = OneStageServer::start(
+        dir.path().join("data"),
+        ("gated", "work"),
+        (
+            "gated",
+            AgentConfig {
+                kind: Some(AgentKindConfig::Command),
+                command: Some("python3".into()),
+                args: Some(vec![script.display().to_string(), gate.display().to_string()]),
+                env: Some(BTreeMap::from([("API_KEY".to_owned(), "sk-never-shown".to_owned())])),
+                ..AgentConfig::default()
+            },
+        ),
+        |_| {},
+    )
+    .await;
+    let (url, http) = (server.url.clone(), server.http.clone());
 
     let agents: Value =
         http.get(format!("{url}/api/v1/agents")).send().await.unwrap().json().await.unwrap();
@@ -102,8 +136,7 @@ async fn a_command_agents_log_streams_live_and_the_agents_are_listed() {
     let finished: Value =
         http.get(format!("{url}/api/v1/runs/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(finished["status"], "succeeded", "{finished}");
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -125,35 +158,24 @@ async fn an_attempt_in_a_git_workspace_leaves_its_diff_as_an_artifact() {
             .unwrap();
         assert!(status.success());
     }
-    let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
-    (config.environments.port_range_start, config.environments.port_range_end) =
-        drover_testkit::port_range(20);
-    config.agents = BTreeMap::from([(
-        "writer".to_owned(),
-        AgentConfig {
-            command: Some("sh".into()),
-            args: Some(vec!["-c".into(), "echo 'print(1)' > made_by_agent.py".into()]),
-            ..AgentConfig::default()
+    let server = OneStageServer::start(
+        dir.path().join("data"),
+        ("write", "code"),
+        (
+            "writer",
+            AgentConfig {
+                command: Some("sh".into()),
+                args: Some(vec!["-c".into(), "echo 'print(1)' > made_by_agent.py".into()]),
+                ..AgentConfig::default()
+            },
+        ),
+        |config| {
+            (config.environments.port_range_start, config.environments.port_range_end) =
+                drover_testkit::port_range(20);
         },
-    )]);
-    config.pipelines = BTreeMap::from([(
-        "write".to_owned(),
-        PipelineConfig {
-            stages: vec![StageConfig {
-                name: "code".into(),
-                agent: Some("writer".into()),
-                ..StageConfig::default()
-            }],
-            ..PipelineConfig::default()
-        },
-    )]);
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    )
+    .await;
+    let (url, http) = (server.url.clone(), server.http.clone());
 
     let created = http
         .post(format!("{url}/api/v1/environments"))
@@ -208,6 +230,5 @@ async fn an_attempt_in_a_git_workspace_leaves_its_diff_as_an_artifact() {
     assert_eq!(missing.status(), 404);
     let problem: Value = missing.json().await.unwrap();
     assert_eq!(problem["code"], "artifact_not_found");
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }
