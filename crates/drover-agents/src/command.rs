@@ -48,8 +48,16 @@ impl CommandAgentRunner {
             ("DROVER_ATTEMPT".to_owned(), task.envelope.attempt.to_string()),
         ]);
         env.extend(self.spec.env.iter().map(|(k, v)| (k.clone(), values.expand(v))));
+        let program = values.expand(&self.spec.program);
+        let stage = task.envelope.stage.as_str();
+        if let Some(refusal) =
+            crate::policy::command_refusal(&task.envelope.context.policy, stage, &program)
+        {
+            task.log.line(&refusal).await;
+            return Err(AgentFailure::permanent(refusal));
+        }
         let spec = CommandSpec {
-            program: values.expand(&self.spec.program),
+            program,
             args: self.spec.args.iter().map(|arg| values.expand(arg)).collect(),
             cwd: task.workspace.clone(),
             env,

@@ -13,6 +13,7 @@ pub mod builtin;
 mod command;
 mod llm;
 mod manifest;
+pub mod policy;
 mod stage_log;
 pub mod templates;
 mod worker;

@@ -254,14 +254,34 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
     };
     tracing::info!("stage started");
     let snapshot = crate::artifacts::Snapshot::take(&task.workspace, task.log.path()).await;
+    let protected =
+        crate::policy::ProtectedFiles::take(&task.workspace, &task.envelope.context.policy).await;
     let deadline_after_cancel = async {
         cancel.cancelled().await;
         tokio::time::sleep(CANCEL_CLEANUP).await;
     };
-    let result = tokio::select! {
+    let mut result = tokio::select! {
         result = agent.run(&task) => Some(result),
         () = deadline_after_cancel => None,
     };
+    if let (Some(watch), Some(_)) = (protected, &result)
+        && let Some(violation) = watch.violation(task.envelope.stage.as_str()).await
+    {
+        task.log.line(&violation).await;
+        result = Some(drover_bus::AgentResult::Failed { error: violation, retryable: false });
+    }
+    if let Some(drover_bus::AgentResult::Succeeded { .. }) = &result {
+        let dest = task.log.path().with_extension("outputs");
+        let kept = crate::policy::collect_outputs(
+            &task.workspace,
+            &task.envelope.context.output_files,
+            dest,
+        )
+        .await;
+        if kept > 0 {
+            tracing::info!(files = kept, "declared outputs kept");
+        }
+    }
     if let Some(snapshot) = snapshot {
         snapshot.diff_into(&task.log.path().with_extension("diff")).await;
     }

@@ -35,6 +35,7 @@ fn task(workspace: &Path, run_id: RunId, stage: &str, request: &str) -> AgentTas
                 log_path: log_path.display().to_string(),
                 outputs: Default::default(),
                 variables: Default::default(),
+                ..Default::default()
             },
             deadline: None,
             correlation_id: CorrelationId::new(),

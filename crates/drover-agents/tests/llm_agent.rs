@@ -40,6 +40,7 @@ fn task(dir: &Path, request: &str) -> AgentTask {
                 log_path: log_path.display().to_string(),
                 outputs: Default::default(),
                 variables: Default::default(),
+                ..Default::default()
             },
             deadline: None,
             correlation_id: CorrelationId::new(),

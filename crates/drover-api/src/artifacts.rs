@@ -64,6 +64,10 @@ pub(crate) async fn list(
     if let Ok(mut entries) = tokio::fs::read_dir(&dir).await {
         while let Ok(Some(entry)) = entries.next_entry().await {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if name.ends_with(".outputs") && entry.file_type().await.is_ok_and(|t| t.is_dir()) {
+                output_files(&dir, &name, query.stage.as_deref(), &mut items).await;
+                continue;
+            }
             let Some(mut artifact) = describe(&name) else { continue };
             if query.stage.as_deref().is_some_and(|s| s != artifact.stage) {
                 continue;
@@ -118,11 +122,55 @@ pub(crate) async fn download(
         .into_response())
 }
 
+/// The files a stage attempt declared as outputs, kept under `STAGE.N.outputs/`, each
+/// named `STAGE.N.outputs/RELATIVE/PATH`.
+async fn output_files(
+    dir: &std::path::Path,
+    top: &str,
+    stage: Option<&str>,
+    items: &mut Vec<ArtifactView>,
+) {
+    /// Files listed per attempt, at most (the worker keeps no more).
+    const MAX_FILES: usize = 1_000;
+    let mut todo = vec![top.to_owned()];
+    let mut listed = 0;
+    while let Some(relative) = todo.pop() {
+        let Ok(mut entries) = tokio::fs::read_dir(dir.join(&relative)).await else { continue };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let Some(file) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let name = format!("{relative}/{file}");
+            let Ok(metadata) = entry.metadata().await else { continue };
+            if metadata.is_dir() {
+                todo.push(name);
+                continue;
+            }
+            let Some(mut artifact) = describe(&name) else { continue };
+            if stage.is_some_and(|s| s != artifact.stage) {
+                continue;
+            }
+            artifact.size_bytes = metadata.len();
+            items.push(artifact);
+            listed += 1;
+            if listed >= MAX_FILES {
+                return;
+            }
+        }
+    }
+}
+
 /// What a log-directory file name says: `STAGE.N.log`, `STAGE.N.transcript.json`,
-/// `STAGE.N.diff`, `app.log`. Anything else (including any path) is not an artifact.
+/// `STAGE.N.diff`, `STAGE.N.outputs/PATH` (a declared output file), `app.log`. Anything
+/// else (including any other path) is not an artifact.
 fn describe(name: &str) -> Option<ArtifactView> {
     if name == "app.log" {
         return Some(artifact(name, "app", None, "log"));
+    }
+    if let Some((top, path)) = name.split_once(".outputs/") {
+        let safe = path.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        let (stage, attempt) = top.rsplit_once('.')?;
+        let attempt: u32 = attempt.parse().ok()?;
+        drover_domain::StageName::parse(stage).ok()?;
+        return safe.then(|| artifact(name, stage, Some(attempt), "output"));
     }
     let (stem, kind) = [(".transcript.json", "transcript"), (".diff", "diff"), (".log", "log")]
         .into_iter()
@@ -156,9 +204,19 @@ mod tests {
         );
         assert_eq!(describe("plan.1.transcript.json").unwrap().kind, "transcript");
         assert_eq!(describe("app.log").unwrap().stage, "app");
-        for bad in
-            ["../drover.db", "x.log", "a/b.1.log", "scaffold.one.log", ".1.log", "s.1.git-index"]
-        {
+        let output = describe("test.1.outputs/reports/junit.xml").unwrap();
+        assert_eq!((output.stage.as_str(), output.kind.as_str()), ("test", "output"));
+        for bad in [
+            "../drover.db",
+            "x.log",
+            "a/b.1.log",
+            "scaffold.one.log",
+            ".1.log",
+            "s.1.git-index",
+            "test.1.outputs/../../drover.db",
+            "test.1.outputs//etc/passwd",
+            "test.1.outputs/",
+        ] {
             assert!(describe(bad).is_none(), "{bad}");
         }
     }

@@ -31,7 +31,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidTransition | ErrorCode::RunAlreadyFinished => StatusCode::CONFLICT,
         ErrorCode::ServiceUnavailable | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::NotDeadLettered | ErrorCode::LeaseUnavailable => StatusCode::CONFLICT,
+        ErrorCode::NotDeadLettered
+        | ErrorCode::LeaseUnavailable
+        | ErrorCode::NotWaitingApproval => StatusCode::CONFLICT,
         ErrorCode::EnvironmentNotFound
         | ErrorCode::ServiceNotFound
         | ErrorCode::ArtifactNotFound => StatusCode::NOT_FOUND,
@@ -67,6 +69,7 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::ShuttingDown => "Shutting down",
         ErrorCode::DeadLetterNotFound => "Dead letter not found",
         ErrorCode::NotDeadLettered => "Not in the dead-letter queue",
+        ErrorCode::NotWaitingApproval => "Stage not waiting for approval",
         ErrorCode::LeaseUnavailable => "Leasing unavailable",
         ErrorCode::EnvironmentNotFound => "Environment not found",
         ErrorCode::EnvironmentQuotaExceeded => "Environment quota exceeded",
@@ -180,9 +183,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::RunAlreadyFinished { id, status } => Self::new(
                 ErrorCode::RunAlreadyFinished,
-                format!(
-                    "run {id} already finished ({status}); only an unfinished run can be cancelled"
-                ),
+                format!("run {id} already finished ({status}); only an unfinished run can change"),
             ),
             StoreError::Transition(err) => Self::new(ErrorCode::InvalidTransition, err.to_string()),
             StoreError::AttemptNotFound(id) => {
@@ -202,6 +203,9 @@ impl From<StoreError> for ApiError {
             }
             err @ StoreError::NotDeadLettered { .. } => {
                 Self::new(ErrorCode::NotDeadLettered, err.to_string())
+            }
+            err @ StoreError::NotWaitingApproval { .. } => {
+                Self::new(ErrorCode::NotWaitingApproval, err.to_string())
             }
             other => Self::internal(&other),
         }
@@ -270,6 +274,7 @@ mod tests {
             ErrorCode::ShuttingDown,
             ErrorCode::DeadLetterNotFound,
             ErrorCode::NotDeadLettered,
+            ErrorCode::NotWaitingApproval,
             ErrorCode::LeaseUnavailable,
             ErrorCode::EnvironmentNotFound,
             ErrorCode::EnvironmentQuotaExceeded,

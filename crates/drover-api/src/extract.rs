@@ -58,6 +58,31 @@ where
     }
 }
 
+/// An optional JSON body: absent when the request has neither a body nor a content type
+/// (a bare `POST`); otherwise exactly as strict as [`ApiJson`].
+impl<T, S> axum::extract::OptionalFromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let headers = request.headers();
+        let declared_empty = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .is_none_or(|length| length.trim() == "0");
+        if !headers.contains_key(header::CONTENT_TYPE)
+            && !headers.contains_key(header::TRANSFER_ENCODING)
+            && declared_empty
+        {
+            return Ok(None);
+        }
+        <Self as FromRequest<S>>::from_request(request, state).await.map(Some)
+    }
+}
+
 /// Maps serde's message about a well-formed but wrongly shaped body to a code and field.
 fn shape_error(message: &str) -> ApiError {
     if let Some(rest) = message.strip_prefix("unknown field `") {

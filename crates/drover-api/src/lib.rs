@@ -5,6 +5,7 @@
 //! results into wire types; every error, from any layer, becomes problem+json in
 //! [`error`]. Every query is scoped to the caller's project ([`Caller`]).
 
+mod approvals;
 pub mod artifacts;
 mod dlq;
 pub mod environments;
@@ -16,6 +17,7 @@ mod request_id;
 pub mod routes;
 mod runs;
 mod system;
+mod usage;
 pub mod wire;
 mod workers;
 
@@ -95,13 +97,15 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub project: ProjectId,
+    /// Who is calling: `local` (the implicit local admin) until identities exist.
+    pub user: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Caller { project: ProjectId::default_project() })
+        Ok(Caller { project: ProjectId::default_project(), user: "local".to_owned() })
     }
 }
 
@@ -114,7 +118,10 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/runs/{id}/events", get(runs::run_events))
         .route("/runs/{id}/logs", get(logs::run_logs))
         .route("/runs/{id}/artifacts", get(artifacts::list))
-        .route("/runs/{id}/artifacts/{name}", get(artifacts::download))
+        .route("/runs/{id}/artifacts/{*name}", get(artifacts::download))
+        .route("/runs/{id}/stages/{stage}/approve", post(approvals::approve))
+        .route("/runs/{id}/stages/{stage}/reject", post(approvals::reject))
+        .route("/usage", get(usage::report))
         .route("/pipelines", get(system::pipelines))
         .route("/agents", get(system::agents))
         .route("/workers", get(workers::list_workers))

@@ -30,6 +30,9 @@ use crate::wire::{
         crate::logs::run_logs,
         crate::artifacts::list,
         crate::artifacts::download,
+        crate::approvals::approve,
+        crate::approvals::reject,
+        crate::usage::report,
         crate::workers::list_workers,
         crate::workers::bootstrap,
         crate::workers::lease,
@@ -52,6 +55,7 @@ use crate::wire::{
     ),
     components(schemas(
         AgentList, AgentView, CreateRun, RunView, RunPage, crate::wire::BudgetBody,
+        crate::wire::ApprovalBody, crate::wire::UsageReportView, crate::wire::UsageRow,
         crate::wire::UsageView, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,

@@ -150,7 +150,11 @@ pub(crate) async fn create_run(
             request,
             pipeline,
             CorrelationId::new(),
-            drover_engine::RunOptions { placement, budget },
+            drover_engine::RunOptions {
+                placement,
+                budget,
+                submitted_by: Some(caller.user.clone()),
+            },
         )
         .await;
     let run = match submitted {

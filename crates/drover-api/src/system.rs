@@ -57,21 +57,30 @@ pub(crate) async fn pipelines(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Json<PipelineList> {
-    let items = state
-        .engine()
-        .pipelines()
+    let catalog = state.engine().pipelines();
+    let items = catalog
         .iter()
         .map(|pipeline| PipelineView {
             name: pipeline.name.to_string(),
             description: pipeline.description.clone(),
-            stages: pipeline
-                .stages
-                .iter()
-                .map(|stage| StageView {
+            stages: (0u32..)
+                .zip(&pipeline.stages)
+                .map(|(index, stage)| StageView {
                     name: stage.name.to_string(),
                     agent: stage.agent.to_string(),
                     max_attempts: stage.max_attempts,
                     timeout_secs: stage.timeout.as_secs(),
+                    needs: pipeline
+                        .needs_of(index)
+                        .into_iter()
+                        .filter_map(|need| pipeline.stage(need))
+                        .map(|need| need.name.to_string())
+                        .collect(),
+                    approval: stage.approval,
+                    when: stage.when.as_ref().map(ToString::to_string),
+                    allowed_commands: stage.policy.allowed_commands.clone(),
+                    protected_paths: stage.policy.protected_paths.clone(),
+                    outputs: stage.outputs.clone(),
                 })
                 .collect(),
         })

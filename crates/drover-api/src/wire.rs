@@ -71,6 +71,9 @@ pub struct RunView {
     /// What its stages spent so far (only on `GET /runs/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageView>,
+    /// Who submitted it.
+    #[serde(default)]
+    pub submitted_by: Option<String>,
 }
 
 /// Where a run's app was deployed.
@@ -148,6 +151,24 @@ pub struct StageView {
     pub agent: String,
     pub max_attempts: u32,
     pub timeout_secs: u64,
+    /// The stages that must be done before it starts.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Whether it waits for approval.
+    #[serde(default)]
+    pub approval: bool,
+    /// Its `when` condition, if any.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// Programs it may run (empty: no restriction beyond its agent).
+    #[serde(default)]
+    pub allowed_commands: Vec<String>,
+    /// Workspace globs its agent must not touch.
+    #[serde(default)]
+    pub protected_paths: Vec<String>,
+    /// Files it declares as outputs.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -204,6 +225,7 @@ impl RunView {
             attempts: None,
             budget: run.budget.map(|b| BudgetBody { tokens: b.tokens, cost_usd: b.cost_usd }),
             usage: None,
+            submitted_by: run.submitted_by.clone(),
         }
     }
 }
@@ -345,4 +367,29 @@ pub struct LeaseRequest {
 pub struct WorkerMessageAck {
     /// Stop the attempt now: it is no longer this worker's (cancelled, reclaimed).
     pub cancel: bool,
+}
+
+/// Why the stage is approved or rejected (required to reject).
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalBody {
+    pub reason: Option<String>,
+}
+
+/// One row of a usage breakdown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageRow {
+    /// A stage name, a run id or a submitter.
+    pub key: String,
+    pub tokens: u64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageReportView {
+    pub hours: u64,
+    pub total: UsageView,
+    pub by_stage: Vec<UsageRow>,
+    pub by_run: Vec<UsageRow>,
+    pub by_user: Vec<UsageRow>,
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName,
-    Timestamp, WorkerId, WorkerProfile,
+    StagePolicy, Timestamp, WorkerId, WorkerProfile,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,13 @@ pub struct WorkflowContext {
     /// processes an agent starts for the run should see.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variables: BTreeMap<String, String>,
+    /// What the stage's agent may do (commands, protected paths); checked by the worker.
+    #[serde(default, skip_serializing_if = "StagePolicy::is_unrestricted")]
+    pub policy: StagePolicy,
+    /// Files the stage declares as its outputs (workspace-relative paths or globs),
+    /// copied into the attempt's artifacts by the worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_files: Vec<String>,
 }
 
 /// How an agent's work ended.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use drover_domain::{
-    AgentDefinition, AgentRunner, AgentType, Backoff, CommandAgent, LlmAgent, LlmProvider,
+    AgentDefinition, AgentRunner, AgentType, CommandAgent, Condition, LlmAgent, LlmProvider,
     PipelineCatalog, PipelineName, PipelineSpec, StageName, StageSpec, sdlc,
 };
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,24 @@ pub struct StageConfig {
     pub backoff: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Option<Duration>,
+    /// Stages that must be done first (default: the stage before it; `[]`: none, so it
+    /// starts with the run). Stages with nothing between them run in parallel.
+    pub needs: Option<Vec<String>>,
+    /// Wait for `drover runs approve RUN STAGE` before running.
+    pub approval: Option<bool>,
+    /// Run only if this holds, e.g. `validate.output.ok` or `scaffold.output.template == "flask"`.
+    pub when: Option<String>,
+    pub policy: Option<PolicyConfig>,
+    /// Files the stage produces (workspace-relative paths or globs), kept as artifacts.
+    pub outputs: Option<Vec<String>>,
+}
+
+/// `policy = { allowed_commands = [...], protected_paths = [...] }` of a stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub allowed_commands: Option<Vec<String>>,
+    pub protected_paths: Option<Vec<String>>,
 }
 
 fn invalid(key: String, message: impl Into<String>) -> ConfigError {
@@ -312,7 +330,7 @@ fn resolve_pipeline(
                 if let Some(agent) = agent {
                     existing.agent = agent;
                 }
-                apply_stage_fields(existing, stage);
+                apply_stage_fields(existing, stage, &stage_key)?;
             }
             None => {
                 let agent = agent.ok_or_else(|| {
@@ -321,14 +339,8 @@ fn resolve_pipeline(
                         format!("a new stage (`{stage_name}`) needs an agent"),
                     )
                 })?;
-                let mut spec = StageSpec {
-                    name: stage_name,
-                    agent,
-                    max_attempts: 3,
-                    timeout: Duration::from_secs(600),
-                    backoff: Backoff::default(),
-                };
-                apply_stage_fields(&mut spec, stage);
+                let mut spec = StageSpec::new(stage_name, agent, Duration::from_secs(600));
+                apply_stage_fields(&mut spec, stage, &stage_key)?;
                 stages.push(spec);
             }
         }
@@ -340,10 +352,91 @@ fn resolve_pipeline(
         .description
         .clone()
         .unwrap_or_else(|| stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → "));
-    Ok(PipelineSpec { name: pipeline_name, description, stages })
+    let spec = PipelineSpec { name: pipeline_name, description, stages };
+    spec.validate().map_err(|err| {
+        // `stages[i]` of the resolved pipeline: say which stage that is.
+        let field = err.field.clone();
+        let named = field
+            .strip_prefix("stages[")
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(index, _)| index.parse::<usize>().ok())
+            .and_then(|index| spec.stages.get(index))
+            .map(|stage| format!(" (stage `{}`)", stage.name))
+            .unwrap_or_default();
+        invalid(format!("{key}.{field}"), format!("{}{named}", err.message))
+    })?;
+    Ok(spec)
 }
 
-fn apply_stage_fields(spec: &mut StageSpec, stage: &StageConfig) {
+fn apply_stage_fields(
+    spec: &mut StageSpec,
+    stage: &StageConfig,
+    stage_key: &str,
+) -> Result<(), ConfigError> {
+    if let Some(needs) = &stage.needs {
+        let names = needs
+            .iter()
+            .map(|need| {
+                StageName::parse(need.as_str())
+                    .map_err(|e| invalid(format!("{stage_key}.needs"), e.message))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        spec.needs = Some(names);
+    }
+    if let Some(approval) = stage.approval {
+        spec.approval = approval;
+    }
+    if let Some(when) = &stage.when {
+        spec.when = if when.trim().is_empty() {
+            None
+        } else {
+            Some(
+                Condition::parse(when)
+                    .map_err(|e| invalid(format!("{stage_key}.when"), e.message))?,
+            )
+        };
+    }
+    if let Some(policy) = &stage.policy {
+        if let Some(commands) = &policy.allowed_commands {
+            if let Some(bad) = commands.iter().find(|c| c.trim().is_empty() || c.contains(' ')) {
+                return Err(invalid(
+                    format!("{stage_key}.policy.allowed_commands"),
+                    format!("`{bad}` is not a program name or path (no spaces, not empty)"),
+                ));
+            }
+            spec.policy.allowed_commands.clone_from(commands);
+        }
+        if let Some(paths) = &policy.protected_paths {
+            for path in paths {
+                check_workspace_glob(path, &format!("{stage_key}.policy.protected_paths"))?;
+            }
+            spec.policy.protected_paths.clone_from(paths);
+        }
+    }
+    if let Some(outputs) = &stage.outputs {
+        for path in outputs {
+            check_workspace_glob(path, &format!("{stage_key}.outputs"))?;
+        }
+        spec.outputs.clone_from(outputs);
+    }
+    apply_retry_fields(spec, stage);
+    Ok(())
+}
+
+/// A workspace-relative path or glob: not absolute, no `..`, a valid glob.
+fn check_workspace_glob(path: &str, key: &str) -> Result<(), ConfigError> {
+    if path.is_empty() || path.starts_with('/') || path.split('/').any(|part| part == "..") {
+        return Err(invalid(
+            key.to_owned(),
+            format!("`{path}` must be a path inside the workspace (relative, without `..`)"),
+        ));
+    }
+    globset::Glob::new(path)
+        .map_err(|e| invalid(key.to_owned(), format!("`{path}` is not a valid glob: {e}")))?;
+    Ok(())
+}
+
+fn apply_retry_fields(spec: &mut StageSpec, stage: &StageConfig) {
     if let Some(timeout) = stage.timeout {
         spec.timeout = timeout;
     }

@@ -90,6 +90,9 @@ pub enum ErrorCode {
     ServiceNotFound,
     /// The run has no artifact of that name.
     ArtifactNotFound,
+    /// The stage is not waiting for approval (not reached yet, already decided, or no such
+    /// stage).
+    NotWaitingApproval,
     /// No block of free ports is left in the configured range.
     NoFreePorts,
     /// The workspace could not be prepared (git, setup hook).
@@ -134,6 +137,7 @@ impl ErrorCode {
             Self::UnmergedWork => "unmerged_work",
             Self::ServiceNotFound => "service_not_found",
             Self::ArtifactNotFound => "artifact_not_found",
+            Self::NotWaitingApproval => "not_waiting_approval",
             Self::NoFreePorts => "no_free_ports",
             Self::WorkspaceFailed => "workspace_failed",
             Self::UnknownHost => "unknown_host",

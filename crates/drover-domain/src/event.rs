@@ -61,6 +61,8 @@ impl EventKind {
                 StageStatus::TimedOut => "stage.timed_out",
                 StageStatus::Cancelled => "stage.cancelled",
                 StageStatus::DeadLettered => "stage.dead_lettered",
+                StageStatus::WaitingApproval => "stage.waiting_approval",
+                StageStatus::Skipped => "stage.skipped",
             },
             Self::Env(status) => match status {
                 EnvStatus::Creating => "environment.creating",

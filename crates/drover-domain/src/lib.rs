@@ -8,6 +8,7 @@
 
 mod agent;
 mod budget;
+mod condition;
 mod environment;
 mod error;
 mod event;
@@ -24,6 +25,7 @@ pub use agent::{
     AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent, LlmAgent, LlmProvider,
 };
 pub use budget::{Budget, Usage};
+pub use condition::{Condition, StageOutcome};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
@@ -32,7 +34,8 @@ pub use ids::{
     RunId, ServiceName, StageName, WorkerId,
 };
 pub use pipeline::{
-    Backoff, Decision, NextStep, Outcome, PipelineCatalog, PipelineSpec, StageSpec, decide, sdlc,
+    Advance, Backoff, Decision, LatestAttempt, NextStep, Outcome, PipelineCatalog, PipelineSpec,
+    RunProgress, SkippedStage, StagePolicy, StageSpec, StageStart, advance, decide, sdlc,
 };
 pub use route::{CustomRoute, RouteTarget, parse_hostname};
 pub use run::{Run, RunRequest, RunStatus};

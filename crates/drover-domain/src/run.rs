@@ -51,7 +51,7 @@ impl RunStatus {
         use RunStatus::*;
         matches!(
             (self, to),
-            (Queued, Running | Failed | Cancelled)
+            (Queued, Running | WaitingApproval | Failed | Cancelled)
                 | (Running, WaitingApproval | Succeeded | Failed | Cancelled)
                 | (WaitingApproval, Running | Failed | Cancelled)
         )
@@ -177,6 +177,13 @@ pub struct Run {
     /// What its stages may spend together; past it the run stops.
     #[serde(default)]
     pub budget: Option<crate::Budget>,
+    /// The pipeline as it was when the run was submitted; a configuration reload changes
+    /// new runs only. `None` for runs stored before snapshots existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<crate::PipelineSpec>,
+    /// Who submitted it (`local` in local mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 #[cfg(test)]

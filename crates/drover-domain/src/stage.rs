@@ -27,10 +27,14 @@ pub enum StageStatus {
     Cancelled,
     /// Failed with every allowed attempt used; kept for redrive.
     DeadLettered,
+    /// A gated stage waiting for a person to approve (then `pending`) or reject it.
+    WaitingApproval,
+    /// Not run: its `when` condition did not hold. Counts as done.
+    Skipped,
 }
 
 impl StageStatus {
-    pub const ALL: [StageStatus; 8] = [
+    pub const ALL: [StageStatus; 10] = [
         Self::Pending,
         Self::Dispatched,
         Self::Running,
@@ -39,6 +43,8 @@ impl StageStatus {
         Self::TimedOut,
         Self::Cancelled,
         Self::DeadLettered,
+        Self::WaitingApproval,
+        Self::Skipped,
     ];
 
     /// Statuses in which an attempt still holds or waits for a worker.
@@ -54,18 +60,21 @@ impl StageStatus {
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
             Self::DeadLettered => "dead_lettered",
+            Self::WaitingApproval => "waiting_approval",
+            Self::Skipped => "skipped",
         }
     }
 
     pub fn is_terminal(self) -> bool {
-        !Self::ACTIVE.contains(&self)
+        !Self::ACTIVE.contains(&self) && self != Self::WaitingApproval
     }
 
     pub fn can_become(self, to: StageStatus) -> bool {
         use StageStatus::*;
         matches!(
             (self, to),
-            (Pending, Dispatched | Running | Cancelled)
+            (Pending, Dispatched | Running | Cancelled | Skipped)
+                | (WaitingApproval, Pending | Failed | Cancelled)
                 | (Dispatched, Running | Pending | Cancelled | Failed)
                 | (Running, Succeeded | Failed | TimedOut | Cancelled | DeadLettered | Pending)
         )

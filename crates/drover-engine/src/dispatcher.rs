@@ -90,6 +90,15 @@ pub(crate) async fn envelopes(
                 StoreError::Corrupt(format!("attempt {} has no run {}", attempt.id, attempt.run_id))
             })?;
             let layout = &engine.layout;
+            let catalog;
+            let pipeline = match &run.spec {
+                Some(spec) => Some(spec),
+                None => {
+                    catalog = engine.pipelines();
+                    catalog.get(run.pipeline.as_str())
+                }
+            };
+            let stage = pipeline.and_then(|p| p.stage(attempt.stage_index));
             Ok(TaskEnvelope {
                 task_id: attempt.id,
                 project_id: attempt.project_id.clone(),
@@ -111,6 +120,8 @@ pub(crate) async fn envelopes(
                         .to_string(),
                     outputs: outputs.get(&run.id).cloned().unwrap_or_default(),
                     variables: run.variables.clone(),
+                    policy: stage.map(|s| s.policy.clone()).unwrap_or_default(),
+                    output_files: stage.map(|s| s.outputs.clone()).unwrap_or_default(),
                 },
                 deadline: attempt.deadline_at,
                 correlation_id: run.correlation_id,

@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub placement: Option<RunPlacement>,
     /// What its stages may spend together.
     pub budget: Option<drover_domain::Budget>,
+    /// Who submitted it.
+    pub submitted_by: Option<String>,
 }
 
 /// Timing and batching of the engine's loops.
@@ -75,7 +77,9 @@ pub struct EngineSettings {
 pub struct Engine {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
-    pipelines: Arc<PipelineCatalog>,
+    /// Replaced as a whole when the configuration is reloaded; runs under way follow
+    /// the snapshot they were created with.
+    pipelines: std::sync::RwLock<Arc<PipelineCatalog>>,
     layout: Layout,
     settings: EngineSettings,
     /// Wakes the dispatcher when an attempt became due.
@@ -94,15 +98,30 @@ impl Engine {
         layout: Layout,
         settings: EngineSettings,
     ) -> Self {
-        Self { store, bus, pipelines, layout, settings, dispatch_wanted: Notify::new() }
+        Self {
+            store,
+            bus,
+            pipelines: std::sync::RwLock::new(pipelines),
+            layout,
+            settings,
+            dispatch_wanted: Notify::new(),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
-    pub fn pipelines(&self) -> &PipelineCatalog {
-        &self.pipelines
+    /// The pipelines new runs can follow.
+    pub fn pipelines(&self) -> Arc<PipelineCatalog> {
+        // Readers only clone the Arc; a poisoned lock still holds a whole catalog.
+        self.pipelines.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Makes `pipelines` the catalog new runs follow (configuration reload). Runs under
+    /// way keep the pipeline they were submitted with.
+    pub fn replace_pipelines(&self, pipelines: Arc<PipelineCatalog>) {
+        *self.pipelines.write().unwrap_or_else(|poison| poison.into_inner()) = pipelines;
     }
 
     pub fn layout(&self) -> &Layout {
@@ -120,7 +139,7 @@ impl Engine {
         correlation_id: CorrelationId,
         placement: Option<RunPlacement>,
     ) -> Result<Run, EngineError> {
-        let options = RunOptions { placement, budget: None };
+        let options = RunOptions { placement, ..RunOptions::default() };
         self.submit_as(RunId::new(), project, request, pipeline, correlation_id, options).await
     }
 
@@ -135,10 +154,11 @@ impl Engine {
         correlation_id: CorrelationId,
         options: RunOptions,
     ) -> Result<Run, EngineError> {
-        let RunOptions { placement, budget } = options;
-        let spec = self.pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
+        let RunOptions { placement, budget, submitted_by } = options;
+        let pipelines = self.pipelines();
+        let spec = pipelines.get(pipeline).ok_or_else(|| EngineError::UnknownPipeline {
             name: pipeline.to_owned(),
-            known: self.pipelines.names().collect::<Vec<_>>().join(", "),
+            known: pipelines.names().collect::<Vec<_>>().join(", "),
         })?;
         let run = self
             .store
@@ -153,6 +173,7 @@ impl Engine {
                     workspace: placement.as_ref().map(|p| p.workspace.clone()),
                     variables: placement.map(|p| p.variables).unwrap_or_default(),
                     budget,
+                    submitted_by,
                 },
                 now(),
             )
@@ -180,7 +201,28 @@ impl Engine {
         Ok(cancelled.run)
     }
 
-    async fn stop_attempt(&self, attempt_id: AttemptId, reason: String) {
+    /// Approves or rejects a run's gated stage. A rejection stops the rest of the run.
+    #[tracing::instrument(skip_all, fields(project = %project, run_id = %run_id, stage = %stage))]
+    pub async fn decide_approval(
+        &self,
+        project: &ProjectId,
+        run_id: RunId,
+        stage: &drover_domain::StageName,
+        decision: &drover_store::ApprovalDecision,
+    ) -> Result<drover_store::ApprovalOutcome, EngineError> {
+        let outcome = self.store.decide_approval(project, run_id, stage, decision, now()).await?;
+        for attempt in &outcome.stopped {
+            let reason = attempt.error.clone().unwrap_or_else(|| "stage rejected".to_owned());
+            self.stop_attempt(attempt.id, reason).await;
+        }
+        if decision.approve {
+            self.dispatch_wanted.notify_one();
+        }
+        tracing::info!(approve = decision.approve, by = %decision.by, "approval decided");
+        Ok(outcome)
+    }
+
+    pub(crate) async fn stop_attempt(&self, attempt_id: AttemptId, reason: String) {
         if let Err(err) = self.bus.publish_control(&Control::Cancel { attempt_id, reason }).await {
             tracing::warn!(%attempt_id, error = %err, "cannot publish a cancel");
         }
@@ -202,7 +244,7 @@ impl Engine {
         attempt: AttemptId,
     ) -> Result<drover_domain::StageAttempt, EngineError> {
         let retry =
-            self.store.redrive_dead_letter(project, attempt, &self.pipelines, now()).await?;
+            self.store.redrive_dead_letter(project, attempt, &self.pipelines(), now()).await?;
         metrics::counter!("drover_engine_dlq_redriven_total").increment(1);
         tracing::info!(%attempt, new_attempt = %retry.id, run_id = %retry.run_id, "dead letter redriven");
         self.dispatch_wanted.notify_one();

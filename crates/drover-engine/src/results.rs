@@ -59,7 +59,7 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
 async fn handle_batch(engine: &Engine, batch: &[ResultDelivery]) {
     let commands: Vec<WorkerCommand> =
         batch.iter().map(|d| command_for(engine, &d.message)).collect();
-    match engine.store.apply(commands, &engine.pipelines).await {
+    match engine.store.apply(commands, &engine.pipelines()).await {
         Ok(outcomes) => {
             for (delivery, outcome) in batch.iter().zip(outcomes) {
                 after(engine, &delivery.message, outcome).await;
@@ -80,7 +80,7 @@ async fn handle_one(engine: &Engine, message: &WorkerMessage) {
     let mut tries = 0;
     loop {
         tries += 1;
-        match engine.store.apply(vec![command_for(engine, message)], &engine.pipelines).await {
+        match engine.store.apply(vec![command_for(engine, message)], &engine.pipelines()).await {
             Ok(outcomes) => {
                 if let Some(outcome) = outcomes.into_iter().next() {
                     after(engine, message, outcome).await;
@@ -163,7 +163,7 @@ async fn after(engine: &Engine, message: &WorkerMessage, outcome: CommandOutcome
         (WorkerMessage::Heartbeat { attempt_id, .. }, CommandOutcome::Renewed(false)) => {
             engine.stop_attempt(*attempt_id, "the attempt is no longer yours".into()).await;
         }
-        (_, CommandOutcome::Completed(outcome)) => report_completion(engine, outcome),
+        (_, CommandOutcome::Completed(outcome)) => report_completion(engine, outcome).await,
         (WorkerMessage::Released { attempt_id, .. }, CommandOutcome::Released(true)) => {
             tracing::info!(%attempt_id, "attempt handed back");
             engine.dispatch_wanted.notify_one();
@@ -175,15 +175,15 @@ async fn after(engine: &Engine, message: &WorkerMessage, outcome: CommandOutcome
 
 /// Commits an attempt's end decided by the engine itself (the reaper) and reports it.
 pub(crate) async fn commit(engine: &Engine, completion: Completion) -> Result<bool, StoreError> {
-    let outcome = engine.store.complete_attempt(completion, &engine.pipelines).await?;
+    let outcome = engine.store.complete_attempt(completion, &engine.pipelines()).await?;
     let applied = matches!(outcome, CompletionOutcome::Applied { .. });
-    report_completion(engine, outcome);
+    report_completion(engine, outcome).await;
     Ok(applied)
 }
 
-fn report_completion(engine: &Engine, outcome: CompletionOutcome) {
+async fn report_completion(engine: &Engine, outcome: CompletionOutcome) {
     match outcome {
-        CompletionOutcome::Applied { attempt, run, next } => {
+        CompletionOutcome::Applied { attempt, run, next, stopped } => {
             let labels =
                 [("stage", attempt.stage.to_string()), ("status", attempt.status.to_string())];
             metrics::counter!("drover_engine_attempts_finished_total", &labels).increment(1);
@@ -196,11 +196,17 @@ fn report_completion(engine: &Engine, outcome: CompletionOutcome) {
                 status = %attempt.status, error = attempt.error.as_deref().unwrap_or(""),
                 "stage finished"
             );
-            if let Some(next) = next {
+            for next in &next {
                 if next.attempt > 1 {
                     metrics::counter!("drover_engine_retries_total", "stage" => next.stage.to_string()).increment(1);
                 }
+            }
+            if !next.is_empty() {
                 engine.dispatch_wanted.notify_one();
+            }
+            for sibling in stopped {
+                let reason = sibling.error.clone().unwrap_or_else(|| "run failed".to_owned());
+                engine.stop_attempt(sibling.id, reason).await;
             }
             if run.status.is_terminal() {
                 metrics::counter!("drover_engine_runs_finished_total", "status" => run.status.to_string()).increment(1);

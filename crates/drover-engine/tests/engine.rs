@@ -100,11 +100,9 @@ fn agent(name: &str) -> AgentType {
 
 fn stage(name: &str, agent_name: &str, max_attempts: u32, timeout: Duration) -> StageSpec {
     StageSpec {
-        name: StageName::parse(name).unwrap(),
-        agent: agent(agent_name),
         max_attempts,
-        timeout,
         backoff: Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(50) },
+        ..StageSpec::new(StageName::parse(name).unwrap(), agent(agent_name), timeout)
     }
 }
 

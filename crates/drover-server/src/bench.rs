@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use drover_agents::{Agent, AgentTask, WorkerPool, WorkerPoolConfig};
 use drover_bus::{AgentResult, BusOptions};
 use drover_domain::{
-    AgentType, AttemptId, Backoff, CorrelationId, EventKind, PipelineCatalog, PipelineName,
-    PipelineSpec, ProjectId, RunRequest, StageName, StageSpec, StageStatus, WorkerId,
+    AgentType, AttemptId, CorrelationId, EventKind, PipelineCatalog, PipelineName, PipelineSpec,
+    ProjectId, RunRequest, StageName, StageSpec, StageStatus, WorkerId,
 };
 use drover_engine::{Engine, EngineSettings};
 use drover_env::Layout;
@@ -135,11 +135,12 @@ pub async fn bench_bus(options: BusBenchOptions) -> Result<BusBenchReport, Serve
     let agent = AgentType::parse("noop").expect("literal agent type");
     let stages = (1..=options.stages.max(1))
         .map(|n| StageSpec {
-            name: StageName::parse(format!("noop{n}")).expect("literal stage name"),
-            agent: agent.clone(),
             max_attempts: 1,
-            timeout: Duration::from_secs(300),
-            backoff: Backoff::default(),
+            ..StageSpec::new(
+                StageName::parse(format!("noop{n}")).expect("literal stage name"),
+                agent.clone(),
+                Duration::from_secs(300),
+            )
         })
         .collect();
     let pipeline = PipelineSpec {

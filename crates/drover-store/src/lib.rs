@@ -41,6 +41,8 @@ pub enum StoreError {
     EnvironmentBusy { id: EnvironmentId, status: EnvStatus, action: &'static str },
     #[error("stage attempt {id} is not waiting in the dead-letter queue ({state})")]
     NotDeadLettered { id: AttemptId, state: String },
+    #[error("stage `{stage}` of run {run} is not waiting for approval ({state})")]
+    NotWaitingApproval { run: RunId, stage: String, state: String },
     #[error("run {id} already finished ({status})")]
     RunAlreadyFinished { id: RunId, status: RunStatus },
     #[error(transparent)]
@@ -73,6 +75,37 @@ pub struct NewRun {
     pub variables: std::collections::BTreeMap<String, String>,
     /// What its stages may spend together.
     pub budget: Option<drover_domain::Budget>,
+    /// Who submitted it.
+    pub submitted_by: Option<String>,
+}
+
+/// A person's answer to a gated stage.
+#[derive(Debug, Clone)]
+pub struct ApprovalDecision {
+    pub approve: bool,
+    /// Who answered.
+    pub by: String,
+    /// Why (shown in the run's error when rejected).
+    pub reason: Option<String>,
+}
+
+/// What an approval changed.
+#[derive(Debug, Clone)]
+pub struct ApprovalOutcome {
+    pub run: Run,
+    /// The gated attempt: `pending` when approved, `failed` when rejected.
+    pub attempt: StageAttempt,
+    /// Attempts of the run a rejection stopped.
+    pub stopped: Vec<StageAttempt>,
+}
+
+/// Reported usage, summed three ways. Rows are sorted by their key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageReport {
+    pub total: drover_domain::Usage,
+    pub by_stage: Vec<(String, drover_domain::Usage)>,
+    pub by_run: Vec<(RunId, drover_domain::Usage)>,
+    pub by_user: Vec<(String, drover_domain::Usage)>,
 }
 
 /// Which runs to list: newest first, strictly older than `before` when paginating.
@@ -132,9 +165,10 @@ pub struct Completion {
 #[derive(Debug, Clone)]
 #[expect(clippy::large_enum_variant, reason = "returned once per call, never stored in bulk")]
 pub enum CompletionOutcome {
-    /// The result was committed: the attempt's new state, its run, and the attempt created
-    /// next (following stage or retry), if any.
-    Applied { attempt: StageAttempt, run: Run, next: Option<StageAttempt> },
+    /// The result was committed: the attempt's new state, its run, the attempts created
+    /// next (stages that became due, or a retry), and the run's other attempts it stopped
+    /// (when it failed the run; their workers are to be told).
+    Applied { attempt: StageAttempt, run: Run, next: Vec<StageAttempt>, stopped: Vec<StageAttempt> },
     /// The token is not current or the attempt is no longer running: nothing was written.
     Stale { reason: String },
 }
@@ -200,6 +234,23 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         now: Timestamp,
     ) -> StoreResult<CancelledRun>;
+
+    /// Approves or rejects the gated `stage` of a run waiting for it. Approval makes the
+    /// stage due; rejection fails the stage and the run with the reason, and stops the
+    /// run's other attempts.
+    async fn decide_approval(
+        &self,
+        project: &ProjectId,
+        run: RunId,
+        stage: &StageName,
+        decision: &ApprovalDecision,
+        now: Timestamp,
+    ) -> StoreResult<ApprovalOutcome>;
+
+    /// Token and cost figures the agents reported (`usage` in stage outputs), summed per
+    /// stage, per run and per submitter, over the project's runs created in `[since, ∞)`.
+    async fn usage_report(&self, project: &ProjectId, since: Timestamp)
+    -> StoreResult<UsageReport>;
 
     async fn list_events(&self, project: &ProjectId, query: &EventQuery)
     -> StoreResult<Vec<Event>>;

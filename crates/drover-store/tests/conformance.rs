@@ -57,6 +57,7 @@ async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::
                 workspace: None,
                 variables: Default::default(),
                 budget: None,
+                submitted_by: None,
             },
             now,
         )
@@ -224,7 +225,7 @@ async fn success_commits_once_and_creates_the_next_stage() {
     };
     assert_eq!(attempt.status, StageStatus::Succeeded);
     assert_eq!(attempt.output, Some(json!({ "ok": true })));
-    let next = next.expect("a next stage");
+    let next = next.into_iter().next().expect("a next stage");
     assert_eq!(next.stage.as_str(), "validate");
     assert_eq!(next.status, StageStatus::Pending);
 
@@ -313,14 +314,14 @@ async fn a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backof
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let failure = Outcome::Failed { error: "flaky network".into(), retryable: true };
 
-    let CompletionOutcome::Applied { attempt, next, run: after } =
+    let CompletionOutcome::Applied { attempt, next, run: after, .. } =
         complete(&fx, &first, failure, T0).await
     else {
         panic!("not applied")
     };
     assert_eq!(attempt.status, StageStatus::Failed);
     assert_eq!(after.status, RunStatus::Running);
-    let retry = next.expect("a retry");
+    let retry = next.into_iter().next().expect("a retry");
     assert_eq!((retry.stage.as_str(), retry.attempt), ("scaffold", 2));
     assert!(retry.available_at > T0);
 
@@ -482,6 +483,7 @@ async fn data_survives_reopening_the_same_file() {
                     workspace: None,
                     variables: Default::default(),
                     budget: None,
+                    submitted_by: None,
                 },
                 T0,
             )

@@ -15,9 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, EnvironmentId, Event, EventKind, EventSeq, FencingToken,
-    NewEvent, NextStep, Outcome, PipelineCatalog, PipelineName, ProjectId, Run, RunId, RunRequest,
-    RunStatus, StageAttempt, StageName, StageSpec, StageStatus, Timestamp, Usage, Worker, WorkerId,
-    WorkerProfile, decide,
+    LatestAttempt, NewEvent, NextStep, Outcome, PipelineCatalog, PipelineName, PipelineSpec,
+    ProjectId, Run, RunId, RunProgress, RunRequest, RunStatus, StageAttempt, StageName, StageSpec,
+    StageStart, StageStatus, Timestamp, Usage, Worker, WorkerId, WorkerProfile, advance, decide,
 };
 use serde_json::json;
 use sqlx::sqlite::{
@@ -27,8 +27,9 @@ use sqlx::{Connection, Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection
 use tokio::sync::{Mutex, broadcast};
 
 use crate::{
-    CancelledRun, CommandOutcome, Completion, CompletionOutcome, DeadLetterQuery, EventQuery,
-    NewRun, RunQuery, StartAttempt, StartOutcome, Store, StoreError, StoreResult, WorkerCommand,
+    ApprovalDecision, ApprovalOutcome, CancelledRun, CommandOutcome, Completion, CompletionOutcome,
+    DeadLetterQuery, EventQuery, NewRun, RunQuery, StartAttempt, StartOutcome, Store, StoreError,
+    StoreResult, UsageReport, WorkerCommand,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -60,7 +61,8 @@ pub struct SqliteStore {
 macro_rules! run_columns {
     () => {
         "id, project_id, pipeline, request, status, correlation_id, error, created_at, \
-         updated_at, started_at, finished_at, environment_id, workspace, variables, budget"
+         updated_at, started_at, finished_at, environment_id, workspace, variables, budget, \
+         pipeline_spec, submitted_by"
     };
 }
 
@@ -161,10 +163,18 @@ async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run> {
-        let first_stage = new.pipeline.stages.first().ok_or_else(|| {
-            StoreError::Corrupt(format!("pipeline `{}` has no stages", new.pipeline.name))
+        new.pipeline.validate().map_err(|err| {
+            StoreError::Corrupt(format!("pipeline `{}`: {err}", new.pipeline.name))
         })?;
-        let run = Run {
+        let first = advance(&new.pipeline, &RunProgress::new());
+        if first.start.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "pipeline `{}` has no stage that can start",
+                new.pipeline.name
+            )));
+        }
+        let all_gated = first.start.iter().all(|start| start.gated);
+        let mut run = Run {
             id: new.id.unwrap_or_else(RunId::new),
             project_id: new.project_id,
             pipeline: new.pipeline.name.clone(),
@@ -180,13 +190,18 @@ impl Store for SqliteStore {
             workspace: new.workspace,
             variables: new.variables,
             budget: new.budget,
+            spec: Some(new.pipeline.clone()),
+            submitted_by: new.submitted_by,
         };
+        if all_gated {
+            run.status = run.status.become_(RunStatus::WaitingApproval)?;
+        }
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
         sqlx::query(concat!(
             "INSERT INTO runs (",
             run_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(run.id.to_string())
         .bind(run.project_id.as_str())
@@ -207,12 +222,18 @@ impl Store for SqliteStore {
             serde_json::to_string(&run.variables).ok()
         })
         .bind(run.budget.and_then(|budget| serde_json::to_string(&budget).ok()))
+        .bind(run.spec.as_ref().and_then(|spec| serde_json::to_string(spec).ok()))
+        .bind(run.submitted_by.as_deref())
         .execute(&mut *tx)
         .await?;
         let mut events =
             vec![run_event(&run, json!({ "request": run.request, "pipeline": run.pipeline }))];
-        let attempt = insert_attempt(&mut tx, &run, 0, first_stage, 1, now, now).await?;
-        events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
+        let spec = &new.pipeline;
+        for start in &first.start {
+            let stage = spec.stage(start.index).ok_or_else(|| missing_stage(spec, start.index))?;
+            let attempt = insert_stage(&mut tx, &run, start, stage, now).await?;
+            events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
+        }
         let events = append_events(&mut tx, events, now).await?;
         tx.commit().await?;
         self.publish(events);
@@ -305,30 +326,131 @@ impl Store for SqliteStore {
         run.finished_at = Some(now);
         update_run(&mut tx, &run).await?;
         let mut events = vec![run_event(&run, json!({ "reason": reason }))];
-
-        let active: Vec<AttemptRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            attempt_columns!(),
-            " FROM stage_attempts WHERE run_id = ? AND status IN ('pending', 'dispatched', 'running')"
-        ))
-        .bind(run.id.to_string())
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut stopped = Vec::with_capacity(active.len());
-        for row in active {
-            let mut attempt = StageAttempt::try_from(row)?;
-            attempt.status = attempt.status.become_(StageStatus::Cancelled)?;
-            attempt.error = Some(reason.to_owned());
-            attempt.finished_at = Some(now);
-            attempt.lease_expires_at = None;
-            update_attempt(&mut tx, &attempt).await?;
-            events.push(attempt_event(&attempt, &run.correlation_id, json!({ "reason": reason })));
-            stopped.push(attempt);
-        }
+        let stopped = stop_active(&mut tx, &run, reason, now, &mut events).await?;
         let events = append_events(&mut tx, events, now).await?;
         tx.commit().await?;
         self.publish(events);
         Ok(CancelledRun { run, stopped_attempts: stopped })
+    }
+
+    async fn decide_approval(
+        &self,
+        project: &ProjectId,
+        run_id: RunId,
+        stage: &StageName,
+        decision: &ApprovalDecision,
+        now: Timestamp,
+    ) -> StoreResult<ApprovalOutcome> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let mut run =
+            fetch_run(&mut *tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
+        if run.status.is_terminal() {
+            return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
+        }
+        let latest: Option<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM stage_attempts WHERE run_id = ? AND stage = ? ORDER BY attempt DESC LIMIT 1"
+        ))
+        .bind(run.id.to_string())
+        .bind(stage.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut attempt = match latest.map(StageAttempt::try_from).transpose()? {
+            Some(attempt) if attempt.status == StageStatus::WaitingApproval => attempt,
+            other => {
+                let state = match other {
+                    Some(attempt) => format!("it is {}", attempt.status),
+                    None if run.spec.as_ref().is_none_or(|p| p.index_of(stage).is_some()) => {
+                        "it has not been reached".to_owned()
+                    }
+                    None => "the run's pipeline has no such stage".to_owned(),
+                };
+                return Err(StoreError::NotWaitingApproval {
+                    run: run.id,
+                    stage: stage.to_string(),
+                    state,
+                });
+            }
+        };
+        let mut events = Vec::new();
+        let mut stopped = Vec::new();
+        let why = decision.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        if decision.approve {
+            attempt.status = attempt.status.become_(StageStatus::Pending)?;
+            attempt.available_at = now;
+            update_attempt(&mut tx, &attempt).await?;
+            events.push(attempt_event(
+                &attempt,
+                &run.correlation_id,
+                json!({ "approved_by": decision.by, "reason": decision.reason }),
+            ));
+            settle_run_status(&mut tx, &mut run, now, &mut events).await?;
+        } else {
+            let error = format!("rejected by {}{why}", decision.by);
+            attempt.status = attempt.status.become_(StageStatus::Failed)?;
+            attempt.error = Some(error.clone());
+            attempt.finished_at = Some(now);
+            update_attempt(&mut tx, &attempt).await?;
+            events.push(attempt_event(
+                &attempt,
+                &run.correlation_id,
+                json!({ "rejected_by": decision.by, "error": error }),
+            ));
+            let run_error = format!("stage `{stage}` was {error}");
+            run.status = run.status.become_(RunStatus::Failed)?;
+            run.error = Some(run_error.clone());
+            run.updated_at = now;
+            run.finished_at = Some(now);
+            update_run(&mut tx, &run).await?;
+            events.push(run_event(&run, json!({ "error": run_error })));
+            stopped = stop_active(&mut tx, &run, &run_error, now, &mut events).await?;
+        }
+        let events = append_events(&mut tx, events, now).await?;
+        tx.commit().await?;
+        self.publish(events);
+        Ok(ApprovalOutcome { run, attempt, stopped })
+    }
+
+    async fn usage_report(
+        &self,
+        project: &ProjectId,
+        since: Timestamp,
+    ) -> StoreResult<UsageReport> {
+        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT a.run_id, a.stage, r.submitted_by, a.output FROM stage_attempts a \
+             JOIN runs r ON r.id = a.run_id \
+             WHERE r.project_id = ? AND r.created_at >= ? AND a.output IS NOT NULL",
+        )
+        .bind(project.as_str())
+        .bind(since.as_millis())
+        .fetch_all(&self.reader)
+        .await?;
+        let mut by_stage = std::collections::BTreeMap::<String, Usage>::new();
+        let mut by_run = std::collections::BTreeMap::<RunId, Usage>::new();
+        let mut by_user = std::collections::BTreeMap::<String, Usage>::new();
+        let mut total = Usage::default();
+        for (run, stage, user, output) in rows {
+            let Ok(output) = serde_json::from_str::<serde_json::Value>(&output) else { continue };
+            let usage = Usage::reported_in(&output);
+            if usage == Usage::default() {
+                continue;
+            }
+            let run: RunId = run.parse().map_err(|_| corrupt("stage_attempts.run_id", &run))?;
+            let user = user.unwrap_or_else(|| "local".to_owned());
+            total = total.plus(usage);
+            let add = |slot: &mut Usage| *slot = slot.plus(usage);
+            add(by_stage.entry(stage).or_default());
+            add(by_run.entry(run).or_default());
+            add(by_user.entry(user).or_default());
+        }
+        Ok(UsageReport {
+            total,
+            by_stage: by_stage.into_iter().collect(),
+            by_run: by_run.into_iter().collect(),
+            by_user: by_user.into_iter().collect(),
+        })
     }
 
     async fn list_events(
@@ -542,15 +664,10 @@ impl Store for SqliteStore {
         let mut run = fetch_run(&mut *tx, project, letter.run_id)
             .await?
             .ok_or(StoreError::RunNotFound(letter.run_id))?;
-        let spec = pipelines
-            .get(run.pipeline.as_str())
-            .and_then(|pipeline| pipeline.stage(letter.stage_index))
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "pipeline `{}` has no stage {}",
-                    run.pipeline, letter.stage_index
-                ))
-            })?;
+        let pipeline = pipeline_of(&run, pipelines)?.into_owned();
+        let spec = pipeline
+            .stage(letter.stage_index)
+            .ok_or_else(|| missing_stage(&pipeline, letter.stage_index))?;
         run.status = run.status.redrive()?;
         run.error = None;
         run.finished_at = None;
@@ -831,10 +948,10 @@ async fn start_in(
     let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
         .await?
         .ok_or(StoreError::RunNotFound(attempt.run_id))?;
-    let timeout = pipelines
-        .get(run.pipeline.as_str())
-        .and_then(|p| p.stage(attempt.stage_index))
-        .map_or(Duration::from_secs(3600), |spec| spec.timeout);
+    let timeout = pipeline_of(&run, pipelines)
+        .ok()
+        .and_then(|p| p.stage(attempt.stage_index).map(|spec| spec.timeout))
+        .unwrap_or(Duration::from_secs(3600));
 
     attempt.status = attempt.status.become_(StageStatus::Running)?;
     attempt.worker_id = Some(start.worker_id.clone());
@@ -936,13 +1053,10 @@ async fn complete_in(
     let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
         .await?
         .ok_or(StoreError::RunNotFound(attempt.run_id))?;
-    let Some(pipeline) = pipelines.get(run.pipeline.as_str()) else {
-        return Err(StoreError::Corrupt(format!(
-            "run {} follows pipeline `{}`, which this server does not know",
-            run.id, run.pipeline
-        )));
-    };
-    let mut decision = decide(pipeline, &attempt, &completion.outcome, completion.jitter, now);
+    let pipeline = pipeline_of(&run, pipelines)?;
+    let progress = progress_of(&mut *tx, run.id).await?;
+    let mut decision =
+        decide(&pipeline, &attempt, &completion.outcome, &progress, completion.jitter, now);
     // A run with a budget stops once its stages together spent past it (the attempt that
     // crossed it still counts as done).
     if let (Some(budget), Outcome::Succeeded { output }) = (run.budget, &completion.outcome)
@@ -961,6 +1075,7 @@ async fn complete_in(
             .map(|output| Usage::reported_in(&output))
             .fold(Usage::reported_in(output), Usage::plus);
         if let Some(reason) = budget.exceeded_by(&spent) {
+            decision.skip.clear();
             decision.next = NextStep::FinishRun { status: RunStatus::Failed, error: Some(reason) };
         }
     }
@@ -979,27 +1094,45 @@ async fn complete_in(
     };
     events.push(attempt_event_in(&attempt, &run.correlation_id, run.environment_id, detail));
 
-    let missing_stage = |index: u32| {
-        StoreError::Corrupt(format!("pipeline `{}` has no stage {index}", pipeline.name))
-    };
-    let mut next = None;
+    for skipped in &decision.skip {
+        let spec =
+            pipeline.stage(skipped.index).ok_or_else(|| missing_stage(&pipeline, skipped.index))?;
+        let mut record = insert_attempt(tx, &run, skipped.index, spec, 1, now, now).await?;
+        record.status = record.status.become_(StageStatus::Skipped)?;
+        record.output = Some(json!({ "skipped": skipped.reason }));
+        record.finished_at = Some(now);
+        update_attempt(tx, &record).await?;
+        events.push(attempt_event(
+            &record,
+            &run.correlation_id,
+            json!({ "reason": skipped.reason }),
+        ));
+    }
+
+    let mut next = Vec::new();
+    let mut stopped = Vec::new();
     match decision.next {
-        NextStep::Stage { index } => {
-            let spec = pipeline.stage(index).ok_or_else(|| missing_stage(index))?;
-            let created = insert_attempt(tx, &run, index, spec, 1, now, now).await?;
-            events.push(attempt_event(&created, &run.correlation_id, json!({})));
-            next = Some(created);
+        NextStep::Stages { start } => {
+            for start in &start {
+                let spec = pipeline
+                    .stage(start.index)
+                    .ok_or_else(|| missing_stage(&pipeline, start.index))?;
+                let created = insert_stage(tx, &run, start, spec, now).await?;
+                events.push(attempt_event(&created, &run.correlation_id, json!({})));
+                next.push(created);
+            }
+            settle_run_status(tx, &mut run, now, events).await?;
         }
         NextStep::Retry { attempt: number, available_at } => {
             let index = attempt.stage_index;
-            let spec = pipeline.stage(index).ok_or_else(|| missing_stage(index))?;
+            let spec = pipeline.stage(index).ok_or_else(|| missing_stage(&pipeline, index))?;
             let created = insert_attempt(tx, &run, index, spec, number, available_at, now).await?;
             events.push(attempt_event(
                 &created,
                 &run.correlation_id,
                 json!({ "retry_of": attempt.id, "available_at": available_at }),
             ));
-            next = Some(created);
+            next.push(created);
         }
         NextStep::FinishRun { status, error } => {
             run.status = run.status.become_(status)?;
@@ -1008,9 +1141,136 @@ async fn complete_in(
             run.finished_at = Some(now);
             update_run(tx, &run).await?;
             events.push(run_event(&run, json!({ "error": error })));
+            if status == RunStatus::Failed {
+                let reason =
+                    format!("run failed: {}", error.as_deref().unwrap_or("a stage failed"));
+                stopped = stop_active(tx, &run, &reason, now, events).await?;
+            }
         }
     }
-    Ok(CompletionOutcome::Applied { attempt, run, next })
+    Ok(CompletionOutcome::Applied { attempt, run, next, stopped })
+}
+
+/// The pipeline a run follows: its snapshot, or (for runs stored before snapshots) the
+/// server's pipeline of that name.
+fn pipeline_of<'a>(
+    run: &'a Run,
+    pipelines: &'a PipelineCatalog,
+) -> StoreResult<std::borrow::Cow<'a, PipelineSpec>> {
+    match &run.spec {
+        Some(spec) => Ok(std::borrow::Cow::Borrowed(spec)),
+        None => {
+            pipelines.get(run.pipeline.as_str()).map(std::borrow::Cow::Borrowed).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "run {} follows pipeline `{}`, which this server does not know",
+                    run.id, run.pipeline
+                ))
+            })
+        }
+    }
+}
+
+fn missing_stage(pipeline: &PipelineSpec, index: u32) -> StoreError {
+    StoreError::Corrupt(format!("pipeline `{}` has no stage {index}", pipeline.name))
+}
+
+/// The latest attempt of each stage of a run.
+async fn progress_of(conn: &mut SqliteConnection, run: RunId) -> StoreResult<RunProgress> {
+    let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT stage_index, status, output FROM stage_attempts WHERE run_id = ? \
+         ORDER BY stage_index, attempt, created_at",
+    )
+    .bind(run.to_string())
+    .fetch_all(conn)
+    .await?;
+    let mut progress = RunProgress::new();
+    for (index, status, output) in rows {
+        let index = u32::try_from(index).map_err(|e| corrupt("stage_attempts.stage_index", e))?;
+        let status = status.parse().map_err(|e| corrupt("stage_attempts.status", e))?;
+        let output = output.and_then(|json| serde_json::from_str(&json).ok());
+        progress.insert(index, LatestAttempt { status, output });
+    }
+    Ok(progress)
+}
+
+/// Creates the first attempt of a stage that became due: `pending`, or
+/// `waiting_approval` when it is gated.
+async fn insert_stage(
+    conn: &mut SqliteConnection,
+    run: &Run,
+    start: &StageStart,
+    spec: &StageSpec,
+    now: Timestamp,
+) -> StoreResult<StageAttempt> {
+    let mut attempt = insert_attempt(conn, run, start.index, spec, 1, now, now).await?;
+    if start.gated {
+        attempt.status = StageStatus::WaitingApproval;
+        update_attempt(conn, &attempt).await?;
+    }
+    Ok(attempt)
+}
+
+/// A run with work in flight is `running`; one whose only open stages wait for approval
+/// is `waiting_approval`.
+async fn settle_run_status(
+    conn: &mut SqliteConnection,
+    run: &mut Run,
+    now: Timestamp,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<()> {
+    let (active, gated): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(status IN ('pending', 'dispatched', 'running')), 0), \
+                COALESCE(SUM(status = 'waiting_approval'), 0) \
+         FROM stage_attempts WHERE run_id = ?",
+    )
+    .bind(run.id.to_string())
+    .fetch_one(&mut *conn)
+    .await?;
+    let wanted = if active == 0 && gated > 0 {
+        RunStatus::WaitingApproval
+    } else if run.status == RunStatus::WaitingApproval && active > 0 {
+        RunStatus::Running
+    } else {
+        return Ok(());
+    };
+    if run.status != wanted {
+        run.status = run.status.become_(wanted)?;
+        run.updated_at = now;
+        update_run(conn, run).await?;
+        events.push(run_event(run, json!({})));
+    }
+    Ok(())
+}
+
+/// Cancels every attempt of `run` still active or waiting for approval.
+async fn stop_active(
+    conn: &mut SqliteConnection,
+    run: &Run,
+    reason: &str,
+    now: Timestamp,
+    events: &mut Vec<NewEvent>,
+) -> StoreResult<Vec<StageAttempt>> {
+    let active: Vec<AttemptRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        attempt_columns!(),
+        " FROM stage_attempts WHERE run_id = ? ",
+        "AND status IN ('pending', 'dispatched', 'running', 'waiting_approval')"
+    ))
+    .bind(run.id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut stopped = Vec::with_capacity(active.len());
+    for row in active {
+        let mut attempt = StageAttempt::try_from(row)?;
+        attempt.status = attempt.status.become_(StageStatus::Cancelled)?;
+        attempt.error = Some(reason.to_owned());
+        attempt.finished_at = Some(now);
+        attempt.lease_expires_at = None;
+        update_attempt(conn, &attempt).await?;
+        events.push(attempt_event(&attempt, &run.correlation_id, json!({ "reason": reason })));
+        stopped.push(attempt);
+    }
+    Ok(stopped)
 }
 
 /// Records a worker's heartbeat, registering it or bringing it back to `live`.
@@ -1387,6 +1647,8 @@ struct RunRow {
     workspace: Option<String>,
     variables: Option<String>,
     budget: Option<String>,
+    pipeline_spec: Option<String>,
+    submitted_by: Option<String>,
     id: String,
     project_id: String,
     pipeline: String,
@@ -1437,6 +1699,12 @@ impl TryFrom<RunRow> for Run {
                 .map(|json| serde_json::from_str(&json))
                 .transpose()
                 .map_err(|e| corrupt("runs.budget", e))?,
+            spec: row
+                .pipeline_spec
+                .map(|json| serde_json::from_str(&json))
+                .transpose()
+                .map_err(|e| corrupt("runs.pipeline_spec", e))?,
+            submitted_by: row.submitted_by,
         })
     }
 }
