@@ -20,7 +20,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-pub use pipelines::{AgentConfig, AgentKindConfig, PipelineConfig, StageConfig};
+pub use pipelines::{AgentConfig, AgentKindConfig, PipelineConfig, PolicyConfig, StageConfig};
 pub use services::{
     EnvironmentsConfig, ReadinessConfig, ServiceConfig, parse_bytes, service_specs,
 };
@@ -727,6 +727,26 @@ agent = "coder"
                 (
                     "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\n[[pipelines.p.stages]]\nname = \"a\"\nagent = \"deploy\"\n",
                     "pipelines.p.stages[1].name: stage `a` is listed twice",
+                ),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\nneeds = [\"b\"]\n[[pipelines.p.stages]]\nname = \"b\"\nagent = \"deploy\"\n",
+                    "drover.toml: invalid configuration: pipelines.p.stages: `needs` form a cycle",
+                ),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\nneeds = [\"ghost\"]\n",
+                    "pipelines.p.stages[0].needs: no stage `ghost` (stages: a) (stage `a`)",
+                ),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\n[[pipelines.p.stages]]\nname = \"b\"\nagent = \"deploy\"\nneeds = []\nwhen = \"a.output.ok\"\n",
+                    "pipelines.p.stages[1].when: `a.output.ok` reads stage `a`, which `b` does not need",
+                ),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\nwhen = \"a.result\"\n",
+                    "pipelines.p.stages[0].when: `a.result`: `result` is neither `status` nor `output`",
+                ),
+                (
+                    "[[pipelines.p.stages]]\nname = \"a\"\nagent = \"scaffold\"\npolicy = { protected_paths = [\"../etc\"] }\n",
+                    "pipelines.p.stages[0].policy.protected_paths: `../etc` must be a path inside the workspace",
                 ),
             ] {
                 jail.create_file("drover.toml", text)?;

@@ -729,3 +729,80 @@ async fn a_batch_of_worker_writes_applies_in_order_with_each_one_fenced() {
     );
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
 }
+
+/// `root → (left, right)`: two stages that run at once.
+fn fork_pipeline() -> drover_domain::PipelineSpec {
+    let stage = |name: &str, needs: &[&str]| drover_domain::StageSpec {
+        needs: Some(needs.iter().map(|n| drover_domain::StageName::parse(*n).unwrap()).collect()),
+        max_attempts: 1,
+        ..drover_domain::StageSpec::new(
+            drover_domain::StageName::parse(name).unwrap(),
+            AgentType::parse("scaffold").unwrap(),
+            Duration::from_secs(60),
+        )
+    };
+    drover_domain::PipelineSpec {
+        name: drover_domain::PipelineName::parse("fork").unwrap(),
+        description: String::new(),
+        stages: vec![stage("root", &[]), stage("left", &["root"]), stage("right", &["root"])],
+    }
+}
+
+#[tokio::test]
+async fn a_fork_starts_both_branches_and_a_failed_branch_stops_the_other() {
+    let fx = sqlite_fixture().await;
+    let run = fx
+        .store
+        .create_run(
+            NewRun {
+                id: None,
+                project_id: default_project(),
+                pipeline: fork_pipeline(),
+                request: RunRequest::parse("fork").unwrap(),
+                correlation_id: CorrelationId::new(),
+                environment_id: None,
+                workspace: None,
+                variables: Default::default(),
+                budget: None,
+                submitted_by: Some("alice".to_owned()),
+            },
+            T0,
+        )
+        .await
+        .unwrap();
+    // The run follows its own snapshot, not the catalog (which has no `fork`).
+    assert!(fx.pipelines.get("fork").is_none());
+    let root = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
+    let output = json!({ "usage": { "tokens": 120, "cost_usd": 0.5 } });
+    let CompletionOutcome::Applied { next, .. } =
+        complete(&fx, &root, Outcome::Succeeded { output }, T0).await
+    else {
+        panic!("not applied")
+    };
+    let mut names: Vec<&str> = next.iter().map(|a| a.stage.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["left", "right"], "both branches are due at once");
+
+    let left = start(&fx, &next[0], T0).await;
+    let right = start(&fx, &next[1], T0).await;
+    let failure = Outcome::Failed { error: "broken".into(), retryable: false };
+    let CompletionOutcome::Applied { run: after, stopped, .. } =
+        complete(&fx, &left, failure, T0).await
+    else {
+        panic!("not applied")
+    };
+    assert_eq!(after.status, RunStatus::Failed);
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0].id, right.id);
+    assert_eq!(stopped[0].status, StageStatus::Cancelled);
+    // The stopped branch's late result changes nothing.
+    assert!(matches!(complete(&fx, &right, success(), T0).await, CompletionOutcome::Stale { .. }));
+
+    let report = fx.store.usage_report(&default_project(), T0).await.unwrap();
+    assert_eq!(report.total.tokens, 120);
+    assert_eq!(report.by_user, [("alice".to_owned(), report.total)]);
+    assert_eq!(report.by_stage, [("root".to_owned(), report.total)]);
+    assert_eq!(report.by_run, [(run.id, report.total)]);
+    let later = fx.store.usage_report(&default_project(), T0.plus(Duration::from_secs(1))).await;
+    assert_eq!(later.unwrap().total.tokens, 0, "runs before the window are left out");
+}

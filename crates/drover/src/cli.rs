@@ -65,6 +65,12 @@ pub(crate) enum Command {
     Pipelines,
     /// List the agents stages can name (built-in ones and `[agents]`).
     Agents,
+    /// Tokens and cost the agents reported, per stage, run and submitter.
+    Usage {
+        /// Runs created in the last this many hours.
+        #[arg(long, default_value_t = 720)]
+        hours: u64,
+    },
     /// Run agents for a server: lease its tasks and report back (Ctrl-C drains).
     Worker(WorkerArgs),
     /// List the workers registered with the server.
@@ -347,6 +353,22 @@ pub(crate) enum RunsCommand {
     Show { id: String },
     /// Cancel a run and stop its running stage.
     Cancel { id: String },
+    /// Approve a stage waiting for approval (`approval = true`): it runs next.
+    Approve {
+        id: String,
+        stage: String,
+        /// Why (kept in the stage's events).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reject a stage waiting for approval: the run fails with the reason.
+    Reject {
+        id: String,
+        stage: String,
+        /// Why (required; becomes the run's error).
+        #[arg(long)]
+        reason: String,
+    },
     /// List what each stage attempt left (logs, transcripts, diffs), or download them.
     Artifacts {
         id: String,

@@ -147,6 +147,28 @@ impl Client {
         self.json(self.request(reqwest::Method::POST, &path)).await
     }
 
+    /// Approves (`approve = true`) or rejects a run's gated stage.
+    pub(crate) async fn decide_stage(
+        &self,
+        id: &str,
+        stage: &str,
+        approve: bool,
+        reason: Option<&str>,
+    ) -> Result<RunView, ClientError> {
+        let verb = if approve { "approve" } else { "reject" };
+        let path = format!("/api/v1/runs/{}/stages/{}/{verb}", encode(id), encode(stage));
+        let body = drover_api::wire::ApprovalBody { reason: reason.map(str::to_owned) };
+        self.json(self.request(reqwest::Method::POST, &path).json(&body)).await
+    }
+
+    pub(crate) async fn usage(
+        &self,
+        hours: u64,
+    ) -> Result<drover_api::wire::UsageReportView, ClientError> {
+        let query = [("hours", hours.to_string())];
+        self.json(self.request(reqwest::Method::GET, "/api/v1/usage").query(&query)).await
+    }
+
     pub(crate) async fn workers(&self) -> Result<WorkerList, ClientError> {
         self.json(self.request(reqwest::Method::GET, "/api/v1/workers")).await
     }
@@ -298,7 +320,9 @@ impl Client {
         id: &str,
         name: &str,
     ) -> Result<impl Stream<Item = Result<Vec<u8>, ClientError>> + use<>, ClientError> {
-        let path = format!("/api/v1/runs/{}/artifacts/{}", encode(id), encode(name));
+        // Declared output files are named `STAGE.N.outputs/PATH`: keep the slashes.
+        let name: Vec<String> = name.split('/').map(encode).collect();
+        let path = format!("/api/v1/runs/{}/artifacts/{}", encode(id), name.join("/"));
         let response = self.send(self.request(reqwest::Method::GET, &path)).await?;
         let base = self.base.clone();
         Ok(response.bytes_stream().map(move |chunk| {

@@ -101,7 +101,20 @@ impl Progress {
         let at = parse_time(&event.created_at);
         let line = match event.kind.as_str() {
             "stage.pending" if attempt > 1 => Some(format!("retrying (attempt {attempt})")),
+            "stage.pending" if payload.get("approved_by").is_some() => Some(format!(
+                "approved by {}",
+                payload["approved_by"].as_str().unwrap_or("someone")
+            )),
             "stage.pending" => Some("waiting".to_owned()),
+            "stage.waiting_approval" => Some(format!(
+                "waiting for approval: drover runs approve {} {stage}  (or: drover runs reject {} {stage} --reason …)",
+                event.run_id.as_deref().unwrap_or("RUN"),
+                event.run_id.as_deref().unwrap_or("RUN"),
+            )),
+            "stage.skipped" => Some(format!(
+                "skipped: {}",
+                payload.get("reason").and_then(Value::as_str).unwrap_or("condition did not hold")
+            )),
             "stage.running" => {
                 if let Some(at) = at {
                     self.started.insert(stage.clone(), at);
@@ -135,7 +148,10 @@ impl Progress {
         match &mut self.style {
             Style::Quiet => {}
             // Plain output skips the noise of a stage merely becoming due.
-            Style::Lines if event.kind == "stage.pending" && attempt == 1 => {}
+            Style::Lines
+                if event.kind == "stage.pending"
+                    && attempt == 1
+                    && payload.get("approved_by").is_none() => {}
             Style::Lines => note(format!("{stage:<12} {line}")),
             Style::Spinners { bars, stages } => {
                 let bar = stages.entry(stage.clone()).or_insert_with(|| {
@@ -159,6 +175,13 @@ impl Progress {
                     "stage.dead_lettered" | "stage.cancelled" => {
                         bar.set_style(
                             ProgressStyle::with_template("✗ {prefix:<12} {wide_msg}")
+                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        );
+                        bar.finish_with_message(line);
+                    }
+                    "stage.skipped" => {
+                        bar.set_style(
+                            ProgressStyle::with_template("- {prefix:<12} {wide_msg}")
                                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                         );
                         bar.finish_with_message(line);

@@ -25,6 +25,7 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Runs(command) => runs::runs(&global, &config, command).await,
         Command::Pipelines => runs::pipelines(&global, &config).await,
         Command::Agents => runs::agents(&global, &config).await,
+        Command::Usage { hours } => runs::usage(&global, &config, hours).await,
         Command::Worker(args) => worker::work(&global, &config, &args).await,
         Command::Workers => worker::list(&global, &config).await,
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,

@@ -1,4 +1,5 @@
-//! `drover runs ls|show|cancel|logs` and `drover pipelines`.
+//! `drover runs ls|show|cancel|approve|reject|artifacts|logs`, `drover pipelines`,
+//! `drover agents` and `drover usage`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -93,6 +94,28 @@ async fn runs_with(
                 output::note(format!("run {} cancelled", run.id));
             }
         }
+        RunsCommand::Approve { id, stage, reason } => {
+            let run = client.decide_stage(&id, &stage, true, reason.as_deref()).await?;
+            if global.json {
+                output::json(&run);
+            } else {
+                output::note(format!(
+                    "stage `{stage}` of run {} approved; run {}",
+                    run.id, run.status
+                ));
+            }
+        }
+        RunsCommand::Reject { id, stage, reason } => {
+            let run = client.decide_stage(&id, &stage, false, Some(&reason)).await?;
+            if global.json {
+                output::json(&run);
+            } else {
+                output::note(format!(
+                    "stage `{stage}` of run {} rejected; run {}",
+                    run.id, run.status
+                ));
+            }
+        }
         RunsCommand::Artifacts { id, stage, out } => {
             let list = client.artifacts(&id, stage.as_deref()).await?;
             if let Some(dir) = out {
@@ -101,6 +124,11 @@ async fn runs_with(
                     .with_context(|| format!("cannot create {}", dir.display()))?;
                 for item in &list.items {
                     let path = dir.join(&item.name);
+                    if let Some(parent) = path.parent() {
+                        tokio::fs::create_dir_all(parent)
+                            .await
+                            .with_context(|| format!("cannot create {}", parent.display()))?;
+                    }
                     let mut file = tokio::fs::File::create(&path)
                         .await
                         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -180,18 +208,77 @@ pub(crate) async fn pipelines(global: &GlobalArgs, config: &Config) -> anyhow::R
     let rows: Vec<Vec<String>> = list
         .items
         .iter()
-        .map(|p| {
-            let stages: Vec<String> = p
-                .stages
-                .iter()
-                .map(|s| match s.agent == s.name {
-                    true => s.name.clone(),
-                    false => format!("{} ({})", s.name, s.agent),
-                })
-                .collect();
-            vec![p.name.clone(), stages.join(" → "), p.description.clone()]
-        })
+        .map(|p| vec![p.name.clone(), describe_stages(&p.stages), p.description.clone()])
         .collect();
     output::table(&["PIPELINE", "STAGES", "DESCRIPTION"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A pipeline's stages in one line: `a → b → c` when each needs the one before, else
+/// each stage with what it needs (`b<-a`); agents, gates and conditions in brackets.
+fn describe_stages(stages: &[drover_api::wire::StageView]) -> String {
+    let sequential = stages.iter().enumerate().all(|(i, stage)| match i {
+        0 => stage.needs.is_empty(),
+        _ => stage.needs == [stages[i - 1].name.clone()],
+    });
+    let parts: Vec<String> = stages
+        .iter()
+        .map(|s| {
+            let mut notes = Vec::new();
+            if s.agent != s.name {
+                notes.push(s.agent.clone());
+            }
+            if s.approval {
+                notes.push("approval".to_owned());
+            }
+            if let Some(when) = &s.when {
+                notes.push(format!("when {when}"));
+            }
+            let mut text = s.name.clone();
+            if !sequential && !s.needs.is_empty() {
+                text = format!("{text}<-{}", s.needs.join("+"));
+            }
+            if !notes.is_empty() {
+                text = format!("{text} ({})", notes.join(", "));
+            }
+            text
+        })
+        .collect();
+    parts.join(if sequential { " → " } else { "  " })
+}
+
+pub(crate) async fn usage(
+    global: &GlobalArgs,
+    config: &Config,
+    hours: u64,
+) -> anyhow::Result<ExitCode> {
+    let target = Target::connect(global, config, Mode::Inspect).await?;
+    let report = target.client.usage(hours).await;
+    target.close().await?;
+    let report = report?;
+    if global.json {
+        output::json(&report);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![vec![
+        "total".to_owned(),
+        String::new(),
+        report.total.tokens.to_string(),
+        format!("{:.4}", report.total.cost_usd),
+    ]];
+    for (scope, items) in
+        [("user", &report.by_user), ("stage", &report.by_stage), ("run", &report.by_run)]
+    {
+        rows.extend(items.iter().map(|row| {
+            vec![
+                scope.to_owned(),
+                row.key.clone(),
+                row.tokens.to_string(),
+                format!("{:.4}", row.cost_usd),
+            ]
+        }));
+    }
+    output::table(&["SCOPE", "KEY", "TOKENS", "COST_USD"], &rows);
+    output::note(format!("runs created in the last {} hours", report.hours));
     Ok(ExitCode::SUCCESS)
 }
