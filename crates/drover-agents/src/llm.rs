@@ -5,8 +5,12 @@
 //! stage's output. The API key is read from the variable the config names and never
 //! written anywhere: error messages have it replaced before they leave this module.
 //!
-//! The agent proposes nothing to run: its answer is text for later stages
-//! (`{output.STAGE.text}`).
+//! Its answer is text for later stages (`{output.STAGE.text}`). With `run_commands`, the
+//! model is also offered a `run_command` tool (OpenAI function calling, Anthropic tool
+//! use): each command it asks for is checked against the stage's
+//! `policy.allowed_commands` (a command outside it fails the stage, naming the rule), run
+//! in the workspace in its own process group with its output in the log, and its exit
+//! code and output go back to the model, turn after turn, up to `max_turns`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +34,15 @@ const MAX_OUTPUT_TEXT_BYTES: usize = 64 * 1024;
 const MAX_ERROR_BODY_BYTES: usize = 2048;
 /// How long to wait for the response headers.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one command the model asked for may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most of a command's output handed back to the model.
+const MAX_COMMAND_OUTPUT_BYTES: usize = 16 * 1024;
+/// The tool offered with `run_commands`.
+const RUN_COMMAND: &str = "run_command";
+const RUN_COMMAND_DESCRIPTION: &str = "Run a program in the project's workspace and get its \
+    exit code and output. No shell: give the program and its arguments as a list, e.g. \
+    [\"cargo\", \"test\"]. Only programs the stage allows may run.";
 
 /// Where API keys come from, by variable name.
 pub type KeySource = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -71,6 +84,7 @@ impl ResponseCache {
             finish_reason: kept["finish_reason"].as_str().map(str::to_owned),
             input_tokens: kept["input_tokens"].as_u64(),
             output_tokens: kept["output_tokens"].as_u64(),
+            tool_calls: Vec::new(),
         })
     }
 
@@ -138,6 +152,29 @@ struct Answer {
     finish_reason: Option<String>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    /// Tools the model asked to call (with `run_commands`).
+    tool_calls: Vec<ToolCall>,
+}
+
+/// One tool call, assembled from its streamed pieces.
+#[derive(Debug, Clone, Default)]
+struct ToolCall {
+    id: String,
+    name: String,
+    /// The arguments as JSON text.
+    arguments: String,
+    /// Anthropic: the content block it arrives in.
+    block: Option<u64>,
+}
+
+impl ToolCall {
+    fn input(&self) -> Value {
+        serde_json::from_str(&self.arguments).unwrap_or_else(|_| json!({}))
+    }
+
+    fn describe(&self) -> Value {
+        json!({ "id": self.id, "name": self.name, "arguments": self.input() })
+    }
 }
 
 impl LlmAgentRunner {
@@ -153,16 +190,6 @@ impl LlmAgentRunner {
         };
         let secret = Secret(key.as_deref());
         let (url, body) = self.request(system.as_deref(), &prompt);
-        let mut request = self.http.post(&url).json(&body);
-        if let Some(key) = &key {
-            request = match self.spec.provider {
-                LlmProvider::Openai => request.bearer_auth(key),
-                LlmProvider::Anthropic => request.header("x-api-key", key),
-            };
-        }
-        if self.spec.provider == LlmProvider::Anthropic {
-            request = request.header("anthropic-version", "2023-06-01");
-        }
 
         let mut log = tokio::fs::OpenOptions::new()
             .create(true)
@@ -174,30 +201,22 @@ impl LlmAgentRunner {
             format!("$ {} {} ({url})\n", provider_name(self.spec.provider), self.spec.model);
         let _ = log.write_all(header.as_bytes()).await;
 
-        let cached = match &self.cache {
-            Some(cache) => {
-                let path = cache.path(&url, &body);
-                cache.get(&path).await.map(|answer| (answer, path))
-            }
-            None => None,
-        };
-        let from_cache = cached.is_some();
-        let answer = match cached {
-            Some((answer, _)) => {
-                let _ = log.write_all(b"(answer reused from the llm cache)\n").await;
-                let _ = log.write_all(answer.text.as_bytes()).await;
-                answer
-            }
-            None => {
-                let answer = tokio::select! {
-                    () = task.cancel.cancelled() => return Err(AgentFailure::transient("cancelled")),
-                    answer = self.converse(request, &mut log, &secret) => answer?,
-                };
-                if let Some(cache) = &self.cache {
-                    cache.put(&cache.path(&url, &body), &answer).await;
-                }
-                answer
-            }
+        let mut turns = Vec::new();
+        let (answer, from_cache) = if self.spec.run_commands {
+            let answer = self
+                .with_commands(
+                    task,
+                    &url,
+                    body.clone(),
+                    key.as_deref(),
+                    &mut log,
+                    &secret,
+                    &mut turns,
+                )
+                .await?;
+            (answer, false)
+        } else {
+            self.one_turn(task, &url, &body, key.as_deref(), &mut log, &secret).await?
         };
         let _ = log.write_all(b"\n").await;
         let _ = log.flush().await;
@@ -208,7 +227,7 @@ impl LlmAgentRunner {
             "output_tokens": answer.output_tokens,
             "tokens": answer.input_tokens.unwrap_or(0) + answer.output_tokens.unwrap_or(0),
         });
-        let transcript = json!({
+        let mut transcript = json!({
             "provider": provider_name(self.spec.provider),
             "model": self.spec.model,
             "url": url,
@@ -221,6 +240,9 @@ impl LlmAgentRunner {
                 "usage": usage,
             },
         });
+        if self.spec.run_commands {
+            transcript["turns"] = Value::Array(turns);
+        }
         tokio::fs::write(
             &transcript_path,
             serde_json::to_vec_pretty(&transcript).unwrap_or_default(),
@@ -277,6 +299,219 @@ impl LlmAgentRunner {
                 (format!("{}/v1/messages", spec.base_url), body)
             }
         }
+    }
+
+    /// The HTTP request for `body`, with the provider's authentication headers.
+    fn post(&self, url: &str, body: &Value, key: Option<&str>) -> reqwest::RequestBuilder {
+        let mut request = self.http.post(url).json(body);
+        if let Some(key) = key {
+            request = match self.spec.provider {
+                LlmProvider::Openai => request.bearer_auth(key),
+                LlmProvider::Anthropic => request.header("x-api-key", key),
+            };
+        }
+        if self.spec.provider == LlmProvider::Anthropic {
+            request = request.header("anthropic-version", "2023-06-01");
+        }
+        request
+    }
+
+    /// One request, one answer (reused from the cache when the agent has one).
+    async fn one_turn(
+        &self,
+        task: &AgentTask,
+        url: &str,
+        body: &Value,
+        key: Option<&str>,
+        log: &mut tokio::fs::File,
+        secret: &Secret<'_>,
+    ) -> Result<(Answer, bool), AgentFailure> {
+        if let Some(cache) = &self.cache {
+            let path = cache.path(url, body);
+            if let Some(answer) = cache.get(&path).await {
+                let _ = log.write_all(b"(answer reused from the llm cache)\n").await;
+                let _ = log.write_all(answer.text.as_bytes()).await;
+                return Ok((answer, true));
+            }
+        }
+        let answer = tokio::select! {
+            () = task.cancel.cancelled() => return Err(AgentFailure::transient("cancelled")),
+            answer = self.converse(self.post(url, body, key), log, secret) => answer?,
+        };
+        if let Some(cache) = &self.cache {
+            cache.put(&cache.path(url, body), &answer).await;
+        }
+        Ok((answer, false))
+    }
+
+    /// Turns of answer → commands → their results, until the model answers without
+    /// asking for a command. Each turn's request and answer go into `turns`; usage is
+    /// summed over them.
+    #[allow(clippy::too_many_arguments)]
+    async fn with_commands(
+        &self,
+        task: &AgentTask,
+        url: &str,
+        mut body: Value,
+        key: Option<&str>,
+        log: &mut tokio::fs::File,
+        secret: &Secret<'_>,
+        turns: &mut Vec<Value>,
+    ) -> Result<Answer, AgentFailure> {
+        self.offer_tool(&mut body);
+        let (mut input_tokens, mut output_tokens) = (0u64, 0u64);
+        for turn in 1..=self.spec.max_turns {
+            let mut answer = tokio::select! {
+                () = task.cancel.cancelled() => return Err(AgentFailure::transient("cancelled")),
+                answer = self.converse(self.post(url, &body, key), log, secret) => answer?,
+            };
+            input_tokens += answer.input_tokens.unwrap_or(0);
+            output_tokens += answer.output_tokens.unwrap_or(0);
+            let calls: Vec<Value> = answer.tool_calls.iter().map(ToolCall::describe).collect();
+            turns.push(json!({
+                "turn": turn,
+                "text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "tool_calls": calls,
+            }));
+            if answer.tool_calls.is_empty() {
+                answer.input_tokens = Some(input_tokens);
+                answer.output_tokens = Some(output_tokens);
+                return Ok(answer);
+            }
+            let mut results = Vec::with_capacity(answer.tool_calls.len());
+            for call in &answer.tool_calls {
+                let result = self.run_tool(task, call, log).await?;
+                results.push((call.id.clone(), result));
+            }
+            if let Some(last) = turns.last_mut() {
+                last["tool_results"] =
+                    results.iter().map(|(id, out)| json!({ "id": id, "output": out })).collect();
+            }
+            self.continue_conversation(&mut body, &answer, &results);
+        }
+        Err(AgentFailure::permanent(format!(
+            "the model was still asking to run commands after {} turns (max_turns)",
+            self.spec.max_turns
+        )))
+    }
+
+    fn offer_tool(&self, body: &mut Value) {
+        let schema = json!({
+            "type": "object",
+            "properties": { "argv": { "type": "array", "items": { "type": "string" }, "minItems": 1 } },
+            "required": ["argv"],
+        });
+        body["tools"] = match self.spec.provider {
+            LlmProvider::Openai => json!([{ "type": "function", "function": {
+                "name": RUN_COMMAND, "description": RUN_COMMAND_DESCRIPTION, "parameters": schema } }]),
+            LlmProvider::Anthropic => json!([{
+                "name": RUN_COMMAND, "description": RUN_COMMAND_DESCRIPTION, "input_schema": schema }]),
+        };
+    }
+
+    /// Appends the model's turn and the commands' results to the conversation.
+    fn continue_conversation(
+        &self,
+        body: &mut Value,
+        answer: &Answer,
+        results: &[(String, String)],
+    ) {
+        let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) else { return };
+        match self.spec.provider {
+            LlmProvider::Openai => {
+                let calls: Vec<Value> = answer
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({ "id": c.id, "type": "function",
+                                     "function": { "name": c.name, "arguments": c.arguments } })
+                    })
+                    .collect();
+                let content = if answer.text.is_empty() { Value::Null } else { json!(answer.text) };
+                messages
+                    .push(json!({ "role": "assistant", "content": content, "tool_calls": calls }));
+                for (id, output) in results {
+                    messages.push(json!({ "role": "tool", "tool_call_id": id, "content": output }));
+                }
+            }
+            LlmProvider::Anthropic => {
+                let mut content = Vec::new();
+                if !answer.text.is_empty() {
+                    content.push(json!({ "type": "text", "text": answer.text }));
+                }
+                content.extend(answer.tool_calls.iter().map(|c| {
+                    json!({ "type": "tool_use", "id": c.id, "name": c.name, "input": c.input() })
+                }));
+                messages.push(json!({ "role": "assistant", "content": content }));
+                let results: Vec<Value> = results
+                    .iter()
+                    .map(|(id, output)| json!({ "type": "tool_result", "tool_use_id": id, "content": output }))
+                    .collect();
+                messages.push(json!({ "role": "user", "content": results }));
+            }
+        }
+    }
+
+    /// Runs one tool call if the stage's policy allows it; what to tell the model.
+    async fn run_tool(
+        &self,
+        task: &AgentTask,
+        call: &ToolCall,
+        log: &mut tokio::fs::File,
+    ) -> Result<String, AgentFailure> {
+        if call.name != RUN_COMMAND {
+            return Ok(format!("error: there is no tool `{}`; use `{RUN_COMMAND}`", call.name));
+        }
+        let argv: Option<Vec<String>> = call
+            .input()
+            .get("argv")
+            .and_then(Value::as_array)
+            .and_then(|argv| argv.iter().map(|a| a.as_str().map(str::to_owned)).collect());
+        let Some((program, args)) = argv.as_deref().and_then(<[String]>::split_first) else {
+            return Ok(
+                r#"error: the arguments must be {"argv": ["program", "arg", ...]}"#.to_owned()
+            );
+        };
+        let policy = &task.envelope.context.policy;
+        let stage = task.envelope.stage.as_str();
+        let refusal = if policy.allowed_commands.is_empty() {
+            Some(format!(
+                "policy violation: stage `{stage}` may not run `{program}`: the model asked to, \
+                 but policy.allowed_commands is empty, so the stage allows no commands"
+            ))
+        } else {
+            crate::policy::command_refusal(policy, stage, program)
+        };
+        if let Some(refusal) = refusal {
+            let _ = log.write_all(format!("\n{refusal}\n").as_bytes()).await;
+            return Err(AgentFailure::permanent(refusal));
+        }
+        let spec = drover_env::CommandSpec {
+            program: program.clone(),
+            args: args.to_vec(),
+            cwd: task.workspace.clone(),
+            env: crate::builtin::environment_variables(task),
+            log_path: task.log.path().to_path_buf(),
+        };
+        let _ = log.write_all(format!("\n$ {}\n", spec.display()).as_bytes()).await;
+        let _ = log.flush().await;
+        let result = drover_env::run_command(&spec, &task.cancel, Some(COMMAND_TIMEOUT)).await;
+        Ok(match result {
+            Ok(output) => {
+                let mut tail = output.output_tail;
+                if tail.len() > MAX_COMMAND_OUTPUT_BYTES {
+                    let mut cut = tail.len() - MAX_COMMAND_OUTPUT_BYTES;
+                    while !tail.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    tail.drain(..cut);
+                }
+                let code = output.status.code().map_or("a signal".to_owned(), |c| c.to_string());
+                format!("exit code {code}\n{tail}")
+            }
+            Err(err) => format!("error: {err}"),
+        })
     }
 
     /// Sends the request and reads the event stream, appending the answer to `log`.
@@ -340,6 +575,32 @@ impl LlmAgentRunner {
                     if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
                         delta.push_str(text);
                     }
+                    let pieces = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
+                    for piece in pieces.into_iter().flatten() {
+                        let index = piece.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        let index = usize::try_from(index).unwrap_or(usize::MAX).min(63);
+                        if answer.tool_calls.len() <= index {
+                            answer.tool_calls.resize_with(index + 1, ToolCall::default);
+                        }
+                        let call = &mut answer.tool_calls[index];
+                        if let Some(id) = piece.get("id").and_then(Value::as_str) {
+                            id.clone_into(&mut call.id);
+                        }
+                        if let Some(name) = piece.pointer("/function/name").and_then(Value::as_str)
+                        {
+                            call.name.push_str(name);
+                        }
+                        if let Some(args) =
+                            piece.pointer("/function/arguments").and_then(Value::as_str)
+                        {
+                            call.arguments.push_str(args);
+                        }
+                        if call.arguments.len() > MAX_ANSWER_BYTES {
+                            return Err(AgentFailure::transient(
+                                "a tool call's arguments are too large",
+                            ));
+                        }
+                    }
                     if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
                         answer.finish_reason = Some(reason.to_owned());
                     }
@@ -354,9 +615,41 @@ impl LlmAgentRunner {
                     answer.input_tokens =
                         event.pointer("/message/usage/input_tokens").and_then(Value::as_u64);
                 }
+                Some("content_block_start") => {
+                    let block = event.get("content_block");
+                    if block.and_then(|b| b.get("type")).and_then(Value::as_str) == Some("tool_use")
+                        && answer.tool_calls.len() < 64
+                    {
+                        let text = |key: &str| {
+                            block
+                                .and_then(|b| b.get(key))
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                        };
+                        answer.tool_calls.push(ToolCall {
+                            id: text("id").to_owned(),
+                            name: text("name").to_owned(),
+                            arguments: String::new(),
+                            block: event.get("index").and_then(Value::as_u64),
+                        });
+                    }
+                }
                 Some("content_block_delta") => {
                     if let Some(text) = event.pointer("/delta/text").and_then(Value::as_str) {
                         delta.push_str(text);
+                    }
+                    if let Some(json) = event.pointer("/delta/partial_json").and_then(Value::as_str)
+                    {
+                        let block = event.get("index").and_then(Value::as_u64);
+                        if let Some(call) = answer.tool_calls.iter_mut().find(|c| c.block == block)
+                        {
+                            call.arguments.push_str(json);
+                            if call.arguments.len() > MAX_ANSWER_BYTES {
+                                return Err(AgentFailure::transient(
+                                    "a tool call's arguments are too large",
+                                ));
+                            }
+                        }
                     }
                 }
                 Some("message_delta") => {
@@ -441,6 +734,48 @@ mod tests {
         assert_eq!(event_data(&second[..end]).as_deref(), Some("x\ny"));
         assert!(find_event_end(&second[end..]).is_none());
         assert_eq!(event_data(b": keep-alive\n\n"), None);
+    }
+
+    #[test]
+    fn anthropic_tool_use_blocks_are_assembled_from_their_json_pieces() {
+        let runner = LlmAgentRunner::new(
+            AgentType::parse("coder").unwrap(),
+            LlmAgent {
+                provider: LlmProvider::Anthropic,
+                base_url: "http://127.0.0.1:1".into(),
+                model: "m".into(),
+                api_key_env: None,
+                system: None,
+                prompt: "{prompt}".into(),
+                max_tokens: 10,
+                cache_ttl: None,
+                run_commands: true,
+                max_turns: 2,
+            },
+        );
+        let mut answer = Answer::default();
+        for event in [
+            json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
+            json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Running tests." } }),
+            json!({ "type": "content_block_start", "index": 1, "content_block": { "type": "tool_use", "id": "toolu_1", "name": "run_command", "input": {} } }),
+            json!({ "type": "content_block_delta", "index": 1, "delta": { "type": "input_json_delta", "partial_json": "{\"argv\": [\"cargo\"," } }),
+            json!({ "type": "content_block_delta", "index": 1, "delta": { "type": "input_json_delta", "partial_json": " \"test\"]}" } }),
+            json!({ "type": "message_delta", "delta": { "stop_reason": "tool_use" }, "usage": { "output_tokens": 9 } }),
+        ] {
+            runner.absorb(&event, &mut answer).unwrap();
+        }
+        assert_eq!(answer.text, "Running tests.");
+        assert_eq!(answer.finish_reason.as_deref(), Some("tool_use"));
+        assert_eq!(answer.tool_calls.len(), 1);
+        assert_eq!(answer.tool_calls[0].id, "toolu_1");
+        assert_eq!(answer.tool_calls[0].input(), json!({ "argv": ["cargo", "test"] }));
+
+        let mut body = json!({ "messages": [{ "role": "user", "content": "x" }] });
+        let results = [("toolu_1".to_owned(), "exit code 0\nok".to_owned())];
+        runner.continue_conversation(&mut body, &answer, &results);
+        assert_eq!(body["messages"][1]["content"][1]["type"], "tool_use");
+        assert_eq!(body["messages"][1]["content"][1]["input"]["argv"][1], "test");
+        assert_eq!(body["messages"][2]["content"][0]["tool_use_id"], "toolu_1");
     }
 
     #[test]

@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn commands_outside_the_allowed_list_are_refused_by_name() {
         let rules = StagePolicy { allowed_commands: vec!["cargo".into()], protected_paths: vec![] };
-        assert_eq!(command_refusal(&rules, "build", "/usr/bin/cargo"), None);
+        assert_eq!(command_refusal(&rules, "build", "cargo"), None);
         let refusal = command_refusal(&rules, "build", "rm").unwrap();
         assert!(refusal.contains("may not run `rm`") && refusal.contains("[cargo]"), "{refusal}");
         assert_eq!(command_refusal(&StagePolicy::default(), "build", "rm"), None);

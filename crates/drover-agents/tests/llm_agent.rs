@@ -148,6 +148,8 @@ fn agent(provider: LlmProvider, base_url: String, key_var: &str) -> LlmAgentRunn
             prompt: "Make a plan for: {prompt}".into(),
             max_tokens: 256,
             cache_ttl: None,
+            run_commands: false,
+            max_turns: 8,
         },
     )
     .with_keys(Arc::new(keys))
@@ -251,6 +253,8 @@ async fn with_a_cache_ttl_an_identical_request_is_answered_from_the_cache() {
                 prompt: "{prompt}".into(),
                 max_tokens: 256,
                 cache_ttl: ttl,
+                run_commands: false,
+                max_turns: 8,
             },
         )
         .with_keys(Arc::new(keys))
@@ -274,4 +278,123 @@ async fn with_a_cache_ttl_an_identical_request_is_answered_from_the_cache() {
     // Without a TTL (the default) nothing is reused.
     answer(with_ttl(None).run(&task(dir.path(), "same")).await);
     assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+/// An OpenAI-compatible double that, until the conversation holds a tool result, answers
+/// with a streamed `run_command` call (its arguments split over two chunks), and then with
+/// text quoting what the tool returned.
+async fn tool_calling_api(seen: Seen) -> SocketAddr {
+    let handler = move |headers: HeaderMap, body: axum::Json<Value>| async move {
+        seen.lock().unwrap().push((headers, body.0.clone()));
+        let chunk = |delta: Value, finish: Value| {
+            json!({ "id": "c2", "object": "chat.completion.chunk", "model": "tiny",
+                    "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+        };
+        let usage = |prompt: u64, completion: u64| {
+            json!({ "id": "c2", "object": "chat.completion.chunk", "choices": [],
+                    "usage": { "prompt_tokens": prompt, "completion_tokens": completion } })
+        };
+        let messages = body.0["messages"].as_array().cloned().unwrap_or_default();
+        let events = match messages.iter().find(|m| m["role"] == "tool") {
+            None => vec![
+                chunk(json!({ "role": "assistant", "content": "Let me look." }), Value::Null),
+                chunk(
+                    json!({ "tool_calls": [{ "index": 0, "id": "call_1", "type": "function",
+                            "function": { "name": "run_command", "arguments": "{\"argv\": [\"echo\", " } }] }),
+                    Value::Null,
+                ),
+                chunk(
+                    json!({ "tool_calls": [{ "index": 0, "function": { "arguments": "\"hello from a tool\"]}" } }] }),
+                    Value::Null,
+                ),
+                chunk(json!({}), json!("tool_calls")),
+                usage(10, 5),
+            ],
+            Some(result) => vec![
+                chunk(
+                    json!({ "content": format!("The command said: {}", result["content"].as_str().unwrap_or("")) }),
+                    Value::Null,
+                ),
+                chunk(json!({}), json!("stop")),
+                usage(30, 7),
+            ],
+        };
+        let mut body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+        body.push_str("data: [DONE]\n\n");
+        ([("content-type", "text/event-stream")], body).into_response()
+    };
+    let app = Router::new().route("/v1/chat/completions", post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn commanding_agent(addr: SocketAddr) -> LlmAgentRunner {
+    LlmAgentRunner::new(
+        AgentType::parse("planner").unwrap(),
+        LlmAgent {
+            provider: LlmProvider::Openai,
+            base_url: format!("http://{addr}/v1"),
+            model: "tiny".into(),
+            api_key_env: None,
+            system: None,
+            prompt: "{prompt}".into(),
+            max_tokens: 256,
+            cache_ttl: None,
+            run_commands: true,
+            max_turns: 4,
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_command_the_model_proposes_runs_only_if_the_stage_allows_it() {
+    let seen: Seen = Arc::default();
+    let addr = tool_calling_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Allowed: the command runs in the workspace, its output goes back, usage adds up.
+    let mut allowed = task(dir.path(), "look around");
+    allowed.envelope.context.policy.allowed_commands = vec!["echo".into()];
+    let output = match commanding_agent(addr).run(&allowed).await {
+        AgentResult::Succeeded { output } => output,
+        AgentResult::Failed { error, .. } => panic!("{error}"),
+    };
+    assert_eq!(output["text"], "The command said: exit code 0\nhello from a tool\n");
+    assert_eq!(output["usage"]["tokens"], 52, "both turns count: {output}");
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].1["tools"][0]["function"]["name"], "run_command");
+    let second = &requests[1].1["messages"];
+    assert_eq!(second[1]["tool_calls"][0]["id"], "call_1", "{second}");
+    assert_eq!(second[2]["role"], "tool");
+    let log = std::fs::read_to_string(allowed.log.path()).unwrap();
+    assert!(log.contains("$ echo hello from a tool"), "{log}");
+    let transcript: Value =
+        serde_json::from_slice(&std::fs::read(output["transcript"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(transcript["turns"][0]["tool_calls"][0]["arguments"]["argv"][0], "echo");
+    assert_eq!(transcript["turns"].as_array().unwrap().len(), 2);
+
+    // Not in the list: the stage fails naming the rule, and nothing runs.
+    let mut refused = task(&dir.path().join("refused"), "look around");
+    refused.envelope.context.policy.allowed_commands = vec!["cargo".into()];
+    match commanding_agent(addr).run(&refused).await {
+        AgentResult::Failed { error, retryable } => {
+            assert!(error.contains("may not run `echo`") && error.contains("[cargo]"), "{error}");
+            assert!(!retryable);
+        }
+        AgentResult::Succeeded { output } => panic!("ran a refused command: {output}"),
+    }
+    let log = std::fs::read_to_string(refused.log.path()).unwrap();
+    assert!(!log.contains("$ echo"), "{log}");
+
+    // No list at all: an llm stage may run nothing.
+    match commanding_agent(addr).run(&task(&dir.path().join("none"), "x")).await {
+        AgentResult::Failed { error, .. } => {
+            assert!(error.contains("allows no commands"), "{error}");
+        }
+        AgentResult::Succeeded { output } => panic!("ran a command without a policy: {output}"),
+    }
 }

@@ -54,6 +54,11 @@ pub struct AgentConfig {
     /// `llm`: reuse the answer to an identical request for this long (off by default).
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Option<Duration>,
+    /// `llm`: let the model run commands in the workspace (a `run_command` tool); which
+    /// ones is the stage's `policy.allowed_commands` (none when empty).
+    pub run_commands: Option<bool>,
+    /// `llm` with `run_commands`: model turns per attempt (default 8).
+    pub max_turns: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +185,10 @@ fn llm_agent(key: &str, merged: &AgentConfig) -> Result<LlmAgent, ConfigError> {
     if !(1..=1_000_000).contains(&max_tokens) {
         return Err(invalid(format!("{key}.max_tokens"), "must be between 1 and 1000000"));
     }
+    let max_turns = merged.max_turns.unwrap_or(8);
+    if !(1..=100).contains(&max_turns) {
+        return Err(invalid(format!("{key}.max_turns"), "must be between 1 and 100"));
+    }
     Ok(LlmAgent {
         provider,
         base_url: base_url.trim_end_matches('/').to_owned(),
@@ -189,6 +198,8 @@ fn llm_agent(key: &str, merged: &AgentConfig) -> Result<LlmAgent, ConfigError> {
         prompt: merged.prompt.clone().unwrap_or_else(|| "{prompt}".to_owned()),
         max_tokens,
         cache_ttl: merged.cache_ttl.filter(|ttl| !ttl.is_zero()),
+        run_commands: merged.run_commands.unwrap_or(false),
+        max_turns,
     })
 }
 
@@ -234,6 +245,8 @@ fn resolve_agent(
         merged.prompt = agent.prompt.clone().or(merged.prompt);
         merged.max_tokens = agent.max_tokens.or(merged.max_tokens);
         merged.cache_ttl = agent.cache_ttl.or(merged.cache_ttl);
+        merged.run_commands = agent.run_commands.or(merged.run_commands);
+        merged.max_turns = agent.max_turns.or(merged.max_turns);
         if let Some(env) = &agent.env {
             merged.env.get_or_insert_with(BTreeMap::new).extend(env.clone());
         }

@@ -44,7 +44,8 @@ pub enum LlmProvider {
     Anthropic,
 }
 
-/// An `llm` agent: one streamed chat turn per attempt; the answer is the stage's output.
+/// An `llm` agent: a streamed chat per attempt (one turn, or several when it may run
+/// commands); the answer is the stage's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LlmAgent {
     pub provider: LlmProvider,
@@ -60,6 +61,13 @@ pub struct LlmAgent {
     /// long; `None`: never (the default).
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Option<std::time::Duration>,
+    /// Offer the model a `run_command` tool: the commands it proposes run in the workspace
+    /// if the stage's `policy.allowed_commands` allows them (one that does not fails the
+    /// stage), their output goes back to the model, for at most `max_turns` turns.
+    pub run_commands: bool,
+    /// Model turns per attempt when it may run commands (each turn: one answer, then the
+    /// commands it asked for).
+    pub max_turns: u32,
 }
 
 /// A command agent: `program args…` with placeholders (`{prompt}`, `{workspace}`,

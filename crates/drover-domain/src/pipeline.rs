@@ -106,11 +106,11 @@ impl StagePolicy {
         self.allowed_commands.is_empty() && self.protected_paths.is_empty()
     }
 
-    /// Whether `program` (a name like `cargo` or a path like `/usr/bin/cargo`) may run.
-    /// An allowed entry matches the program's full text or its file name.
+    /// Whether `program` may run: an allowed entry is a name (`cargo`, found on `PATH`)
+    /// or an exact path (`/usr/bin/cargo`), and matches only itself, so an allowed name
+    /// never lets another file of that name run from elsewhere.
     pub fn allows_command(&self, program: &str) -> bool {
-        let file_name = program.rsplit('/').next().unwrap_or(program);
-        self.allowed_commands.iter().any(|allowed| allowed == program || allowed == file_name)
+        self.allowed_commands.iter().any(|allowed| allowed == program)
     }
 }
 
@@ -650,11 +650,15 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_allows_commands_by_name_or_path() {
-        let policy =
-            StagePolicy { allowed_commands: vec!["cargo".into()], protected_paths: vec![] };
+    fn a_policy_allows_commands_by_exact_name_or_path() {
+        let policy = StagePolicy {
+            allowed_commands: vec!["cargo".into(), "/usr/bin/git".into()],
+            protected_paths: vec![],
+        };
         assert!(policy.allows_command("cargo"));
-        assert!(policy.allows_command("/usr/bin/cargo"));
+        assert!(policy.allows_command("/usr/bin/git"));
+        assert!(!policy.allows_command("/tmp/evil/cargo"), "a name is not any file of that name");
+        assert!(!policy.allows_command("git"));
         assert!(!policy.allows_command("rm"));
     }
 
