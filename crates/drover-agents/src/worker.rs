@@ -6,16 +6,24 @@
 //! already decided. On shutdown the pool stops taking tasks, lets running ones finish
 //! within the grace period, then stops the rest and hands them back (`Released`) so
 //! another worker can take them at once.
+//!
+//! The set of agents can change while the pool runs ([`WorkerPool::replace_agents`], a
+//! configuration reload): each consumed agent type has a slot holding the agent that new
+//! tasks of the type get and an intake of its own, a child of the pool's. A consume loop
+//! reads its slot per delivery, so a changed agent takes the next task while tasks already
+//! running finish with the agent they started with; a new type gets a consume loop; a type
+//! no longer present has its intake closed (its running tasks finish normally). The agent
+//! types the presence loop announces follow the set.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use drover_bus::{Bus, Control, Delivery, WorkerMessage};
-use drover_domain::{AttemptId, WorkerId, WorkerProfile};
+use drover_domain::{AgentType, AttemptId, WorkerId, WorkerProfile};
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,12 +50,51 @@ struct Shared {
     running: Mutex<HashMap<AttemptId, CancellationToken>>,
     /// Fires to stop every running agent (shutdown after the grace period).
     hard_stop: CancellationToken,
+    /// The agent types consumed now, in the order they were added.
+    consumers: Mutex<Vec<Consumer>>,
+    /// The agent types announced by the presence loop; changes are announced at once.
+    announced: watch::Sender<Vec<AgentType>>,
+}
+
+/// One agent type the pool consumes.
+struct Consumer {
+    agent_type: AgentType,
+    slot: Arc<AgentSlot>,
+    /// Closing it stops this type's consume loop only.
+    intake: CancellationToken,
+}
+
+/// The agent a consume loop hands its next task to; replaced when the agents change.
+struct AgentSlot(RwLock<Arc<dyn Agent>>);
+
+impl AgentSlot {
+    fn current(&self) -> Arc<dyn Agent> {
+        // Only ever a whole-value read or write: a poisoned lock still holds a valid agent.
+        self.0.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    fn set(&self, agent: Arc<dyn Agent>) {
+        *self.0.write().unwrap_or_else(|poison| poison.into_inner()) = agent;
+    }
+}
+
+/// What one change of the agents did, for the log.
+#[derive(Debug, Default)]
+struct AgentChanges {
+    added: Vec<AgentType>,
+    kept: Vec<AgentType>,
+    removed: Vec<AgentType>,
 }
 
 impl Shared {
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
         // Every operation on the map is a single insert/remove/lookup; it stays consistent.
         self.running.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn consumers(&self) -> std::sync::MutexGuard<'_, Vec<Consumer>> {
+        // Changed only by whole pushes and removals: consistent even after a panic.
+        self.consumers.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     async fn publish(&self, message: WorkerMessage) {
@@ -72,22 +119,85 @@ impl WorkerPool {
             config,
             running: Mutex::new(HashMap::new()),
             hard_stop: CancellationToken::new(),
+            consumers: Mutex::new(Vec::new()),
+            announced: watch::Sender::new(Vec::new()),
         });
-        let intake = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let pool = Self { shared, intake: CancellationToken::new(), tracker: TaskTracker::new() };
+        pool.apply(agents);
         let profile = WorkerProfile {
-            agents: agents.iter().map(|agent| agent.agent_type().clone()).collect(),
+            agents: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             hostname: hostname(),
-            concurrency: shared.config.concurrency,
-            kind: shared.config.kind.clone(),
+            concurrency: pool.shared.config.concurrency,
+            kind: pool.shared.config.kind.clone(),
         };
-        tracker.spawn(presence_loop(shared.clone(), profile, intake.clone()));
-        tracker.spawn(control_loop(shared.clone()));
+        pool.tracker.spawn(presence_loop(pool.shared.clone(), profile, pool.intake.clone()));
+        pool.tracker.spawn(control_loop(pool.shared.clone()));
+        pool
+    }
+
+    /// Makes `agents` the pool's agents without stopping running work: a type already
+    /// consumed gives its new tasks to the new agent (running tasks keep the agent they
+    /// started with), a new type is consumed from now on, and a type not in `agents` is no
+    /// longer taken (its running tasks finish normally). Of several agents of one type,
+    /// the last wins.
+    pub fn replace_agents(&self, agents: Vec<Arc<dyn Agent>>) {
+        let changes = self.apply(agents);
+        tracing::info!(
+            added = ?changes.added,
+            removed = ?changes.removed,
+            kept = changes.kept.len(),
+            "worker agents replaced"
+        );
+    }
+
+    /// The agent types the pool consumes now.
+    pub fn agent_types(&self) -> Vec<AgentType> {
+        self.shared.consumers().iter().map(|c| c.agent_type.clone()).collect()
+    }
+
+    fn apply(&self, agents: Vec<Arc<dyn Agent>>) -> AgentChanges {
+        let mut changes = AgentChanges::default();
+        let mut consumers = self.shared.consumers();
+        let wanted: std::collections::HashSet<AgentType> =
+            agents.iter().map(|agent| agent.agent_type().clone()).collect();
+        consumers.retain(|consumer| {
+            let keep = wanted.contains(&consumer.agent_type);
+            if !keep {
+                consumer.intake.cancel();
+                changes.removed.push(consumer.agent_type.clone());
+            }
+            keep
+        });
         for agent in agents {
-            tracker.spawn(consume_loop(shared.clone(), agent, intake.clone(), tracker.clone()));
+            let agent_type = agent.agent_type().clone();
+            if let Some(consumer) = consumers.iter().find(|c| c.agent_type == agent_type) {
+                consumer.slot.set(agent);
+                if !changes.kept.contains(&agent_type) && !changes.added.contains(&agent_type) {
+                    changes.kept.push(agent_type);
+                }
+                continue;
+            }
+            let slot = Arc::new(AgentSlot(RwLock::new(agent)));
+            let intake = self.intake.child_token();
+            self.tracker.spawn(consume_loop(
+                self.shared.clone(),
+                agent_type.clone(),
+                slot.clone(),
+                intake.clone(),
+                self.tracker.clone(),
+            ));
+            changes.added.push(agent_type.clone());
+            consumers.push(Consumer { agent_type, slot, intake });
         }
-        Self { shared, intake, tracker }
+        let types: Vec<AgentType> = consumers.iter().map(|c| c.agent_type.clone()).collect();
+        drop(consumers);
+        self.shared.announced.send_if_modified(|announced| {
+            let changed = *announced != types;
+            *announced = types;
+            changed
+        });
+        changes
     }
 
     /// How many attempts are running now.
@@ -113,17 +223,25 @@ impl WorkerPool {
     }
 }
 
-/// Registers the worker and keeps saying it is alive; says goodbye when it stops taking work.
-async fn presence_loop(shared: Arc<Shared>, profile: WorkerProfile, intake: CancellationToken) {
+/// Registers the worker and keeps saying it is alive (with the agent types it consumes
+/// now, at once when they change); says goodbye when it stops taking work.
+async fn presence_loop(shared: Arc<Shared>, mut profile: WorkerProfile, intake: CancellationToken) {
     let worker_id = shared.config.worker_id.clone();
+    let mut announced = shared.announced.subscribe();
     let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
     loop {
         tokio::select! {
             () = intake.cancelled() => break,
-            _ = ticker.tick() => {
-                shared.publish(WorkerMessage::Alive { worker_id: worker_id.clone(), profile: profile.clone() }).await;
-            }
+            _ = ticker.tick() => {}
+            changed = announced.changed() => if changed.is_err() { break },
         }
+        profile.agents = announced.borrow_and_update().clone();
+        shared
+            .publish(WorkerMessage::Alive {
+                worker_id: worker_id.clone(),
+                profile: profile.clone(),
+            })
+            .await;
     }
     shared.publish(WorkerMessage::Gone { worker_id }).await;
 }
@@ -163,13 +281,15 @@ async fn control_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Takes `agent_type`'s tasks until its intake closes, each run by the agent in `slot` at
+/// the time it is taken.
 async fn consume_loop(
     shared: Arc<Shared>,
-    agent: Arc<dyn Agent>,
+    agent_type: AgentType,
+    slot: Arc<AgentSlot>,
     intake: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let agent_type = agent.agent_type().clone();
     let mut deliveries =
         match shared.bus.consume_tasks(&agent_type, shared.config.worker_id.as_str()).await {
             Ok(stream) => stream,
@@ -187,7 +307,9 @@ async fn consume_loop(
                 Err(_) => return,
             },
         };
+        // Biased: once the intake closes, no further task is taken, even one already queued.
         let delivery = tokio::select! {
+            biased;
             () = intake.cancelled() => return,
             delivery = deliveries.next() => match delivery {
                 Some(delivery) => delivery,
@@ -195,7 +317,7 @@ async fn consume_loop(
             },
         };
         let shared = shared.clone();
-        let agent = agent.clone();
+        let agent = slot.current();
         tracker.spawn(async move {
             execute(&shared, agent.as_ref(), delivery).await;
             drop(permit);

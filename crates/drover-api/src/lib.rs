@@ -55,8 +55,6 @@ struct Inner {
     proxy: routes::ProxyAddrs,
     /// What external workers are told when they join.
     bootstrap: wire::WorkerBootstrap,
-    /// The agents stages can name.
-    agents: Vec<drover_domain::AgentDefinition>,
 }
 
 impl AppState {
@@ -67,7 +65,6 @@ impl AppState {
         draining: CancellationToken,
         proxy: routes::ProxyAddrs,
         bootstrap: wire::WorkerBootstrap,
-        agents: Vec<drover_domain::AgentDefinition>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -78,7 +75,6 @@ impl AppState {
                 sse_keep_alive: Duration::from_secs(15),
                 proxy,
                 bootstrap,
-                agents,
             }),
         }
     }

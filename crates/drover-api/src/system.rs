@@ -92,9 +92,8 @@ pub(crate) async fn pipelines(
 #[utoipa::path(get, path = "/api/v1/agents", tag = "pipelines", responses((status = 200, body = AgentList)))]
 pub(crate) async fn agents(State(state): State<AppState>, _caller: Caller) -> Json<AgentList> {
     use drover_domain::AgentRunner;
-    let items = state
-        .inner
-        .agents
+    let agents = state.engine().agents();
+    let items = agents
         .iter()
         .map(|agent| {
             let (kind, command, env) = match &agent.runner {

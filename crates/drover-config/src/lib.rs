@@ -271,6 +271,34 @@ pub struct Overrides {
     pub embedded_workers: Option<bool>,
 }
 
+/// How a configuration is loaded — the file and the command-line values — kept so it can
+/// be loaded again the same way (a reload: the file is read again, the process's
+/// `DROVER_<SECTION>__<KEY>` variables and the flags apply as they did).
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file read: the one given, else `./drover.toml` if it existed; absolute, so a
+    /// reload reads the same file whatever the working directory.
+    pub file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    /// The source [`Config::load`] reads with the same arguments now.
+    pub fn new(file: Option<&Path>, overrides: Overrides) -> Self {
+        let file = match file {
+            Some(path) => Some(path.to_path_buf()),
+            None => Path::new(DEFAULT_CONFIG_FILE).is_file().then(|| DEFAULT_CONFIG_FILE.into()),
+        };
+        let file = file.map(|path| std::path::absolute(&path).unwrap_or(path));
+        Self { file, overrides }
+    }
+
+    /// Loads and validates the configuration from this source (blocking file IO).
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(self.file.as_deref(), &self.overrides)
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` (or `./drover.toml` if it exists), then the process's
     /// `DROVER_<SECTION>__<KEY>` variables, then `overrides`, and validates the result.

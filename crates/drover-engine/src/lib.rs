@@ -80,6 +80,9 @@ pub struct Engine {
     /// Replaced as a whole when the configuration is reloaded; runs under way follow
     /// the snapshot they were created with.
     pipelines: std::sync::RwLock<Arc<PipelineCatalog>>,
+    /// The agents stages can name (shown to users; the workers run them). Replaced with the
+    /// pipelines on a reload.
+    agents: std::sync::RwLock<Arc<Vec<drover_domain::AgentDefinition>>>,
     layout: Layout,
     settings: EngineSettings,
     /// Wakes the dispatcher when an attempt became due.
@@ -102,6 +105,7 @@ impl Engine {
             store,
             bus,
             pipelines: std::sync::RwLock::new(pipelines),
+            agents: std::sync::RwLock::new(Arc::new(drover_domain::AgentDefinition::builtins())),
             layout,
             settings,
             dispatch_wanted: Notify::new(),
@@ -116,6 +120,16 @@ impl Engine {
     pub fn pipelines(&self) -> Arc<PipelineCatalog> {
         // Readers only clone the Arc; a poisoned lock still holds a whole catalog.
         self.pipelines.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// The agents stages can name.
+    pub fn agents(&self) -> Arc<Vec<drover_domain::AgentDefinition>> {
+        self.agents.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Makes `agents` the ones stages can name (at start, and on a reload).
+    pub fn replace_agents(&self, agents: Vec<drover_domain::AgentDefinition>) {
+        *self.agents.write().unwrap_or_else(|poison| poison.into_inner()) = Arc::new(agents);
     }
 
     /// Makes `pipelines` the catalog new runs follow (configuration reload). Runs under

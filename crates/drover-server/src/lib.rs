@@ -4,12 +4,16 @@
 //! the grace period (or hand them back), stop the engine, stop deployed apps, close the
 //! store.
 //!
+//! Given a [`ConfigReload`], the server reloads `[agents]` and `[pipelines]` on SIGHUP and
+//! when its config file changes, without dropping running work (see [`reload`]).
+//!
 //! A data directory belongs to one server at a time: [`Server::build`] takes an exclusive
 //! lock on it and records where the server listens in `server.json`, which is how the CLI
 //! finds a running server for a data directory.
 
 pub mod bench;
 mod data_dir;
+pub mod reload;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -34,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use data_dir::{DataDirLock, ServerInfo};
+pub use reload::ConfigReload;
 pub use telemetry::metrics_handle;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +86,7 @@ pub struct Server {
     envs: Arc<EnvManager>,
     proxy: Option<Proxy>,
     lock: DataDirLock,
+    reload: Option<ConfigReload>,
 }
 
 impl Server {
@@ -140,7 +146,27 @@ impl Server {
             proxy: proxy.as_ref().map(|p| p.local_addr().to_string()),
             proxy_tls: proxy.as_ref().and_then(Proxy::tls_addr).map(|a| a.to_string()),
         })?;
-        Ok(Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock })
+        Ok(Self {
+            config,
+            mode,
+            listener,
+            addr,
+            store,
+            bus,
+            engine,
+            envs,
+            proxy,
+            lock,
+            reload: None,
+        })
+    }
+
+    /// Reloads `[agents]` and `[pipelines]` from `reload`'s source while serving (a full
+    /// server only): on SIGHUP, and when its config file changes.
+    #[must_use]
+    pub fn reload_from(mut self, reload: ConfigReload) -> Self {
+        self.reload = Some(reload);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -168,7 +194,8 @@ impl Server {
 
     /// Serves until `shutdown` fires, then drains and stops everything it started.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock } = self;
+        let Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock, reload } =
+            self;
         let draining = CancellationToken::new();
         let engine_stop = CancellationToken::new();
         let full = mode == Mode::Full;
@@ -177,6 +204,7 @@ impl Server {
         let env_tasks = full.then(|| envs.spawn(env_stop.clone()));
         // Validated when the config was loaded.
         let agents = config.agent_definitions().unwrap_or_else(|_| AgentDefinition::builtins());
+        engine.replace_agents(agents.clone());
         let workers = (full && config.workers.embedded).then(|| {
             WorkerPool::start(
                 bus.clone(),
@@ -188,6 +216,16 @@ impl Server {
                     kind: "embedded".to_owned(),
                 },
             )
+        });
+        let workers = workers.map(Arc::new);
+        let reload_task = reload.filter(|_| full).map(|reload| {
+            let live = reload::Live {
+                engine: engine.clone(),
+                workers: workers.clone(),
+                envs: envs.clone(),
+                running: config.clone(),
+            };
+            reload::spawn(reload, live, draining.clone())
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
         let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
@@ -221,7 +259,6 @@ impl Server {
             draining.clone(),
             proxy_addrs,
             worker_bootstrap(&config),
-            agents,
         );
         let app = drover_api::router(state, config.server.body_limit_bytes);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
@@ -242,7 +279,11 @@ impl Server {
             Ok(Err(err)) => tracing::error!(error = %err, "HTTP server task failed"),
             Err(_) => tracing::warn!("open HTTP connections did not close in time"),
         }
-        if let Some(workers) = workers {
+        if let Some(task) = reload_task {
+            let _ = task.await;
+        }
+        // The reload task, the pool's only other owner, has ended.
+        if let Some(workers) = workers.and_then(Arc::into_inner) {
             workers.shutdown(grace).await;
         }
         // Let the results of the last stages (or their hand-backs) be committed.
