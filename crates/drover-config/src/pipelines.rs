@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use drover_domain::{
     AgentDefinition, AgentRunner, AgentType, CommandAgent, Condition, LlmAgent, LlmProvider,
-    PipelineCatalog, PipelineName, PipelineSpec, StageName, StageSpec, sdlc,
+    PipelineCatalog, PipelineName, PipelineSpec, StageName, StageSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -203,6 +203,28 @@ fn llm_agent(key: &str, merged: &AgentConfig) -> Result<LlmAgent, ConfigError> {
     })
 }
 
+/// The built-in pipelines, from `builtin_pipelines.toml` through the same resolution as
+/// the user's, with the built-in agents.
+fn builtin_pipelines() -> Result<BTreeMap<String, PipelineSpec>, ConfigError> {
+    use figment::providers::Format;
+    #[derive(Deserialize)]
+    struct BuiltinFile {
+        pipelines: BTreeMap<String, PipelineConfig>,
+    }
+    let file: BuiltinFile = figment::Figment::from(figment::providers::Toml::string(include_str!(
+        "builtin_pipelines.toml"
+    )))
+    .extract()
+    .map_err(|err| invalid("builtin_pipelines.toml".to_owned(), err.to_string()))?;
+    let agents = AgentDefinition::builtins();
+    let mut resolved = BTreeMap::new();
+    for name in file.pipelines.keys() {
+        let spec = resolve_pipeline(&file.pipelines, name, &mut resolved, &agents, 0)?;
+        resolved.insert(name.clone(), spec);
+    }
+    Ok(resolved)
+}
+
 /// `name`'s fields over its base's, over its base's base's…
 fn resolve_agent(
     agents: &BTreeMap<String, AgentConfig>,
@@ -260,13 +282,14 @@ pub(crate) fn pipeline_catalog(
     pipelines: &BTreeMap<String, PipelineConfig>,
     agents: &[AgentDefinition],
 ) -> Result<PipelineCatalog, ConfigError> {
-    let mut resolved: BTreeMap<String, PipelineSpec> = BTreeMap::new();
-    let builtin = sdlc();
-    resolved.insert(builtin.name.to_string(), builtin);
+    let mut resolved = builtin_pipelines()?;
     for name in pipelines.keys() {
         let key = format!("pipelines.{name}");
-        if name == "sdlc" {
-            return Err(invalid(key, "`sdlc` is built in; extend it under another name"));
+        if resolved.contains_key(name) {
+            return Err(invalid(
+                key,
+                format!("`{name}` is built in; extend it under another name"),
+            ));
         }
         let spec = resolve_pipeline(pipelines, name, &mut resolved, agents, 0)?;
         resolved.insert(name.clone(), spec);
@@ -463,4 +486,18 @@ fn apply_retry_fields(spec: &mut StageSpec, stage: &StageConfig) {
         spec.backoff.max = max;
     }
     spec.backoff.max = spec.backoff.max.max(spec.backoff.initial);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_sdlc_is_defined_as_config_and_matches_the_domains_reference() {
+        let builtin = builtin_pipelines().expect("the built-in file is valid");
+        assert_eq!(builtin.keys().collect::<Vec<_>>(), ["sdlc"]);
+        // The domain keeps `sdlc()` for code that runs without a configuration (tests,
+        // benchmarks); both must describe the same pipeline.
+        assert_eq!(builtin["sdlc"], drover_domain::sdlc());
+    }
 }
