@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use drover_domain::Redactor;
 use tokio::process::Command;
 
 /// A workspace's content as a git tree, taken before an attempt.
@@ -28,9 +29,9 @@ impl Snapshot {
         Some(Self { workspace: workspace.to_path_buf(), index, tree })
     }
 
-    /// Writes what changed since the snapshot to `out` (nothing if nothing changed);
-    /// returns whether a diff was written.
-    pub(crate) async fn diff_into(self, out: &Path) -> bool {
+    /// Writes what changed since the snapshot to `out` (nothing if nothing changed), with
+    /// `redact`'s values replaced; returns whether a diff was written.
+    pub(crate) async fn diff_into(self, out: &Path, redact: &Redactor) -> bool {
         let written = async {
             let after = write_tree(&self.workspace, &self.index).await?;
             if after == self.tree {
@@ -46,7 +47,7 @@ impl Snapshot {
         .await;
         let _ = tokio::fs::remove_file(&self.index).await;
         match written {
-            Some(diff) => tokio::fs::write(out, diff).await.is_ok(),
+            Some(diff) => tokio::fs::write(out, redact.redact_bytes(&diff)).await.is_ok(),
             None => false,
         }
     }
@@ -117,7 +118,7 @@ mod tests {
         std::fs::write(ws.join("new.txt"), "new\n").unwrap();
         std::fs::write(ws.join("secret.env"), "KEY=1\n").unwrap();
         let out = dir.path().join("scaffold.1.diff");
-        assert!(snapshot.diff_into(&out).await);
+        assert!(snapshot.diff_into(&out, &Redactor::default()).await);
 
         let diff = std::fs::read_to_string(&out).unwrap();
         assert!(diff.contains("+two"), "{diff}");
@@ -136,11 +137,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn secret_values_written_into_the_workspace_are_redacted_from_the_diff() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir(&ws).unwrap();
+        run(&ws, &["init", "-q"]);
+        let log = dir.path().join("code.1.log");
+        let snapshot = Snapshot::take(&ws, &log).await.unwrap();
+        std::fs::write(ws.join("config.py"), "TOKEN = 'tok-0123456789'\n").unwrap();
+        let mut secrets = drover_domain::SecretValues::default();
+        secrets.insert("MY_TOKEN", "tok-0123456789");
+        let out = dir.path().join("code.1.diff");
+        assert!(snapshot.diff_into(&out, &Redactor::new(&secrets)).await);
+        let diff = std::fs::read_to_string(&out).unwrap();
+        assert!(diff.contains("+TOKEN = '[redacted:MY_TOKEN]'"), "{diff}");
+        assert!(!diff.contains("tok-0123456789"), "{diff}");
+    }
+
+    #[tokio::test]
     async fn a_plain_directory_or_no_change_keeps_no_diff() {
         let dir = tempfile::tempdir().unwrap();
         assert!(Snapshot::take(dir.path(), &dir.path().join("x.1.log")).await.is_none());
         run(dir.path(), &["init", "-q"]);
         let snapshot = Snapshot::take(dir.path(), &dir.path().join("x.1.log")).await.unwrap();
-        assert!(!snapshot.diff_into(&dir.path().join("x.1.diff")).await);
+        assert!(!snapshot.diff_into(&dir.path().join("x.1.diff"), &Redactor::default()).await);
     }
 }

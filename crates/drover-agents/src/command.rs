@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use drover_bus::AgentResult;
 use drover_domain::{AgentType, CommandAgent};
-use drover_env::{CommandSpec, ProcessError, run_command};
+use drover_env::{CommandSpec, ProcessError, run_command_redacting};
 use serde_json::{Value, json};
 
 use crate::{Agent, AgentFailure, AgentTask, into_result};
@@ -39,7 +39,7 @@ impl Agent for CommandAgentRunner {
 impl CommandAgentRunner {
     async fn execute(&self, task: &AgentTask) -> Result<Value, AgentFailure> {
         let values = Placeholders::of(task);
-        let mut env = super::builtin::environment_variables(task);
+        let mut env = super::builtin::variables_and_secrets(task);
         env.extend([
             ("DROVER_PROMPT".to_owned(), values.prompt.clone()),
             ("DROVER_WORKSPACE".to_owned(), task.workspace.display().to_string()),
@@ -63,10 +63,12 @@ impl CommandAgentRunner {
             env,
             log_path: task.log.path().to_path_buf(),
         };
-        let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
-            ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
-            other => AgentFailure::transient(other.to_string()),
-        })?;
+        let output = run_command_redacting(&spec, task.log.redactor(), &task.cancel, None)
+            .await
+            .map_err(|err| match err {
+                ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
+                other => AgentFailure::transient(other.to_string()),
+            })?;
         let reported = last_line_json(&output.output_tail);
         if !output.success() {
             let excerpt: Vec<&str> = output.output_tail.lines().rev().take(10).collect();

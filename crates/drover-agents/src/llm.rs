@@ -2,8 +2,10 @@
 //! OpenAI-compatible chat completions (OpenAI, Ollama, vLLM, llama.cpp…) or Anthropic
 //! Messages. The answer streams into the attempt's log as it arrives; the whole exchange
 //! is kept as a transcript beside the log; the answer and the token usage become the
-//! stage's output. The API key is read from the variable the config names and never
-//! written anywhere: error messages have it replaced before they leave this module.
+//! stage's output. The API key is the project's secret of the name the config gives in
+//! `api_key_env`, else that variable of the worker's environment, and is never written
+//! anywhere: error messages have it replaced before they leave this module, and the log,
+//! the transcript and cached answers have every secret value of the project replaced.
 //!
 //! Its answer is text for later stages (`{output.STAGE.text}`). With `run_commands`, the
 //! model is also offered a `run_command` tool (OpenAI function calling, Anthropic tool
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_bus::AgentResult;
-use drover_domain::{AgentType, LlmAgent, LlmProvider};
+use drover_domain::{AgentType, LlmAgent, LlmProvider, Redactor, StreamRedactor};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -88,9 +90,10 @@ impl ResponseCache {
         })
     }
 
-    async fn put(&self, path: &Path, answer: &Answer) {
+    /// Keeps `answer`, with `redact`'s values replaced.
+    async fn put(&self, path: &Path, answer: &Answer, redact: &Redactor) {
         let kept = json!({
-            "text": answer.text,
+            "text": redact.redact(&answer.text),
             "truncated": answer.truncated,
             "finish_reason": answer.finish_reason,
             "input_tokens": answer.input_tokens,
@@ -182,21 +185,29 @@ impl LlmAgentRunner {
         let values = Placeholders::of(task);
         let prompt = values.expand(&self.spec.prompt);
         let system = self.spec.system.as_deref().map(|s| values.expand(s));
+        // The project's secrets first, then wherever the runner reads keys from.
         let key = match &self.spec.api_key_env {
-            Some(var) => Some((self.keys)(var).ok_or_else(|| {
-                AgentFailure::permanent(format!("the API key variable `{var}` is not set"))
-            })?),
+            Some(var) => {
+                let secret = task.envelope.context.secrets.get(var).map(str::to_owned);
+                Some(secret.or_else(|| (self.keys)(var)).ok_or_else(|| {
+                    AgentFailure::permanent(format!(
+                        "the API key variable `{var}` is not set (neither a project secret nor \
+                         in the worker's environment)"
+                    ))
+                })?)
+            }
             None => None,
         };
         let secret = Secret(key.as_deref());
         let (url, body) = self.request(system.as_deref(), &prompt);
 
-        let mut log = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(task.log.path())
             .await
             .map_err(|err| AgentFailure::transient(format!("cannot write the log: {err}")))?;
+        let mut log = AnswerLog { file, redact: task.log.redactor().stream() };
         let header =
             format!("$ {} {} ({url})\n", provider_name(self.spec.provider), self.spec.model);
         let _ = log.write_all(header.as_bytes()).await;
@@ -243,6 +254,7 @@ impl LlmAgentRunner {
         if self.spec.run_commands {
             transcript["turns"] = Value::Array(turns);
         }
+        task.log.redactor().redact_json(&mut transcript);
         tokio::fs::write(
             &transcript_path,
             serde_json::to_vec_pretty(&transcript).unwrap_or_default(),
@@ -323,7 +335,7 @@ impl LlmAgentRunner {
         url: &str,
         body: &Value,
         key: Option<&str>,
-        log: &mut tokio::fs::File,
+        log: &mut AnswerLog,
         secret: &Secret<'_>,
     ) -> Result<(Answer, bool), AgentFailure> {
         if let Some(cache) = &self.cache {
@@ -339,7 +351,7 @@ impl LlmAgentRunner {
             answer = self.converse(self.post(url, body, key), log, secret) => answer?,
         };
         if let Some(cache) = &self.cache {
-            cache.put(&cache.path(url, body), &answer).await;
+            cache.put(&cache.path(url, body), &answer, task.log.redactor()).await;
         }
         Ok((answer, false))
     }
@@ -354,7 +366,7 @@ impl LlmAgentRunner {
         url: &str,
         mut body: Value,
         key: Option<&str>,
-        log: &mut tokio::fs::File,
+        log: &mut AnswerLog,
         secret: &Secret<'_>,
         turns: &mut Vec<Value>,
     ) -> Result<Answer, AgentFailure> {
@@ -458,7 +470,7 @@ impl LlmAgentRunner {
         &self,
         task: &AgentTask,
         call: &ToolCall,
-        log: &mut tokio::fs::File,
+        log: &mut AnswerLog,
     ) -> Result<String, AgentFailure> {
         if call.name != RUN_COMMAND {
             return Ok(format!("error: there is no tool `{}`; use `{RUN_COMMAND}`", call.name));
@@ -491,12 +503,18 @@ impl LlmAgentRunner {
             program: program.clone(),
             args: args.to_vec(),
             cwd: task.workspace.clone(),
-            env: crate::builtin::environment_variables(task),
+            env: crate::builtin::variables_and_secrets(task),
             log_path: task.log.path().to_path_buf(),
         };
         let _ = log.write_all(format!("\n$ {}\n", spec.display()).as_bytes()).await;
         let _ = log.flush().await;
-        let result = drover_env::run_command(&spec, &task.cancel, Some(COMMAND_TIMEOUT)).await;
+        let result = drover_env::run_command_redacting(
+            &spec,
+            task.log.redactor(),
+            &task.cancel,
+            Some(COMMAND_TIMEOUT),
+        )
+        .await;
         Ok(match result {
             Ok(output) => {
                 let mut tail = output.output_tail;
@@ -518,7 +536,7 @@ impl LlmAgentRunner {
     async fn converse(
         &self,
         request: reqwest::RequestBuilder,
-        log: &mut tokio::fs::File,
+        log: &mut AnswerLog,
         secret: &Secret<'_>,
     ) -> Result<Answer, AgentFailure> {
         let response = request.send().await.map_err(|err| {
@@ -706,6 +724,30 @@ fn event_data(event: &[u8]) -> Option<String> {
         .map(|data| data.strip_prefix(' ').unwrap_or(data))
         .collect();
     (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// The attempt's log as this agent writes it: through the attempt's redactor, which holds
+/// back an unfinished line of a streamed answer until it is complete.
+struct AnswerLog {
+    file: tokio::fs::File,
+    redact: StreamRedactor,
+}
+
+impl AnswerLog {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let released = self.redact.push(bytes);
+        if released.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&released).await
+    }
+
+    /// Writes what was held back (the text so far is complete) and flushes the file.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let rest = self.redact.finish();
+        self.file.write_all(&rest).await?;
+        self.file.flush().await
+    }
 }
 
 /// The API key, to be kept out of every message.

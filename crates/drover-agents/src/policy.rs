@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use drover_domain::StagePolicy;
+use drover_domain::{Redactor, StagePolicy};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 /// Files looked at per workspace walk, at most (a guard against a huge tree).
@@ -156,13 +156,19 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&str, &std::fs::Metadata)) {
 }
 
 /// Copies the workspace files matching `patterns` into `dest` (keeping their relative
-/// paths); returns how many were copied.
-pub(crate) async fn collect_outputs(workspace: &Path, patterns: &[String], dest: PathBuf) -> usize {
+/// paths), with `redact`'s values replaced; returns how many were copied.
+pub(crate) async fn collect_outputs(
+    workspace: &Path,
+    patterns: &[String],
+    dest: PathBuf,
+    redact: &Redactor,
+) -> usize {
     if patterns.is_empty() {
         return 0;
     }
     let Some((globs, _)) = glob_set(patterns) else { return 0 };
     let workspace = workspace.to_path_buf();
+    let redact = redact.clone();
     tokio::task::spawn_blocking(move || {
         let mut copied = 0usize;
         walk(&workspace, &mut |relative, metadata| {
@@ -173,7 +179,7 @@ pub(crate) async fn collect_outputs(workspace: &Path, patterns: &[String], dest:
             let done = target
                 .parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::copy(workspace.join(relative), &target));
+                .and_then(|()| copy_redacted(&workspace.join(relative), &target, &redact));
             match done {
                 Ok(_) => copied += 1,
                 Err(err) => tracing::warn!(file = relative, error = %err, "output file not kept"),
@@ -183,6 +189,31 @@ pub(crate) async fn collect_outputs(workspace: &Path, patterns: &[String], dest:
     })
     .await
     .unwrap_or(0)
+}
+
+/// Copies `from` to `to`, streaming it through `redact` (a plain copy when there is
+/// nothing to redact). Blocking.
+fn copy_redacted(from: &Path, to: &Path, redact: &Redactor) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    if redact.is_empty() {
+        return std::fs::copy(from, to);
+    }
+    let mut input = std::fs::File::open(from)?;
+    let mut output = std::io::BufWriter::new(std::fs::File::create(to)?);
+    let mut stream = redact.stream();
+    let mut buffer = vec![0_u8; 64 * 1024];
+    let mut written = 0;
+    loop {
+        let read = input.read(&mut buffer)?;
+        let released = if read == 0 { stream.finish() } else { stream.push(&buffer[..read]) };
+        output.write_all(&released)?;
+        written += released.len() as u64;
+        if read == 0 {
+            break;
+        }
+    }
+    output.flush()?;
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -230,11 +261,20 @@ mod tests {
         std::fs::write(dir.path().join("reports/junit.xml"), "<testsuite/>").unwrap();
         std::fs::write(dir.path().join("other.txt"), "x").unwrap();
         let dest = dir.path().join("out");
-        let copied = collect_outputs(dir.path(), &["reports/*.xml".to_owned()], dest.clone()).await;
-        assert_eq!(copied, 1);
+        std::fs::write(dir.path().join("reports/token.txt"), "t=tok-0123456789\n").unwrap();
+        let mut secrets = drover_domain::SecretValues::default();
+        secrets.insert("MY_TOKEN", "tok-0123456789");
+        let patterns = ["reports/*.xml".to_owned(), "reports/*.txt".to_owned()];
+        let copied =
+            collect_outputs(dir.path(), &patterns, dest.clone(), &Redactor::new(&secrets)).await;
+        assert_eq!(copied, 2);
         assert_eq!(
             std::fs::read_to_string(dest.join("reports/junit.xml")).unwrap(),
             "<testsuite/>"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.join("reports/token.txt")).unwrap(),
+            "t=[redacted:MY_TOKEN]\n"
         );
     }
 

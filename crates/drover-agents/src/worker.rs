@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use drover_bus::{Bus, Control, Delivery, WorkerMessage};
-use drover_domain::{AgentType, AttemptId, WorkerId, WorkerProfile};
+use drover_bus::{AgentResult, Bus, Control, Delivery, WorkerMessage};
+use drover_domain::{AgentType, AttemptId, Redactor, WorkerId, WorkerProfile};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -368,9 +368,12 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         })
     };
 
+    // The project's secret values never leave the attempt: not in its log, its artifacts,
+    // nor the result (which becomes the stage's output, events and errors).
+    let redactor = Redactor::new(&envelope.context.secrets);
     let task = AgentTask {
         workspace: PathBuf::from(&envelope.context.workspace),
-        log: StageLog::new(&envelope.context.log_path),
+        log: StageLog::new(&envelope.context.log_path).redacting(redactor.clone()),
         cancel: cancel.clone(),
         envelope,
     };
@@ -398,6 +401,7 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
             &task.workspace,
             &task.envelope.context.output_files,
             dest,
+            &redactor,
         )
         .await;
         if kept > 0 {
@@ -405,12 +409,12 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         }
     }
     if let Some(snapshot) = snapshot {
-        snapshot.diff_into(&task.log.path().with_extension("diff")).await;
+        snapshot.diff_into(&task.log.path().with_extension("diff"), &redactor).await;
     }
     heartbeat.abort();
     shared.running().remove(&attempt_id);
 
-    match result {
+    match result.map(|result| redact_result(&redactor, result)) {
         Some(result) if !cancel.is_cancelled() => {
             tracing::info!(
                 ok = matches!(result, drover_bus::AgentResult::Succeeded { .. }),
@@ -425,4 +429,18 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         _ => tracing::info!("stage cancelled"),
     }
     delivery.handle.ack().await;
+}
+
+/// The result with every secret value replaced, in the output's strings (and keys) or in
+/// the error message.
+fn redact_result(redactor: &Redactor, result: AgentResult) -> AgentResult {
+    match result {
+        AgentResult::Succeeded { mut output } => {
+            redactor.redact_json(&mut output);
+            AgentResult::Succeeded { output }
+        }
+        AgentResult::Failed { error, retryable } => {
+            AgentResult::Failed { error: redactor.redact(&error).into_owned(), retryable }
+        }
+    }
 }

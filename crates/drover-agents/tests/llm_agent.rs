@@ -15,7 +15,7 @@ use drover_agents::{Agent, AgentTask, LlmAgentRunner, StageLog};
 use drover_bus::{AgentResult, TaskEnvelope, WorkflowContext};
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, FencingToken, LlmAgent, LlmProvider, PipelineName,
-    ProjectId, RunId, StageName,
+    ProjectId, Redactor, RunId, SecretValues, StageName,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -190,6 +190,35 @@ async fn an_openai_compatible_stream_is_logged_and_its_transcript_and_usage_kept
     assert_eq!(transcript["response"]["text"], "Plan: write app.py");
     assert_eq!(transcript["response"]["usage"]["tokens"], 25);
     assert!(!transcript.to_string().contains("sk-test-123"), "the key reached the transcript");
+}
+
+#[tokio::test]
+async fn the_key_comes_from_the_projects_secrets_and_secret_values_stay_out_of_log_and_transcript()
+{
+    let seen: Seen = Arc::default();
+    let addr = model_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = task(dir.path(), "Hello World API");
+    let mut secrets = SecretValues::default();
+    secrets.insert("PROJECT_OPENAI_KEY", "sk-test-123");
+    // Streamed in two pieces: "Plan: " then "write app.py".
+    secrets.insert("SPLIT_VALUE", "Plan: write");
+    task.envelope.context.secrets = secrets.clone();
+    task.log = StageLog::new(task.log.path()).redacting(Redactor::new(&secrets));
+    let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "PROJECT_OPENAI_KEY");
+    let output = match runner.run(&task).await {
+        AgentResult::Succeeded { output } => output,
+        AgentResult::Failed { error, .. } => panic!("{error}"),
+    };
+    let (headers, _) = seen.lock().unwrap()[0].clone();
+    assert_eq!(headers["authorization"], "Bearer sk-test-123", "the secret was the key");
+
+    let log = std::fs::read_to_string(task.log.path()).unwrap();
+    assert!(log.contains("[redacted:SPLIT_VALUE] app.py"), "{log}");
+    assert!(!log.contains("Plan: write"), "{log}");
+    let transcript = std::fs::read_to_string(output["transcript"].as_str().unwrap()).unwrap();
+    assert!(transcript.contains("[redacted:SPLIT_VALUE] app.py"), "{transcript}");
+    assert!(!transcript.contains("Plan: write") && !transcript.contains("sk-test-123"));
 }
 
 #[tokio::test]

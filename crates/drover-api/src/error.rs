@@ -36,7 +36,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::NotWaitingApproval => StatusCode::CONFLICT,
         ErrorCode::EnvironmentNotFound
         | ErrorCode::ServiceNotFound
-        | ErrorCode::ArtifactNotFound => StatusCode::NOT_FOUND,
+        | ErrorCode::ArtifactNotFound
+        | ErrorCode::SecretNotFound => StatusCode::NOT_FOUND,
         ErrorCode::EnvironmentQuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::EnvironmentNameTaken | ErrorCode::UnmergedWork => StatusCode::CONFLICT,
         ErrorCode::NoFreePorts => StatusCode::SERVICE_UNAVAILABLE,
@@ -45,6 +46,18 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         ErrorCode::ProxyLoop => StatusCode::LOOP_DETECTED,
         ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthenticated | ErrorCode::InvalidCredentials => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::ProjectNotFound
+        | ErrorCode::UserNotFound
+        | ErrorCode::NotAMember
+        | ErrorCode::TokenNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::ProjectExists
+        | ErrorCode::UserExists
+        | ErrorCode::AlreadyMember
+        | ErrorCode::IdempotencyKeyInUse => StatusCode::CONFLICT,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -77,12 +90,26 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::UnmergedWork => "Unmerged work",
         ErrorCode::ServiceNotFound => "Service not found",
         ErrorCode::ArtifactNotFound => "Artifact not found",
+        ErrorCode::SecretNotFound => "Secret not found",
         ErrorCode::NoFreePorts => "No free ports",
         ErrorCode::WorkspaceFailed => "Workspace failed",
         ErrorCode::UnknownHost => "Unknown host",
         ErrorCode::UpstreamUnavailable => "Upstream unavailable",
         ErrorCode::ProxyLoop => "Proxy loop",
         ErrorCode::InvalidRequest => "Invalid request",
+        ErrorCode::Unauthenticated => "Authentication required",
+        ErrorCode::InvalidCredentials => "Invalid credentials",
+        ErrorCode::Forbidden => "Forbidden",
+        ErrorCode::ProjectNotFound => "Project not found",
+        ErrorCode::ProjectExists => "Project exists",
+        ErrorCode::UserNotFound => "User not found",
+        ErrorCode::UserExists => "User exists",
+        ErrorCode::AlreadyMember => "Already a member",
+        ErrorCode::NotAMember => "Not a member",
+        ErrorCode::TokenNotFound => "Token not found",
+        ErrorCode::RateLimited => "Too many requests",
+        ErrorCode::IdempotencyKeyReused => "Idempotency key reused",
+        ErrorCode::IdempotencyKeyInUse => "Idempotency key in use",
         ErrorCode::Internal => "Internal error",
     }
 }
@@ -124,17 +151,19 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub detail: String,
     pub errors: Vec<FieldError>,
+    /// Seconds to wait before trying again (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into(), errors: Vec::new() }
+        Self { code, detail: detail.into(), errors: Vec::new(), retry_after: None }
     }
 
     pub fn validation(errors: Vec<FieldError>) -> Self {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         let detail = format!("invalid fields: {}", fields.join(", "));
-        Self { code: ErrorCode::ValidationFailed, detail, errors }
+        Self { code: ErrorCode::ValidationFailed, detail, errors, retry_after: None }
     }
 
     pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
@@ -170,7 +199,17 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"drover\""),
+            );
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -203,6 +242,25 @@ impl From<StoreError> for ApiError {
             }
             err @ StoreError::NotDeadLettered { .. } => {
                 Self::new(ErrorCode::NotDeadLettered, err.to_string())
+            }
+            err @ StoreError::UserExists(_) => Self::new(ErrorCode::UserExists, err.to_string()),
+            err @ StoreError::UserNotFound(_) => {
+                Self::new(ErrorCode::UserNotFound, err.to_string())
+            }
+            err @ StoreError::ProjectExists(_) => {
+                Self::new(ErrorCode::ProjectExists, err.to_string())
+            }
+            err @ StoreError::ProjectNotFound(_) => {
+                Self::new(ErrorCode::ProjectNotFound, err.to_string())
+            }
+            err @ StoreError::AlreadyMember { .. } => {
+                Self::new(ErrorCode::AlreadyMember, err.to_string())
+            }
+            err @ StoreError::NotAMember { .. } => {
+                Self::new(ErrorCode::NotAMember, err.to_string())
+            }
+            err @ StoreError::TokenNotFound(_) => {
+                Self::new(ErrorCode::TokenNotFound, err.to_string())
             }
             err @ StoreError::NotWaitingApproval { .. } => {
                 Self::new(ErrorCode::NotWaitingApproval, err.to_string())
@@ -249,6 +307,23 @@ impl From<drover_env::manager::EnvError> for ApiError {
     }
 }
 
+impl From<drover_secrets::VaultError> for ApiError {
+    fn from(err: drover_secrets::VaultError) -> Self {
+        use drover_secrets::VaultError;
+        match err {
+            VaultError::Invalid(errors) => {
+                Self::validation(errors.into_iter().map(FieldError::from).collect())
+            }
+            VaultError::NotFound(name) => {
+                Self::new(ErrorCode::SecretNotFound, format!("the project has no secret `{name}`"))
+            }
+            VaultError::Store(err) => err.into(),
+            // Names keys and secrets by id and name only, never a value or key material.
+            other => Self::internal(&other),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,12 +356,26 @@ mod tests {
             ErrorCode::EnvironmentNameTaken,
             ErrorCode::UnmergedWork,
             ErrorCode::ServiceNotFound,
+            ErrorCode::SecretNotFound,
             ErrorCode::NoFreePorts,
             ErrorCode::WorkspaceFailed,
             ErrorCode::UnknownHost,
             ErrorCode::UpstreamUnavailable,
             ErrorCode::ProxyLoop,
             ErrorCode::InvalidRequest,
+            ErrorCode::Unauthenticated,
+            ErrorCode::InvalidCredentials,
+            ErrorCode::Forbidden,
+            ErrorCode::ProjectNotFound,
+            ErrorCode::ProjectExists,
+            ErrorCode::UserNotFound,
+            ErrorCode::UserExists,
+            ErrorCode::AlreadyMember,
+            ErrorCode::NotAMember,
+            ErrorCode::TokenNotFound,
+            ErrorCode::RateLimited,
+            ErrorCode::IdempotencyKeyReused,
+            ErrorCode::IdempotencyKeyInUse,
             ErrorCode::Internal,
         ];
         for code in codes {

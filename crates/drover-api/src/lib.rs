@@ -5,17 +5,23 @@
 //! results into wire types; every error, from any layer, becomes problem+json in
 //! [`error`]. Every query is scoped to the caller's project ([`Caller`]).
 
+mod accounts;
 mod approvals;
 pub mod artifacts;
+pub mod auth;
+pub mod deprecation;
 mod dlq;
 pub mod environments;
 mod error;
 mod extract;
+mod idempotency;
+pub mod limits;
 mod logs;
 mod openapi;
 mod request_id;
 pub mod routes;
 mod runs;
+pub mod secrets;
 mod system;
 mod usage;
 pub mod wire;
@@ -25,10 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts};
-use axum::http::request::Parts;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use drover_domain::ProjectId;
 use drover_engine::Engine;
 use drover_env::manager::EnvManager;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -55,17 +59,41 @@ struct Inner {
     proxy: routes::ProxyAddrs,
     /// What external workers are told when they join.
     bootstrap: wire::WorkerBootstrap,
+    auth: Arc<AuthState>,
+    limits: limits::RateLimits,
+    in_flight: idempotency::InFlight,
+    /// Largest accepted request body, in bytes.
+    body_limit: usize,
+}
+
+/// What the API is built from.
+pub struct AppParts {
+    pub engine: Arc<Engine>,
+    pub envs: Arc<EnvManager>,
+    pub metrics: Option<PrometheusHandle>,
+    /// Fires when the server starts draining.
+    pub draining: CancellationToken,
+    pub proxy: routes::ProxyAddrs,
+    pub bootstrap: wire::WorkerBootstrap,
+    pub auth: Arc<AuthState>,
+    pub limits: limits::RateLimits,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
 }
 
 impl AppState {
-    pub fn new(
-        engine: Arc<Engine>,
-        envs: Arc<EnvManager>,
-        metrics: Option<PrometheusHandle>,
-        draining: CancellationToken,
-        proxy: routes::ProxyAddrs,
-        bootstrap: wire::WorkerBootstrap,
-    ) -> Self {
+    pub fn new(parts: AppParts) -> Self {
+        let AppParts {
+            engine,
+            envs,
+            metrics,
+            draining,
+            proxy,
+            bootstrap,
+            auth,
+            limits,
+            body_limit,
+        } = parts;
         Self {
             inner: Arc::new(Inner {
                 engine,
@@ -75,6 +103,10 @@ impl AppState {
                 sse_keep_alive: Duration::from_secs(15),
                 proxy,
                 bootstrap,
+                auth,
+                limits,
+                in_flight: idempotency::InFlight::default(),
+                body_limit,
             }),
         }
     }
@@ -86,29 +118,21 @@ impl AppState {
     fn envs(&self) -> &EnvManager {
         &self.inner.envs
     }
-}
 
-/// Who is calling. In local mode every caller is the implicit local admin working in the
-/// `default` project; authentication will fill this in from a verified token.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub project: ProjectId,
-    /// Who is calling: `local` (the implicit local admin) until identities exist.
-    pub user: String,
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Caller { project: ProjectId::default_project(), user: "local".to_owned() })
+    fn auth(&self) -> &AuthState {
+        &self.inner.auth
     }
 }
 
+pub use auth::{Account, Admin, AuthState, Caller, WorkerCaller};
+
 /// The whole HTTP surface, ready to serve.
-pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
+    let body_limit_bytes = state.inner.body_limit;
+    let idempotent =
+        || axum::middleware::from_fn_with_state(state.clone(), idempotency::middleware);
     let api = Router::new()
-        .route("/runs", post(runs::create_run).get(runs::list_runs))
+        .route("/runs", post(runs::create_run).get(runs::list_runs).layer(idempotent()))
         .route("/runs/{id}", get(runs::get_run))
         .route("/runs/{id}/cancel", post(runs::cancel_run))
         .route("/runs/{id}/events", get(runs::run_events))
@@ -124,7 +148,10 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/workers/config", get(workers::bootstrap))
         .route("/tasks/lease", post(workers::lease))
         .route("/worker-messages", post(workers::worker_message))
-        .route("/environments", post(environments::create).get(environments::list))
+        .route(
+            "/environments",
+            post(environments::create).get(environments::list).layer(idempotent()),
+        )
         .route("/environments/{id}", get(environments::show).delete(environments::delete))
         .route("/environments/{id}/start", post(environments::start))
         .route("/environments/{id}/stop", post(environments::stop))
@@ -137,6 +164,20 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/dlq", get(dlq::list))
         .route("/dlq/{id}/redrive", post(dlq::redrive))
         .route("/dlq/{id}/discard", post(dlq::discard))
+        .route("/auth/login", post(accounts::login))
+        .route("/auth/refresh", post(accounts::refresh))
+        .route("/me", get(accounts::me))
+        .route("/tokens", post(accounts::create_token).get(accounts::list_tokens))
+        .route("/tokens/{id}", axum::routing::delete(accounts::revoke_token))
+        .route("/users", get(accounts::list_users).post(accounts::create_user))
+        .route("/users/{name}", axum::routing::patch(accounts::set_user_role))
+        .route("/projects", get(accounts::list_projects).post(accounts::create_project))
+        .route("/projects/{id}/members", get(accounts::list_members).post(accounts::add_member))
+        .route("/projects/{id}/members/{user}", axum::routing::delete(accounts::remove_member))
+        .route("/workers/tokens", post(accounts::create_worker_token))
+        .route("/audit", get(accounts::audit_log))
+        .route("/secrets", get(secrets::list))
+        .route("/secrets/{name}", axum::routing::put(secrets::put).delete(secrets::delete))
         .route("/openapi.json", get(system::openapi));
     Router::new()
         .route("/healthz", get(system::healthz))
@@ -145,6 +186,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .nest("/api/v1", api)
         .fallback(system::route_not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::middleware))
         .layer(CatchPanicLayer::custom(system::panic_response))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .layer(DefaultBodyLimit::max(body_limit_bytes))

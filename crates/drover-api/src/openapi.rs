@@ -33,6 +33,22 @@ use crate::wire::{
         crate::approvals::approve,
         crate::approvals::reject,
         crate::usage::report,
+        crate::accounts::login,
+        crate::accounts::refresh,
+        crate::accounts::me,
+        crate::accounts::create_token,
+        crate::accounts::list_tokens,
+        crate::accounts::revoke_token,
+        crate::accounts::list_users,
+        crate::accounts::create_user,
+        crate::accounts::set_user_role,
+        crate::accounts::list_projects,
+        crate::accounts::create_project,
+        crate::accounts::list_members,
+        crate::accounts::add_member,
+        crate::accounts::remove_member,
+        crate::accounts::create_worker_token,
+        crate::accounts::audit_log,
         crate::workers::list_workers,
         crate::workers::bootstrap,
         crate::workers::lease,
@@ -52,10 +68,19 @@ use crate::wire::{
         crate::environments::shared,
         crate::environments::overview,
         crate::routes::list,
+        crate::secrets::put,
+        crate::secrets::list,
+        crate::secrets::delete,
     ),
     components(schemas(
         AgentList, AgentView, CreateRun, RunView, RunPage, crate::wire::BudgetBody,
         crate::wire::ApprovalBody, crate::wire::UsageReportView, crate::wire::UsageRow,
+        crate::wire::LoginBody, crate::wire::RefreshBody, crate::wire::SessionView,
+        crate::wire::MembershipView, crate::wire::MeView, crate::wire::CreateTokenBody,
+        crate::wire::TokenView, crate::wire::CreatedTokenView, crate::wire::UserView,
+        crate::wire::CreateUserBody, crate::wire::SetRoleBody, crate::wire::ProjectView,
+        crate::wire::CreateProjectBody, crate::wire::MemberBody, crate::wire::WorkerTokenBody,
+        crate::wire::WorkerTokenView, crate::wire::AuditEntryView, crate::wire::AuditPage,
         crate::wire::UsageView, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
@@ -65,6 +90,7 @@ use crate::wire::{
         crate::environments::PortsView, crate::routes::RouteList, crate::routes::RouteView,
         crate::artifacts::ArtifactList, crate::artifacts::ArtifactView,
         crate::routes::UnroutedView,
+        crate::secrets::SetSecretBody, crate::secrets::SecretView, crate::secrets::SecretList,
     )),
     tags(
         (name = "runs", description = "Pipeline runs"),
@@ -74,11 +100,113 @@ use crate::wire::{
         (name = "dlq", description = "Dead-letter queue"),
         (name = "environments", description = "Environments and their services"),
         (name = "routes", description = "The routing proxy's hostnames"),
-    )
+        (name = "secrets", description = "Project secrets: set, list (names only), delete"),
+        (name = "auth", description = "Login, the caller's account and API tokens"),
+        (name = "admin", description = "Users, projects, memberships, worker tokens, audit"),
+    ),
+    modifiers(&Security),
+    security(("bearer" = [])),
 )]
 struct ApiDoc;
+
+/// Declares how callers authenticate: `Authorization: Bearer <credential>`, where the
+/// credential is an API token (`drv_…`), a login's access token (JWT) or, on the worker
+/// endpoints, a worker's service token (JWT). Every operation requires one unless it
+/// says otherwise (login, refresh, health); a server in local mode accepts none.
+struct Security;
+
+/// Operations anyone may call: they take no credential.
+const PUBLIC: &[&str] =
+    &["/healthz", "/readyz", "/api/v1/openapi.json", "/api/v1/auth/login", "/api/v1/auth/refresh"];
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder};
+        let problem = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/problem+json",
+                        Content::new(Some(Ref::from_schema_name("Problem"))),
+                    )
+                    .build(),
+            )
+        };
+        // Every operation may be refused by the abuse limits, and every protected one by
+        // authentication and authorization: say so once, here, for all of them.
+        for (path, item) in &mut openapi.paths.paths {
+            let public = PUBLIC.contains(&path.as_str());
+            for operation in
+                [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete]
+                    .into_iter()
+                    .flatten()
+            {
+                let responses = &mut operation.responses.responses;
+                responses.entry("429".to_owned()).or_insert_with(|| {
+                    problem("Too many requests (`rate_limited`); see `Retry-After`")
+                });
+                if public {
+                    operation.security = Some(vec![SecurityRequirement::default()]);
+                } else {
+                    responses.entry("401".to_owned()).or_insert_with(|| {
+                        problem("No credential, or one that is unknown, expired or revoked")
+                    });
+                    responses.entry("403".to_owned()).or_insert_with(|| {
+                        problem("The credential may not do this (role, scope, token kind)")
+                    });
+                }
+            }
+        }
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API token (`drv_…`), an access token from `POST /api/v1/auth/login`, \
+                         or a worker's service token on the worker endpoints",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The OpenAPI document as JSON.
 pub fn openapi_document() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_documents_its_auth_and_its_errors() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_document()).unwrap();
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+        assert!(doc["security"][0]["bearer"].is_array(), "a credential is required by default");
+        let mut seen = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                seen += 1;
+                let responses = &operation["responses"];
+                assert!(responses["429"].is_object(), "{method} {path}: no 429");
+                if PUBLIC.contains(&path.as_str()) {
+                    assert_eq!(operation["security"], serde_json::json!([{}]), "{method} {path}");
+                } else {
+                    for status in ["401", "403"] {
+                        let content = &responses[status]["content"]["application/problem+json"];
+                        assert!(content.is_object(), "{method} {path}: no {status} problem");
+                    }
+                }
+            }
+        }
+        assert!(seen > 50, "{seen} operations");
+    }
 }

@@ -393,3 +393,181 @@ pub struct UsageReportView {
     pub by_run: Vec<UsageRow>,
     pub by_user: Vec<UsageRow>,
 }
+
+/// `POST /auth/login`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    pub user: String,
+    pub password: String,
+}
+
+/// `POST /auth/refresh`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    pub refresh_token: String,
+}
+
+/// A login session: a short-lived access token (a JWT) and a single-use refresh token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds the access token lives.
+    pub expires_in: u64,
+    pub refresh_token: String,
+}
+
+/// A user's role in a project.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MembershipView {
+    pub project: String,
+    pub user: String,
+    /// `viewer|member|admin`
+    pub role: String,
+}
+
+/// Who a credential belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MeView {
+    pub user: String,
+    /// The global role: `viewer|member|admin`.
+    pub role: String,
+    /// The credential's scope: `read|write`.
+    pub scope: String,
+    /// The one project the credential reaches, if it is bound to one.
+    pub project_limit: Option<String>,
+    pub memberships: Vec<MembershipView>,
+    /// The server needs no credential (loopback, no users yet).
+    pub local_mode: bool,
+}
+
+/// `POST /tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenBody {
+    /// What it is for (shown in listings).
+    pub name: String,
+    /// `read` or `write` (default).
+    pub scope: Option<String>,
+    /// Bind it to one project.
+    pub project: Option<String>,
+    /// Days until it expires (1-365, default 90).
+    pub expires_in_days: Option<u32>,
+    /// Whose token (administrators only; default: the caller).
+    pub user: Option<String>,
+}
+
+/// An API token, without its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub user: String,
+    pub name: String,
+    pub scope: String,
+    pub project: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+}
+
+/// A new API token: the secret appears here once and is never shown again.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedTokenView {
+    pub token: String,
+    #[serde(flatten)]
+    pub details: TokenView,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub name: String,
+    pub role: String,
+    pub created_at: String,
+    pub disabled: bool,
+}
+
+/// `POST /users`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserBody {
+    pub name: String,
+    /// `viewer|member|admin` (default `member`).
+    pub role: Option<String>,
+    /// For `POST /auth/login` (at least 12 characters); without one the user works with
+    /// API tokens only.
+    pub password: Option<String>,
+}
+
+/// `PATCH /users/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetRoleBody {
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProjectView {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    /// The caller's role in it.
+    pub role: String,
+}
+
+/// `POST /projects`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectBody {
+    pub id: String,
+    pub name: Option<String>,
+}
+
+/// `POST /projects/{id}/members`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberBody {
+    pub user: String,
+    pub role: String,
+}
+
+/// `POST /workers/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerTokenBody {
+    /// The worker's name.
+    pub worker: String,
+    /// Agent types it may take tasks for (empty: any).
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Hours until it expires (default 720).
+    pub expires_in_hours: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerTokenView {
+    pub token: String,
+    pub worker: String,
+    pub agents: Vec<String>,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryView {
+    pub id: i64,
+    pub project: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub reason: Option<String>,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditEntryView>,
+    pub next_cursor: Option<i64>,
+}

@@ -12,6 +12,7 @@ use drover_bus::{TaskEnvelope, WorkerMessage};
 use drover_domain::{AgentType, ErrorCode};
 use futures::StreamExt;
 
+use crate::auth::WorkerCaller;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiJson;
 use crate::wire::{LeaseRequest, WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView};
@@ -34,7 +35,7 @@ pub(crate) async fn list_workers(
 #[utoipa::path(get, path = "/api/v1/workers/config", tag = "workers", responses((status = 200, body = WorkerBootstrap)))]
 pub(crate) async fn bootstrap(
     State(state): State<AppState>,
-    _caller: Caller,
+    _worker: WorkerCaller,
 ) -> Json<WorkerBootstrap> {
     Json(state.inner.bootstrap.clone())
 }
@@ -53,7 +54,7 @@ pub(crate) async fn bootstrap(
 )]
 pub(crate) async fn lease(
     State(state): State<AppState>,
-    _caller: Caller,
+    WorkerCaller(worker): WorkerCaller,
     ApiJson(request): ApiJson<LeaseRequest>,
 ) -> Result<Response, ApiError> {
     let bus = state.engine().bus().clone();
@@ -74,6 +75,15 @@ pub(crate) async fn lease(
             field: "agents".to_owned(),
             message: "name at least one agent type".to_owned(),
         }]));
+    }
+    if let Some(refused) = agents.iter().find(|agent| !worker.may_run(agent)) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "worker `{}`'s service token does not allow agent type `{refused}`",
+                worker.worker
+            ),
+        ));
     }
     let wait = Duration::from_millis(request.wait_ms.unwrap_or(20_000)).min(MAX_LEASE_WAIT);
     let mut streams = Vec::with_capacity(agents.len());
@@ -107,10 +117,23 @@ pub(crate) async fn lease(
 )]
 pub(crate) async fn worker_message(
     State(state): State<AppState>,
-    _caller: Caller,
+    WorkerCaller(worker): WorkerCaller,
     ApiJson(message): ApiJson<WorkerMessage>,
 ) -> Result<(StatusCode, Json<WorkerMessageAck>), ApiError> {
     let engine = state.engine();
+    // A worker reports only on tasks of agent types its token allows.
+    if let Some(attempt_id) = message.attempt_id()
+        && let Some(attempt) = engine.store().attempt_by_id(attempt_id).await?
+        && !worker.may_run(&attempt.agent)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "worker `{}`'s service token does not allow agent type `{}`",
+                worker.worker, attempt.agent
+            ),
+        ));
+    }
     engine.bus().publish_result(&message).await.map_err(|err| {
         ApiError::new(ErrorCode::ServiceUnavailable, format!("the bus failed: {err}"))
     })?;

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use drover_domain::{
-    AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName,
-    StagePolicy, Timestamp, WorkerId, WorkerProfile,
+    AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId,
+    SecretValues, StageName, StagePolicy, Timestamp, WorkerId, WorkerProfile,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +51,10 @@ pub struct WorkflowContext {
     /// copied into the attempt's artifacts by the worker.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output_files: Vec<String>,
+    /// The project's secrets, decrypted, for the agent's processes; the worker redacts
+    /// their values from everything the attempt leaves. `Debug` shows names only.
+    #[serde(default, skip_serializing_if = "SecretValues::is_empty")]
+    pub secrets: SecretValues,
 }
 
 /// How an agent's work ended.

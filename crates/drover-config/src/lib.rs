@@ -5,6 +5,7 @@
 //! type or out of range is an error that names the key, where it came from, and why.
 
 mod pipelines;
+mod secrets;
 mod services;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 pub use pipelines::{AgentConfig, AgentKindConfig, PipelineConfig, PolicyConfig, StageConfig};
+pub use secrets::SecretsConfig;
 pub use services::{
     EnvironmentsConfig, ReadinessConfig, ServiceConfig, parse_bytes, service_specs,
 };
@@ -63,6 +65,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub log: LogConfig,
     pub environments: EnvironmentsConfig,
+    pub auth: AuthConfig,
+    pub secrets: SecretsConfig,
     /// Services every environment runs, by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// Custom hostnames for the proxy: `"api.novu.loc" = "novu:api"` (a shared service and
@@ -84,6 +88,26 @@ pub struct ServerConfig {
     /// How long `drover up` waits for running stages and children when stopping.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// `[auth]`: how callers are authenticated and throttled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The key that signs access and service tokens (at least 32 bytes); made on first use
+    /// (mode 0600). Several servers behind one load balancer must share it. Default:
+    /// `<data_dir>/auth/jwt.key`.
+    pub signing_key_file: Option<PathBuf>,
+    /// Requests per minute one credential (or, without one, one IP address) may make.
+    pub rate_limit_per_minute: u32,
+    /// Requests per minute one IP address may make, whatever credentials it uses.
+    pub ip_rate_limit_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { signing_key_file: None, rate_limit_per_minute: 1200, ip_rate_limit_per_minute: 3000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +211,8 @@ impl Default for Config {
             workers: WorkersConfig::default(),
             log: LogConfig::default(),
             environments: EnvironmentsConfig::default(),
+            auth: AuthConfig::default(),
+            secrets: SecretsConfig::default(),
             services: BTreeMap::new(),
             routes: BTreeMap::new(),
             agents: BTreeMap::new(),
@@ -414,6 +440,9 @@ impl Config {
         }
         if !(1..=10_000).contains(&self.engine.dispatch_batch) {
             return invalid("engine.dispatch_batch", "must be between 1 and 10000");
+        }
+        if self.auth.rate_limit_per_minute == 0 || self.auth.ip_rate_limit_per_minute == 0 {
+            return invalid("auth.rate_limit_per_minute", "must be at least 1");
         }
         if !(1..=1024).contains(&self.workers.concurrency) {
             return invalid("workers.concurrency", "must be between 1 and 1024");

@@ -90,6 +90,8 @@ pub enum ErrorCode {
     ServiceNotFound,
     /// The run has no artifact of that name.
     ArtifactNotFound,
+    /// The project has no secret of that name.
+    SecretNotFound,
     /// The stage is not waiting for approval (not reached yet, already decided, or no such
     /// stage).
     NotWaitingApproval,
@@ -105,6 +107,32 @@ pub enum ErrorCode {
     ProxyLoop,
     /// The request target could not be forwarded.
     InvalidRequest,
+    /// No credential was given where one is required.
+    Unauthenticated,
+    /// The credential (token, password) is wrong, expired or revoked.
+    InvalidCredentials,
+    /// The caller is known but may not do this.
+    Forbidden,
+    /// No project of that id is visible to the caller.
+    ProjectNotFound,
+    /// A project with that id exists already.
+    ProjectExists,
+    /// No user of that name.
+    UserNotFound,
+    /// A user with that name exists already.
+    UserExists,
+    /// The user is already a member of the project.
+    AlreadyMember,
+    /// The user is not a member of the project.
+    NotAMember,
+    /// No API token with that id is visible to the caller.
+    TokenNotFound,
+    /// Too many requests; retry after the `Retry-After` header's seconds.
+    RateLimited,
+    /// An idempotency key was used again with a different request.
+    IdempotencyKeyReused,
+    /// A request with the same idempotency key is still being processed.
+    IdempotencyKeyInUse,
     /// An unexpected failure; details are in the server log under the request id.
     Internal,
 }
@@ -137,6 +165,7 @@ impl ErrorCode {
             Self::UnmergedWork => "unmerged_work",
             Self::ServiceNotFound => "service_not_found",
             Self::ArtifactNotFound => "artifact_not_found",
+            Self::SecretNotFound => "secret_not_found",
             Self::NotWaitingApproval => "not_waiting_approval",
             Self::NoFreePorts => "no_free_ports",
             Self::WorkspaceFailed => "workspace_failed",
@@ -144,6 +173,19 @@ impl ErrorCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProxyLoop => "proxy_loop",
             Self::InvalidRequest => "invalid_request",
+            Self::Unauthenticated => "unauthenticated",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::Forbidden => "forbidden",
+            Self::ProjectNotFound => "project_not_found",
+            Self::ProjectExists => "project_exists",
+            Self::UserNotFound => "user_not_found",
+            Self::UserExists => "user_exists",
+            Self::AlreadyMember => "already_member",
+            Self::NotAMember => "not_a_member",
+            Self::TokenNotFound => "token_not_found",
+            Self::RateLimited => "rate_limited",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::Internal => "internal",
         }
     }

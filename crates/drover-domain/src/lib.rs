@@ -12,10 +12,13 @@ mod condition;
 mod environment;
 mod error;
 mod event;
+mod identity;
 mod ids;
 mod pipeline;
+mod redact;
 mod route;
 mod run;
+mod secret;
 mod service;
 mod stage;
 mod time;
@@ -29,6 +32,7 @@ pub use condition::{Condition, StageOutcome};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
+pub use identity::{Membership, Role, TokenScope, User, UserName, UserPrincipal, WorkerPrincipal};
 pub use ids::{
     AgentType, AttemptId, CorrelationId, EnvName, EnvironmentId, EventSeq, PipelineName, ProjectId,
     RunId, ServiceName, StageName, WorkerId,
@@ -37,8 +41,13 @@ pub use pipeline::{
     Advance, Backoff, Decision, LatestAttempt, NextStep, Outcome, PipelineCatalog, PipelineSpec,
     RunProgress, SkippedStage, StagePolicy, StageSpec, StageStart, advance, decide, sdlc,
 };
+pub use redact::{Redactor, StreamRedactor};
 pub use route::{CustomRoute, RouteTarget, parse_hostname};
 pub use run::{Run, RunRequest, RunStatus};
+pub use secret::{
+    MAX_SECRET_NAME_LEN, MAX_SECRET_VALUE_BYTES, MIN_SECRET_VALUE_CHARS, SecretName, SecretValues,
+    validate_secret_value,
+};
 pub use service::{
     AppSpec, DEPLOYMENTS_ENV, DependencyCondition, PlaceholderValues, ProbeKind, RUN_ENV_PREFIX,
     Readiness, RestartPolicy, RestartRules, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,

@@ -87,6 +87,8 @@ pub struct Engine {
     settings: EngineSettings,
     /// Wakes the dispatcher when an attempt became due.
     dispatch_wanted: Notify,
+    /// Project secrets, opened for each dispatched task; none without a vault.
+    vault: Option<Arc<drover_secrets::Vault>>,
 }
 
 pub(crate) fn now() -> Timestamp {
@@ -109,7 +111,21 @@ impl Engine {
             layout,
             settings,
             dispatch_wanted: Notify::new(),
+            vault: None,
         }
+    }
+
+    /// Hands every dispatched task its project's secrets, opened by `vault` (which the
+    /// API also uses to set them).
+    #[must_use]
+    pub fn with_vault(mut self, vault: Arc<drover_secrets::Vault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
+    /// The project secrets, when the engine has them.
+    pub fn vault(&self) -> Option<&Arc<drover_secrets::Vault>> {
+        self.vault.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

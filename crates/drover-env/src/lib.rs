@@ -21,4 +21,7 @@ pub mod workspace;
 pub use deployments::{Deployment, DeploymentError, Deployments};
 pub use layout::{Layout, app_hostname};
 pub use ports::free_port;
-pub use process::{CommandOutput, CommandSpec, GroupChild, ProcessError, run_command};
+pub use process::{
+    CommandOutput, CommandSpec, GroupChild, ProcessError, run_command, run_command_redacting,
+    spawn_logged,
+};

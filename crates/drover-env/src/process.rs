@@ -13,6 +13,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_domain::{Redactor, StreamRedactor};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::fs::{File, OpenOptions};
@@ -226,9 +227,22 @@ pub async fn run_command(
     cancel: &CancellationToken,
     timeout: Option<Duration>,
 ) -> Result<CommandOutput, ProcessError> {
+    run_command_redacting(spec, &Redactor::default(), cancel, timeout).await
+}
+
+/// [`run_command`] for a command that may see secrets: every value `redact` knows is
+/// replaced in the log and in the returned output tail, line by line, before it is
+/// written (a value split across two reads of a pipe is still caught).
+pub async fn run_command_redacting(
+    spec: &CommandSpec,
+    redact: &Redactor,
+    cancel: &CancellationToken,
+    timeout: Option<Duration>,
+) -> Result<CommandOutput, ProcessError> {
     let log_error = |source| ProcessError::Log { path: spec.log_path.clone(), source };
     let mut log = open_log(&spec.log_path).await.map_err(log_error)?;
-    log.write_all(format!("$ {}\n", spec.display()).as_bytes()).await.map_err(log_error)?;
+    let header = format!("$ {}\n", spec.display());
+    log.write_all(redact.redact(&header).as_bytes()).await.map_err(log_error)?;
     let log = Arc::new(Mutex::new(log));
     let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
 
@@ -236,8 +250,10 @@ pub async fn run_command(
     let stdout = child.child.stdout.take();
     let stderr = child.child.stderr.take();
     let readers = [
-        stdout.map(|out| tokio::spawn(copy_output(out, log.clone(), tail.clone()))),
-        stderr.map(|err| tokio::spawn(copy_output(err, log.clone(), tail.clone()))),
+        stdout
+            .map(|out| tokio::spawn(copy_output(out, log.clone(), tail.clone(), redact.stream()))),
+        stderr
+            .map(|err| tokio::spawn(copy_output(err, log.clone(), tail.clone(), redact.stream()))),
     ];
 
     let deadline = async {
@@ -276,6 +292,34 @@ pub async fn run_command(
     Ok(CommandOutput { status, output_tail: String::from_utf8_lossy(&tail).into_owned() })
 }
 
+/// Starts `spec` and leaves it running (an app under test), its stdout and stderr
+/// appended to its log file. With values to redact, the output is piped through `redact`
+/// line by line on its way to the log; otherwise the child writes to the file itself.
+pub async fn spawn_logged(
+    spec: &CommandSpec,
+    redact: &Redactor,
+) -> Result<GroupChild, ProcessError> {
+    let log_error = |source| ProcessError::Log { path: spec.log_path.clone(), source };
+    let log = open_log(&spec.log_path).await.map_err(log_error)?;
+    if redact.is_empty() {
+        let log = log.into_std().await;
+        let log_err = log.try_clone().map_err(log_error)?;
+        return GroupChild::spawn(spec, Stdio::from(log), Stdio::from(log_err));
+    }
+    let mut child = GroupChild::spawn(spec, Stdio::piped(), Stdio::piped())?;
+    let log = Arc::new(Mutex::new(log));
+    // Only the log matters here; the tail is bounded and dropped with the copiers, which
+    // end when the group is stopped and its pipes close.
+    let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+    if let Some(out) = child.child.stdout.take() {
+        tokio::spawn(copy_output(out, log.clone(), tail.clone(), redact.stream()));
+    }
+    if let Some(err) = child.child.stderr.take() {
+        tokio::spawn(copy_output(err, log, tail, redact.stream()));
+    }
+    Ok(child)
+}
+
 async fn open_log(path: &std::path::Path) -> io::Result<File> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -287,6 +331,7 @@ async fn copy_output(
     mut from: impl AsyncRead + Unpin,
     log: Arc<Mutex<File>>,
     tail: Arc<Mutex<Vec<u8>>>,
+    mut redact: StreamRedactor,
 ) {
     let mut buffer = vec![0_u8; 8192];
     loop {
@@ -294,16 +339,24 @@ async fn copy_output(
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        let chunk = &buffer[..read];
-        if let Err(err) = log.lock().await.write_all(chunk).await {
-            tracing::warn!(error = %err, "writing command output to its log failed");
-        }
-        let mut tail = tail.lock().await;
-        tail.extend_from_slice(chunk);
-        if tail.len() > OUTPUT_TAIL_BYTES {
-            let excess = tail.len() - OUTPUT_TAIL_BYTES;
-            tail.drain(..excess);
-        }
+        keep_output(&redact.push(&buffer[..read]), &log, &tail).await;
+    }
+    keep_output(&redact.finish(), &log, &tail).await;
+}
+
+/// Appends output (already redacted) to the log and to the in-memory tail.
+async fn keep_output(chunk: &[u8], log: &Mutex<File>, tail: &Mutex<Vec<u8>>) {
+    if chunk.is_empty() {
+        return;
+    }
+    if let Err(err) = log.lock().await.write_all(chunk).await {
+        tracing::warn!(error = %err, "writing command output to its log failed");
+    }
+    let mut tail = tail.lock().await;
+    tail.extend_from_slice(chunk);
+    if tail.len() > OUTPUT_TAIL_BYTES {
+        let excess = tail.len() - OUTPUT_TAIL_BYTES;
+        tail.drain(..excess);
     }
 }
 
@@ -340,6 +393,49 @@ mod tests {
         let log = std::fs::read_to_string(&spec.log_path).unwrap();
         assert!(log.starts_with("$ sh -c"), "{log}");
         assert!(log.contains("hello") && log.contains("exited with"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn secret_values_are_redacted_from_the_log_and_the_tail_even_split_across_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut secrets = drover_domain::SecretValues::default();
+        secrets.insert("MY_TOKEN", "tok-0123456789");
+        let redact = Redactor::new(&secrets);
+        // The value leaves the child in two writes, the second after a pause.
+        let mut spec = spec(
+            &dir,
+            r#"printf "token=$HEAD"; sleep 0.2; printf "$REST\n"; echo "$HEAD$REST" >&2"#,
+        );
+        spec.env = vec![("HEAD".into(), "tok-01234".into()), ("REST".into(), "56789".into())];
+        let output =
+            run_command_redacting(&spec, &redact, &CancellationToken::new(), None).await.unwrap();
+        assert!(output.success());
+        let log = std::fs::read_to_string(&spec.log_path).unwrap();
+        for text in [&log, &output.output_tail] {
+            assert!(!text.contains("tok-0123"), "{text}");
+            assert!(text.contains("token=[redacted:MY_TOKEN]"), "{text}");
+            assert!(text.lines().any(|line| line == "[redacted:MY_TOKEN]"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_left_running_has_its_output_redacted_into_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(&dir, r#"echo "serving with $TOKEN"; exec sleep 60"#);
+        spec.env = vec![("TOKEN".into(), "tok-0123456789".into())];
+        let mut secrets = drover_domain::SecretValues::default();
+        secrets.insert("MY_TOKEN", "tok-0123456789");
+        let mut child = spawn_logged(&spec, &Redactor::new(&secrets)).await.unwrap();
+        let mut log = String::new();
+        for _ in 0..100 {
+            log = std::fs::read_to_string(&spec.log_path).unwrap_or_default();
+            if log.contains("serving") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.terminate(Duration::from_secs(1)).await.unwrap();
+        assert!(log.contains("serving with [redacted:MY_TOKEN]"), "{log}");
     }
 
     #[tokio::test]

@@ -11,9 +11,11 @@
 //! lock on it and records where the server listens in `server.json`, which is how the CLI
 //! finds a running server for a data directory.
 
+mod auth;
 pub mod bench;
 mod data_dir;
 pub mod reload;
+mod secrets;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -33,12 +35,14 @@ use drover_env::docker::DockerProvider;
 use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
 use drover_env::provider::{LocalProvider, Providers};
 use drover_proxy::{Proxy, Route, RouteTable};
-use drover_store::{SqliteStore, SqliteStoreOptions, Store, StoreError};
+use drover_store::{IdentityStore, SqliteStore, SqliteStoreOptions, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use auth::signing_key_path;
 pub use data_dir::{DataDirLock, ServerInfo};
 pub use reload::ConfigReload;
+pub use secrets::key_source;
 pub use telemetry::metrics_handle;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,15 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("{0}")]
     Config(String),
+    #[error("cannot load the secrets master key: {0}")]
+    SecretsKey(#[from] drover_secrets::KeyError),
+    #[error(
+        "listening on {addr} (beyond loopback) requires authentication, and no user exists yet. \
+         Create an administrator first, with the server stopped or on loopback: \
+         `drover users add admin --role admin`, then `drover tokens create --user admin --name cli` \
+         and give the token to clients with --token or DROVER_TOKEN"
+    )]
+    AuthRequired { addr: SocketAddr },
 }
 
 /// What the server runs besides the API.
@@ -87,6 +100,17 @@ pub struct Server {
     proxy: Option<Proxy>,
     lock: DataDirLock,
     reload: Option<ConfigReload>,
+    auth: AuthParts,
+}
+
+/// What the API's authentication is built from.
+struct AuthParts {
+    identities: Arc<dyn IdentityStore>,
+    signer: drover_auth::Signer,
+    network: bool,
+    users_exist: bool,
+    /// A credential standing for the local admin (the CLI's, for its embedded instance).
+    trusted: Option<String>,
 }
 
 impl Server {
@@ -101,8 +125,12 @@ impl Server {
             busy_timeout: config.store.busy_timeout,
         })
         .await?;
+        let identities: Arc<dyn IdentityStore> = Arc::new(store.clone());
+        let (network, users_exist) = auth::check_mode(config.server.listen, &identities).await?;
+        let signer = auth::load_signer(&config).await?;
+        let vault = secrets::open_vault(&config, &store).await?;
         let bus = drover_bus::connect(&config.bus.url, bus_options(&config)).await?;
-        let engine = Arc::new(Engine::new(
+        let engine = Engine::new(
             Arc::new(store.clone()),
             bus.clone(),
             Arc::new(
@@ -118,7 +146,8 @@ impl Server {
                 worker_liveness: config.worker_liveness(),
                 instance: format!("server-{}", std::process::id()),
             },
-        ));
+        );
+        let engine = Arc::new(engine.with_vault(vault));
         let services =
             config.service_specs().map_err(|err| ServerError::Config(err.to_string()))?;
         let providers = providers(&config, &services)?;
@@ -158,7 +187,16 @@ impl Server {
             proxy,
             lock,
             reload: None,
+            auth: AuthParts { identities, signer, network, users_exist, trusted: None },
         })
+    }
+
+    /// Accepts `token` as the local administrator: how a CLI command talks to the embedded
+    /// instance it started, whatever users exist.
+    #[must_use]
+    pub fn trust_token(mut self, token: String) -> Self {
+        self.auth.trusted = Some(token);
+        self
     }
 
     /// Reloads `[agents]` and `[pipelines]` from `reload`'s source while serving (a full
@@ -194,8 +232,20 @@ impl Server {
 
     /// Serves until `shutdown` fires, then drains and stops everything it started.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let Self { config, mode, listener, addr, store, bus, engine, envs, proxy, lock, reload } =
-            self;
+        let Self {
+            config,
+            mode,
+            listener,
+            addr,
+            store,
+            bus,
+            engine,
+            envs,
+            proxy,
+            lock,
+            reload,
+            auth,
+        } = self;
         let draining = CancellationToken::new();
         let engine_stop = CancellationToken::new();
         let full = mode == Mode::Full;
@@ -252,20 +302,34 @@ impl Server {
             tokio::spawn(proxy.on_activity(activity).with_states(states).run(routes, draining.clone()))
         });
 
-        let state = AppState::new(
-            engine.clone(),
-            envs.clone(),
-            Some(metrics_handle()),
-            draining.clone(),
-            proxy_addrs,
-            worker_bootstrap(&config),
-        );
-        let app = drover_api::router(state, config.server.body_limit_bytes);
+        let state = AppState::new(drover_api::AppParts {
+            engine: engine.clone(),
+            envs: envs.clone(),
+            metrics: Some(metrics_handle()),
+            draining: draining.clone(),
+            proxy: proxy_addrs,
+            bootstrap: worker_bootstrap(&config),
+            auth: Arc::new(drover_api::AuthState::new(
+                auth.identities,
+                auth.signer,
+                auth.network,
+                auth.users_exist,
+                auth.trusted.as_deref(),
+            )),
+            limits: drover_api::limits::RateLimits::new(
+                config.auth.rate_limit_per_minute,
+                config.auth.ip_rate_limit_per_minute,
+            ),
+            body_limit: config.server.body_limit_bytes,
+        });
+        let app = drover_api::router(state);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
         let http = tokio::spawn({
             let draining = draining.clone();
             async move {
-                axum::serve(listener, app).with_graceful_shutdown(draining.cancelled_owned()).await
+                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(draining.cancelled_owned())
+                    .await
             }
         });
 

@@ -236,6 +236,8 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         workers,
         log,
         environments,
+        auth,
+        secrets,
         services,
         routes,
         // Reloaded.
@@ -252,6 +254,8 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ("[workers]", *workers != running.workers),
         ("[log]", *log != running.log),
         ("[environments]", *environments != running.environments),
+        ("[auth]", *auth != running.auth),
+        ("[secrets]", *secrets != running.secrets),
         ("[services]", *services != running.services),
         ("[routes]", *routes != running.routes),
     ]

@@ -8,6 +8,8 @@
 //! in-process subscribers ([`Store::subscribe`]), so live streams never race the database.
 
 mod environments;
+mod identities;
+mod secrets;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -19,6 +21,11 @@ use drover_domain::{
 use tokio::sync::broadcast;
 
 pub use environments::{EnvironmentQuery, EnvironmentStore, NewEnvironment};
+pub use identities::{
+    ApiTokenRecord, GLOBAL_AUDIT_PROJECT, IdentityStore, KeptResponse, NewApiToken, NewAudit,
+    Project,
+};
+pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -43,6 +50,20 @@ pub enum StoreError {
     NotDeadLettered { id: AttemptId, state: String },
     #[error("stage `{stage}` of run {run} is not waiting for approval ({state})")]
     NotWaitingApproval { run: RunId, stage: String, state: String },
+    #[error("a user named `{0}` already exists")]
+    UserExists(String),
+    #[error("no user `{0}`")]
+    UserNotFound(String),
+    #[error("a project `{0}` already exists")]
+    ProjectExists(String),
+    #[error("no project `{0}`")]
+    ProjectNotFound(String),
+    #[error("`{user}` is already a member of project `{project}`")]
+    AlreadyMember { project: String, user: String },
+    #[error("`{user}` is not a member of project `{project}`")]
+    NotAMember { project: String, user: String },
+    #[error("no token `{0}`")]
+    TokenNotFound(String),
     #[error("run {id} already finished ({status})")]
     RunAlreadyFinished { id: RunId, status: RunStatus },
     #[error(transparent)]

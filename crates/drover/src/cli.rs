@@ -30,6 +30,9 @@ pub(crate) struct GlobalArgs {
     /// API token for a server that requires one.
     #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// Project to act in (default: `default`).
+    #[arg(long, global = true, env = "DROVER_PROJECT")]
+    pub(crate) project: Option<String>,
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -81,6 +84,9 @@ pub(crate) enum Command {
     /// Environments: isolated workspaces with their own ports and services.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Project secrets, given to agents as environment variables and redacted everywhere.
+    #[command(subcommand)]
+    Secrets(crate::commands::secrets::SecretsCommand),
     /// Service instances of every environment and the shared ones.
     Services {
         /// Show resident memory per instance and what sharing saves.
@@ -103,6 +109,33 @@ pub(crate) enum Command {
     /// The routing proxy.
     #[command(subcommand)]
     Proxy(ProxyCommand),
+    /// Users and their global roles (administrators).
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Projects and their members.
+    #[command(subcommand)]
+    Projects(ProjectsCommand),
+    /// API tokens (shown once when created) and worker service tokens.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Log in with a password: prints an access token (15 minutes) and a refresh token.
+    Login {
+        #[arg(long)]
+        user: String,
+        /// Read the password from standard input (else prompt on the terminal).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Who the current credential belongs to.
+    Whoami,
+    /// The audit log of security-relevant actions (administrators).
+    Audit {
+        /// Only this project's entries (`global` for users, projects and tokens).
+        #[arg(long = "of-project")]
+        of_project: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Measure drover (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -391,5 +424,87 @@ pub(crate) enum RunsCommand {
         /// Print the output as it is written, until the run ends.
         #[arg(short, long)]
         follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UsersCommand {
+    /// List users.
+    Ls,
+    /// Add a user (the first one ends local mode: from then on every call needs a token).
+    Add {
+        name: String,
+        /// `viewer`, `member` (default) or `admin`.
+        #[arg(long, default_value = "member")]
+        role: String,
+        /// Read a login password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a user's global role.
+    Role { name: String, role: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProjectsCommand {
+    /// The projects you can see, with your role in each.
+    Ls,
+    /// Create a project.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// A project's members.
+    Members { id: String },
+    /// Add a user to a project.
+    AddMember {
+        id: String,
+        user: String,
+        /// `viewer`, `member` or `admin`.
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+    /// Remove a user from a project.
+    RmMember { id: String, user: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokensCommand {
+    /// Create an API token; it is printed once, here.
+    Create {
+        /// What it is for.
+        #[arg(long)]
+        name: String,
+        /// `read` or `write`.
+        #[arg(long, default_value = "write")]
+        scope: String,
+        /// Bind it to one project.
+        #[arg(long = "for-project")]
+        for_project: Option<String>,
+        /// Days until it expires (1-365).
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Whose token (administrators; default: yours).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List your tokens (`--all`: everyone's, administrators).
+    Ls {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a token.
+    Revoke { id: String },
+    /// A service token for a worker (`drover worker --token`), limited to agent types.
+    Worker {
+        /// The worker's name.
+        name: String,
+        /// Agent types it may run (comma-separated; default: any).
+        #[arg(long, value_delimiter = ',')]
+        agent: Vec<String>,
+        /// Hours until it expires.
+        #[arg(long, default_value_t = 720)]
+        hours: u32,
     },
 }

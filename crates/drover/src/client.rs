@@ -48,6 +48,8 @@ pub(crate) struct Client {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
+    /// The project requests act in (`X-Drover-Project`); the server's default if `None`.
+    project: Option<String>,
 }
 
 impl Client {
@@ -59,7 +61,11 @@ impl Client {
         }
         // A client without TLS settings always builds.
         let http = builder.build().expect("HTTP client builds");
-        Self { base, http, token }
+        Self { base, http, token, project: None }
+    }
+
+    pub(crate) fn set_project(&mut self, project: Option<String>) {
+        self.project = project;
     }
 
     pub(crate) fn base(&self) -> &str {
@@ -67,7 +73,10 @@ impl Client {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
-        let request = self.http.request(method, format!("{}{path}", self.base));
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(project) = &self.project {
+            request = request.header("x-drover-project", project);
+        }
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -167,6 +176,30 @@ impl Client {
     ) -> Result<drover_api::wire::UsageReportView, ClientError> {
         let query = [("hours", hours.to_string())];
         self.json(self.request(reqwest::Method::GET, "/api/v1/usage").query(&query)).await
+    }
+
+    /// A `GET` of `path` (under `/api/v1`) as JSON.
+    pub(crate) async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
+        self.json(self.request(reqwest::Method::GET, &format!("/api/v1{path}")).query(query)).await
+    }
+
+    /// A `method` of `path` (under `/api/v1`) with a JSON body, answered with JSON.
+    pub(crate) async fn send_json<B: serde::Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(method, &format!("/api/v1{path}")).json(body)).await
+    }
+
+    /// A `DELETE` of `path` (under `/api/v1`), whatever it answers on success.
+    pub(crate) async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/api/v1{path}"))).await.map(drop)
     }
 
     pub(crate) async fn workers(&self) -> Result<WorkerList, ClientError> {
@@ -432,7 +465,7 @@ fn is_loopback(base: &str) -> bool {
 }
 
 /// Ids are UUIDs, but a user may type anything: keep the path intact.
-fn encode(segment: &str) -> String {
+pub(crate) fn encode(segment: &str) -> String {
     segment
         .chars()
         .map(|c| {

@@ -32,10 +32,12 @@ impl Target {
         config: &Config,
         mode: Mode,
     ) -> anyhow::Result<Self> {
-        match Self::find(global, config).await? {
-            Some(target) => Ok(target),
-            None => Self::embedded(config, mode, global.token.clone()).await,
-        }
+        let mut target = match Self::find(global, config).await? {
+            Some(target) => target,
+            None => Self::embedded(config, mode, global.token.clone()).await?,
+        };
+        target.client.set_project(global.project.clone());
+        Ok(target)
     }
 
     /// Finds a running server; never starts one (a worker needs a server to work for).
@@ -80,9 +82,14 @@ impl Target {
         config.server.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         // An embedded instance lives as long as one command: no proxy to route to it.
         config.proxy.enabled = false;
-        let server =
-            Server::build(config, mode).await.context("cannot start an embedded drover")?;
-        let client = Client::new(&server.url(), token);
+        // The instance is this command's own: it trusts a secret only this command holds,
+        // whatever users exist (a given --token still speaks for its user).
+        let trusted = drover_auth::random_secret("local_");
+        let server = Server::build(config, mode)
+            .await
+            .context("cannot start an embedded drover")?
+            .trust_token(trusted.clone());
+        let client = Client::new(&server.url(), Some(token.unwrap_or(trusted)));
         tracing::debug!(url = client.base(), "embedded drover started");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));

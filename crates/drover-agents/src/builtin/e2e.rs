@@ -1,13 +1,12 @@
 //! The e2e agent: starts the app on a free port, waits for its health probe, runs the
 //! manifest's checks against it, and stops it (its whole process group).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_bus::AgentResult;
 use drover_domain::AgentType;
-use drover_env::{CommandSpec, GroupChild, free_port};
+use drover_env::{CommandSpec, ProcessError, free_port, spawn_logged};
 use serde_json::json;
 
 use super::probe;
@@ -50,16 +49,12 @@ impl E2eAgent {
             free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
         let spec = app_command(&manifest, task, port);
         task.log.line(format!("starting `{}` on port {port}", spec.display())).await;
-        let log_error =
-            |err: std::io::Error| AgentFailure::transient(format!("cannot open log: {err}"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(task.log.path())
-            .map_err(log_error)?;
-        let log_err = log.try_clone().map_err(log_error)?;
-        let mut app = GroupChild::spawn(&spec, Stdio::from(log), Stdio::from(log_err))
-            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+        // The app gets no secrets, but may print one an earlier stage wrote into the
+        // workspace: its output is redacted like any other.
+        let mut app = spawn_logged(&spec, task.log.redactor()).await.map_err(|err| match err {
+            ProcessError::Log { .. } => AgentFailure::transient(err.to_string()),
+            other => AgentFailure::permanent(other.to_string()),
+        })?;
 
         let base = format!("http://127.0.0.1:{port}");
         let health_url = format!("{base}{}", manifest.health_path);

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use drover_bus::AgentResult;
 use drover_domain::AgentType;
-use drover_env::{CommandSpec, ProcessError, run_command};
+use drover_env::{CommandSpec, ProcessError, run_command_redacting};
 use serde_json::json;
 
 use crate::{Agent, AgentFailure, AgentTask, Manifest, into_result};
@@ -44,16 +44,18 @@ async fn integration(task: &AgentTask) -> Result<serde_json::Value, AgentFailure
         args: manifest.test[1..].to_vec(),
         cwd: task.workspace.clone(),
         env: {
-            let mut env = super::environment_variables(task);
+            let mut env = super::variables_and_secrets(task);
             env.push(("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()));
             env
         },
         log_path: task.log.path().to_path_buf(),
     };
-    let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
-        ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
-        other => AgentFailure::transient(other.to_string()),
-    })?;
+    let output = run_command_redacting(&spec, task.log.redactor(), &task.cancel, None)
+        .await
+        .map_err(|err| match err {
+            ProcessError::Spawn { .. } => AgentFailure::permanent(err.to_string()),
+            other => AgentFailure::transient(other.to_string()),
+        })?;
     let tests_run = tests_run(&output.output_tail);
     if !output.success() {
         let last_lines: Vec<&str> = output.output_tail.lines().rev().take(15).collect();

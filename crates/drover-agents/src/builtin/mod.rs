@@ -69,6 +69,16 @@ pub(crate) fn environment_variables(task: &crate::AgentTask) -> Vec<(String, Str
     task.envelope.context.variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// The variables of the run's environment and then the project's secrets, for processes
+/// whose output drover reads into the attempt's log (and so redacts): commands, tests.
+/// Apps an agent starts to run on their own (e2e, deploy) get the variables only.
+pub(crate) fn variables_and_secrets(task: &crate::AgentTask) -> Vec<(String, String)> {
+    let mut env = environment_variables(task);
+    let secrets = task.envelope.context.secrets.iter();
+    env.extend(secrets.map(|(name, value)| (name.to_owned(), value.to_owned())));
+    env
+}
+
 fn agent_type(name: &str) -> AgentType {
     // Only called with the literal names of the built-in agents, which are valid slugs.
     AgentType::parse(name).expect("built-in agent type is a valid slug")

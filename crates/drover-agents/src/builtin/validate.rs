@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use drover_bus::AgentResult;
 use drover_domain::AgentType;
-use drover_env::{CommandSpec, ProcessError, run_command};
+use drover_env::{CommandSpec, ProcessError, run_command_redacting};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -86,12 +86,14 @@ async fn validate(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
         env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
         log_path: task.log.path().to_path_buf(),
     };
-    let output = run_command(&spec, &task.cancel, None).await.map_err(|err| match err {
-        ProcessError::Spawn { .. } => {
-            AgentFailure::permanent(format!("{err} (is Python 3 installed and on PATH?)"))
-        }
-        other => AgentFailure::transient(other.to_string()),
-    })?;
+    let output = run_command_redacting(&spec, task.log.redactor(), &task.cancel, None)
+        .await
+        .map_err(|err| match err {
+            ProcessError::Spawn { .. } => {
+                AgentFailure::permanent(format!("{err} (is Python 3 installed and on PATH?)"))
+            }
+            other => AgentFailure::transient(other.to_string()),
+        })?;
     let report: Report = output
         .output_tail
         .lines()

@@ -516,28 +516,7 @@ impl EnvironmentStore for SqliteStore {
     }
 
     async fn list_audit(&self, project: &ProjectId, limit: u32) -> StoreResult<Vec<AuditEntry>> {
-        let rows: Vec<(i64, String, String, String, String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT id, project_id, actor, action, target, reason, at FROM audit_log \
-             WHERE project_id = ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(project.as_str())
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter()
-            .map(|(id, project_id, actor, action, target, reason, at)| {
-                Ok(AuditEntry {
-                    id,
-                    project_id: ProjectId::parse(project_id)
-                        .map_err(|e| corrupt("audit_log.project_id", e))?,
-                    actor,
-                    action,
-                    target,
-                    reason,
-                    at: Timestamp::from_millis(at),
-                })
-            })
-            .collect()
+        crate::IdentityStore::list_audit_entries(self, Some(project.as_str()), None, limit).await
     }
 }
 

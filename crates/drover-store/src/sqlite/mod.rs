@@ -6,6 +6,8 @@
 //! use a separate pool that WAL lets run alongside the writer.
 
 mod environments;
+mod identities;
+mod secrets;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,11 +1,13 @@
 //! One module per command family; each returns the process exit code.
 
+mod accounts;
 mod bench;
 mod dlq;
 mod env;
 mod routes;
 mod run;
 mod runs;
+pub(crate) mod secrets;
 mod up;
 mod worker;
 
@@ -28,7 +30,18 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Usage { hours } => runs::usage(&global, &config, hours).await,
         Command::Worker(args) => worker::work(&global, &config, &args).await,
         Command::Workers => worker::list(&global, &config).await,
+        Command::Users(command) => accounts::users(&global, &config, command).await,
+        Command::Projects(command) => accounts::projects(&global, &config, command).await,
+        Command::Tokens(command) => accounts::tokens(&global, &config, command).await,
+        Command::Login { user, password_stdin } => {
+            accounts::login(&global, &config, user, password_stdin).await
+        }
+        Command::Whoami => accounts::whoami(&global, &config).await,
+        Command::Audit { of_project, limit } => {
+            accounts::audit(&global, &config, of_project, limit).await
+        }
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,
+        Command::Secrets(command) => secrets::secrets(&global, &config, command).await,
         Command::Bench(command) => bench::bench(&global, &config, command).await,
         Command::Env(command) => env::env(&global, &config, command).await,
         Command::Services { resources } => env::services(&global, &config, resources).await,
