@@ -64,10 +64,20 @@ pub(crate) async fn lease(
             format!("this server uses {}; workers read tasks from the broker directly", bus.kind()),
         ));
     }
+    let known = state.engine().agents();
     let mut agents = Vec::with_capacity(request.agents.len());
     for raw in &request.agents {
         let agent = AgentType::parse(raw.as_str())
             .map_err(|err| ApiError::validation(vec![FieldError::from(err.for_field("agents"))]))?;
+        // Only agent types the server knows ever get tasks; a queue is not made for others.
+        if !known.iter().any(|definition| definition.name == agent) {
+            return Err(ApiError::validation(vec![FieldError {
+                field: "agents".to_owned(),
+                message: format!(
+                    "`{agent}` is not an agent type of this server (see GET /api/v1/agents)"
+                ),
+            }]));
+        }
         agents.push(agent);
     }
     if agents.is_empty() {
