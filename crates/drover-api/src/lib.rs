@@ -13,6 +13,7 @@ pub mod deprecation;
 mod dlq;
 pub mod environments;
 mod error;
+mod events;
 mod extract;
 mod idempotency;
 pub mod limits;
@@ -142,6 +143,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/stages/{stage}/approve", post(approvals::approve))
         .route("/runs/{id}/stages/{stage}/reject", post(approvals::reject))
         .route("/usage", get(usage::report))
+        .route("/events", get(events::stream))
         .route("/pipelines", get(system::pipelines))
         .route("/agents", get(system::agents))
         .route("/workers", get(workers::list_workers))

@@ -436,7 +436,12 @@ async fn replay(
     sender: &SseSender,
 ) -> Result<Flow, ()> {
     loop {
-        let query = EventQuery { run_id: Some(run), after: Some(*last), limit: REPLAY_PAGE };
+        let query = EventQuery {
+            run_id: Some(run),
+            environment_id: None,
+            after: Some(*last),
+            limit: REPLAY_PAGE,
+        };
         let page = store.list_events(project, &query).await.map_err(|err| {
             tracing::warn!(error = %err, "cannot replay events");
         })?;

@@ -66,6 +66,7 @@ pub struct Config {
     pub log: LogConfig,
     pub environments: EnvironmentsConfig,
     pub auth: AuthConfig,
+    pub events: EventsConfig,
     pub secrets: SecretsConfig,
     /// Services every environment runs, by name.
     pub services: BTreeMap<String, ServiceConfig>,
@@ -88,6 +89,22 @@ pub struct ServerConfig {
     /// How long `drover up` waits for running stages and children when stopping.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// `[events]`: the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events older than this are deleted (streams resuming from before it start at the
+    /// oldest kept event).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { retention: Duration::from_secs(30 * 24 * 3600) }
+    }
 }
 
 /// `[auth]`: how callers are authenticated and throttled.
@@ -212,6 +229,7 @@ impl Default for Config {
             log: LogConfig::default(),
             environments: EnvironmentsConfig::default(),
             auth: AuthConfig::default(),
+            events: EventsConfig::default(),
             secrets: SecretsConfig::default(),
             services: BTreeMap::new(),
             routes: BTreeMap::new(),
@@ -440,6 +458,9 @@ impl Config {
         }
         if !(1..=10_000).contains(&self.engine.dispatch_batch) {
             return invalid("engine.dispatch_batch", "must be between 1 and 10000");
+        }
+        if self.events.retention < Duration::from_secs(3600) {
+            return invalid("events.retention", "must be at least 1h");
         }
         if self.auth.rate_limit_per_minute == 0 || self.auth.ip_rate_limit_per_minute == 0 {
             return invalid("auth.rate_limit_per_minute", "must be at least 1");

@@ -88,6 +88,17 @@ impl EventKind {
         }
     }
 
+    /// Every kind's wire name.
+    pub fn all_names() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        names.extend(RunStatus::ALL.map(|s| Self::Run(s).as_str()));
+        names.extend(StageStatus::ALL.map(|s| Self::Stage(s).as_str()));
+        names.extend(EnvStatus::ALL.map(|s| Self::Env(s).as_str()));
+        names.extend(ServiceStatus::ALL.map(|s| Self::Service(s).as_str()));
+        names.extend(OTHER_KINDS.map(|(_, name)| name));
+        names
+    }
+
     /// Whether this event ends a run's event stream.
     pub fn is_run_terminal(self) -> bool {
         matches!(self, Self::Run(status) if status.is_terminal())

@@ -278,6 +278,10 @@ impl Server {
             reload::spawn(reload, live, draining.clone())
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
+        if full {
+            let events: Arc<dyn Store> = Arc::new(store.clone());
+            tokio::spawn(prune_events(events, config.events.retention, draining.clone()));
+        }
         let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
         let proxy_addrs = drover_api::routes::ProxyAddrs {
             http: proxy.as_ref().map(Proxy::local_addr),
@@ -483,6 +487,23 @@ async fn bind_proxy(config: &Config) -> Result<Proxy, ServerError> {
         .map_err(drover_proxy::ProxyError::from)?;
     tracing::info!(ca = %ca.cert_path().display(), "HTTPS certificates are signed by the local CA");
     Ok(proxy.with_tls(tls_listen, ca).await?)
+}
+
+/// Deletes events older than the retention window, hourly (and once at start).
+async fn prune_events(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = drover_domain::Timestamp::from_system_time(std::time::SystemTime::now());
+        match store.prune_events(now.minus(retention)).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "events past their retention deleted"),
+            Err(err) => tracing::warn!(error = %err, "pruning old events failed"),
+        }
+    }
 }
 
 /// Where the proxy's local CA is kept.

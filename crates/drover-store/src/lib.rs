@@ -141,6 +141,8 @@ pub struct RunQuery {
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
     pub run_id: Option<RunId>,
+    /// Only events about this environment.
+    pub environment_id: Option<EnvironmentId>,
     pub after: Option<EventSeq>,
     pub limit: u32,
 }
@@ -272,6 +274,9 @@ pub trait Store: Send + Sync + 'static {
     /// stage, per run and per submitter, over the project's runs created in `[since, ∞)`.
     async fn usage_report(&self, project: &ProjectId, since: Timestamp)
     -> StoreResult<UsageReport>;
+
+    /// Deletes events created before `before` (retention); how many.
+    async fn prune_events(&self, before: Timestamp) -> StoreResult<u64>;
 
     async fn list_events(&self, project: &ProjectId, query: &EventQuery)
     -> StoreResult<Vec<Event>>;

@@ -134,7 +134,7 @@ async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events
         .store
         .list_events(
             &default_project(),
-            &EventQuery { run_id: Some(run.id), after: None, limit: 100 },
+            &EventQuery { run_id: Some(run.id), environment_id: None, after: None, limit: 100 },
         )
         .await
         .unwrap();
@@ -459,7 +459,12 @@ async fn subscribers_see_committed_events_in_sequence_order() {
         .store
         .list_events(
             &default_project(),
-            &EventQuery { run_id: Some(run.id), after: Some(first.seq), limit: 10 },
+            &EventQuery {
+                run_id: Some(run.id),
+                environment_id: None,
+                after: Some(first.seq),
+                limit: 10,
+            },
         )
         .await
         .unwrap();
@@ -589,7 +594,10 @@ async fn an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it
 
     let events = fx
         .store
-        .list_events(&project, &EventQuery { run_id: Some(run_id), after: None, limit: 100 })
+        .list_events(
+            &project,
+            &EventQuery { run_id: Some(run_id), environment_id: None, after: None, limit: 100 },
+        )
         .await
         .unwrap();
     assert!(events.iter().any(|e| e.kind == EventKind::DlqRedriven));
@@ -657,7 +665,10 @@ async fn workers_register_heartbeat_get_lost_and_come_back() {
 
     let events = fx
         .store
-        .list_events(&default_project(), &EventQuery { run_id: None, after: None, limit: 100 })
+        .list_events(
+            &default_project(),
+            &EventQuery { run_id: None, environment_id: None, after: None, limit: 100 },
+        )
         .await
         .unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
@@ -711,7 +722,7 @@ async fn a_batch_of_worker_writes_applies_in_order_with_each_one_fenced() {
         .store
         .list_events(
             &default_project(),
-            &EventQuery { run_id: Some(run.id), after: None, limit: 100 },
+            &EventQuery { run_id: Some(run.id), environment_id: None, after: None, limit: 100 },
         )
         .await
         .unwrap();

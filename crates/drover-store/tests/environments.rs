@@ -93,7 +93,7 @@ async fn transitions_are_checked_and_each_is_an_event() {
     let events = store
         .list_events(
             &ProjectId::default_project(),
-            &EventQuery { run_id: None, after: None, limit: 10 },
+            &EventQuery { run_id: None, environment_id: None, after: None, limit: 10 },
         )
         .await
         .unwrap();
@@ -184,7 +184,7 @@ async fn service_records_keep_process_groups_and_status_changes_are_events() {
     let events = store
         .list_events(
             &ProjectId::default_project(),
-            &EventQuery { run_id: None, after: None, limit: 20 },
+            &EventQuery { run_id: None, environment_id: None, after: None, limit: 20 },
         )
         .await
         .unwrap();

@@ -469,12 +469,24 @@ impl Store for SqliteStore {
         if let Some(run) = query.run_id {
             sql.push(" AND run_id = ").push_bind(run.to_string());
         }
+        if let Some(environment) = query.environment_id {
+            sql.push(" AND environment_id = ").push_bind(environment.to_string());
+        }
         if let Some(after) = query.after {
             sql.push(" AND seq > ").push_bind(after.0);
         }
         sql.push(" ORDER BY seq LIMIT ").push_bind(i64::from(query.limit));
         let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reader).await?;
         rows.into_iter().map(Event::try_from).collect()
+    }
+
+    async fn prune_events(&self, before: Timestamp) -> StoreResult<u64> {
+        let mut conn = self.writer.lock().await;
+        let deleted = sqlx::query("DELETE FROM events WHERE created_at < ?")
+            .bind(before.as_millis())
+            .execute(&mut *conn)
+            .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>> {
