@@ -27,6 +27,7 @@ mod system;
 mod usage;
 pub mod wire;
 mod workers;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,8 @@ struct Inner {
     in_flight: idempotency::InFlight,
     /// Largest accepted request body, in bytes.
     body_limit: usize,
+    /// Who watches what over WebSocket subscriptions.
+    presence: ws::Presence,
 }
 
 /// What the API is built from.
@@ -107,6 +110,7 @@ impl AppState {
                 auth,
                 limits,
                 in_flight: idempotency::InFlight::default(),
+                presence: ws::Presence::default(),
                 body_limit,
             }),
         }
@@ -144,6 +148,8 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/stages/{stage}/reject", post(approvals::reject))
         .route("/usage", get(usage::report))
         .route("/events", get(events::stream))
+        .route("/ws", get(ws::upgrade))
+        .route("/runs/{id}/presence", get(ws::run_presence))
         .route("/pipelines", get(system::pipelines))
         .route("/agents", get(system::agents))
         .route("/workers", get(workers::list_workers))

@@ -34,6 +34,8 @@ use crate::wire::{
         crate::approvals::reject,
         crate::usage::report,
         crate::events::stream,
+        crate::ws::upgrade,
+        crate::ws::run_presence,
         crate::accounts::login,
         crate::accounts::refresh,
         crate::accounts::me,
@@ -75,7 +77,7 @@ use crate::wire::{
     ),
     components(schemas(
         AgentList, AgentView, CreateRun, RunView, RunPage, crate::wire::BudgetBody,
-        crate::wire::ApprovalBody, crate::wire::UsageReportView, crate::wire::UsageRow,
+        crate::wire::ApprovalBody, crate::ws::PresenceView, crate::wire::UsageReportView, crate::wire::UsageRow,
         crate::wire::LoginBody, crate::wire::RefreshBody, crate::wire::SessionView,
         crate::wire::MembershipView, crate::wire::MeView, crate::wire::CreateTokenBody,
         crate::wire::TokenView, crate::wire::CreatedTokenView, crate::wire::UserView,

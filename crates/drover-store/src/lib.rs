@@ -275,6 +275,9 @@ pub trait Store: Send + Sync + 'static {
     async fn usage_report(&self, project: &ProjectId, since: Timestamp)
     -> StoreResult<UsageReport>;
 
+    /// The sequence number of the project's newest event, if it has any.
+    async fn latest_event_seq(&self, project: &ProjectId) -> StoreResult<EventSeq>;
+
     /// Deletes events created before `before` (retention); how many.
     async fn prune_events(&self, before: Timestamp) -> StoreResult<u64>;
 

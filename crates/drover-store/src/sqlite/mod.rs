@@ -480,6 +480,15 @@ impl Store for SqliteStore {
         rows.into_iter().map(Event::try_from).collect()
     }
 
+    async fn latest_event_seq(&self, project: &ProjectId) -> StoreResult<EventSeq> {
+        let (seq,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(seq) FROM events WHERE project_id = ?")
+                .bind(project.as_str())
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(EventSeq(seq.unwrap_or(0)))
+    }
+
     async fn prune_events(&self, before: Timestamp) -> StoreResult<u64> {
         let mut conn = self.writer.lock().await;
         let deleted = sqlx::query("DELETE FROM events WHERE created_at < ?")
