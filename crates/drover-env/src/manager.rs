@@ -3,6 +3,12 @@
 //! the running services match it — also after a crash, when it first sweeps away what a
 //! killed server left running. It also stops idle environments and deletes long-stopped
 //! ones.
+//!
+//! Given a [`SecretSource`] ([`EnvManager::with_secrets`]), the per-environment services it
+//! starts get their environment's project's secrets as environment variables, read at each
+//! start of their process and redacted from their output (see [`crate::secrets`]). Shared
+//! services serve every project and get none; nor do the apps of the `deployments`
+//! environment, which are deployed with the variables the deploy stage gave them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -25,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::provider::Provider;
+use crate::secrets::{InstanceSecrets, SecretSource};
 use crate::supervisor::{
     Instance, InstanceKey, InstancePlan, InstanceState, Reporter, start_instance,
 };
@@ -147,6 +154,8 @@ pub struct EnvManager {
     custom_routes: std::sync::RwLock<Vec<CustomRoute>>,
     /// Its loops run (`spawn`): environments it creates will be brought up.
     active: std::sync::atomic::AtomicBool,
+    /// Where per-environment services get their project's secrets (none without).
+    secrets: Option<Arc<dyn SecretSource>>,
 }
 
 /// Records every service state change in the store.
@@ -191,7 +200,17 @@ impl EnvManager {
             routes: watch::Sender::new(Vec::new()),
             custom_routes: std::sync::RwLock::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
+            secrets: None,
         }
+    }
+
+    /// Gives per-environment services their project's secrets from `source`, read at every
+    /// start of a service's process (so restarting it picks up a changed secret) and
+    /// redacted from its log and live output.
+    #[must_use]
+    pub fn with_secrets(mut self, source: Arc<dyn SecretSource>) -> Self {
+        self.secrets = Some(source);
+        self
     }
 
     /// Whether the reconcile loop runs here (a server in full mode), so that environments
@@ -1063,7 +1082,8 @@ impl EnvManager {
             .await
             .map_err(|err| EnvError::Workspace(err.to_string()))?;
         let mut instances = self.instances.lock().await;
-        // Shared services first: started on first need, one instance for everyone.
+        // Shared services first: started on first need, one instance for everyone (hence
+        // without any project's secrets).
         for spec in self.services.iter().filter(|s| s.sharing == Sharing::Shared) {
             let key = InstanceKey { environment: None, service: spec.name.clone() };
             if instances.contains_key(&key) {
@@ -1119,6 +1139,7 @@ impl EnvManager {
                 }
             })
             .collect();
+        // The deployments environment runs deployed apps only, without project secrets.
         if env.name.as_str() == DEPLOYMENTS_ENV {
             for app in self.store.apps(env.id).await? {
                 let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
@@ -1163,7 +1184,19 @@ impl EnvManager {
                 &instances,
             )
             .map_err(EnvError::Workspace)?;
-            let instance = start_instance(plan, self.provider.clone(), reporter.clone());
+            // Read by the instance at each start of its process, audited as this
+            // environment's; never part of what is recorded of the service.
+            let secrets = self.secrets.as_ref().map(|source| InstanceSecrets {
+                source: source.clone(),
+                project: env.project_id.clone(),
+                actor: format!("environment {}", env.name),
+                purpose: format!("service {}", spec.name),
+            });
+            let instance = start_instance(
+                InstancePlan { secrets, ..plan },
+                self.provider.clone(),
+                reporter.clone(),
+            );
             instances.insert(
                 key,
                 Running { instance, ports, hostname: hostname(&spec.name, Some(&env.name)) },
@@ -1333,6 +1366,8 @@ fn start_app(
         probe_addr: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, app.port))),
         dependencies: Vec::new(),
         external_addr: None,
+        // A deployed app runs with what its deploy gave it; project secrets are not added.
+        secrets: None,
     };
     let instance = start_instance(plan, provider, reporter);
     Running {
@@ -1404,6 +1439,7 @@ fn build_plan(
         probe_addr,
         dependencies,
         external_addr: None,
+        secrets: None,
     })
 }
 

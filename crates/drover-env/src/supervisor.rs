@@ -6,6 +6,12 @@
 //! `max_restarts` within the window), enforces the memory limit, and stops the whole
 //! process group gracefully when asked. Every change of state is reported to a
 //! [`Reporter`] (the environment manager records it in the store).
+//!
+//! An instance with [`InstanceSecrets`] asks for its project's secrets before every start
+//! of its process (so a restart picks up a changed secret), runs it (and its exec
+//! readiness probe) with them as environment variables, and replaces their values with
+//! `[redacted:NAME]` in every line of output before it is written to the log, sent to
+//! followers or matched by a log-line probe. Without secrets, lines are copied as they are.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use drover_domain::{
-    DependencyCondition, EnvironmentId, ProbeKind, Readiness, ServiceName, ServiceSpec,
+    DependencyCondition, EnvironmentId, ProbeKind, Readiness, Redactor, ServiceName, ServiceSpec,
     ServiceStatus,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -24,7 +30,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::provider::{Launch, Provider, SpawnedProcess};
-use crate::{CommandSpec, run_command};
+use crate::secrets::{InstanceSecrets, with_secrets};
+use crate::{CommandSpec, run_command_redacting};
 
 /// Which instance: a service of an environment, or a shared one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +125,9 @@ pub struct InstancePlan {
     pub dependencies: Vec<(InstanceKey, watch::Receiver<InstanceState>, DependencyCondition)>,
     /// If it answers here already, it is used instead of started (shared services).
     pub external_addr: Option<SocketAddr>,
+    /// Where to get the project's secrets at each start (per-environment services of a
+    /// server with a vault); `None`: the process gets none and its output is not redacted.
+    pub secrets: Option<InstanceSecrets>,
 }
 
 /// A running instance.
@@ -239,15 +249,25 @@ impl Supervision {
         let mut streak = 0_u32;
         loop {
             let started = Instant::now();
-            let instance = self.plan.key.to_string();
-            let launch = Launch {
-                instance: &instance,
-                command: &self.plan.command,
-                image: self.plan.spec.image.as_deref(),
-                memory_limit_bytes: self.plan.spec.memory_limit_bytes,
-            };
-            let ended = match self.provider.spawn(&launch).await {
-                Ok(process) => self.supervise(process).await,
+            let ended = match self.command_and_redactor().await {
+                Ok((command, redactor)) => {
+                    let instance = self.plan.key.to_string();
+                    let launch = Launch {
+                        instance: &instance,
+                        command: &command,
+                        image: self.plan.spec.image.as_deref(),
+                        memory_limit_bytes: self.plan.spec.memory_limit_bytes,
+                    };
+                    match self.provider.spawn(&launch).await {
+                        Ok(process) => self.supervise(process, &command, &redactor).await,
+                        Err(err) => Ended::Exited {
+                            success: false,
+                            description: format!("cannot start: {err}"),
+                        },
+                    }
+                }
+                // Not started without its secrets: it would run misconfigured. The restart
+                // policy decides, as for any failed start.
                 Err(err) => {
                     Ended::Exited { success: false, description: format!("cannot start: {err}") }
                 }
@@ -342,6 +362,21 @@ impl Supervision {
         }
     }
 
+    /// The command of this start and what to redact from its output: the plan's command
+    /// with the project's secrets, read once, now; the plan's as it is without secrets.
+    async fn command_and_redactor(
+        &self,
+    ) -> Result<(CommandSpec, Redactor), crate::SecretsUnavailable> {
+        let Some(secrets) = &self.plan.secrets else {
+            return Ok((self.plan.command.clone(), Redactor::default()));
+        };
+        let values = secrets.fetch().await?;
+        if values.is_empty() {
+            return Ok((self.plan.command.clone(), Redactor::default()));
+        }
+        Ok((with_secrets(&self.plan.command, &values), Redactor::new(&values)))
+    }
+
     /// Waits until every dependency is satisfied. A dependency that failed for good does
     /// not block forever: the instance starts without it, with a warning.
     async fn wait_for_dependencies(&self) -> bool {
@@ -378,8 +413,14 @@ impl Supervision {
         true
     }
 
-    /// Runs one process until it exits, is stopped, or must restart.
-    async fn supervise(&self, mut process: Box<dyn SpawnedProcess>) -> Ended {
+    /// Runs one process (started from `command`) until it exits, is stopped, or must
+    /// restart; `redactor` cleans its output.
+    async fn supervise(
+        &self,
+        mut process: Box<dyn SpawnedProcess>,
+        command: &CommandSpec,
+        redactor: &Redactor,
+    ) -> Ended {
         let pid = process.pid();
         self.set(|s| {
             s.pid = pid;
@@ -394,6 +435,7 @@ impl Supervision {
                 self.plan.command.log_path.clone(),
                 self.plan.spec.log_max_bytes,
                 self.plan.spec.log_keep,
+                redactor.clone(),
                 self.output.clone(),
                 log_lines_tx,
             ))
@@ -405,7 +447,7 @@ impl Supervision {
                     self.set(|s| s.status = ServiceStatus::Ready).await;
                     std::future::pending::<()>().await;
                 }
-                Some(readiness) => self.probe(&readiness, log_lines).await,
+                Some(readiness) => self.probe(&readiness, log_lines, command, redactor).await,
             }
         };
         let watched_limit = self.plan.spec.memory_limit_bytes.filter(|_| !process.limits_memory());
@@ -439,8 +481,15 @@ impl Supervision {
         }
     }
 
-    /// Probes until ready, then keeps watching (ready ⇄ unhealthy).
-    async fn probe(&self, readiness: &Readiness, mut log_lines: watch::Receiver<String>) {
+    /// Probes until ready, then keeps watching (ready ⇄ unhealthy). An exec probe runs
+    /// with the environment of `command`, its log redacted by `redactor`.
+    async fn probe(
+        &self,
+        readiness: &Readiness,
+        mut log_lines: watch::Receiver<String>,
+        command: &CommandSpec,
+        redactor: &Redactor,
+    ) {
         let started = Instant::now();
         let mut successes = 0;
         let pattern = match &readiness.kind {
@@ -463,7 +512,7 @@ impl Supervision {
                     }
                     None => false,
                 },
-                ProbeKind::Exec { command } => exec_ok(command, &self.plan.command).await,
+                ProbeKind::Exec { command: probe } => exec_ok(probe, command, redactor).await,
                 ProbeKind::LogLine { .. } => {
                     if !seen_match {
                         let line = log_lines.borrow_and_update().clone();
@@ -527,7 +576,7 @@ async fn http_ok(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }
 
-async fn exec_ok(command: &[String], service: &CommandSpec) -> bool {
+async fn exec_ok(command: &[String], service: &CommandSpec, redactor: &Redactor) -> bool {
     let Some((program, args)) = command.split_first() else { return false };
     let spec = CommandSpec {
         program: program.clone(),
@@ -537,7 +586,14 @@ async fn exec_ok(command: &[String], service: &CommandSpec) -> bool {
         log_path: service.log_path.with_extension("probe.log"),
     };
     let _ = tokio::fs::remove_file(&spec.log_path).await;
-    matches!(run_command(&spec, &CancellationToken::new(), Some(Duration::from_secs(10))).await, Ok(output) if output.success())
+    let ran = run_command_redacting(
+        &spec,
+        redactor,
+        &CancellationToken::new(),
+        Some(Duration::from_secs(10)),
+    )
+    .await;
+    matches!(ran, Ok(output) if output.success())
 }
 
 /// Resolves with a reason once the group's resident memory stays above `limit`.
@@ -559,13 +615,17 @@ async fn watch_memory(pid: u32, limit: u64) -> String {
 }
 
 /// Copies stdout and stderr line by line into the rotating log file, to followers, and to
-/// the log-line readiness probe.
+/// the log-line readiness probe, every secret `redactor` knows replaced first. Lines are
+/// whole when redacted (the readers split on newlines), so a value split across two reads
+/// of a pipe is still caught; a multi-line value is caught line by line.
+#[expect(clippy::too_many_arguments, reason = "one call site")]
 async fn copy_output(
     stdout: Box<dyn AsyncRead + Send + Unpin>,
     stderr: Box<dyn AsyncRead + Send + Unpin>,
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
+    redactor: Redactor,
     followers: broadcast::Sender<String>,
     probe: watch::Sender<String>,
 ) {
@@ -584,9 +644,25 @@ async fn copy_output(
     drop(lines_tx);
     let mut log = RotatingLog::open(path, max_bytes, keep).await;
     while let Some(line) = lines.recv().await {
+        let line = redact_line(&redactor, line);
         log.write_line(&line).await;
         let _ = followers.send(line.clone());
         probe.send_replace(line);
+    }
+    // The last write may still be under way on a blocking thread: the log is complete
+    // when this returns.
+    log.flush().await;
+}
+
+/// `line` with every secret value replaced; as it is (no copy) when there is nothing to
+/// redact or nothing found.
+fn redact_line(redactor: &Redactor, line: String) -> String {
+    if redactor.is_empty() {
+        return line;
+    }
+    match redactor.redact(&line) {
+        std::borrow::Cow::Borrowed(_) => line,
+        std::borrow::Cow::Owned(redacted) => redacted,
     }
 }
 
@@ -619,6 +695,13 @@ impl RotatingLog {
             && file.write_all(b"\n").await.is_ok()
         {
             self.size += line.len() as u64 + 1;
+        }
+    }
+
+    /// Waits for the writes under way to reach the file.
+    pub(crate) async fn flush(&mut self) {
+        if let Some(file) = &mut self.file {
+            let _ = file.flush().await;
         }
     }
 
@@ -661,5 +744,64 @@ mod tests {
         assert!(!numbered(&path, 3).exists(), "only `keep` old files");
         let newest = std::fs::read_to_string(&path).unwrap();
         assert!(newest.contains("line 029"), "{newest}");
+    }
+
+    fn reader(text: &'static [u8]) -> Box<dyn AsyncRead + Send + Unpin> {
+        Box::new(std::io::Cursor::new(text))
+    }
+
+    #[tokio::test]
+    async fn secrets_are_redacted_before_the_log_followers_and_the_probe_see_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.log");
+        let mut values = drover_domain::SecretValues::default();
+        values.insert("MY_TOKEN", "tok-12345678");
+        let (followers, mut following) = broadcast::channel(16);
+        let (probe, probed) = watch::channel(String::new());
+        copy_output(
+            reader(b"token=tok-12345678\nplain line\n"),
+            reader(b"on stderr: tok-12345678 and tok-1234"),
+            path.clone(),
+            1 << 20,
+            1,
+            Redactor::new(&values),
+            followers,
+            probe,
+        )
+        .await;
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(log.contains("token=[redacted:MY_TOKEN]\n"), "{log}");
+        assert!(log.contains("plain line\n"), "{log}");
+        assert!(log.contains("on stderr: [redacted:MY_TOKEN] and tok-1234\n"), "{log}");
+        assert!(!log.contains("tok-12345678"), "{log}");
+        let mut followed = Vec::new();
+        while let Ok(line) = following.try_recv() {
+            followed.push(line);
+        }
+        assert_eq!(followed.len(), 3, "{followed:?}");
+        assert!(followed.contains(&"token=[redacted:MY_TOKEN]".to_owned()), "{followed:?}");
+        assert!(followed.iter().all(|line| !line.contains("tok-12345678")), "{followed:?}");
+        assert!(!probed.borrow().contains("tok-12345678"));
+    }
+
+    #[tokio::test]
+    async fn without_secrets_lines_are_copied_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.log");
+        let (followers, mut following) = broadcast::channel(16);
+        let (probe, _probed) = watch::channel(String::new());
+        copy_output(
+            reader(b"token=tok-12345678\n"),
+            reader(b""),
+            path.clone(),
+            1 << 20,
+            1,
+            Redactor::default(),
+            followers,
+            probe,
+        )
+        .await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "token=tok-12345678\n");
+        assert_eq!(following.try_recv().unwrap(), "token=tok-12345678");
     }
 }

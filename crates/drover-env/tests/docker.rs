@@ -413,6 +413,7 @@ fn plan(workspace: &Path, spec: ServiceSpec, port: u16) -> InstancePlan {
         command,
         dependencies: Vec::new(),
         external_addr: None,
+        secrets: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The environment manager with a real SQLite store and real processes: port blocks,
-//! per-env and shared services, stop, delete, worktrees, idle auto-stop, orphan sweep.
+//! per-env and shared services, stop, delete, worktrees, idle auto-stop, orphan sweep,
+//! project secrets for per-env services (and none for shared ones).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use drover_domain::{
     DependencyCondition, EnvName, EnvStatus, Environment, ProbeKind, ProjectId, Readiness,
-    RestartRules, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing, Timestamp,
+    RestartRules, SecretValues, ServiceName, ServiceRecord, ServiceSpec, ServiceStatus, Sharing,
+    Timestamp,
 };
 use drover_env::manager::{CreateEnvironment, EnvError, EnvManager, EnvSettings, INSTANCE_VAR};
 use drover_env::provider::LocalProvider;
-use drover_env::{free_port, resources};
+use drover_env::{SecretSource, SecretsUnavailable, free_port, resources};
 use drover_store::{EnvironmentStore, SqliteStore, SqliteStoreOptions, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +62,14 @@ struct Fixture {
 }
 
 async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings)) -> Fixture {
+    fixture_with(services, tweak, None).await
+}
+
+async fn fixture_with(
+    services: Vec<ServiceSpec>,
+    tweak: impl FnOnce(&mut EnvSettings),
+    secrets: Option<Arc<dyn SecretSource>>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
         SqliteStore::open(&SqliteStoreOptions {
@@ -84,12 +94,12 @@ async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings
         reconcile_interval: Duration::from_millis(200),
     };
     tweak(&mut settings);
-    let manager = Arc::new(EnvManager::new(
-        store.clone(),
-        settings,
-        services,
-        Arc::new(LocalProvider::default()),
-    ));
+    let mut manager =
+        EnvManager::new(store.clone(), settings, services, Arc::new(LocalProvider::default()));
+    if let Some(source) = secrets {
+        manager = manager.with_secrets(source);
+    }
+    let manager = Arc::new(manager);
     let stop = CancellationToken::new();
     manager.spawn(stop.clone());
     Fixture { manager, store, stop, dir }
@@ -230,6 +240,61 @@ async fn a_shared_service_starts_once_for_three_environments() {
     let vars = fx.manager.variables(&envs[0]);
     assert_eq!(vars["DROVER_SERVICE_MAIL_URL"], format!("http://127.0.0.1:{mail_port}"));
     assert_eq!(vars["DROVER_HOST_MAIL"], "mail.localhost");
+    fx.finish().await;
+}
+
+/// One secret, and who read it for what.
+#[derive(Default)]
+struct OneSecret {
+    reads: std::sync::Mutex<Vec<(ProjectId, String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl SecretSource for OneSecret {
+    async fn secrets_for(
+        &self,
+        project: &ProjectId,
+        actor: &str,
+        purpose: &str,
+    ) -> Result<SecretValues, SecretsUnavailable> {
+        self.reads.lock().unwrap().push((project.clone(), actor.to_owned(), purpose.to_owned()));
+        let mut values = SecretValues::default();
+        values.insert("MY_TOKEN", "tok-5ecret-0123456789");
+        Ok(values)
+    }
+}
+
+#[tokio::test]
+async fn per_env_services_get_the_project_secrets_and_shared_ones_do_not() {
+    let telling = |name: &str, sharing, address| {
+        let mut spec = http_service(name, sharing, address);
+        spec.command = "sh".into();
+        spec.args = vec![
+            "-c".into(),
+            r#"echo "token=$MY_TOKEN."; exec python3 -m http.server "$PORT" --bind 127.0.0.1"#
+                .into(),
+        ];
+        spec
+    };
+    let mail_port = free_port().unwrap();
+    let services = vec![
+        telling("web", Sharing::PerEnv, None),
+        telling("mail", Sharing::Shared, Some(format!("127.0.0.1:{mail_port}"))),
+    ];
+    let source = Arc::new(OneSecret::default());
+    let fx = fixture_with(services, |_| {}, Some(source.clone())).await;
+    let env = fx.create("secretive").await;
+    let web = fx.wait_ready(Some(&env), "web").await;
+    let mail = fx.wait_ready(None, "mail").await;
+    let web_log = std::fs::read_to_string(&web.log_path).unwrap();
+    assert!(web_log.starts_with("token=[redacted:MY_TOKEN].\n"), "{web_log}");
+    let mail_log = std::fs::read_to_string(&mail.log_path).unwrap();
+    assert!(mail_log.starts_with("token=.\n"), "{mail_log}");
+    assert_eq!(
+        *source.reads.lock().unwrap(),
+        [(project(), "environment secretive".to_owned(), "service web".to_owned())],
+        "one read, by the per-env service's one start"
+    );
     fx.finish().await;
 }
 

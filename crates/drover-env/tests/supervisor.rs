@@ -1,5 +1,6 @@
 //! The supervisor with real processes: restarts and their pacing, graceful group stops,
-//! readiness probes, dependencies, memory limits, and using a service already running.
+//! readiness probes, dependencies, memory limits, using a service already running, and
+//! project secrets (read at every start, redacted from the output).
 
 mod common;
 use common::wait_for;
@@ -9,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use drover_domain::{
-    DependencyCondition, EnvironmentId, ProbeKind, Readiness, RestartPolicy, RestartRules,
-    ServiceName, ServiceSpec, ServiceStatus, Sharing,
+    DependencyCondition, EnvironmentId, ProbeKind, ProjectId, Readiness, RestartPolicy,
+    RestartRules, SecretValues, ServiceName, ServiceSpec, ServiceStatus, Sharing,
 };
 use drover_env::cgroup::MemoryCgroups;
 use drover_env::provider::LocalProvider;
 use drover_env::supervisor::{InstanceKey, InstancePlan, InstanceState, Reporter, start_instance};
-use drover_env::{CommandSpec, free_port, resources};
+use drover_env::{
+    CommandSpec, InstanceSecrets, SecretSource, SecretsUnavailable, free_port, resources,
+};
 
 #[derive(Default)]
 struct Recorder {
@@ -76,6 +79,7 @@ fn plan(dir: &tempfile::TempDir, spec: ServiceSpec, port: Option<u16>) -> Instan
         command,
         dependencies: Vec::new(),
         external_addr: None,
+        secrets: None,
     }
 }
 
@@ -345,4 +349,124 @@ async fn a_service_already_answering_at_its_address_is_used_not_started() {
     assert!(state.reason.unwrap().contains("already running outside drover"));
     instance.stop().await;
     assert!(resources::alive(std::process::id()));
+}
+
+/// A project's secrets held in memory, changeable between starts; counts its reads.
+struct Secrets {
+    values: Mutex<Option<Vec<(&'static str, String)>>>,
+    reads: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait]
+impl SecretSource for Secrets {
+    async fn secrets_for(
+        &self,
+        _project: &ProjectId,
+        actor: &str,
+        purpose: &str,
+    ) -> Result<SecretValues, SecretsUnavailable> {
+        self.reads.lock().unwrap().push((actor.to_owned(), purpose.to_owned()));
+        let values = self.values.lock().unwrap().clone();
+        let values = values.ok_or_else(|| SecretsUnavailable("the vault is closed".into()))?;
+        let mut secrets = SecretValues::default();
+        for (name, value) in values {
+            secrets.insert(name, value);
+        }
+        Ok(secrets)
+    }
+}
+
+fn with_secrets(mut plan: InstancePlan, source: Arc<Secrets>) -> InstancePlan {
+    plan.secrets = Some(InstanceSecrets {
+        source,
+        project: ProjectId::default_project(),
+        actor: "environment dev".into(),
+        purpose: format!("service {}", plan.key.service),
+    });
+    plan
+}
+
+#[tokio::test]
+async fn a_service_gets_its_secrets_at_every_start_and_its_output_is_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = "tok-first-0123456789";
+    let second = "tok-second-0123456789";
+    let source = Arc::new(Secrets {
+        values: Mutex::new(Some(vec![
+            ("MY_TOKEN", first.to_owned()),
+            // Drover's own variable wins over a secret of its name.
+            ("PORT", "secret-port-value".to_owned()),
+        ])),
+        reads: Mutex::new(Vec::new()),
+    });
+    let mut service = spec(
+        "svc",
+        r#"echo "token=$MY_TOKEN port=$PORT"; printf '%s' "$MY_TOKEN" > seen.txt; exec sleep 600"#,
+    );
+    // The exec probe runs with the service's variables too; its log is redacted.
+    service.readiness = Some(Readiness {
+        kind: ProbeKind::Exec {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                r#"echo "probe sees $MY_TOKEN"; test "$MY_TOKEN" = "$(cat seen.txt)""#.into(),
+            ],
+        },
+        port: None,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(15),
+        threshold: 1,
+    });
+    let mut plan = with_secrets(plan(&dir, service, None), source.clone());
+    plan.command.env.push(("PORT".into(), "4321".into()));
+    let recorder = Arc::new(Recorder::default());
+    let instance = start_instance(plan, Arc::new(LocalProvider::default()), recorder.clone());
+    let mut following = instance.follow();
+    wait_for(&instance, "ready", |s| s.status == ServiceStatus::Ready).await;
+    assert_eq!(std::fs::read_to_string(dir.path().join("seen.txt")).unwrap(), first);
+    let followed = tokio::time::timeout(Duration::from_secs(5), following.recv()).await;
+    assert_eq!(followed.unwrap().unwrap(), "token=[redacted:MY_TOKEN] port=4321");
+
+    // A changed secret is read again when the process restarts.
+    *source.values.lock().unwrap() = Some(vec![("MY_TOKEN", second.to_owned())]);
+    instance.restart();
+    wait_for(&instance, "ready again", |s| s.status == ServiceStatus::Ready && s.restarts == 1)
+        .await;
+    assert_eq!(std::fs::read_to_string(dir.path().join("seen.txt")).unwrap(), second);
+    assert_eq!(
+        *source.reads.lock().unwrap(),
+        vec![("environment dev".to_owned(), "service svc".to_owned()); 2],
+        "one read per start of the process"
+    );
+    instance.stop().await;
+
+    let log = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+    assert_eq!(log.matches("token=[redacted:MY_TOKEN] port=4321").count(), 2, "{log}");
+    let probe_log = std::fs::read_to_string(dir.path().join("svc.probe.log")).unwrap();
+    assert!(probe_log.contains("probe sees [redacted:MY_TOKEN]"), "{probe_log}");
+    for (what, text) in [("log", &log), ("probe log", &probe_log)] {
+        assert!(!text.contains(first) && !text.contains(second), "a value in the {what}: {text}");
+    }
+    for (_, state) in recorder.of("svc") {
+        let reason = state.reason.unwrap_or_default();
+        assert!(!reason.contains(first) && !reason.contains(second), "{reason}");
+    }
+}
+
+#[tokio::test]
+async fn a_service_whose_secrets_cannot_be_read_is_not_started_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Arc::new(Secrets { values: Mutex::new(None), reads: Mutex::new(Vec::new()) });
+    let mut service = spec("svc", "echo started; exec sleep 600");
+    service.restart.policy = RestartPolicy::Never;
+    let plan = with_secrets(plan(&dir, service, None), source.clone());
+    let instance =
+        start_instance(plan, Arc::new(LocalProvider::default()), Arc::new(Recorder::default()));
+    let crashed = wait_for(&instance, "crashed", |s| s.status == ServiceStatus::Crashed).await;
+    assert_eq!(
+        crashed.reason.as_deref(),
+        Some("cannot start: the project's secrets cannot be read: the vault is closed")
+    );
+    assert!(!dir.path().join("svc.log").exists(), "no process was started");
+    instance.stop().await;
 }

@@ -1,8 +1,9 @@
-//! The vault: project secrets as the API and the engine use them. It validates and seals
-//! values before they reach the store, lists names (never values), and opens a batch of
-//! projects' secrets for the dispatcher in one query, recording each read in the audit
-//! log before any value leaves. Key rotation ([`rotate`]) re-seals every secret in one
-//! transaction.
+//! The vault: project secrets as the API, the engine and environments use them. It
+//! validates and seals values before they reach the store, lists names (never values), and
+//! opens a batch of projects' secrets in one query (for the dispatcher, or for a service
+//! of an environment as it starts), recording each read, by whom and what for, in the
+//! audit log before any value leaves. Key rotation ([`rotate`]) re-seals every secret in
+//! one transaction.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -127,6 +128,16 @@ impl Vault {
         &self,
         reveals: &[Reveal],
     ) -> Result<HashMap<ProjectId, SecretValues>, VaultError> {
+        self.reveal_as(ENGINE_ACTOR, reveals).await
+    }
+
+    /// [`Vault::reveal`] on behalf of `actor` (what the audit log records as the reader,
+    /// e.g. `environment dev` for the services of that environment).
+    pub async fn reveal_as(
+        &self,
+        actor: &str,
+        reveals: &[Reveal],
+    ) -> Result<HashMap<ProjectId, SecretValues>, VaultError> {
         let mut projects: Vec<ProjectId> = reveals.iter().map(|r| r.project.clone()).collect();
         projects.sort();
         projects.dedup();
@@ -165,7 +176,7 @@ impl Vault {
                     Some(SecretRead {
                         project_id: reveal.project.clone(),
                         name: SecretName::parse(name.as_str()).ok()?,
-                        actor: ENGINE_ACTOR.to_owned(),
+                        actor: actor.to_owned(),
                         purpose: reveal.purpose.clone(),
                     })
                 })

@@ -83,6 +83,16 @@ async fn a_secret_is_stored_sealed_listed_without_its_value_and_read_with_an_aud
     );
     assert!(!format!("{audit:?}").contains("tok-"), "the audit log holds a value");
 
+    // A read on behalf of someone else (an environment's service) is audited as theirs.
+    let reveal = Reveal { project: project(), purpose: "service web".to_owned() };
+    let values = vault.reveal_as("environment dev", &[reveal]).await.unwrap();
+    assert_eq!(values[&project()].get("MY_TOKEN"), Some("tok-replaced-value"));
+    let audit = store.list_audit(&project(), 1).await.unwrap();
+    assert_eq!(
+        (audit[0].actor.as_str(), audit[0].action.as_str(), audit[0].reason.as_deref()),
+        ("environment dev", "secret.read", Some("service web"))
+    );
+
     vault.delete(&project(), "MY_TOKEN", "bob").await.unwrap();
     assert!(vault.list(&project()).await.unwrap().is_empty());
     assert!(matches!(

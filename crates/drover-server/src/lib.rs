@@ -147,16 +147,19 @@ impl Server {
                 instance: format!("server-{}", std::process::id()),
             },
         );
-        let engine = Arc::new(engine.with_vault(vault));
+        let engine = Arc::new(engine.with_vault(vault.clone()));
         let services =
             config.service_specs().map_err(|err| ServerError::Config(err.to_string()))?;
         let providers = providers(&config, &services)?;
-        let envs = Arc::new(EnvManager::new(
-            Arc::new(store.clone()),
-            env_settings(&config),
-            services,
-            Arc::new(providers),
-        ));
+        let envs = Arc::new(
+            EnvManager::new(
+                Arc::new(store.clone()),
+                env_settings(&config),
+                services,
+                Arc::new(providers),
+            )
+            .with_secrets(Arc::new(secrets::VaultSecrets(vault))),
+        );
         let addr = config.server.listen;
         let listener =
             TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;

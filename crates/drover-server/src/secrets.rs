@@ -1,12 +1,17 @@
 //! Project secrets in the server: the master key is loaded (or made, on first start) from
 //! `DROVER_MASTER_KEY` or the key file before anything is served, and the vault built on
 //! the store is handed to the engine, which opens secrets for dispatched tasks and lets
-//! the API set them. Kept here so the composition root only calls [`open_vault`].
+//! the API set them, and to the environment manager as a [`VaultSecrets`] source, through
+//! which per-environment services get their project's secrets each time they start. Kept
+//! here so the composition root only calls [`open_vault`].
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use drover_config::Config;
-use drover_secrets::{KeySource, Vault};
+use drover_domain::{ProjectId, SecretValues};
+use drover_env::{SecretSource, SecretsUnavailable};
+use drover_secrets::{KeySource, Reveal, Vault};
 use drover_store::SqliteStore;
 
 use crate::ServerError;
@@ -34,4 +39,26 @@ pub(crate) async fn open_vault(
         );
     }
     Ok(Arc::new(Vault::new(Arc::new(store.clone()), keys)))
+}
+
+/// The vault as the environment manager's secret source: one audited read (one query) per
+/// service start, recorded as `environment <name>` reading for `service <name>`.
+pub(crate) struct VaultSecrets(pub(crate) Arc<Vault>);
+
+#[async_trait]
+impl SecretSource for VaultSecrets {
+    async fn secrets_for(
+        &self,
+        project: &ProjectId,
+        actor: &str,
+        purpose: &str,
+    ) -> Result<SecretValues, SecretsUnavailable> {
+        let reveal = Reveal { project: project.clone(), purpose: purpose.to_owned() };
+        let mut opened = self
+            .0
+            .reveal_as(actor, std::slice::from_ref(&reveal))
+            .await
+            .map_err(|err| SecretsUnavailable(err.to_string()))?;
+        Ok(opened.remove(project).unwrap_or_default())
+    }
 }

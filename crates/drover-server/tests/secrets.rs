@@ -1,13 +1,18 @@
 //! Project secrets end to end in the real server: a secret set over the API reaches a
 //! command agent as an environment variable, and its value appears in no response, event,
 //! log, artifact or file of the data directory (the database included): everywhere it
-//! would have been, `[redacted:NAME]` stands instead.
+//! would have been, `[redacted:NAME]` stands instead. The same holds for the services of
+//! an environment: they run with the secrets as variables, and their logs (the file and
+//! the live feed) show `[redacted:NAME]`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
+use drover_config::{
+    AgentConfig, Config, PipelineConfig, ReadinessConfig, ServiceConfig, StageConfig,
+};
+use drover_domain::{RestartPolicy, Sharing};
 use drover_server::{Mode, Server};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -56,6 +61,10 @@ struct SecretServer {
 
 impl SecretServer {
     async fn start(data_dir: PathBuf) -> Self {
+        Self::start_with(data_dir, |_| {}).await
+    }
+
+    async fn start_with(data_dir: PathBuf, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config { data_dir, ..Config::default() };
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.proxy.enabled = false;
@@ -69,6 +78,7 @@ impl SecretServer {
             ("leak".to_owned(), one_stage("leaky", Some(vec!["leaked.txt".into()]))),
             ("fail".to_owned(), one_stage("failing", None)),
         ]);
+        tweak(&mut config);
         let server = Server::build(config, Mode::Full).await.unwrap();
         let url = server.url();
         let shutdown = CancellationToken::new();
@@ -301,4 +311,186 @@ async fn a_secret_reaches_the_agent_and_its_value_appears_in_no_response_event_l
     assert!(holding.is_empty(), "the value is stored in clear in {holding:?}");
     let everywhere = files_holding(&data_dir, SECRET.as_bytes(), Path::new("/nonexistent"));
     assert_eq!(everywhere, [workspace.join("leaked.txt")], "the scan looks everywhere");
+}
+
+/// A service of every environment that shows what it was given: it prints its token and
+/// a declared variable, writes the token into its workspace, and serves that directory on
+/// `$PORT` (its request log, on stderr, quotes what clients ask for).
+fn telling_service() -> ServiceConfig {
+    let script = r#"echo "token=$MY_TOKEN api=$API_URL"
+printf '%s' "$MY_TOKEN" > seen.txt
+exec python3 -m http.server "$PORT" --bind 127.0.0.1"#;
+    ServiceConfig {
+        image: None,
+        command: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: BTreeMap::from([("API_URL".to_owned(), "declared-in-config".to_owned())]),
+        ports: vec!["http".into()],
+        readiness: Some(ReadinessConfig {
+            http: Some("/".into()),
+            tcp: false,
+            exec: None,
+            log: None,
+            port: None,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(20),
+            threshold: 1,
+        }),
+        depends_on: BTreeMap::new(),
+        restart: RestartPolicy::OnFailure,
+        restart_backoff: Duration::from_millis(200),
+        restart_backoff_max: Duration::from_secs(2),
+        restart_reset_after: Duration::from_secs(60),
+        max_restarts: 3,
+        restart_window: Duration::from_secs(60),
+        stop_grace: Duration::from_secs(2),
+        memory_limit: None,
+        sharing: Sharing::PerEnv,
+        address: None,
+        log_max_bytes: 1 << 20,
+        log_keep: 1,
+    }
+}
+
+impl SecretServer {
+    /// Waits until the environment runs with its service ready; returns the service's port.
+    async fn wait_ready(&self, env: &str, restarts: u64) -> u16 {
+        for _ in 0..300 {
+            let view: Value =
+                serde_json::from_str(&self.get(&format!("/environments/{env}")).await).unwrap();
+            let service = &view["services"][0];
+            if view["status"] == "running"
+                && service["status"] == "ready"
+                && service["restarts"].as_u64() == Some(restarts)
+            {
+                return service["ports"]["http"].as_u64().unwrap().try_into().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{env} never had its service ready");
+    }
+
+    /// Reads the followed log (SSE) until a line holds `needle`; returns the text read.
+    async fn follow_until(&self, follow: reqwest::Response, needle: &str) -> String {
+        assert_eq!(follow.headers()["content-type"], "text/event-stream");
+        let mut stream = follow.bytes_stream();
+        let mut text = String::new();
+        let read = async {
+            while let Some(chunk) = stream.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                if text.contains(needle) {
+                    return;
+                }
+            }
+        };
+        let found = tokio::time::timeout(Duration::from_secs(20), read).await;
+        assert!(found.is_ok(), "no line with {needle} followed: {text}");
+        text
+    }
+}
+
+#[tokio::test]
+async fn services_of_an_environment_get_the_secrets_and_their_logs_show_no_value() {
+    const SECOND: &str = "tok-second-9876543210";
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = SecretServer::start_with(data_dir.clone(), |config| {
+        config.services = BTreeMap::from([("web".to_owned(), telling_service())]);
+    })
+    .await;
+    // Set before the environment exists. `API_URL` and `PORT` are shadowed: the service's
+    // declared variable and drover's own win (were `PORT` the secret, nothing would answer).
+    for (name, value) in
+        [("MY_TOKEN", SECRET), ("API_URL", "tok-api-shadowed-0123"), ("PORT", "tok-port-0123456")]
+    {
+        let (status, body) = server.put_secret(name, json!({ "value": value })).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, created) = server
+        .text(server.http.post(server.at("/environments")).json(&json!({ "name": "feature" })))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let workspace = PathBuf::from(
+        serde_json::from_str::<Value>(&created).unwrap()["workspace"].as_str().unwrap(),
+    );
+    let port = server.wait_ready("feature", 0).await;
+
+    // The service saw the value: it serves what it wrote.
+    let page = |query: &str| {
+        let url = format!("http://127.0.0.1:{port}/seen.txt{query}");
+        let http = server.http.clone();
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(page("").await, SECRET, "the service did not get the secret");
+
+    // Live: a request quoting the value is logged, redacted, to followers.
+    let follow = server
+        .http
+        .get(server.at("/environments/feature/services/web/logs?follow=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    let ask = tokio::spawn(page(&format!("?{SECRET}")));
+    let followed = server.follow_until(follow, "GET /seen.txt?").await;
+    assert_eq!(ask.await.unwrap(), SECRET);
+    assert!(followed.contains("GET /seen.txt?[redacted:MY_TOKEN] HTTP/1.1"), "{followed}");
+
+    // The file: what it printed on start, and the request, redacted.
+    let log = server.get("/environments/feature/services/web/logs").await;
+    assert!(log.contains("token=[redacted:MY_TOKEN] api=declared-in-config\n"), "{log}");
+    assert!(log.contains("GET /seen.txt?[redacted:MY_TOKEN] HTTP/1.1"), "{log}");
+
+    let mut seen = vec![
+        ("followed log".to_owned(), followed),
+        ("log".to_owned(), log),
+        ("environment".to_owned(), server.get("/environments/feature").await),
+        ("environments".to_owned(), server.get("/environments").await),
+        ("services".to_owned(), server.get("/environments/feature/services").await),
+        ("all services".to_owned(), server.get("/services").await),
+    ];
+
+    // A changed secret reaches the service when it restarts.
+    let (status, body) = server.put_secret("MY_TOKEN", json!({ "value": SECOND })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .text(server.http.post(server.at("/environments/feature/services/web/restart")))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let port_after = server.wait_ready("feature", 1).await;
+    assert_eq!(port_after, port);
+    assert_eq!(page("").await, SECOND, "the restarted service did not get the new value");
+    let log = server.get("/environments/feature/services/web/logs").await;
+    assert_eq!(log.matches("token=[redacted:MY_TOKEN] api=declared-in-config").count(), 2, "{log}");
+    seen.push(("log after the restart".to_owned(), log));
+    seen.push(("environment after".to_owned(), server.get("/environments/feature").await));
+
+    // Each start read the secrets once, audited as the environment's.
+    let audit: Value = serde_json::from_str(&server.get("/audit?limit=200").await).unwrap();
+    let reads: Vec<&Value> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "secret.read" && e["target"] == "MY_TOKEN")
+        .collect();
+    assert_eq!(reads.len(), 2, "{audit}");
+    assert!(
+        reads.iter().all(|e| e["actor"] == "environment feature" && e["reason"] == "service web"),
+        "{audit}"
+    );
+
+    for (what, body) in &seen {
+        for value in [SECRET, SECOND, "tok-api-shadowed", "tok-port-0123456"] {
+            assert!(!body.contains(value), "{value} is in the {what}: {body}");
+        }
+    }
+    server.stop().await;
+
+    // Only the service's own work tree holds a value, where it wrote it.
+    for value in [SECRET, SECOND] {
+        let holding = files_holding(&data_dir, value.as_bytes(), &workspace);
+        assert!(holding.is_empty(), "{value} is stored in clear in {holding:?}");
+    }
+    let everywhere = files_holding(&data_dir, SECOND.as_bytes(), Path::new("/nonexistent"));
+    assert_eq!(everywhere, [workspace.join("seen.txt")], "the scan looks everywhere");
 }
