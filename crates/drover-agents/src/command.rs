@@ -95,13 +95,20 @@ impl CommandAgentRunner {
 }
 
 /// The last non-empty line of `output`, if it is a JSON object.
+/// The agent's result: the last line of its output that is a JSON object. Its stdout and
+/// stderr arrive interleaved, so a few stderr lines written as it exits may follow the
+/// result; the search looks back over the final [`RESULT_SEARCH_LINES`] lines only.
 fn last_line_json(output: &str) -> Option<Value> {
-    let line = output.lines().rev().find(|line| !line.trim().is_empty())?;
-    match serde_json::from_str(line.trim()) {
-        Ok(value @ Value::Object(_)) => Some(value),
-        _ => None,
-    }
+    output.lines().rev().filter(|line| !line.trim().is_empty()).take(RESULT_SEARCH_LINES).find_map(
+        |line| match serde_json::from_str(line.trim()) {
+            Ok(value @ Value::Object(_)) => Some(value),
+            _ => None,
+        },
+    )
 }
+
+/// How many final output lines may hold the JSON result.
+const RESULT_SEARCH_LINES: usize = 8;
 
 /// What `{…}` placeholders stand for in one attempt.
 pub(crate) struct Placeholders {
@@ -210,9 +217,13 @@ mod tests {
     }
 
     #[test]
-    fn only_a_json_object_on_the_last_line_is_a_result() {
+    fn the_last_json_object_near_the_end_is_the_result() {
         assert_eq!(last_line_json("work\n{\"a\": 1}\n\n"), Some(json!({ "a": 1 })));
-        assert_eq!(last_line_json("{\"a\": 1}\ndone\n"), None);
+        // A stderr line that arrived after the result does not hide it.
+        assert_eq!(last_line_json("{\"a\": 1}\nwarning: done\n"), Some(json!({ "a": 1 })));
+        assert_eq!(last_line_json("{\"a\": 1}\n{\"b\": 2}\n"), Some(json!({ "b": 2 })));
+        let buried = format!("{{\"a\": 1}}\n{}", "more\n".repeat(RESULT_SEARCH_LINES));
+        assert_eq!(last_line_json(&buried), None, "a result is at the end of the output");
         assert_eq!(last_line_json("[1, 2]"), None);
     }
 }
