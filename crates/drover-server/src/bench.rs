@@ -7,7 +7,8 @@
 //! store publishes `stage.succeeded`. Dispatch latency is start − enqueue; per-stage
 //! overhead is commit − enqueue (the agent itself does nothing).
 //!
-//! `drover bench env` and `drover bench proxy` ([`proxy`]) are below and in their own module.
+//! `drover bench env` is below; `drover bench proxy` ([`proxy`]) and `drover bench events`
+//! ([`events`]) are in their own modules.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,8 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ServerError;
 
+mod events;
 mod proxy;
 
+pub use events::{EventsBenchOptions, EventsBenchReport, bench_events};
 pub use proxy::{
     BENCH_HOST, BenchServer, ProxyBenchError, ProxyBenchOptions, ProxyBenchReport, TargetFigures,
     bench_proxy, cancel_when_stdin_closes, find_nginx, guard,

@@ -209,6 +209,16 @@ pub(crate) enum BenchCommand {
     },
     /// HTTP load straight to a small upstream, through the drover proxy and through nginx.
     Proxy(BenchProxyArgs),
+    /// Delivery latency of the event log to many live SSE subscribers.
+    Events {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Milliseconds between two submitted runs.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
     /// Runs a program until it exits or stdin closes, then ends its process group (how
     /// `bench proxy` starts nginx).
     #[command(hide = true)]

@@ -109,6 +109,31 @@ pub(crate) async fn bench(
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Proxy(args) => proxy(global, args).await,
+        BenchCommand::Events { subscribers, runs, interval_ms } => {
+            let report =
+                drover_server::bench::bench_events(drover_server::bench::EventsBenchOptions {
+                    subscribers: subscribers.max(1),
+                    runs: runs.max(1),
+                    interval: std::time::Duration::from_millis(interval_ms),
+                })
+                .await?;
+            if global.json {
+                output::json(&report);
+            } else {
+                output::table(
+                    &["SUBSCRIBERS", "RUNS", "DELIVERED", "P50", "P99", "MAX"],
+                    &[vec![
+                        report.subscribers.to_string(),
+                        report.runs.to_string(),
+                        format!("{}/{}", report.delivered, report.expected),
+                        format!("{:.2} ms", report.p50_ms),
+                        format!("{:.2} ms", report.p99_ms),
+                        format!("{:.2} ms", report.max_ms),
+                    ]],
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Guard { command } => {
             let code = guard(&command).await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
