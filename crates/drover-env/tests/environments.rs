@@ -475,15 +475,15 @@ async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_be
         };
         let started = AppHost::deploy(fixture.manager.as_ref(), launch).await.unwrap();
         assert_eq!(started.environment.as_deref(), Some("deployments"));
-        assert!(started.pid.is_some(), "{started:?}");
-        runs.push((run, port));
+        let pid = started.pid.unwrap_or_else(|| panic!("no pid: {started:?}"));
+        runs.push((run, port, pid));
     }
     let deployments = fixture.manager.find(&project(), "deployments").await.unwrap();
     let apps = fixture.store.apps(deployments.id).await.unwrap();
     let kept: Vec<_> = apps.iter().map(|app| app.run_id).collect();
     assert_eq!(kept, vec![runs[1].0, runs[2].0], "the oldest app was undeployed");
     assert!(!AppHost::is_up(fixture.manager.as_ref(), runs[0].0).await);
-    for (run, port) in &runs[1..] {
+    for (run, port, _) in &runs[1..] {
         // Up, or coming back up (a loaded machine may make a first start fail).
         let deadline = Instant::now() + Duration::from_secs(15);
         while !AppHost::is_up(fixture.manager.as_ref(), *run).await {
@@ -497,10 +497,10 @@ async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_be
         }
         assert_eq!(get(*port).await, 200);
     }
-    // Its process group was stopped; the socket closes as the process exits.
+    // The undeployed app's process is gone (its port may already serve someone else).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", runs[0].1)).await.is_ok() {
-        assert!(Instant::now() < deadline, "the undeployed app still listens");
+    while !drover_env::resources::group_members(runs[0].2).is_empty() {
+        assert!(Instant::now() < deadline, "the undeployed app's processes still run");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The deployments environment counts towards no quota and the name is reserved.
