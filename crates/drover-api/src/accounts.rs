@@ -238,7 +238,7 @@ pub(crate) async fn create_token(
         Some(raw) => {
             let project =
                 ProjectId::parse(raw.as_str()).map_err(|err| field("project", err.message))?;
-            if caller.role_in(&project).is_none() {
+            if caller.role_in(&project).is_none() || !state.auth().project_exists(&project).await? {
                 return Err(ApiError::new(
                     ErrorCode::ProjectNotFound,
                     format!("no project `{project}`"),

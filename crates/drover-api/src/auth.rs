@@ -47,6 +47,9 @@ pub struct AuthState {
     /// The hash of a credential that stands for the local admin: the one an embedded
     /// instance hands to the CLI command that started it.
     trusted: Option<String>,
+    /// Projects known to exist (an administrator may name any project: it must exist).
+    /// Projects are never deleted, so a known one stays known.
+    known_projects: std::sync::RwLock<std::collections::HashSet<ProjectId>>,
 }
 
 impl AuthState {
@@ -63,7 +66,21 @@ impl AuthState {
             network,
             users_exist: AtomicBool::new(users_exist),
             trusted: trusted_token.map(drover_auth::hash_token),
+            known_projects: std::sync::RwLock::default(),
         }
+    }
+
+    /// Whether `project` exists (cached once seen).
+    pub(crate) async fn project_exists(&self, project: &ProjectId) -> Result<bool, ApiError> {
+        if self.known_projects.read().unwrap_or_else(|p| p.into_inner()).contains(project) {
+            return Ok(true);
+        }
+        let exists = self.identities.get_project(project).await?.is_some();
+        if exists {
+            // Bounded by the number of projects.
+            self.known_projects.write().unwrap_or_else(|p| p.into_inner()).insert(project.clone());
+        }
+        Ok(exists)
     }
 
     /// Local mode: no credential needed (loopback, no users).
@@ -214,6 +231,10 @@ impl FromRequestParts<AppState> for Caller {
             }
         };
         let role = principal.role_in(&project).ok_or_else(|| not_visible(project.as_str()))?;
+        // A membership implies the project; an administrator may name any, so check.
+        if role == Role::Admin && !state.auth().project_exists(&project).await? {
+            return Err(not_visible(project.as_str()));
+        }
         let writes = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         if writes && !principal.can_write_in(&project) {
             let why = if principal.scope == TokenScope::Read {

@@ -57,6 +57,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::AlreadyMember
         | ErrorCode::IdempotencyKeyInUse => StatusCode::CONFLICT,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::WebhookNotFound | ErrorCode::WebhookDeliveryNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::WebhookQuotaExceeded | ErrorCode::WebhookDisabled => StatusCode::CONFLICT,
         ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -108,6 +110,10 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::NotAMember => "Not a member",
         ErrorCode::TokenNotFound => "Token not found",
         ErrorCode::RateLimited => "Too many requests",
+        ErrorCode::WebhookNotFound => "Webhook not found",
+        ErrorCode::WebhookDeliveryNotFound => "Webhook delivery not found",
+        ErrorCode::WebhookQuotaExceeded => "Webhook quota exceeded",
+        ErrorCode::WebhookDisabled => "Webhook disabled",
         ErrorCode::IdempotencyKeyReused => "Idempotency key reused",
         ErrorCode::IdempotencyKeyInUse => "Idempotency key in use",
         ErrorCode::Internal => "Internal error",
@@ -265,6 +271,18 @@ impl From<StoreError> for ApiError {
             err @ StoreError::NotWaitingApproval { .. } => {
                 Self::new(ErrorCode::NotWaitingApproval, err.to_string())
             }
+            err @ StoreError::WebhookNotFound(_) => {
+                Self::new(ErrorCode::WebhookNotFound, err.to_string())
+            }
+            err @ StoreError::WebhookDeliveryNotFound { .. } => {
+                Self::new(ErrorCode::WebhookDeliveryNotFound, err.to_string())
+            }
+            err @ StoreError::WebhookQuotaExceeded { .. } => {
+                Self::new(ErrorCode::WebhookQuotaExceeded, err.to_string())
+            }
+            err @ StoreError::WebhookDisabled(_) => {
+                Self::new(ErrorCode::WebhookDisabled, err.to_string())
+            }
             other => Self::internal(&other),
         }
     }
@@ -374,6 +392,10 @@ mod tests {
             ErrorCode::NotAMember,
             ErrorCode::TokenNotFound,
             ErrorCode::RateLimited,
+            ErrorCode::WebhookNotFound,
+            ErrorCode::WebhookDeliveryNotFound,
+            ErrorCode::WebhookQuotaExceeded,
+            ErrorCode::WebhookDisabled,
             ErrorCode::IdempotencyKeyReused,
             ErrorCode::IdempotencyKeyInUse,
             ErrorCode::Internal,

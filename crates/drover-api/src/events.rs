@@ -28,8 +28,6 @@ use crate::{AppState, Caller};
 const REPLAY_PAGE: u32 = 500;
 /// Events buffered per client; a slower client holds the replay, not memory.
 const BUFFER: usize = 256;
-/// Kind filters per request, at most.
-const MAX_KINDS: usize = 32;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -44,27 +42,20 @@ pub(crate) struct EventsQuery {
     after: Option<i64>,
 }
 
-/// What a subscriber wants to see.
+/// What a subscriber wants to see: the domain's [`drover_domain::EventFilter`] (shared
+/// with webhook endpoints), parsed from a query with field errors.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct EventFilter {
-    pub(crate) run: Option<drover_domain::RunId>,
-    pub(crate) environment: Option<drover_domain::EnvironmentId>,
-    /// Exact kinds, or families ending in `.` (`stage.`).
-    pub(crate) kinds: Vec<String>,
+pub(crate) struct EventFilter(drover_domain::EventFilter);
+
+impl std::ops::Deref for EventFilter {
+    type Target = drover_domain::EventFilter;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl EventFilter {
-    pub(crate) fn matches(&self, event: &Event) -> bool {
-        self.run.is_none_or(|run| event.run_id == Some(run))
-            && self.environment.is_none_or(|env| event.environment_id == Some(env))
-            && (self.kinds.is_empty() || {
-                let kind = event.kind.as_str();
-                self.kinds.iter().any(|k| {
-                    if k.ends_with('.') { kind.starts_with(k.as_str()) } else { kind == k }
-                })
-            })
-    }
-
     /// Parses the query's filters; an unknown kind or id is a field error.
     pub(crate) fn parse(
         run: Option<&str>,
@@ -83,27 +74,9 @@ impl EventFilter {
                     .map_err(|_| field("environment", format!("`{raw}` is not an environment id")))
             })
             .transpose()?;
-        let mut parsed = Vec::new();
-        for kind in kinds.unwrap_or_default().split(',').map(str::trim).filter(|k| !k.is_empty()) {
-            let family = kind.trim_end_matches(".*").trim_end_matches('.');
-            let known = drover_domain::EventKind::all_names();
-            if known.contains(&kind) {
-                parsed.push(kind.to_owned());
-            } else if known.iter().any(|k| k.split('.').next() == Some(family)) {
-                parsed.push(format!("{family}."));
-            } else {
-                return Err(field(
-                    "kinds",
-                    format!(
-                        "`{kind}` is not an event kind; kinds look like `run.succeeded`, families like `stage`"
-                    ),
-                ));
-            }
-        }
-        if parsed.len() > MAX_KINDS {
-            return Err(field("kinds", format!("at most {MAX_KINDS} kinds")));
-        }
-        Ok(Self { run, environment, kinds: parsed })
+        let kinds = drover_domain::EventFilter::parse_kinds(kinds.unwrap_or_default().split(','))
+            .map_err(|err| ApiError::validation(vec![FieldError::from(err)]))?;
+        Ok(Self(drover_domain::EventFilter { run, environment, kinds }))
     }
 }
 

@@ -25,6 +25,7 @@ mod runs;
 pub mod secrets;
 mod system;
 mod usage;
+pub mod webhooks;
 pub mod wire;
 mod workers;
 pub mod ws;
@@ -66,6 +67,7 @@ struct Inner {
     in_flight: idempotency::InFlight,
     /// Largest accepted request body, in bytes.
     body_limit: usize,
+    webhooks: Arc<dyn drover_store::WebhookStore>,
     /// Who watches what over WebSocket subscriptions.
     presence: ws::Presence,
 }
@@ -83,6 +85,8 @@ pub struct AppParts {
     pub limits: limits::RateLimits,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
+    /// Webhook endpoints and their deliveries.
+    pub webhooks: Arc<dyn drover_store::WebhookStore>,
 }
 
 impl AppState {
@@ -97,6 +101,7 @@ impl AppState {
             auth,
             limits,
             body_limit,
+            webhooks,
         } = parts;
         Self {
             inner: Arc::new(Inner {
@@ -112,6 +117,7 @@ impl AppState {
                 in_flight: idempotency::InFlight::default(),
                 presence: ws::Presence::default(),
                 body_limit,
+                webhooks,
             }),
         }
     }
@@ -126,6 +132,10 @@ impl AppState {
 
     fn auth(&self) -> &AuthState {
         &self.inner.auth
+    }
+
+    fn webhooks(&self) -> &dyn drover_store::WebhookStore {
+        self.inner.webhooks.as_ref()
     }
 }
 
@@ -184,6 +194,13 @@ pub fn router(state: AppState) -> Router {
         .route("/projects/{id}/members/{user}", axum::routing::delete(accounts::remove_member))
         .route("/workers/tokens", post(accounts::create_worker_token))
         .route("/audit", get(accounts::audit_log))
+        .route("/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/webhooks/{id}", get(webhooks::show).delete(webhooks::delete))
+        .route("/webhooks/{id}/enable", post(webhooks::enable))
+        .route("/webhooks/{id}/test", post(webhooks::test))
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route("/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
+        .route("/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
         .route("/secrets", get(secrets::list))
         .route("/secrets/{name}", axum::routing::put(secrets::put).delete(secrets::delete))
         .route("/openapi.json", get(system::openapi));

@@ -10,6 +10,9 @@
 //!   tokens (audience `drover-api`) issued at login, and service tokens for workers
 //!   (audience `drover-worker`, the agent types they may run, an expiry). A token is
 //!   accepted only for its own audience, unexpired, with a valid signature.
+//! - **Webhook signing secrets** (`whsec_…`) and Standard Webhooks signatures ([`webhook`]).
+
+pub mod webhook;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -7,6 +7,7 @@
 mod pipelines;
 mod secrets;
 mod services;
+mod webhooks;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ pub use secrets::SecretsConfig;
 pub use services::{
     EnvironmentsConfig, ReadinessConfig, ServiceConfig, parse_bytes, service_specs,
 };
+pub use webhooks::WebhooksConfig;
 
 /// The file looked for in the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
@@ -68,6 +70,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub events: EventsConfig,
     pub secrets: SecretsConfig,
+    pub webhooks: WebhooksConfig,
     /// Services every environment runs, by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// Custom hostnames for the proxy: `"api.novu.loc" = "novu:api"` (a shared service and
@@ -231,6 +234,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             events: EventsConfig::default(),
             secrets: SecretsConfig::default(),
+            webhooks: WebhooksConfig::default(),
             services: BTreeMap::new(),
             routes: BTreeMap::new(),
             agents: BTreeMap::new(),
@@ -462,6 +466,7 @@ impl Config {
         if self.events.retention < Duration::from_secs(3600) {
             return invalid("events.retention", "must be at least 1h");
         }
+        self.webhooks.validate()?;
         if self.auth.rate_limit_per_minute == 0 || self.auth.ip_rate_limit_per_minute == 0 {
             return invalid("auth.rate_limit_per_minute", "must be at least 1");
         }

@@ -129,6 +129,14 @@ pub enum ErrorCode {
     TokenNotFound,
     /// Too many requests; retry after the `Retry-After` header's seconds.
     RateLimited,
+    /// No webhook endpoint with that id is visible to the caller.
+    WebhookNotFound,
+    /// The webhook endpoint has no delivery with that id.
+    WebhookDeliveryNotFound,
+    /// The project already has as many webhook endpoints as allowed.
+    WebhookQuotaExceeded,
+    /// The webhook endpoint is disabled; enable it first.
+    WebhookDisabled,
     /// An idempotency key was used again with a different request.
     IdempotencyKeyReused,
     /// A request with the same idempotency key is still being processed.
@@ -184,6 +192,10 @@ impl ErrorCode {
             Self::NotAMember => "not_a_member",
             Self::TokenNotFound => "token_not_found",
             Self::RateLimited => "rate_limited",
+            Self::WebhookNotFound => "webhook_not_found",
+            Self::WebhookDeliveryNotFound => "webhook_delivery_not_found",
+            Self::WebhookQuotaExceeded => "webhook_quota_exceeded",
+            Self::WebhookDisabled => "webhook_disabled",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::Internal => "internal",

@@ -30,15 +30,18 @@ pub enum EventKind {
     WorkerLost,
     /// A worker said goodbye.
     WorkerLeft,
+    /// A webhook endpoint was disabled after failing too many times in a row.
+    WebhookDisabled,
 }
 
 /// Every kind that is not a run or stage status, with its wire name.
-const OTHER_KINDS: [(EventKind, &str); 5] = [
+const OTHER_KINDS: [(EventKind, &str); 6] = [
     (EventKind::DlqRedriven, "dlq.redriven"),
     (EventKind::DlqDiscarded, "dlq.discarded"),
     (EventKind::WorkerJoined, "worker.joined"),
     (EventKind::WorkerLost, "worker.lost"),
     (EventKind::WorkerLeft, "worker.left"),
+    (EventKind::WebhookDisabled, "webhook.disabled"),
 ];
 
 impl EventKind {

@@ -70,6 +70,16 @@ uuid_id!(
     CorrelationId,
     "correlation"
 );
+uuid_id!(
+    /// Identifies one webhook endpoint of a project.
+    WebhookId,
+    "webhook"
+);
+uuid_id!(
+    /// Identifies one webhook delivery (its `webhook-id` header, the same on every attempt).
+    DeliveryId,
+    "delivery"
+);
 
 macro_rules! slug_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {

@@ -12,6 +12,7 @@ mod condition;
 mod environment;
 mod error;
 mod event;
+mod event_filter;
 mod identity;
 mod ids;
 mod pipeline;
@@ -22,6 +23,7 @@ mod secret;
 mod service;
 mod stage;
 mod time;
+mod webhook;
 mod worker;
 
 pub use agent::{
@@ -32,10 +34,11 @@ pub use condition::{Condition, StageOutcome};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
 pub use event::{Event, EventKind, NewEvent};
+pub use event_filter::{EventFilter, MAX_FILTER_KINDS};
 pub use identity::{Membership, Role, TokenScope, User, UserName, UserPrincipal, WorkerPrincipal};
 pub use ids::{
-    AgentType, AttemptId, CorrelationId, EnvName, EnvironmentId, EventSeq, PipelineName, ProjectId,
-    RunId, ServiceName, StageName, WorkerId,
+    AgentType, AttemptId, CorrelationId, DeliveryId, EnvName, EnvironmentId, EventSeq,
+    PipelineName, ProjectId, RunId, ServiceName, StageName, WebhookId, WorkerId,
 };
 pub use pipeline::{
     Advance, Backoff, Decision, LatestAttempt, NextStep, Outcome, PipelineCatalog, PipelineSpec,
@@ -55,4 +58,8 @@ pub use service::{
 };
 pub use stage::{FencingToken, StageAttempt, StageStatus};
 pub use time::Timestamp;
+pub use webhook::{
+    Breaker, DeliveryStatus, MAX_WEBHOOK_DESCRIPTION_LEN, MAX_WEBHOOK_URL_LEN, RetrySchedule,
+    WEBHOOK_TEST_KIND, parse_webhook_url,
+};
 pub use worker::{Worker, WorkerProfile, WorkerStatus};

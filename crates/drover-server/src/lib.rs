@@ -17,6 +17,7 @@ mod data_dir;
 pub mod reload;
 mod secrets;
 mod telemetry;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -285,6 +286,8 @@ impl Server {
             let events: Arc<dyn Store> = Arc::new(store.clone());
             tokio::spawn(prune_events(events, config.events.retention, draining.clone()));
         }
+        let webhook_task =
+            full.then(|| webhooks::start(&store, &config.webhooks, draining.clone()));
         let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
         let proxy_addrs = drover_api::routes::ProxyAddrs {
             http: proxy.as_ref().map(Proxy::local_addr),
@@ -328,6 +331,7 @@ impl Server {
                 config.auth.ip_rate_limit_per_minute,
             ),
             body_limit: config.server.body_limit_bytes,
+            webhooks: Arc::new(store.clone()),
         });
         let app = drover_api::router(state);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
@@ -373,6 +377,9 @@ impl Server {
         }
         let _ = upkeep.await;
         let _ = mirror.await;
+        if let Some(task) = webhook_task {
+            let _ = task.await;
+        }
         store.close().await;
         drop(lock);
         tracing::info!("stopped");

@@ -239,6 +239,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         auth,
         events,
         secrets,
+        webhooks,
         services,
         routes,
         // Reloaded.
@@ -258,6 +259,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ("[auth]", *auth != running.auth),
         ("[events]", *events != running.events),
         ("[secrets]", *secrets != running.secrets),
+        ("[webhooks]", *webhooks != running.webhooks),
         ("[services]", *services != running.services),
         ("[routes]", *routes != running.routes),
     ]

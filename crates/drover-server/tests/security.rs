@@ -78,7 +78,12 @@ impl Http {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        (status, headers, response.text().await.unwrap())
+        // An event stream never ends: its status and headers are the answer.
+        let streaming = headers
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or_default().starts_with("text/event-stream"));
+        let body = if streaming { String::new() } else { response.text().await.unwrap() };
+        (status, headers, body)
     }
 
     async fn json(

@@ -11,6 +11,7 @@ mod environments;
 mod identities;
 mod secrets;
 mod sqlite;
+mod webhooks;
 
 use async_trait::async_trait;
 use drover_domain::{
@@ -27,6 +28,11 @@ pub use identities::{
 };
 pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
+pub use webhooks::{
+    AttemptRecorded, AttemptResult, DeliveryQuery, DueDelivery, FailurePolicy,
+    MAX_DELIVERIES_PER_WEBHOOK, MAX_WEBHOOKS_PER_PROJECT, NewDelivery, NewWebhook, Webhook,
+    WebhookDelivery, WebhookStore,
+};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -64,6 +70,14 @@ pub enum StoreError {
     NotAMember { project: String, user: String },
     #[error("no token `{0}`")]
     TokenNotFound(String),
+    #[error("no webhook {0}")]
+    WebhookNotFound(String),
+    #[error("webhook {webhook} has no delivery {delivery}")]
+    WebhookDeliveryNotFound { webhook: String, delivery: String },
+    #[error("the project already has {limit} webhooks, its limit; delete one first")]
+    WebhookQuotaExceeded { limit: u32 },
+    #[error("webhook {0} is disabled; enable it first")]
+    WebhookDisabled(String),
     #[error("run {id} already finished ({status})")]
     RunAlreadyFinished { id: RunId, status: RunStatus },
     #[error(transparent)]

@@ -87,6 +87,9 @@ pub(crate) enum Command {
     /// Project secrets, given to agents as environment variables and redacted everywhere.
     #[command(subcommand)]
     Secrets(crate::commands::secrets::SecretsCommand),
+    /// Webhook endpoints: the project's events, signed, POSTed to your URLs.
+    #[command(subcommand)]
+    Webhooks(crate::commands::webhooks::WebhooksCommand),
     /// Service instances of every environment and the shared ones.
     Services {
         /// Show resident memory per instance and what sharing saves.

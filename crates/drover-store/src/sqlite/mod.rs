@@ -8,6 +8,7 @@
 mod environments;
 mod identities;
 mod secrets;
+mod webhooks;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -9,6 +9,7 @@ mod run;
 mod runs;
 pub(crate) mod secrets;
 mod up;
+pub(crate) mod webhooks;
 mod worker;
 
 use std::process::ExitCode;
@@ -42,6 +43,7 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         }
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,
         Command::Secrets(command) => secrets::secrets(&global, &config, command).await,
+        Command::Webhooks(command) => webhooks::webhooks(&global, &config, command).await,
         Command::Bench(command) => bench::bench(&global, &config, command).await,
         Command::Env(command) => env::env(&global, &config, command).await,
         Command::Services { resources } => env::services(&global, &config, resources).await,
