@@ -17,7 +17,8 @@ use crate::{StoreError, StoreResult};
 /// authenticating is not a write per request.
 const LAST_USED_RESOLUTION_MS: i64 = 60_000;
 
-async fn audit_in(
+/// Appends one audit record (every store module audits through here).
+pub(super) async fn audit_in(
     conn: &mut SqliteConnection,
     entry: &NewAudit<'_>,
     now: Timestamp,

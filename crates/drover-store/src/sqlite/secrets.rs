@@ -17,19 +17,8 @@ async fn audit(
     reason: Option<&str>,
     now: Timestamp,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (project_id, actor, action, target, reason, at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(project.as_str())
-    .bind(actor)
-    .bind(action)
-    .bind(name)
-    .bind(reason)
-    .bind(now.as_millis())
-    .execute(conn)
-    .await?;
-    Ok(())
+    let entry = crate::NewAudit { project: project.as_str(), actor, action, target: name, reason };
+    super::identities::audit_in(conn, &entry, now).await
 }
 
 #[async_trait]
