@@ -59,6 +59,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::WebhookNotFound | ErrorCode::WebhookDeliveryNotFound => StatusCode::NOT_FOUND,
         ErrorCode::WebhookQuotaExceeded | ErrorCode::WebhookDisabled => StatusCode::CONFLICT,
+        ErrorCode::ChatSessionNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::NoChatAgent => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -114,6 +116,8 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::WebhookDeliveryNotFound => "Webhook delivery not found",
         ErrorCode::WebhookQuotaExceeded => "Webhook quota exceeded",
         ErrorCode::WebhookDisabled => "Webhook disabled",
+        ErrorCode::ChatSessionNotFound => "Chat session not found",
+        ErrorCode::NoChatAgent => "No chat agent",
         ErrorCode::IdempotencyKeyReused => "Idempotency key reused",
         ErrorCode::IdempotencyKeyInUse => "Idempotency key in use",
         ErrorCode::Internal => "Internal error",
@@ -282,6 +286,9 @@ impl From<StoreError> for ApiError {
             }
             err @ StoreError::WebhookDisabled(_) => {
                 Self::new(ErrorCode::WebhookDisabled, err.to_string())
+            }
+            err @ StoreError::ChatSessionNotFound(_) => {
+                Self::new(ErrorCode::ChatSessionNotFound, err.to_string())
             }
             other => Self::internal(&other),
         }

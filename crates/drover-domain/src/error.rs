@@ -137,6 +137,10 @@ pub enum ErrorCode {
     WebhookQuotaExceeded,
     /// The webhook endpoint is disabled; enable it first.
     WebhookDisabled,
+    /// No chat session with that id is visible to the caller.
+    ChatSessionNotFound,
+    /// The chat cannot start: no `llm` agent of that name (or none at all) is configured.
+    NoChatAgent,
     /// An idempotency key was used again with a different request.
     IdempotencyKeyReused,
     /// A request with the same idempotency key is still being processed.
@@ -196,6 +200,8 @@ impl ErrorCode {
             Self::WebhookDeliveryNotFound => "webhook_delivery_not_found",
             Self::WebhookQuotaExceeded => "webhook_quota_exceeded",
             Self::WebhookDisabled => "webhook_disabled",
+            Self::ChatSessionNotFound => "chat_session_not_found",
+            Self::NoChatAgent => "no_chat_agent",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::Internal => "internal",

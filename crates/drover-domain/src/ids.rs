@@ -76,6 +76,11 @@ uuid_id!(
     "webhook"
 );
 uuid_id!(
+    /// Identifies one chat session (`drover chat`).
+    ChatSessionId,
+    "chat session"
+);
+uuid_id!(
     /// Identifies one webhook delivery (its `webhook-id` header, the same on every attempt).
     DeliveryId,
     "delivery"

@@ -8,6 +8,7 @@
 
 mod agent;
 mod budget;
+mod chat;
 mod condition;
 mod environment;
 mod error;
@@ -30,6 +31,9 @@ pub use agent::{
     AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent, LlmAgent, LlmProvider,
 };
 pub use budget::{Budget, Usage};
+pub use chat::{
+    ChatMessage, ChatMessageStatus, ChatRole, ChatSession, MAX_CHAT_MESSAGE_BYTES, MAX_CHAT_REPLY_BYTES,
+};
 pub use condition::{Condition, StageOutcome};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
 pub use error::{ErrorCode, TransitionError, ValidationError};
@@ -37,7 +41,7 @@ pub use event::{Event, EventKind, NewEvent};
 pub use event_filter::{EventFilter, MAX_FILTER_KINDS};
 pub use identity::{Membership, Role, TokenScope, User, UserName, UserPrincipal, WorkerPrincipal};
 pub use ids::{
-    AgentType, AttemptId, CorrelationId, DeliveryId, EnvName, EnvironmentId, EventSeq,
+    AgentType, AttemptId, ChatSessionId, CorrelationId, DeliveryId, EnvName, EnvironmentId, EventSeq,
     PipelineName, ProjectId, RunId, ServiceName, StageName, WebhookId, WorkerId,
 };
 pub use pipeline::{

@@ -7,6 +7,7 @@
 //! in their names' documentation. After each commit the new events are published to
 //! in-process subscribers ([`Store::subscribe`]), so live streams never race the database.
 
+mod chat;
 mod environments;
 mod identities;
 mod secrets;
@@ -21,6 +22,7 @@ use drover_domain::{
 };
 use tokio::sync::broadcast;
 
+pub use chat::{ChatStore, NewChatMessage, NewChatSession};
 pub use environments::{EnvironmentQuery, EnvironmentStore, NewEnvironment};
 pub use identities::{
     ApiTokenRecord, GLOBAL_AUDIT_PROJECT, IdentityStore, KeptResponse, NewApiToken, NewAudit,
@@ -76,6 +78,8 @@ pub enum StoreError {
     WebhookDeliveryNotFound { webhook: String, delivery: String },
     #[error("the project already has {limit} webhooks, its limit; delete one first")]
     WebhookQuotaExceeded { limit: u32 },
+    #[error("no chat session {0}")]
+    ChatSessionNotFound(String),
     #[error("webhook {0} is disabled; enable it first")]
     WebhookDisabled(String),
     #[error("run {id} already finished ({status})")]

@@ -5,6 +5,7 @@
 //! connection (no `SQLITE_BUSY` upgrades inside transactions, no lock convoys), while reads
 //! use a separate pool that WAL lets run alongside the writer.
 
+mod chat;
 mod environments;
 mod identities;
 mod secrets;
