@@ -26,7 +26,7 @@ use drover_domain::AgentType;
 use tokio_util::sync::CancellationToken;
 
 pub use command::CommandAgentRunner;
-pub use llm::{KeySource, LlmAgentRunner};
+pub use llm::{ChatReply, KeySource, LlmAgentRunner};
 pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
 pub use stage_log::StageLog;
 pub use worker::{WorkerPool, WorkerPoolConfig};

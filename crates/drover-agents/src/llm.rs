@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_bus::AgentResult;
-use drover_domain::{AgentType, LlmAgent, LlmProvider, Redactor, StreamRedactor};
+use drover_domain::{AgentType, ChatRole, LlmAgent, LlmProvider, Redactor, StreamRedactor};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
 use crate::command::Placeholders;
 use crate::{Agent, AgentFailure, AgentTask, into_result};
@@ -133,6 +134,73 @@ impl LlmAgentRunner {
     pub fn with_keys(mut self, keys: KeySource) -> Self {
         self.keys = keys;
         self
+    }
+}
+
+/// One reply of a direct chat (`drover chat`), with secret values replaced.
+#[derive(Debug, Clone, Default)]
+pub struct ChatReply {
+    pub text: String,
+    /// The model said more than is kept.
+    pub truncated: bool,
+    pub finish_reason: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl LlmAgentRunner {
+    /// What the agent is.
+    pub fn spec(&self) -> &LlmAgent {
+        &self.spec
+    }
+
+    /// Answers the last message of `conversation` (oldest first) under the agent's system
+    /// prompt followed by `context`. The reply's text goes to `pieces` as it arrives, with
+    /// `redact`'s values replaced (held back only while it could be the start of one).
+    /// `key` is the API key, already looked up. Dropping the future stops the reply.
+    pub async fn reply(
+        &self,
+        context: Option<&str>,
+        conversation: &[(ChatRole, &str)],
+        key: Option<&str>,
+        redact: &Redactor,
+        pieces: mpsc::Sender<String>,
+    ) -> Result<ChatReply, AgentFailure> {
+        let system = match (self.spec.system.as_deref(), context) {
+            (Some(system), Some(context)) => Some(format!("{system}\n\n{context}")),
+            (system, context) => system.or(context).map(str::to_owned),
+        };
+        let (url, body) = self.conversation_request(system.as_deref(), conversation);
+        let secret = Secret(key);
+        let mut sink = ChatPieces { pieces, redact: redact.stream_eager() };
+        let answer = self.converse(self.post(&url, &body, key), &mut sink, &secret).await?;
+        let rest = sink.redact.finish();
+        if !rest.is_empty() {
+            let _ = sink.pieces.send(String::from_utf8_lossy(&rest).into_owned()).await;
+        }
+        Ok(ChatReply {
+            text: redact.redact(&answer.text).into_owned(),
+            truncated: answer.truncated,
+            finish_reason: answer.finish_reason,
+            input_tokens: answer.input_tokens,
+            output_tokens: answer.output_tokens,
+        })
+    }
+}
+
+/// A chat reply's pieces on their way to the person reading it.
+struct ChatPieces {
+    pieces: mpsc::Sender<String>,
+    redact: StreamRedactor,
+}
+
+impl AnswerSink for ChatPieces {
+    async fn text(&mut self, delta: &str) {
+        let released = self.redact.push(delta.as_bytes());
+        if !released.is_empty() {
+            // Released text never ends inside a character.
+            let _ = self.pieces.send(String::from_utf8_lossy(&released).into_owned()).await;
+        }
     }
 }
 
@@ -281,14 +349,26 @@ impl LlmAgentRunner {
     }
 
     fn request(&self, system: Option<&str>, prompt: &str) -> (String, Value) {
+        self.conversation_request(system, &[(ChatRole::User, prompt)])
+    }
+
+    /// The request for a conversation (oldest message first) under `system`.
+    fn conversation_request(
+        &self,
+        system: Option<&str>,
+        conversation: &[(ChatRole, &str)],
+    ) -> (String, Value) {
         let spec = &self.spec;
+        let turns = conversation
+            .iter()
+            .map(|(role, content)| json!({ "role": role.as_str(), "content": content }));
         match spec.provider {
             LlmProvider::Openai => {
                 let mut messages = Vec::new();
                 if let Some(system) = system {
                     messages.push(json!({ "role": "system", "content": system }));
                 }
-                messages.push(json!({ "role": "user", "content": prompt }));
+                messages.extend(turns);
                 let body = json!({
                     "model": spec.model,
                     "messages": messages,
@@ -302,7 +382,7 @@ impl LlmAgentRunner {
                 let mut body = json!({
                     "model": spec.model,
                     "max_tokens": spec.max_tokens,
-                    "messages": [{ "role": "user", "content": prompt }],
+                    "messages": turns.collect::<Vec<_>>(),
                     "stream": true,
                 });
                 if let Some(system) = system {
@@ -536,7 +616,7 @@ impl LlmAgentRunner {
     async fn converse(
         &self,
         request: reqwest::RequestBuilder,
-        log: &mut AnswerLog,
+        log: &mut impl AnswerSink,
         secret: &Secret<'_>,
     ) -> Result<Answer, AgentFailure> {
         let response = request.send().await.map_err(|err| {
@@ -568,7 +648,7 @@ impl LlmAgentRunner {
                     let Ok(value) = serde_json::from_str::<Value>(&data) else { continue };
                     let delta = self.absorb(&value, &mut answer)?;
                     if !delta.is_empty() {
-                        let _ = log.write_all(delta.as_bytes()).await;
+                        log.text(&delta).await;
                     }
                 }
             }
@@ -724,6 +804,17 @@ fn event_data(event: &[u8]) -> Option<String> {
         .map(|data| data.strip_prefix(' ').unwrap_or(data))
         .collect();
     (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// Where the text of a streamed answer goes as it arrives.
+trait AnswerSink: Send {
+    async fn text(&mut self, delta: &str);
+}
+
+impl AnswerSink for AnswerLog {
+    async fn text(&mut self, delta: &str) {
+        let _ = self.write_all(delta.as_bytes()).await;
+    }
 }
 
 /// The attempt's log as this agent writes it: through the attempt's redactor, which holds

@@ -60,6 +60,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::WebhookNotFound | ErrorCode::WebhookDeliveryNotFound => StatusCode::NOT_FOUND,
         ErrorCode::WebhookQuotaExceeded | ErrorCode::WebhookDisabled => StatusCode::CONFLICT,
         ErrorCode::ChatSessionNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::ChatReplyInProgress => StatusCode::CONFLICT,
         ErrorCode::NoChatAgent => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -118,6 +119,7 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::WebhookDisabled => "Webhook disabled",
         ErrorCode::ChatSessionNotFound => "Chat session not found",
         ErrorCode::NoChatAgent => "No chat agent",
+        ErrorCode::ChatReplyInProgress => "Chat reply in progress",
         ErrorCode::IdempotencyKeyReused => "Idempotency key reused",
         ErrorCode::IdempotencyKeyInUse => "Idempotency key in use",
         ErrorCode::Internal => "Internal error",
@@ -185,6 +187,19 @@ impl ApiError {
         status_of(self.code)
     }
 
+    /// The problem document the client gets.
+    pub fn to_problem(&self) -> Problem {
+        Problem {
+            type_uri: format!("https://drover.dev/problems/{}", self.code),
+            title: title_of(self.code).to_owned(),
+            status: self.status().as_u16(),
+            detail: self.detail.clone(),
+            code: self.code.as_str().to_owned(),
+            request_id: current_request_id(),
+            errors: self.errors.clone(),
+        }
+    }
+
     fn internal(err: &dyn std::fmt::Display) -> Self {
         // The cause goes to the log, under this request's id; the client gets the id.
         tracing::error!(error = %err, "internal error");
@@ -198,15 +213,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let problem = Problem {
-            type_uri: format!("https://drover.dev/problems/{}", self.code),
-            title: title_of(self.code).to_owned(),
-            status: status.as_u16(),
-            detail: self.detail,
-            code: self.code.as_str().to_owned(),
-            request_id: current_request_id(),
-            errors: self.errors,
-        };
+        let problem = self.to_problem();
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();

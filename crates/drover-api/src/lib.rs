@@ -9,6 +9,7 @@ mod accounts;
 mod approvals;
 pub mod artifacts;
 pub mod auth;
+pub mod chat;
 pub mod deprecation;
 mod dlq;
 pub mod environments;
@@ -68,6 +69,10 @@ struct Inner {
     /// Largest accepted request body, in bytes.
     body_limit: usize,
     webhooks: Arc<dyn drover_store::WebhookStore>,
+    /// Chat sessions and their messages.
+    chat: Arc<dyn drover_store::ChatStore>,
+    /// Chat sessions with a reply under way.
+    replying: chat::Replying,
     /// Who watches what over WebSocket subscriptions.
     presence: ws::Presence,
 }
@@ -87,6 +92,8 @@ pub struct AppParts {
     pub body_limit: usize,
     /// Webhook endpoints and their deliveries.
     pub webhooks: Arc<dyn drover_store::WebhookStore>,
+    /// Chat sessions and their messages.
+    pub chat: Arc<dyn drover_store::ChatStore>,
 }
 
 impl AppState {
@@ -102,6 +109,7 @@ impl AppState {
             limits,
             body_limit,
             webhooks,
+            chat,
         } = parts;
         Self {
             inner: Arc::new(Inner {
@@ -118,6 +126,8 @@ impl AppState {
                 presence: ws::Presence::default(),
                 body_limit,
                 webhooks,
+                chat,
+                replying: chat::Replying::default(),
             }),
         }
     }
@@ -136,6 +146,10 @@ impl AppState {
 
     fn webhooks(&self) -> &dyn drover_store::WebhookStore {
         self.inner.webhooks.as_ref()
+    }
+
+    fn chat(&self) -> &dyn drover_store::ChatStore {
+        self.inner.chat.as_ref()
     }
 }
 
@@ -201,6 +215,9 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
         .route("/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
+        .route("/chat/sessions", post(chat::create).get(chat::list))
+        .route("/chat/sessions/{id}", get(chat::show).delete(chat::delete))
+        .route("/chat/sessions/{id}/messages", post(chat::send))
         .route("/secrets", get(secrets::list))
         .route("/secrets/{name}", axum::routing::put(secrets::put).delete(secrets::delete))
         .route("/openapi.json", get(system::openapi));

@@ -141,6 +141,8 @@ pub enum ErrorCode {
     ChatSessionNotFound,
     /// The chat cannot start: no `llm` agent of that name (or none at all) is configured.
     NoChatAgent,
+    /// The chat session is still replying to the previous message.
+    ChatReplyInProgress,
     /// An idempotency key was used again with a different request.
     IdempotencyKeyReused,
     /// A request with the same idempotency key is still being processed.
@@ -202,6 +204,7 @@ impl ErrorCode {
             Self::WebhookDisabled => "webhook_disabled",
             Self::ChatSessionNotFound => "chat_session_not_found",
             Self::NoChatAgent => "no_chat_agent",
+            Self::ChatReplyInProgress => "chat_reply_in_progress",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::Internal => "internal",

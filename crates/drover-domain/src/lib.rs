@@ -32,7 +32,8 @@ pub use agent::{
 };
 pub use budget::{Budget, Usage};
 pub use chat::{
-    ChatMessage, ChatMessageStatus, ChatRole, ChatSession, MAX_CHAT_MESSAGE_BYTES, MAX_CHAT_REPLY_BYTES,
+    ChatMessage, ChatMessageStatus, ChatRole, ChatSession, MAX_CHAT_MESSAGE_BYTES,
+    MAX_CHAT_REPLY_BYTES,
 };
 pub use condition::{Condition, StageOutcome};
 pub use environment::{AuditEntry, DesiredState, EnvStatus, Environment, PortBlock};
@@ -41,8 +42,8 @@ pub use event::{Event, EventKind, NewEvent};
 pub use event_filter::{EventFilter, MAX_FILTER_KINDS};
 pub use identity::{Membership, Role, TokenScope, User, UserName, UserPrincipal, WorkerPrincipal};
 pub use ids::{
-    AgentType, AttemptId, ChatSessionId, CorrelationId, DeliveryId, EnvName, EnvironmentId, EventSeq,
-    PipelineName, ProjectId, RunId, ServiceName, StageName, WebhookId, WorkerId,
+    AgentType, AttemptId, ChatSessionId, CorrelationId, DeliveryId, EnvName, EnvironmentId,
+    EventSeq, PipelineName, ProjectId, RunId, ServiceName, StageName, WebhookId, WorkerId,
 };
 pub use pipeline::{
     Advance, Backoff, Decision, LatestAttempt, NextStep, Outcome, PipelineCatalog, PipelineSpec,

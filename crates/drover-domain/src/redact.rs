@@ -129,7 +129,14 @@ impl Redactor {
 
     /// A redactor for output that arrives in pieces.
     pub fn stream(&self) -> StreamRedactor {
-        StreamRedactor { redactor: self.clone(), pending: Vec::new() }
+        StreamRedactor { redactor: self.clone(), pending: Vec::new(), eager: false }
+    }
+
+    /// A redactor for text a person reads as it arrives (a chat reply streamed token by
+    /// token): it releases everything except what could still be the start of a value,
+    /// instead of waiting for the end of each line.
+    pub fn stream_eager(&self) -> StreamRedactor {
+        StreamRedactor { redactor: self.clone(), pending: Vec::new(), eager: true }
     }
 }
 
@@ -146,6 +153,8 @@ impl fmt::Debug for Redactor {
 pub struct StreamRedactor {
     redactor: Redactor,
     pending: Vec<u8>,
+    /// Release all that cannot be the start of a value, not only whole lines.
+    eager: bool,
 }
 
 impl StreamRedactor {
@@ -154,8 +163,12 @@ impl StreamRedactor {
         let Some(matcher) = self.redactor.inner.clone() else { return piece.to_vec() };
         self.pending.extend_from_slice(piece);
         let mut cut = self.pending.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if cut == 0 && self.pending.len() > MAX_PENDING_BYTES {
-            cut = safe_cut(&matcher, &self.pending);
+        if self.eager || (cut == 0 && self.pending.len() > MAX_PENDING_BYTES) {
+            cut = cut.max(safe_cut(&matcher, &self.pending));
+            // Never split a character: what is released may be shown as text.
+            while cut < self.pending.len() && cut > 0 && (self.pending[cut] & 0xC0) == 0x80 {
+                cut -= 1;
+            }
         }
         if cut == 0 {
             return Vec::new();
@@ -198,6 +211,28 @@ mod tests {
             values.insert(*name, *value);
         }
         Redactor::new(&values)
+    }
+
+    #[test]
+    fn an_eager_stream_releases_all_but_a_possible_start_of_a_value() {
+        let r = redactor(&[("TOKEN", "tok-12345678")]);
+        let mut stream = r.stream_eager();
+        let mut shown = Vec::new();
+        // No newline anywhere, as in a streamed chat reply.
+        for piece in ["Your token is ", "tok-1234", "5678, keep it", " safe. Ünïcödé"] {
+            let released = stream.push(piece.as_bytes());
+            assert!(std::str::from_utf8(&released).is_ok(), "split a character");
+            shown.extend_from_slice(&released);
+        }
+        // Most of the text is out before the end, without waiting for a line.
+        assert!(shown.len() > 20, "{}", String::from_utf8_lossy(&shown));
+        shown.extend(stream.finish());
+        assert_eq!(
+            String::from_utf8(shown).unwrap(),
+            "Your token is [redacted:TOKEN], keep it safe. Ünïcödé"
+        );
+        // With nothing to redact, pieces pass at once.
+        assert_eq!(Redactor::default().stream_eager().push(b"tok-"), b"tok-");
     }
 
     #[test]

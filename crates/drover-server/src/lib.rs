@@ -332,6 +332,7 @@ impl Server {
             ),
             body_limit: config.server.body_limit_bytes,
             webhooks: Arc::new(store.clone()),
+            chat: Arc::new(store.clone()),
         });
         let app = drover_api::router(state);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");

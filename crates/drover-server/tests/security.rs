@@ -126,6 +126,8 @@ fn fill(template: &str, victim: &BTreeMap<&str, String>) -> String {
         pick("project")
     } else if template.starts_with("/api/v1/tokens") {
         pick("token")
+    } else if template.starts_with("/api/v1/chat") {
+        pick("chat")
     } else {
         pick("run")
     };
@@ -159,6 +161,7 @@ fn body_for(method: &Method, template: &str) -> Option<Value> {
         _ if template.ends_with("/members") => json!({ "user": "bob", "role": "admin" }),
         _ if template.starts_with("/api/v1/users/") => json!({ "role": "admin" }),
         _ if template.ends_with("/reject") => json!({ "reason": "no" }),
+        _ if template.starts_with("/api/v1/chat/sessions/") => json!({ "content": "hi" }),
         _ if template.starts_with("/api/v1/secrets/") => {
             json!({ "value": "bobs-own-secret-value" })
         }
@@ -170,7 +173,19 @@ fn body_for(method: &Method, template: &str) -> Option<Value> {
 async fn projects_are_walls_and_credentials_are_checked_on_every_route() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = start(config(&data, "127.0.0.1:0", |_| {})).await;
+    // An `llm` agent (whose API is never called) so that Alice can keep a chat session.
+    let server = start(config(&data, "127.0.0.1:0", |config| {
+        config.agents.insert(
+            "assistant".to_owned(),
+            drover_config::AgentConfig {
+                kind: Some(drover_config::AgentKindConfig::Llm),
+                base_url: Some("http://127.0.0.1:1/v1".to_owned()),
+                model: Some("m".to_owned()),
+                ..drover_config::AgentConfig::default()
+            },
+        );
+    }))
+    .await;
     let http = Http::new(&server.url);
 
     // Local mode: no credential needed, until the first user exists.
@@ -300,7 +315,11 @@ async fn projects_are_walls_and_credentials_are_checked_on_every_route() {
         .and_then(|t| t["id"].as_str())
         .unwrap()
         .to_owned();
+    let chat =
+        http.json(Method::POST, "/api/v1/chat/sessions", Some(&alice), Some(json!({}))).await;
+    let chat_id = chat["id"].as_str().unwrap().to_owned();
     let victim = BTreeMap::from([
+        ("chat", chat_id.clone()),
         ("run", run_id.clone()),
         ("environment", env_id.clone()),
         ("attempt", run_id.clone()),
@@ -321,7 +340,7 @@ async fn projects_are_walls_and_credentials_are_checked_on_every_route() {
             assert!(status < 500, "{method} {path} as bob ({project:?}): {status} {body}");
             // An error may echo the id Bob sent; nothing else of Alice's may appear.
             let success = (200..300).contains(&status);
-            for secret in [&run_id, &env_id, &alice_token_id] {
+            for secret in [&run_id, &env_id, &alice_token_id, &chat_id] {
                 let echoed = !success && path.contains(secret.as_str());
                 assert!(
                     echoed || !body.contains(secret.as_str()),
@@ -357,6 +376,10 @@ async fn projects_are_walls_and_credentials_are_checked_on_every_route() {
         .call(Method::GET, &format!("/api/v1/environments/{env_id}"), Some(&alice), None, None)
         .await;
     assert_eq!(status, 200);
+    let chat = http
+        .json(Method::GET, &format!("/api/v1/chat/sessions/{chat_id}"), Some(&alice), None)
+        .await;
+    assert_eq!(chat["message_count"], 0, "nobody else said anything in Alice's chat");
 
     // A viewer and a read-only token read but do not write.
     for reader in [&carol, &alice_read] {

@@ -5,6 +5,11 @@
 //! (`DROVER_TEST_REDIS_URL`, ...), or the service's default local address if something
 //! listens there. Otherwise it prints `drover-test: SKIP <why>` and passes — unless
 //! `DROVER_TEST_REQUIRE_BACKENDS=1` (set by CI), where a missing service fails the test.
+//!
+//! Also the one thing that cannot be reached from here, played locally: a model vendor's
+//! streaming API ([`model::ModelDouble`]).
+
+pub mod model;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;

@@ -139,9 +139,25 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Talk with an `llm` agent; the conversation is kept as a session (/help inside).
+    Chat(ChatArgs),
     /// Measure drover (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChatArgs {
+    /// The `llm` agent to talk to (needed when several are configured).
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// The environment the chat is about: the model is told its variables, `/run` runs
+    /// there.
+    #[arg(long)]
+    pub(crate) env: Option<String>,
+    /// Resume this session (its agent and environment come with it).
+    #[arg(long, conflicts_with_all = ["agent", "env"])]
+    pub(crate) session: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

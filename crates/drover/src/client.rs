@@ -425,6 +425,33 @@ impl Client {
         }))
     }
 
+    /// `POST`s `body` to `path` (under `/api/v1`) and reads the answer as server-sent
+    /// events, as they arrive. A dropped connection ends the stream with an error.
+    pub(crate) async fn post_sse<B: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<impl Stream<Item = Result<crate::sse::SseMessage, ClientError>> + use<B>, ClientError>
+    {
+        let request = self
+            .request(reqwest::Method::POST, &format!("/api/v1{path}"))
+            .header("accept", "text/event-stream")
+            .json(body);
+        let response = self.send(request).await?;
+        let base = self.base.clone();
+        let mut parser = SseParser::default();
+        Ok(response
+            .bytes_stream()
+            .map(move |chunk| match chunk {
+                Ok(bytes) => parser.push(&bytes).into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(err) => vec![Err(ClientError::Unreachable {
+                    url: base.clone(),
+                    message: describe(&err),
+                })],
+            })
+            .flat_map(futures::stream::iter))
+    }
+
     /// The run's events from `after` on, as they happen; ends when the run ends or the
     /// connection drops (resume with the last seen `seq`).
     pub(crate) async fn events(

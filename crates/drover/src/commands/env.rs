@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use drover_api::environments::{CreateEnvironmentBody, EnvironmentView};
+use drover_api::environments::{CreateEnvironmentBody, EnvironmentPage, EnvironmentView};
 use drover_config::Config;
 use drover_server::Mode;
 use futures::StreamExt;
@@ -57,28 +57,7 @@ async fn run(
             print_env(global, &env, false);
             note_offline();
         }
-        EnvCommand::Ls { all } => {
-            let page = client.environments(all).await?;
-            if global.json {
-                output::json(&page);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let rows: Vec<Vec<String>> = page
-                .items
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.name.clone(),
-                        e.status.clone(),
-                        e.desired.clone(),
-                        format!("{}-{}", e.ports.base, e.ports.base + e.ports.size - 1),
-                        e.branch.clone().unwrap_or_default(),
-                        e.id.clone(),
-                    ]
-                })
-                .collect();
-            output::table(&["NAME", "STATUS", "DESIRED", "PORTS", "BRANCH", "ID"], &rows);
-        }
+        EnvCommand::Ls { all } => print_env_list(global, &client.environments(all).await?),
         EnvCommand::Show { env } => print_env(global, &client.environment(&env).await?, true),
         EnvCommand::Start { env } => {
             print_env(global, &client.environment_action(&env, "start").await?, false);
@@ -131,7 +110,29 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_env(global: &GlobalArgs, env: &EnvironmentView, detailed: bool) {
+pub(super) fn print_env_list(global: &GlobalArgs, page: &EnvironmentPage) {
+    if global.json {
+        output::json(page);
+        return;
+    }
+    let rows: Vec<Vec<String>> = page
+        .items
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.status.clone(),
+                e.desired.clone(),
+                format!("{}-{}", e.ports.base, e.ports.base + e.ports.size - 1),
+                e.branch.clone().unwrap_or_default(),
+                e.id.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["NAME", "STATUS", "DESIRED", "PORTS", "BRANCH", "ID"], &rows);
+}
+
+pub(super) fn print_env(global: &GlobalArgs, env: &EnvironmentView, detailed: bool) {
     if global.json {
         output::json(env);
         return;

@@ -2,6 +2,7 @@
 
 mod accounts;
 mod bench;
+mod chat;
 mod dlq;
 mod env;
 mod routes;
@@ -44,6 +45,7 @@ pub(crate) async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCod
         Command::Dlq(command) => dlq::dlq(&global, &config, command).await,
         Command::Secrets(command) => secrets::secrets(&global, &config, command).await,
         Command::Webhooks(command) => webhooks::webhooks(&global, &config, command).await,
+        Command::Chat(args) => chat::chat(&global, &config, &args).await,
         Command::Bench(command) => bench::bench(&global, &config, command).await,
         Command::Env(command) => env::env(&global, &config, command).await,
         Command::Services { resources } => env::services(&global, &config, resources).await,

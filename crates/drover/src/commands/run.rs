@@ -116,7 +116,11 @@ async fn submit_and_follow(
 
 /// Streams the run's events into `progress` until the run ends, reconnecting (with
 /// `Last-Event-ID`) if the connection drops.
-async fn follow(client: &Client, id: &str, progress: &mut Progress) -> Result<(), ClientError> {
+pub(super) async fn follow(
+    client: &Client,
+    id: &str,
+    progress: &mut Progress,
+) -> Result<(), ClientError> {
     let mut last_seen = None;
     let mut reconnects = 0;
     loop {
