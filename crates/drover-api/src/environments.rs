@@ -15,7 +15,6 @@ use drover_env::manager::{CreateEnvironment, ServiceView as ManagedService};
 use drover_store::EnvironmentQuery;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::BroadcastStream;
 use tokio_util::io::ReaderStream;
 use utoipa::{IntoParams, ToSchema};
 
@@ -380,7 +379,59 @@ pub(crate) struct LogsQuery {
     follow: bool,
 }
 
-/// A service's log: the file as text, or new lines live (`follow=true`, SSE).
+/// How long a followed log waits without news before looking at the file anyway (the
+/// service may have been restarted, with a new feed).
+const SERVICE_LOG_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A service's log followed: what the file holds (and the rest of its last rotation), then
+/// each line as it is written. The file is the one source, read from where the follower
+/// stopped, so nothing is sent twice or skipped across the switch from disk to live; the
+/// instance's line feed only says when to read again. Works whether the service runs or
+/// not (`tail -f`), until the client goes away or the server drains.
+fn follow_service_log(
+    draining: tokio_util::sync::CancellationToken,
+    path: std::path::PathBuf,
+    mut live: Option<tokio::sync::broadcast::Receiver<String>>,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let (events, receiver) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        let mut tail = crate::logs::FileTail::new(path);
+        let follow = async {
+            loop {
+                if tail.send_new(&events).await.is_none() {
+                    return;
+                }
+                let news = async {
+                    match &mut live {
+                        Some(feed) => match feed.recv().await {
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                // Read once for everything that is already there.
+                                while feed.try_recv().is_ok() {}
+                                true
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    alive = news => if !alive { live = None },
+                    () = tokio::time::sleep(SERVICE_LOG_POLL) => {}
+                    () = events.closed() => return,
+                }
+            }
+        };
+        tokio::select! {
+            () = draining.cancelled() => {}
+            () = follow => {}
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(receiver).map(Ok))
+        .keep_alive(KeepAlive::default())
+}
+
+/// A service's log: the file as text, or followed (`follow=true`, SSE: what is on disk,
+/// then new lines live).
 #[utoipa::path(
     get, path = "/api/v1/environments/{id}/services/{name}/logs", tag = "environments",
     params(("id" = String, Path, description = "Environment id or name"), ("name" = String, Path, description = "Service"), LogsQuery),
@@ -395,20 +446,7 @@ pub(crate) async fn service_logs(
     let env = find(&state, &caller, &id).await?;
     let (path, live) = state.envs().service_log(Some(env.id), &name).await?;
     if query.follow {
-        let Some(live) = live else {
-            return Err(ApiError::new(
-                ErrorCode::ServiceNotFound,
-                format!("service `{name}` is not running; read its log without follow"),
-            ));
-        };
-        let draining = state.inner.draining.clone();
-        let lines = BroadcastStream::new(live)
-            .filter_map(|line| async move {
-                line.ok()
-                    .map(|line| Ok::<_, Infallible>(SseEvent::default().event("line").data(line)))
-            })
-            .take_until(draining.cancelled_owned());
-        return Ok(Sse::new(lines).keep_alive(KeepAlive::default()).into_response());
+        return Ok(follow_service_log(state.inner.draining.clone(), path, live).into_response());
     }
     let body = match tokio::fs::File::open(&path).await {
         Ok(file) => Body::from_stream(ReaderStream::new(file)),

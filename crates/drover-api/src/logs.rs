@@ -19,6 +19,8 @@ use crate::{AppState, Caller};
 
 mod follow;
 
+pub(crate) use follow::FileTail;
+
 /// The pseudo-stage that names the deployed app's output.
 const APP: &str = "app";
 

@@ -48,6 +48,14 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::dispatch(cli, config)) {
         Ok(code) => code,
+        // A reader that went away (`drover runs logs -f … | head`) ends the command
+        // quietly, as it does for other Unix tools.
+        Err(err)
+            if err.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                == Some(std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("drover: {}", one_line(&err));
             ExitCode::FAILURE

@@ -643,3 +643,104 @@ fn a_reader_that_goes_away_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(output.status.success(), "{err}");
 }
+
+/// Reads `child`'s stdout until `until` holds for a line (or the stream ends); the lines.
+fn lines_until(child: &mut Child, until: impl Fn(&str) -> bool) -> Vec<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = until(&line);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    lines
+}
+
+#[test]
+fn logs_stream_live_to_several_watchers_and_replay_from_disk_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("drover.toml"),
+        r#"
+[agents.counter]
+command = "sh"
+args = ["-c", "for i in 1 2 3 4 5 6; do echo count $i; sleep 0.3; done"]
+
+[pipelines.count]
+[[pipelines.count.stages]]
+name = "count"
+agent = "counter"
+
+[services.ticker]
+command = "sh"
+args = ["-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"]
+"#,
+    )
+    .unwrap();
+    let up = Up::start(dir.path(), &[]);
+    let counted: Vec<String> = (1..=6).map(|i| format!("count {i}")).collect();
+
+    // Three watchers follow one stage's output live; each sees all of it, in order, and
+    // ends with the run.
+    let run: Value = serde_json::from_slice(
+        &run_ok(drover(dir.path()).args(["--json", "run", "--detach", "--pipeline", "count", "x"]))
+            .stdout,
+    )
+    .unwrap();
+    let id = run["id"].as_str().unwrap().to_owned();
+    let watchers: Vec<Child> = (0..3)
+        .map(|_| {
+            drover(dir.path())
+                .args(["runs", "logs", "-f", &id])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for watcher in watchers {
+        let output = watcher.wait_with_output().unwrap();
+        assert!(output.status.success());
+        let out = stdout(&output);
+        let seen: Vec<&str> = out.lines().filter(|l| l.starts_with("count ")).collect();
+        assert_eq!(seen, counted, "a live watcher missed or reordered lines: {out}");
+    }
+    // After the fact, from disk: the same lines, and the command ends by itself.
+    let after = run_ok(drover(dir.path()).args(["runs", "logs", "-f", &id]));
+    let out = stdout(&after);
+    assert_eq!(out.lines().filter(|l| l.starts_with("count ")).collect::<Vec<_>>(), counted);
+
+    // A service's log: a watcher that joins late first gets what is on disk, then new
+    // lines as they are written.
+    run_ok(drover(dir.path()).args(["env", "create", "logs"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stdout(&run_ok(drover(dir.path()).args(["env", "logs", "logs", "ticker"])))
+        .contains("tick 3")
+    {
+        assert!(Instant::now() < deadline, "the ticker never ticked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut follower = drover(dir.path())
+        .args(["env", "logs", "-f", "logs", "ticker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let joined_at = Instant::now();
+    let lines = lines_until(&mut follower, |line| line.contains("tick 12"));
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let ticks: Vec<&str> =
+        lines.iter().filter(|l| l.starts_with("tick ")).map(String::as_str).collect();
+    let expected: Vec<String> = (1..=12).map(|i| format!("tick {i}")).collect();
+    assert_eq!(ticks, expected, "replayed from the start, then live, with no gap: {lines:?}");
+    // The later ticks came live: they did not exist when the follower joined.
+    assert!(joined_at.elapsed() > Duration::from_millis(600), "{:?}", joined_at.elapsed());
+
+    run_ok(drover(dir.path()).args(["env", "rm", "logs"]));
+    assert!(up.interrupt().success());
+}

@@ -93,42 +93,89 @@ async fn tail_file(
     path: &std::path::Path,
     events: &tokio::sync::mpsc::Sender<Event>,
 ) -> bool {
-    let mut offset = 0u64;
-    let mut partial: Vec<u8> = Vec::new();
-    let mut buffer = vec![0u8; CHUNK];
+    let mut tail = FileTail::new(path.to_path_buf());
     loop {
+        match tail.send_new(events).await {
+            None => return false,
+            Some(true) => continue,
+            Some(false) => {}
+        }
+        if attempt_over(state, project, run, attempt).await {
+            return tail.finish(events).await;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Reads a growing log file from where it last stopped and sends its complete lines. A file
+/// that shrank was rotated (renamed to `.1`, a new one started): the rest of the rotated
+/// file is read first, then the new one from its start.
+pub(crate) struct FileTail {
+    path: std::path::PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    buffer: Vec<u8>,
+}
+
+impl FileTail {
+    pub(crate) fn new(path: std::path::PathBuf) -> Self {
+        Self { path, offset: 0, partial: Vec::new(), buffer: vec![0u8; CHUNK] }
+    }
+
+    /// Sends what was written since the last call: `Some(true)` if there was something,
+    /// `Some(false)` if not, `None` if the client went away.
+    pub(crate) async fn send_new(
+        &mut self,
+        events: &tokio::sync::mpsc::Sender<Event>,
+    ) -> Option<bool> {
+        let size = tokio::fs::metadata(&self.path).await.map_or(0, |m| m.len());
+        if size < self.offset {
+            let mut rotated = self.path.as_os_str().to_owned();
+            rotated.push(".1");
+            let rotated = std::path::PathBuf::from(rotated);
+            self.read_from(&rotated, events).await?;
+            self.offset = 0;
+        }
+        let path = self.path.clone();
+        self.read_from(&path, events).await
+    }
+
+    async fn read_from(
+        &mut self,
+        path: &std::path::Path,
+        events: &tokio::sync::mpsc::Sender<Event>,
+    ) -> Option<bool> {
         let mut read_any = false;
-        if let Ok(mut file) = tokio::fs::File::open(path).await
-            && file.seek(SeekFrom::Start(offset)).await.is_ok()
-        {
-            while let Ok(n) = file.read(&mut buffer).await {
-                if n == 0 {
-                    break;
+        let Ok(mut file) = tokio::fs::File::open(path).await else { return Some(false) };
+        if file.seek(SeekFrom::Start(self.offset)).await.is_err() {
+            return Some(false);
+        }
+        while let Ok(n) = file.read(&mut self.buffer).await {
+            if n == 0 {
+                break;
+            }
+            read_any = true;
+            self.offset += n as u64;
+            self.partial.extend_from_slice(&self.buffer[..n]);
+            while let Some(end) = self.partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=end).collect();
+                if !send_line(events, &line[..line.len() - 1]).await {
+                    return None;
                 }
-                read_any = true;
-                offset += n as u64;
-                partial.extend_from_slice(&buffer[..n]);
-                while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = partial.drain(..=end).collect();
-                    if !send_line(events, &line[..line.len() - 1]).await {
-                        return false;
-                    }
-                }
-                if partial.len() >= CHUNK {
-                    let line: Vec<u8> = std::mem::take(&mut partial);
-                    if !send_line(events, &line).await {
-                        return false;
-                    }
+            }
+            if self.partial.len() >= CHUNK {
+                let line: Vec<u8> = std::mem::take(&mut self.partial);
+                if !send_line(events, &line).await {
+                    return None;
                 }
             }
         }
-        if read_any {
-            continue;
-        }
-        if attempt_over(state, project, run, attempt).await {
-            return partial.is_empty() || send_line(events, &partial).await;
-        }
-        tokio::time::sleep(POLL).await;
+        Some(read_any)
+    }
+
+    /// Sends an unfinished last line; false if the client went away.
+    pub(crate) async fn finish(&mut self, events: &tokio::sync::mpsc::Sender<Event>) -> bool {
+        self.partial.is_empty() || send_line(events, &std::mem::take(&mut self.partial)).await
     }
 }
 
@@ -149,5 +196,49 @@ async fn attempt_over(
             attempts.iter().find(|a| a.id == attempt.id).is_none_or(|a| a.status.is_terminal())
         }
         Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(receiver: &mut tokio::sync::mpsc::Receiver<Event>, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let event = receiver.recv().await.unwrap();
+            // `Event` shows only its wire form: take the data line.
+            let wire = format!("{event:?}");
+            seen.push(wire);
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_tail_reads_on_from_where_it_stopped_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.log");
+        let (events, mut receiver) = tokio::sync::mpsc::channel(64);
+        let mut tail = FileTail::new(path.clone());
+        assert_eq!(tail.send_new(&events).await, Some(false), "no file yet");
+
+        std::fs::write(&path, "one\ntwo\nthr").unwrap();
+        assert_eq!(tail.send_new(&events).await, Some(true));
+        let seen = lines(&mut receiver, 2).await;
+        assert!(seen[0].contains("one") && seen[1].contains("two"), "{seen:?}");
+        assert_eq!(tail.send_new(&events).await, Some(false), "nothing new");
+
+        // The rest of the line and one more arrive; then the file is rotated.
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut file, b"ee\nfour\n").unwrap();
+        drop(file);
+        std::fs::rename(&path, dir.path().join("web.log.1")).unwrap();
+        std::fs::write(&path, "five\n").unwrap();
+        assert_eq!(tail.send_new(&events).await, Some(true));
+        let seen = lines(&mut receiver, 3).await;
+        for (seen, want) in seen.iter().zip(["three", "four", "five"]) {
+            assert!(seen.contains(want), "{seen} should be {want}");
+        }
+        assert!(receiver.try_recv().is_err(), "nothing twice");
     }
 }
