@@ -124,7 +124,7 @@ pub(crate) async fn stream(
     let after = resume_point(&headers, query.after)?;
     let store = state.engine().store().clone();
     // Subscribed before the replay starts, so nothing committed in between is missed.
-    let live = store.subscribe();
+    let live = state.live_events();
     let (sender, receiver) = mpsc::channel(BUFFER);
     tokio::spawn(feed(store, caller.project, filter, after, live, sender));
     Ok(Sse::new(ReceiverStream::new(receiver))

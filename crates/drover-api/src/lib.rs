@@ -20,6 +20,7 @@ mod idempotency;
 pub mod limits;
 mod logs;
 mod openapi;
+pub mod presence;
 mod request_id;
 pub mod routes;
 mod runs;
@@ -74,7 +75,9 @@ struct Inner {
     /// Chat sessions with a reply under way.
     replying: chat::Replying,
     /// Who watches what over WebSocket subscriptions.
-    presence: ws::Presence,
+    presence: Arc<presence::Presence>,
+    /// Committed events of every server, in sequence order (see `AppParts::live`).
+    live: tokio::sync::broadcast::Sender<drover_domain::Event>,
 }
 
 /// What the API is built from.
@@ -94,6 +97,11 @@ pub struct AppParts {
     pub webhooks: Arc<dyn drover_store::WebhookStore>,
     /// Chat sessions and their messages.
     pub chat: Arc<dyn drover_store::ChatStore>,
+    /// Who watches what, here and on the other servers.
+    pub presence: Arc<presence::Presence>,
+    /// The live feed every stream follows: the events committed by any server of the
+    /// cluster, in sequence order, with no gap (the server's `live` loop fills them in).
+    pub live: tokio::sync::broadcast::Sender<drover_domain::Event>,
 }
 
 impl AppState {
@@ -110,6 +118,8 @@ impl AppState {
             body_limit,
             webhooks,
             chat,
+            presence,
+            live,
         } = parts;
         Self {
             inner: Arc::new(Inner {
@@ -123,7 +133,8 @@ impl AppState {
                 auth,
                 limits,
                 in_flight: idempotency::InFlight::default(),
-                presence: ws::Presence::default(),
+                presence,
+                live,
                 body_limit,
                 webhooks,
                 chat,
@@ -146,6 +157,11 @@ impl AppState {
 
     fn webhooks(&self) -> &dyn drover_store::WebhookStore {
         self.inner.webhooks.as_ref()
+    }
+
+    /// Follows the cluster's committed events from now on.
+    fn live_events(&self) -> tokio::sync::broadcast::Receiver<drover_domain::Event> {
+        self.inner.live.subscribe()
     }
 
     fn chat(&self) -> &dyn drover_store::ChatStore {

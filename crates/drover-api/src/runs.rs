@@ -365,7 +365,7 @@ pub(crate) async fn run_events(
     };
     let store = state.engine().store().clone();
     // Subscribe before replaying, so nothing committed in between is missed.
-    let live = store.subscribe();
+    let live = state.live_events();
     let (sender, receiver) = mpsc::channel(SSE_BUFFER);
     tokio::spawn(feed_run_events(store, caller.project, run.id, after.map(EventSeq), live, sender));
     Ok(Sse::new(ReceiverStream::new(receiver))

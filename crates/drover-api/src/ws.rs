@@ -51,86 +51,6 @@ pub const MAX_SUBSCRIPTIONS: usize = 64;
 const REPLAY_PAGE: u32 = 500;
 /// Close code for a client dropped for not keeping up.
 const TOO_SLOW: u16 = 4008;
-/// Presence changes buffered for subscribers.
-const PRESENCE_FEED: usize = 1024;
-
-/// Who is watching what: per watched subject (`run:<id>`, `environment:<id>`), the users
-/// and how many of their subscriptions watch it.
-pub struct Presence {
-    watching: Mutex<HashMap<String, HashMap<String, usize>>>,
-    changes: broadcast::Sender<PresenceChange>,
-}
-
-impl Default for Presence {
-    fn default() -> Self {
-        Self { watching: Mutex::new(HashMap::new()), changes: broadcast::channel(PRESENCE_FEED).0 }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct PresenceChange {
-    project: ProjectId,
-    subject: String,
-    user: String,
-    joined: bool,
-}
-
-impl Presence {
-    fn join(&self, project: &ProjectId, subject: &str, user: &str) {
-        let key = format!("{project}/{subject}");
-        let first = {
-            let mut watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
-            let count = watching.entry(key).or_default().entry(user.to_owned()).or_insert(0);
-            *count += 1;
-            *count == 1
-        };
-        if first {
-            let _ = self.changes.send(PresenceChange {
-                project: project.clone(),
-                subject: subject.to_owned(),
-                user: user.to_owned(),
-                joined: true,
-            });
-        }
-    }
-
-    fn leave(&self, project: &ProjectId, subject: &str, user: &str) {
-        let key = format!("{project}/{subject}");
-        let last = {
-            let mut watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(users) = watching.get_mut(&key) else { return };
-            let Some(count) = users.get_mut(user) else { return };
-            *count -= 1;
-            let last = *count == 0;
-            if last {
-                users.remove(user);
-            }
-            if users.is_empty() {
-                watching.remove(&key);
-            }
-            last
-        };
-        if last {
-            let _ = self.changes.send(PresenceChange {
-                project: project.clone(),
-                subject: subject.to_owned(),
-                user: user.to_owned(),
-                joined: false,
-            });
-        }
-    }
-
-    /// The users watching `subject` of `project`, sorted.
-    pub(crate) fn watchers(&self, project: &ProjectId, subject: &str) -> Vec<String> {
-        let watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
-        let mut users: Vec<String> = watching
-            .get(&format!("{project}/{subject}"))
-            .map(|users| users.keys().cloned().collect())
-            .unwrap_or_default();
-        users.sort();
-        users
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -401,8 +321,8 @@ async fn feed(
     stop: CancellationToken,
 ) {
     let store = state.engine().store().clone();
-    let mut live = store.subscribe();
-    let mut presence = state.inner.presence.changes.subscribe();
+    let mut live = state.live_events();
+    let mut presence = state.inner.presence.subscribe();
     let mut last = match after {
         Some(after) => after,
         // Without `after`, only what happens from now on (the live feed is subscribed

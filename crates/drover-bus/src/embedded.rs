@@ -12,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_domain::{AgentType, Event};
+use drover_domain::AgentType;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
-    Bus, BusError, Control, Delivery, DeliveryHandle, MessageId, NoHandle, ResultDelivery,
-    TaskEnvelope, WorkerMessage, task_topic,
+    Bus, BusError, Control, Delivery, DeliveryHandle, LiveMessage, MessageId, NoHandle,
+    ResultDelivery, TaskEnvelope, WorkerMessage, task_topic,
 };
 
 const BROADCAST_CAPACITY: usize = 1024;
@@ -49,7 +49,7 @@ pub struct EmbeddedBus {
     results_tx: mpsc::Sender<WorkerMessage>,
     results_rx: Arc<AsyncMutex<mpsc::Receiver<WorkerMessage>>>,
     control: broadcast::Sender<Control>,
-    events: broadcast::Sender<Event>,
+    live: broadcast::Sender<LiveMessage>,
 }
 
 impl EmbeddedBus {
@@ -65,7 +65,7 @@ impl EmbeddedBus {
             results_tx,
             results_rx: Arc::new(AsyncMutex::new(results_rx)),
             control: broadcast::channel(BROADCAST_CAPACITY).0,
-            events: broadcast::channel(BROADCAST_CAPACITY).0,
+            live: broadcast::channel(BROADCAST_CAPACITY).0,
         }
     }
 
@@ -222,13 +222,13 @@ impl Bus for EmbeddedBus {
         Ok(broadcast_stream(self.control.subscribe(), "control"))
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
-        let _ = self.events.send(event.clone());
+    async fn publish_live(&self, message: &LiveMessage) -> Result<(), BusError> {
+        let _ = self.live.send(message.clone());
         Ok(())
     }
 
-    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
-        Ok(broadcast_stream(self.events.subscribe(), "event"))
+    async fn subscribe_live(&self) -> Result<BoxStream<'static, LiveMessage>, BusError> {
+        Ok(broadcast_stream(self.live.subscribe(), "live message"))
     }
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {

@@ -19,12 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_domain::{AgentType, Event};
+use drover_domain::AgentType;
 use futures::stream::BoxStream;
 
 pub use drover_domain::WorkerProfile;
 pub use embedded::EmbeddedBus;
-pub use message::{AgentResult, Control, TaskEnvelope, WorkerMessage, WorkflowContext};
+pub use message::{
+    AgentResult, Control, LiveMessage, TaskEnvelope, Watching, WorkerMessage, WorkflowContext,
+};
 pub use nats::NatsBus;
 pub use redis_streams::RedisBus;
 
@@ -178,11 +180,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Every control message published from now on.
     async fn subscribe_control(&self) -> Result<BoxStream<'static, Control>, BusError>;
 
-    /// Mirrors a committed event on the live channel (pub/sub), for other servers.
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError>;
+    /// Tells the other servers something on the live channel (pub/sub, at most once).
+    async fn publish_live(&self, message: &LiveMessage) -> Result<(), BusError>;
 
-    /// Events mirrored by any server from now on.
-    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError>;
+    /// What any server says on the live channel from now on (its own messages included).
+    async fn subscribe_live(&self) -> Result<BoxStream<'static, LiveMessage>, BusError>;
 
     /// How many tasks wait for an agent type, when the backend can tell.
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64>;

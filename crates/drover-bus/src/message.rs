@@ -124,3 +124,33 @@ pub enum Control {
     /// process group and report nothing.
     Cancel { attempt_id: AttemptId, reason: String },
 }
+
+/// What servers tell each other on the live channel (publish/subscribe, nothing kept):
+/// the events each commits, and who watches what through it, so every replica serves the
+/// same live streams and presence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveMessage {
+    /// An event `origin` committed.
+    Event { origin: String, event: drover_domain::Event },
+    /// Everything watched through `origin` now; it replaces the previous snapshot of
+    /// `origin` and is sent again every few seconds (a silent server's is dropped).
+    Presence { origin: String, watching: Vec<Watching> },
+}
+
+impl LiveMessage {
+    /// The server that sent it.
+    pub fn origin(&self) -> &str {
+        match self {
+            Self::Event { origin, .. } | Self::Presence { origin, .. } => origin,
+        }
+    }
+}
+
+/// One user watching one subject (`run:<id>`, `environment:<id>`) of a project.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Watching {
+    pub project: ProjectId,
+    pub subject: String,
+    pub user: String,
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_trait::async_trait;
-use drover_domain::{AgentType, Event};
+use drover_domain::AgentType;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::de::DeserializeOwned;
@@ -22,15 +22,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    Bus, BusError, BusOptions, Control, Delivery, DeliveryHandle, MessageId, RESULTS_GROUP,
-    ResultDelivery, TaskEnvelope, WorkerMessage, consumer_group,
+    Bus, BusError, BusOptions, Control, Delivery, DeliveryHandle, LiveMessage, MessageId,
+    RESULTS_GROUP, ResultDelivery, TaskEnvelope, WorkerMessage, consumer_group,
 };
 
 const TASKS_STREAM: &str = "DROVER_TASKS";
 const RESULTS_STREAM: &str = "DROVER_RESULTS";
 const RESULTS_SUBJECT: &str = "orchestrator.results";
 const CONTROL_SUBJECT: &str = "drover.control";
-const EVENTS_SUBJECT: &str = "drover.events";
+const LIVE_SUBJECT: &str = "drover.live";
 /// Deliveries of one message before JetStream gives up on it.
 const MAX_DELIVER: i64 = 20;
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -380,15 +380,15 @@ impl Bus for NatsBus {
         self.subscribe(self.names.subject(CONTROL_SUBJECT)).await
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+    async fn publish_live(&self, message: &LiveMessage) -> Result<(), BusError> {
         self.client
-            .publish(self.names.subject(EVENTS_SUBJECT), serde_json::to_vec(event)?.into())
+            .publish(self.names.subject(LIVE_SUBJECT), serde_json::to_vec(message)?.into())
             .await
             .map_err(broker)
     }
 
-    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
-        self.subscribe(self.names.subject(EVENTS_SUBJECT)).await
+    async fn subscribe_live(&self) -> Result<BoxStream<'static, LiveMessage>, BusError> {
+        self.subscribe(self.names.subject(LIVE_SUBJECT)).await
     }
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {

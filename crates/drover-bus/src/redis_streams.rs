@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use drover_domain::{AgentType, Event};
+use drover_domain::AgentType;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -25,12 +25,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    Bus, BusError, BusOptions, Control, Delivery, DeliveryHandle, MessageId, RESULTS_GROUP,
-    RESULTS_TOPIC, ResultDelivery, TaskEnvelope, WorkerMessage, consumer_group, task_topic,
+    Bus, BusError, BusOptions, Control, Delivery, DeliveryHandle, LiveMessage, MessageId,
+    RESULTS_GROUP, RESULTS_TOPIC, ResultDelivery, TaskEnvelope, WorkerMessage, consumer_group,
+    task_topic,
 };
 
 const CONTROL_CHANNEL: &str = "drover:control";
-const EVENTS_CHANNEL: &str = "drover:events";
+const LIVE_CHANNEL: &str = "drover:live";
 /// The field of a stream entry that holds the JSON message.
 const FIELD: &str = "m";
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -446,13 +447,13 @@ impl Bus for RedisBus {
         Ok(self.subscribe(scoped(&self.options, CONTROL_CHANNEL)))
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
-        self.publish_channel(&scoped(&self.options, EVENTS_CHANNEL), serde_json::to_string(event)?)
+    async fn publish_live(&self, message: &LiveMessage) -> Result<(), BusError> {
+        self.publish_channel(&scoped(&self.options, LIVE_CHANNEL), serde_json::to_string(message)?)
             .await
     }
 
-    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
-        Ok(self.subscribe(scoped(&self.options, EVENTS_CHANNEL)))
+    async fn subscribe_live(&self) -> Result<BoxStream<'static, LiveMessage>, BusError> {
+        Ok(self.subscribe(scoped(&self.options, LIVE_CHANNEL)))
     }
 
     async fn queue_depth(&self, agent: &AgentType) -> Option<u64> {

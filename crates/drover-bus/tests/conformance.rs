@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_bus::{
-    AgentResult, Bus, BusOptions, Control, Delivery, TaskEnvelope, WorkerMessage, WorkerProfile,
-    WorkflowContext,
+    AgentResult, Bus, BusOptions, Control, Delivery, LiveMessage, TaskEnvelope, WorkerMessage,
+    WorkerProfile, WorkflowContext,
 };
 use drover_domain::{
     AgentType, AttemptId, CorrelationId, Event, EventKind, EventSeq, FencingToken, PipelineName,
@@ -241,7 +241,7 @@ async fn control_messages_reach_every_subscriber(bus: Arc<dyn Bus>) {
     .await;
 }
 
-async fn committed_events_are_mirrored_to_subscribers(bus: Arc<dyn Bus>) {
+async fn live_messages_reach_every_subscriber(bus: Arc<dyn Bus>) {
     let event = Event {
         seq: EventSeq(42),
         project_id: ProjectId::default_project(),
@@ -253,13 +253,14 @@ async fn committed_events_are_mirrored_to_subscribers(bus: Arc<dyn Bus>) {
         correlation_id: None,
         created_at: Timestamp::from_millis(1),
     };
-    let subscribers = vec![bus.subscribe_events().await.unwrap()];
+    let subscribers = vec![bus.subscribe_live().await.unwrap()];
     let publisher = bus.clone();
-    let message = event.clone();
-    broadcast_reaches_all(subscribers, event, move || {
+    let message = LiveMessage::Event { origin: "server-a".to_owned(), event };
+    let sent = message.clone();
+    broadcast_reaches_all(subscribers, message, move || {
         let bus = publisher.clone();
-        let message = message.clone();
-        Box::pin(async move { bus.publish_event(&message).await.unwrap() })
+        let message = sent.clone();
+        Box::pin(async move { bus.publish_live(&message).await.unwrap() })
     })
     .await;
 }
@@ -300,7 +301,7 @@ macro_rules! conformance {
             case!(a_dead_consumers_unacknowledged_task_is_redelivered_by_a_durable_bus);
             case!(results_reach_the_engine_and_are_not_redelivered_once_acknowledged);
             case!(control_messages_reach_every_subscriber);
-            case!(committed_events_are_mirrored_to_subscribers);
+            case!(live_messages_reach_every_subscriber);
             case!(queue_depth_counts_the_tasks_waiting_for_a_worker);
         }
     };

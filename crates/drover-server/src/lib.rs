@@ -14,6 +14,7 @@
 mod auth;
 pub mod bench;
 mod data_dir;
+mod live;
 pub mod reload;
 mod secrets;
 mod telemetry;
@@ -286,20 +287,32 @@ impl Server {
             let events: Arc<dyn Store> = Arc::new(store.clone());
             tokio::spawn(prune_events(events, config.events.retention, draining.clone()));
         }
-        let webhook_task =
-            full.then(|| webhooks::start(&store, &config.webhooks, draining.clone()));
-        let mirror = tokio::spawn(mirror_events(store.subscribe(), bus.clone(), draining.clone()));
+        // The cluster's events in order, and who watches what (see `live.rs`).
+        let (feed, _) = tokio::sync::broadcast::channel(live::FEED_CAPACITY);
+        let presence = Arc::new(drover_api::presence::Presence::default());
+        let live_tasks = live::spawn(
+            live::Live {
+                store: Arc::new(store.clone()),
+                bus: bus.clone(),
+                presence: presence.clone(),
+                feed: feed.clone(),
+                origin: uuid::Uuid::now_v7().to_string(),
+            },
+            draining.clone(),
+        );
+        let webhook_task = full
+            .then(|| webhooks::start(&store, feed.subscribe(), &config.webhooks, draining.clone()));
         let proxy_addrs = drover_api::routes::ProxyAddrs {
             http: proxy.as_ref().map(Proxy::local_addr),
             https: proxy.as_ref().and_then(Proxy::tls_addr),
         };
         let (activity, reports) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(record_activity(reports, envs.clone(), draining.clone()));
-        tokio::spawn(agent_activity(store.subscribe(), activity.clone(), draining.clone()));
+        tokio::spawn(agent_activity(feed.subscribe(), activity.clone(), draining.clone()));
         if mode == Mode::Full {
             tokio::spawn(release_run_environments(
                 store.clone(),
-                store.subscribe(),
+                feed.subscribe(),
                 envs.clone(),
                 draining.clone(),
             ));
@@ -333,6 +346,8 @@ impl Server {
             body_limit: config.server.body_limit_bytes,
             webhooks: Arc::new(store.clone()),
             chat: Arc::new(store.clone()),
+            presence,
+            live: feed,
         });
         let app = drover_api::router(state);
         tracing::info!(%addr, mode = ?mode, data_dir = %config.data_dir.display(), "drover serving");
@@ -377,7 +392,9 @@ impl Server {
             let _ = proxy.await;
         }
         let _ = upkeep.await;
-        let _ = mirror.await;
+        for task in live_tasks {
+            let _ = task.await;
+        }
         if let Some(task) = webhook_task {
             let _ = task.await;
         }
@@ -427,34 +444,6 @@ fn worker_bootstrap(config: &Config) -> WorkerBootstrap {
         claim_idle_ms: u64::try_from(config.bus.claim_idle.as_millis()).unwrap_or(u64::MAX),
         block_time_ms: u64::try_from(config.bus.block_time.as_millis()).unwrap_or(u64::MAX),
         batch_size: config.bus.batch_size,
-    }
-}
-
-/// Mirrors every committed event onto the bus's live channel, for the other servers.
-async fn mirror_events(
-    mut events: tokio::sync::broadcast::Receiver<drover_domain::Event>,
-    bus: Arc<dyn Bus>,
-    stop: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            () = stop.cancelled() => return,
-            event = events.recv() => event,
-        };
-        match event {
-            Ok(event) => {
-                if let Err(err) = bus.publish_event(&event).await {
-                    tracing::debug!(error = %err, "event not mirrored");
-                }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
-                tracing::warn!(
-                    skipped,
-                    "event mirror fell behind; live subscribers elsewhere miss these"
-                );
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
     }
 }
 

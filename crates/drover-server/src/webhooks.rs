@@ -78,13 +78,14 @@ impl From<&WebhooksConfig> for Settings {
     }
 }
 
-/// Starts the loop over the server's store, as `[webhooks]` says.
+/// Starts the loop over the server's store and the cluster's live feed, as `[webhooks]` says.
 pub(crate) fn start(
     store: &drover_store::SqliteStore,
+    feed: broadcast::Receiver<Event>,
     config: &WebhooksConfig,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    spawn(Arc::new(store.clone()), Arc::new(store.clone()), Settings::from(config), stop)
+    spawn(Arc::new(store.clone()), Arc::new(store.clone()), feed, Settings::from(config), stop)
 }
 
 /// Starts the loop; it ends when `stop` fires (attempts in flight are abandoned, and sent
@@ -92,6 +93,7 @@ pub(crate) fn start(
 pub(crate) fn spawn(
     events: Arc<dyn Store>,
     webhooks: Arc<dyn WebhookStore>,
+    feed: broadcast::Receiver<Event>,
     settings: Settings,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -103,7 +105,6 @@ pub(crate) fn spawn(
                 return;
             }
         };
-        let feed = events.subscribe();
         let deliverer = Deliverer {
             events,
             webhooks,

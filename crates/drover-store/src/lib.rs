@@ -302,6 +302,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_events(&self, project: &ProjectId, query: &EventQuery)
     -> StoreResult<Vec<Event>>;
 
+    /// All projects: committed events after `after`, in sequence order, at most `limit`
+    /// (for the live feed to fill a gap between two events it saw).
+    async fn events_after(&self, after: EventSeq, limit: u32) -> StoreResult<Vec<Event>>;
+
     /// All projects: one attempt by id (for the worker-facing endpoints, which are not
     /// scoped by project).
     async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>>;

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_bus::{
-    Bus, BusError, Control, Delivery, DeliveryHandle, MessageId, ResultDelivery, TaskEnvelope,
-    WorkerMessage,
+    Bus, BusError, Control, Delivery, DeliveryHandle, LiveMessage, MessageId, ResultDelivery,
+    TaskEnvelope, WorkerMessage,
 };
-use drover_domain::{AgentType, Event};
+use drover_domain::AgentType;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
@@ -124,12 +124,12 @@ impl Bus for HttpBus {
             .boxed())
     }
 
-    async fn publish_event(&self, _event: &Event) -> Result<(), BusError> {
+    async fn publish_live(&self, _message: &LiveMessage) -> Result<(), BusError> {
         Ok(())
     }
 
-    async fn subscribe_events(&self) -> Result<BoxStream<'static, Event>, BusError> {
-        Err(unsupported("following events"))
+    async fn subscribe_live(&self) -> Result<BoxStream<'static, LiveMessage>, BusError> {
+        Err(unsupported("following the live channel"))
     }
 
     async fn queue_depth(&self, _agent: &AgentType) -> Option<u64> {

@@ -482,6 +482,19 @@ impl Store for SqliteStore {
         rows.into_iter().map(Event::try_from).collect()
     }
 
+    async fn events_after(&self, after: EventSeq, limit: u32) -> StoreResult<Vec<Event>> {
+        let rows: Vec<EventRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(after.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(Event::try_from).collect()
+    }
+
     async fn latest_event_seq(&self, project: &ProjectId) -> StoreResult<EventSeq> {
         let (seq,): (Option<i64>,) =
             sqlx::query_as("SELECT MAX(seq) FROM events WHERE project_id = ?")
