@@ -283,6 +283,7 @@ impl Server {
             reload::spawn(reload, live, draining.clone())
         });
         let upkeep = telemetry::spawn_upkeep(draining.clone());
+        telemetry::spawn_queue_gauges(engine.clone(), draining.clone());
         if full {
             let events: Arc<dyn Store> = Arc::new(store.clone());
             tokio::spawn(prune_events(events, config.events.retention, draining.clone()));

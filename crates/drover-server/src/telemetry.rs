@@ -44,3 +44,27 @@ pub(crate) fn spawn_upkeep(stop: CancellationToken) -> JoinHandle<()> {
         }
     })
 }
+
+/// `drover_queue_depth{agent}`: the tasks waiting on the bus for each agent type the
+/// server knows (what a worker autoscaler scales on), read every few seconds when the bus
+/// can tell.
+pub(crate) fn spawn_queue_gauges(
+    engine: std::sync::Arc<drover_engine::Engine>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            for agent in engine.agents().iter() {
+                if let Some(depth) = engine.bus().queue_depth(&agent.name).await {
+                    #[allow(clippy::cast_precision_loss, reason = "a gauge is a float")]
+                    metrics::gauge!("drover_queue_depth", "agent" => agent.name.to_string())
+                        .set(depth as f64);
+                }
+            }
+        }
+    })
+}
