@@ -10,7 +10,10 @@
 mod chat;
 mod environments;
 mod identities;
+mod open;
+mod postgres;
 mod secrets;
+mod sql;
 mod sqlite;
 mod webhooks;
 
@@ -28,8 +31,14 @@ pub use identities::{
     ApiTokenRecord, GLOBAL_AUDIT_PROJECT, IdentityStore, KeptResponse, NewApiToken, NewAudit,
     Project,
 };
+pub use open::{StoreOptions, open};
+pub use postgres::PostgresStoreOptions;
 pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
-pub use sqlite::{SqliteStore, SqliteStoreOptions};
+pub use sql::{
+    AnyBackend, AnyStore, Backend, PoolStats, PostgresBackend, PostgresStore, SqlStore,
+    SqliteBackend, SqliteStore,
+};
+pub use sqlite::SqliteStoreOptions;
 pub use webhooks::{
     AttemptRecorded, AttemptResult, DeliveryQuery, DueDelivery, FailurePolicy,
     MAX_DELIVERIES_PER_WEBHOOK, MAX_WEBHOOKS_PER_PROJECT, NewDelivery, NewWebhook, Webhook,
@@ -90,8 +99,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot open the store at {url}: {message}")]
     Open { url: String, message: String },
-    #[error("the database schema is newer than this drover binary ({0}); upgrade drover")]
-    SchemaTooNew(String),
+    #[error(
+        "the database schema is at migration {database}, newer than this drover binary \
+         knows (up to {binary}); upgrade drover"
+    )]
+    SchemaTooNew { database: i64, binary: i64 },
     #[error("migrating the store failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -312,6 +324,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// All projects: pending attempts whose backoff has passed, oldest first.
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>>;
+
+    /// All projects: claims up to `limit` due pending attempts for dispatch, oldest first,
+    /// as [`Store::due_attempts`] finds them, and holds them back from other claims until
+    /// `hold_until` (their due time moves there): servers sharing the database never claim
+    /// one attempt twice. One claimed but not marked dispatched by then (its server died,
+    /// the bus refused it) is due again.
+    async fn claim_due_attempts(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        hold_until: Timestamp,
+    ) -> StoreResult<Vec<StageAttempt>>;
 
     /// All projects: the runs with these ids (for building task envelopes in batches).
     async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>>;

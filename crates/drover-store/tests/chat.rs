@@ -1,26 +1,16 @@
-//! The chat side of the store, against a fresh SQLite file per test: sessions private to
-//! their owner, messages numbered without gaps, the tail read oldest first.
+//! The chat side of the store, against a fresh SQLite file and a fresh PostgreSQL database
+//! per test: sessions private to their owner, messages numbered without gaps, the tail read
+//! oldest first.
 
-use std::time::Duration;
+#[macro_use]
+mod common;
 
 use drover_domain::{AgentType, ChatMessageStatus, ChatRole, ChatSessionId, ProjectId, Timestamp};
-use drover_store::{
-    ChatStore, NewChatMessage, NewChatSession, SqliteStore, SqliteStoreOptions, StoreError,
-};
+use drover_store::{ChatStore, NewChatMessage, NewChatSession, StoreError};
+
+use crate::common::TestDb;
 
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
-
-async fn store() -> (SqliteStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&SqliteStoreOptions {
-        url: format!("sqlite://{}", dir.path().join("drover.db").display()),
-        read_connections: 2,
-        busy_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    (store, dir)
-}
 
 fn session(owner: &str) -> NewChatSession {
     NewChatSession {
@@ -41,9 +31,8 @@ fn said(role: ChatRole, content: &str, status: ChatMessageStatus) -> NewChatMess
     }
 }
 
-#[tokio::test]
-async fn messages_are_numbered_in_order_and_the_tail_reads_oldest_first() {
-    let (store, _dir) = store().await;
+async fn messages_are_numbered_in_order_and_the_tail_reads_oldest_first(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let created = store.create_chat_session(session("alice"), T0).await.unwrap();
     assert_eq!(created.message_count, 0);
@@ -77,9 +66,8 @@ async fn messages_are_numbered_in_order_and_the_tail_reads_oldest_first() {
     assert_eq!(reread.updated_at.as_millis(), T0.as_millis() + 4);
 }
 
-#[tokio::test]
-async fn a_session_is_invisible_to_other_users_and_projects() {
-    let (store, _dir) = store().await;
+async fn a_session_is_invisible_to_other_users_and_projects(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let other_project = ProjectId::parse("other").unwrap();
     let alice = store.create_chat_session(session("alice"), T0).await.unwrap();
@@ -108,9 +96,8 @@ async fn a_session_is_invisible_to_other_users_and_projects() {
     ));
 }
 
-#[tokio::test]
-async fn sessions_list_most_recent_first_and_delete_takes_their_messages() {
-    let (store, _dir) = store().await;
+async fn sessions_list_most_recent_first_and_delete_takes_their_messages(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let first = store.create_chat_session(session("alice"), T0).await.unwrap();
     let later = Timestamp::from_millis(T0.as_millis() + 10);
@@ -140,3 +127,9 @@ async fn sessions_list_most_recent_first_and_delete_takes_their_messages() {
     ));
     assert_eq!(store.chat_sessions(&project, "alice", 10).await.unwrap().len(), 1);
 }
+
+backend_tests!(
+    messages_are_numbered_in_order_and_the_tail_reads_oldest_first,
+    a_session_is_invisible_to_other_users_and_projects,
+    sessions_list_most_recent_first_and_delete_takes_their_messages,
+);

@@ -1,43 +1,36 @@
 //! The store conformance suite: behaviour every [`Store`] implementation must have. Each
-//! case runs against a fresh SQLite file; the PostgreSQL store will run the same cases.
+//! case runs against a fresh SQLite file and a fresh PostgreSQL database (`sqlite::…` and
+//! `postgres::…`, see `common`).
+
+#[macro_use]
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_domain::{
-    AgentType, AttemptId, CorrelationId, EventKind, FencingToken, Outcome, PipelineCatalog,
-    ProjectId, RunId, RunRequest, RunStatus, StageAttempt, StageStatus, Timestamp, WorkerId,
-    WorkerProfile, WorkerStatus, sdlc,
+    AgentType, AttemptId, CorrelationId, EventKind, EventSeq, FencingToken, Outcome,
+    PipelineCatalog, ProjectId, RunId, RunRequest, RunStatus, StageAttempt, StageStatus, Timestamp,
+    WorkerId, WorkerProfile, WorkerStatus, sdlc,
 };
 use drover_store::{
-    CommandOutcome, Completion, CompletionOutcome, DeadLetterQuery, EventQuery, NewRun, RunQuery,
-    SqliteStore, SqliteStoreOptions, StartAttempt, StartOutcome, Store, StoreError, WorkerCommand,
+    CommandOutcome, Completion, CompletionOutcome, DeadLetterQuery, EventQuery, IdentityStore,
+    NewRun, RunQuery, StartAttempt, StartOutcome, Store, StoreError, WorkerCommand,
 };
 use serde_json::json;
+
+use crate::common::TestDb;
 
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
 struct Fixture {
     store: Arc<dyn Store>,
     pipelines: PipelineCatalog,
-    _dir: tempfile::TempDir,
+    _db: TestDb,
 }
 
-async fn sqlite_fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = open_sqlite(&dir).await;
-    Fixture { store: Arc::new(store), pipelines: PipelineCatalog::builtin(), _dir: dir }
-}
-
-async fn open_sqlite(dir: &tempfile::TempDir) -> SqliteStore {
-    let url = format!("sqlite://{}", dir.path().join("nested/drover.db").display());
-    SqliteStore::open(&SqliteStoreOptions {
-        url,
-        read_connections: 4,
-        busy_timeout: Duration::from_secs(5),
-    })
-    .await
-    .expect("store opens")
+fn fixture(db: TestDb) -> Fixture {
+    Fixture { store: Arc::new(db.store.clone()), pipelines: PipelineCatalog::builtin(), _db: db }
 }
 
 fn default_project() -> ProjectId {
@@ -115,9 +108,8 @@ fn success() -> Outcome {
     Outcome::Succeeded { output: json!({ "ok": true }) }
 }
 
-#[tokio::test]
-async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events() {
-    let fx = sqlite_fixture().await;
+async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
 
     let stored = fx.store.get_run(&default_project(), run.id).await.unwrap().unwrap();
@@ -143,9 +135,8 @@ async fn creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events
     assert!(events[0].seq < events[1].seq);
 }
 
-#[tokio::test]
-async fn another_projects_runs_are_invisible() {
-    let fx = sqlite_fixture().await;
+async fn another_projects_runs_are_invisible(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let other = ProjectId::parse("other").unwrap();
 
@@ -157,9 +148,8 @@ async fn another_projects_runs_are_invisible() {
     assert!(matches!(cancel, Err(StoreError::RunNotFound(_))));
 }
 
-#[tokio::test]
-async fn starting_an_attempt_runs_it_and_its_run_with_a_deadline() {
-    let fx = sqlite_fixture().await;
+async fn starting_an_attempt_runs_it_and_its_run_with_a_deadline(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = &attempts(&fx, run.id).await[0];
 
@@ -171,9 +161,8 @@ async fn starting_an_attempt_runs_it_and_its_run_with_a_deadline() {
     assert_eq!(run.started_at, Some(T0));
 }
 
-#[tokio::test]
-async fn a_start_with_a_stale_token_or_twice_is_rejected() {
-    let fx = sqlite_fixture().await;
+async fn a_start_with_a_stale_token_or_twice_is_rejected(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = attempts(&fx, run.id).await.remove(0);
 
@@ -212,9 +201,8 @@ async fn a_start_with_a_stale_token_or_twice_is_rejected() {
     assert!(reason.contains("running"), "{reason}");
 }
 
-#[tokio::test]
-async fn success_commits_once_and_creates_the_next_stage() {
-    let fx = sqlite_fixture().await;
+async fn success_commits_once_and_creates_the_next_stage(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
 
@@ -235,9 +223,8 @@ async fn success_commits_once_and_creates_the_next_stage() {
     assert_eq!(attempts(&fx, run.id).await.len(), 2);
 }
 
-#[tokio::test]
-async fn a_result_with_a_stale_token_is_rejected_and_writes_nothing() {
-    let fx = sqlite_fixture().await;
+async fn a_result_with_a_stale_token_is_rejected_and_writes_nothing(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let mut first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     first.fencing_token = FencingToken(first.fencing_token.0 + 7);
@@ -250,9 +237,8 @@ async fn a_result_with_a_stale_token_is_rejected_and_writes_nothing() {
     assert_eq!(stored[0].status, StageStatus::Running);
 }
 
-#[tokio::test]
-async fn concurrent_duplicate_results_commit_exactly_once() {
-    let fx = sqlite_fixture().await;
+async fn concurrent_duplicate_results_commit_exactly_once(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
 
@@ -288,9 +274,8 @@ async fn concurrent_duplicate_results_commit_exactly_once() {
     assert_eq!(attempts(&fx, run.id).await.len(), 2);
 }
 
-#[tokio::test]
-async fn the_last_stage_succeeding_finishes_the_run() {
-    let fx = sqlite_fixture().await;
+async fn the_last_stage_succeeding_finishes_the_run(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let mut now = T0;
     for _ in 0..5 {
@@ -307,9 +292,8 @@ async fn the_last_stage_succeeding_finishes_the_run() {
     assert!(all.iter().all(|a| a.status == StageStatus::Succeeded));
 }
 
-#[tokio::test]
-async fn a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backoff() {
-    let fx = sqlite_fixture().await;
+async fn a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backoff(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let failure = Outcome::Failed { error: "flaky network".into(), retryable: true };
@@ -330,9 +314,8 @@ async fn a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backof
     assert_eq!(due.iter().map(|a| a.id).collect::<Vec<_>>(), [retry.id]);
 }
 
-#[tokio::test]
-async fn a_deterministic_failure_fails_the_run_with_the_reason() {
-    let fx = sqlite_fixture().await;
+async fn a_deterministic_failure_fails_the_run_with_the_reason(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let failure = Outcome::Failed { error: "app.py:1: invalid syntax".into(), retryable: false };
@@ -343,9 +326,8 @@ async fn a_deterministic_failure_fails_the_run_with_the_reason() {
     assert!(run.error.unwrap().contains("invalid syntax"));
 }
 
-#[tokio::test]
-async fn cancelling_stops_active_attempts_and_cannot_happen_twice() {
-    let fx = sqlite_fixture().await;
+async fn cancelling_stops_active_attempts_and_cannot_happen_twice(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
 
@@ -366,9 +348,8 @@ async fn cancelling_stops_active_attempts_and_cannot_happen_twice() {
     assert!(matches!(missing, Err(StoreError::RunNotFound(_))));
 }
 
-#[tokio::test]
-async fn runs_list_newest_first_with_a_cursor_and_a_status_filter() {
-    let fx = sqlite_fixture().await;
+async fn runs_list_newest_first_with_a_cursor_and_a_status_filter(db: TestDb) {
+    let fx = fixture(db);
     let mut ids = Vec::new();
     for n in 0..5 {
         ids.push(new_run(&fx, &format!("request {n}"), T0).await.id);
@@ -387,9 +368,8 @@ async fn runs_list_newest_first_with_a_cursor_and_a_status_filter() {
     assert_eq!(filtered.iter().map(|r| r.id).collect::<Vec<_>>(), [cancelled]);
 }
 
-#[tokio::test]
-async fn leases_expire_unless_renewed_and_a_released_attempt_gets_a_new_token() {
-    let fx = sqlite_fixture().await;
+async fn leases_expire_unless_renewed_and_a_released_attempt_gets_a_new_token(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let lease_end = T0.plus(Duration::from_secs(10));
@@ -414,9 +394,8 @@ async fn leases_expire_unless_renewed_and_a_released_attempt_gets_a_new_token() 
     ));
 }
 
-#[tokio::test]
-async fn overdue_attempts_are_found_by_their_deadline() {
-    let fx = sqlite_fixture().await;
+async fn overdue_attempts_are_found_by_their_deadline(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     let deadline = running.deadline_at.unwrap();
@@ -425,9 +404,8 @@ async fn overdue_attempts_are_found_by_their_deadline() {
     assert_eq!(overdue.unwrap()[0].id, running.id);
 }
 
-#[tokio::test]
-async fn dispatch_marks_pending_attempts_and_a_requeue_puts_them_back() {
-    let fx = sqlite_fixture().await;
+async fn dispatch_marks_pending_attempts_and_a_requeue_puts_them_back(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let due = fx.store.due_attempts(T0, 10).await.unwrap();
     assert_eq!(due.len(), 1);
@@ -442,9 +420,8 @@ async fn dispatch_marks_pending_attempts_and_a_requeue_puts_them_back() {
     assert_eq!(attempts(&fx, run.id).await[0].status, StageStatus::Pending);
 }
 
-#[tokio::test]
-async fn subscribers_see_committed_events_in_sequence_order() {
-    let fx = sqlite_fixture().await;
+async fn subscribers_see_committed_events_in_sequence_order(db: TestDb) {
+    let fx = fixture(db);
     let mut feed = fx.store.subscribe();
     let run = new_run(&fx, "Hello World API", T0).await;
 
@@ -471,11 +448,9 @@ async fn subscribers_see_committed_events_in_sequence_order() {
     assert_eq!(after_first, vec![second]);
 }
 
-#[tokio::test]
-async fn data_survives_reopening_the_same_file() {
-    let dir = tempfile::tempdir().unwrap();
+async fn data_survives_reopening_the_same_file(mut db: TestDb) {
     let run_id = {
-        let store = open_sqlite(&dir).await;
+        let store = db.store.clone();
         let run = store
             .create_run(
                 NewRun {
@@ -497,16 +472,15 @@ async fn data_survives_reopening_the_same_file() {
         store.close().await;
         run.id
     };
-    let reopened = open_sqlite(&dir).await;
+    let reopened = db.reopen().await;
     let run = reopened.get_run(&default_project(), run_id).await.unwrap().unwrap();
     assert_eq!(run.request.as_str(), "persist me");
     let counts = reopened.count_attempts_by_status().await.unwrap();
     assert_eq!(counts, vec![(StageStatus::Pending, 1)]);
 }
 
-#[tokio::test]
-async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches() {
-    let fx = sqlite_fixture().await;
+async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let other = new_run(&fx, "Todo API", T0).await;
     let first = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
@@ -521,9 +495,8 @@ async fn dispatch_context_loads_runs_and_earlier_outputs_in_batches() {
     assert!(fx.store.runs_by_ids(&[]).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn stale_dispatched_attempts_are_found_and_a_redispatch_is_recorded() {
-    let fx = sqlite_fixture().await;
+async fn stale_dispatched_attempts_are_found_and_a_redispatch_is_recorded(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = attempts(&fx, run.id).await.remove(0);
     fx.store.mark_dispatched(&[(first.id, "m-1".to_owned())], T0).await.unwrap();
@@ -564,9 +537,8 @@ async fn dead_letter_first_stage(fx: &Fixture) -> (RunId, StageAttempt) {
     }
 }
 
-#[tokio::test]
-async fn an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it_again() {
-    let fx = sqlite_fixture().await;
+async fn an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it_again(db: TestDb) {
+    let fx = fixture(db);
     let (run_id, letter) = dead_letter_first_stage(&fx).await;
     assert_eq!(letter.attempt, 3);
     let project = default_project();
@@ -603,9 +575,8 @@ async fn an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it
     assert!(events.iter().any(|e| e.kind == EventKind::DlqRedriven));
 }
 
-#[tokio::test]
-async fn a_discarded_dead_letter_leaves_the_queue_and_its_run_failed() {
-    let fx = sqlite_fixture().await;
+async fn a_discarded_dead_letter_leaves_the_queue_and_its_run_failed(db: TestDb) {
+    let fx = fixture(db);
     let (run_id, letter) = dead_letter_first_stage(&fx).await;
     let project = default_project();
     fx.store.discard_dead_letter(&project, letter.id, T0).await.unwrap();
@@ -621,9 +592,8 @@ async fn a_discarded_dead_letter_leaves_the_queue_and_its_run_failed() {
     assert!(matches!(missing, Err(StoreError::AttemptNotFound(_))));
 }
 
-#[tokio::test]
-async fn a_succeeded_attempt_cannot_be_redriven() {
-    let fx = sqlite_fixture().await;
+async fn a_succeeded_attempt_cannot_be_redriven(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let running = start(&fx, &attempts(&fx, run.id).await[0], T0).await;
     complete(&fx, &running, success(), T0).await;
@@ -631,9 +601,8 @@ async fn a_succeeded_attempt_cannot_be_redriven() {
     assert!(matches!(err, Err(StoreError::NotDeadLettered { .. })), "{err:?}");
 }
 
-#[tokio::test]
-async fn workers_register_heartbeat_get_lost_and_come_back() {
-    let fx = sqlite_fixture().await;
+async fn workers_register_heartbeat_get_lost_and_come_back(db: TestDb) {
+    let fx = fixture(db);
     let worker = WorkerId::new("host-1-42");
     let profile = WorkerProfile {
         agents: vec![AgentType::parse("scaffold").unwrap(), AgentType::parse("deploy").unwrap()],
@@ -675,9 +644,8 @@ async fn workers_register_heartbeat_get_lost_and_come_back() {
     assert_eq!(kinds, ["worker.joined", "worker.lost", "worker.joined", "worker.left"]);
 }
 
-#[tokio::test]
-async fn a_batch_of_worker_writes_applies_in_order_with_each_one_fenced() {
-    let fx = sqlite_fixture().await;
+async fn a_batch_of_worker_writes_applies_in_order_with_each_one_fenced(db: TestDb) {
+    let fx = fixture(db);
     let run = new_run(&fx, "Hello World API", T0).await;
     let first = attempts(&fx, run.id).await.remove(0);
     let worker = WorkerId::new("w");
@@ -759,9 +727,8 @@ fn fork_pipeline() -> drover_domain::PipelineSpec {
     }
 }
 
-#[tokio::test]
-async fn a_fork_starts_both_branches_and_a_failed_branch_stops_the_other() {
-    let fx = sqlite_fixture().await;
+async fn a_fork_starts_both_branches_and_a_failed_branch_stops_the_other(db: TestDb) {
+    let fx = fixture(db);
     let run = fx
         .store
         .create_run(
@@ -817,3 +784,149 @@ async fn a_fork_starts_both_branches_and_a_failed_branch_stops_the_other() {
     let later = fx.store.usage_report(&default_project(), T0.plus(Duration::from_secs(1))).await;
     assert_eq!(later.unwrap().total.tokens, 0, "runs before the window are left out");
 }
+
+async fn claims_are_exclusive_and_held_until_their_time(db: TestDb) {
+    let fx = fixture(db);
+    let mut runs = Vec::new();
+    for n in 0..6 {
+        runs.push(new_run(&fx, "Hello World API", T0.plus(Duration::from_millis(n))).await.id);
+    }
+    let now = T0.plus(Duration::from_secs(1));
+    let hold = now.plus(Duration::from_secs(30));
+
+    let oldest = fx.store.claim_due_attempts(now, 1, hold).await.unwrap();
+    assert_eq!(oldest.iter().map(|a| a.run_id).collect::<Vec<_>>(), runs[..1]);
+    // Two servers claiming at once get disjoint batches.
+    let (a, b) = tokio::join!(
+        fx.store.claim_due_attempts(now, 3, hold),
+        fx.store.claim_due_attempts(now, 3, hold)
+    );
+    let mut claimed: Vec<RunId> = a.unwrap().iter().chain(&b.unwrap()).map(|a| a.run_id).collect();
+    claimed.sort();
+    assert_eq!(claimed, runs[1..]);
+    assert!(fx.store.claim_due_attempts(now, 10, hold).await.unwrap().is_empty(), "held");
+
+    // A claim not dispatched in time is due again; a dispatched one is not.
+    let again = fx.store.claim_due_attempts(hold, 10, hold.plus(Duration::from_secs(30))).await;
+    let again = again.unwrap();
+    assert_eq!(again.len(), 6);
+    fx.store.mark_dispatched(&[(again[0].id, "m-1".to_owned())], hold).await.unwrap();
+    let later = hold.plus(Duration::from_secs(60));
+    assert_eq!(fx.store.claim_due_attempts(later, 10, later).await.unwrap().len(), 5);
+}
+
+async fn readers_following_the_sequence_miss_no_event_of_concurrent_writers(db: TestDb) {
+    let fx = fixture(db);
+    let mut feed = fx.store.subscribe();
+    let profile = WorkerProfile {
+        agents: vec![AgentType::parse("scaffold").unwrap()],
+        version: "0.1.0".into(),
+        hostname: "host-1".into(),
+        concurrency: 1,
+        kind: "external".into(),
+    };
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let (store, profile) = (fx.store.clone(), profile.clone());
+            tokio::spawn(async move {
+                for n in 0..10 {
+                    let worker = WorkerId::new(format!("worker-{writer}-{n}"));
+                    store.worker_seen(&worker, &profile, T0).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let page = |after| EventQuery { run_id: None, environment_id: None, after, limit: 1000 };
+    let mut followed = Vec::new();
+    loop {
+        let done = writers.iter().all(tokio::task::JoinHandle::is_finished);
+        let after = followed.last().copied();
+        let events = fx.store.list_events(&default_project(), &page(after)).await.unwrap();
+        followed.extend(events.iter().map(|event| event.seq));
+        if done {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let all: Vec<_> = fx
+        .store
+        .list_events(&default_project(), &page(None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|event| event.seq)
+        .collect();
+    assert_eq!(all.len(), 80);
+    assert_eq!(followed, all, "a reader following the sequence saw every event once");
+    let mut live = Vec::new();
+    while let Ok(event) = feed.try_recv() {
+        live.push(event.seq);
+    }
+    assert_eq!(live, all, "subscribers got every event in sequence order");
+}
+
+async fn events_after_a_sequence_number_span_projects_in_order(db: TestDb) {
+    let project = ProjectId::parse("other").unwrap();
+    IdentityStore::create_project(&db.store, &project, "Other", "root", T0).await.unwrap();
+    let fx = fixture(db);
+    let first = new_run(&fx, "Hello World API", T0).await;
+    let other = NewRun {
+        id: None,
+        project_id: project,
+        pipeline: sdlc(),
+        request: RunRequest::parse("elsewhere").unwrap(),
+        correlation_id: CorrelationId::new(),
+        environment_id: None,
+        workspace: None,
+        variables: Default::default(),
+        budget: None,
+        submitted_by: None,
+    };
+    let second = fx.store.create_run(other, T0).await.unwrap();
+
+    let all = fx.store.events_after(EventSeq(0), 100).await.unwrap();
+    let runs: Vec<_> = all.iter().map(|event| event.run_id).collect();
+    assert_eq!(runs, [Some(first.id), Some(first.id), Some(second.id), Some(second.id)]);
+    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    let tail = fx.store.events_after(all[1].seq, 1).await.unwrap();
+    assert_eq!(tail, all[2..3]);
+}
+
+async fn a_database_migrated_by_a_newer_drover_is_refused(db: TestDb) {
+    db.pretend_migrated(9999).await;
+    let err = db.open_again().await.unwrap_err();
+    assert!(matches!(err, StoreError::SchemaTooNew { database: 9999, .. }), "{err}");
+    assert!(err.to_string().contains("upgrade drover"), "{err}");
+}
+
+backend_tests!(
+    creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events,
+    another_projects_runs_are_invisible,
+    starting_an_attempt_runs_it_and_its_run_with_a_deadline,
+    a_start_with_a_stale_token_or_twice_is_rejected,
+    success_commits_once_and_creates_the_next_stage,
+    a_result_with_a_stale_token_is_rejected_and_writes_nothing,
+    concurrent_duplicate_results_commit_exactly_once,
+    the_last_stage_succeeding_finishes_the_run,
+    a_retryable_failure_schedules_a_retry_that_is_not_due_before_its_backoff,
+    a_deterministic_failure_fails_the_run_with_the_reason,
+    cancelling_stops_active_attempts_and_cannot_happen_twice,
+    runs_list_newest_first_with_a_cursor_and_a_status_filter,
+    leases_expire_unless_renewed_and_a_released_attempt_gets_a_new_token,
+    overdue_attempts_are_found_by_their_deadline,
+    dispatch_marks_pending_attempts_and_a_requeue_puts_them_back,
+    subscribers_see_committed_events_in_sequence_order,
+    dispatch_context_loads_runs_and_earlier_outputs_in_batches,
+    stale_dispatched_attempts_are_found_and_a_redispatch_is_recorded,
+    an_exhausted_stage_waits_in_the_dead_letter_queue_and_a_redrive_runs_it_again,
+    a_discarded_dead_letter_leaves_the_queue_and_its_run_failed,
+    a_succeeded_attempt_cannot_be_redriven,
+    workers_register_heartbeat_get_lost_and_come_back,
+    a_batch_of_worker_writes_applies_in_order_with_each_one_fenced,
+    a_fork_starts_both_branches_and_a_failed_branch_stops_the_other,
+    data_survives_reopening_the_same_file,
+    claims_are_exclusive_and_held_until_their_time,
+    readers_following_the_sequence_miss_no_event_of_concurrent_writers,
+    events_after_a_sequence_number_span_projects_in_order,
+    a_database_migrated_by_a_newer_drover_is_refused,
+);

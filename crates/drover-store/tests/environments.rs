@@ -1,4 +1,8 @@
-//! The environment side of the store, against a fresh SQLite file per test.
+//! The environment side of the store, against a fresh SQLite file and a fresh PostgreSQL
+//! database per test.
+
+#[macro_use]
+mod common;
 
 use std::time::Duration;
 
@@ -7,23 +11,12 @@ use drover_domain::{
     ServiceStatus, Timestamp,
 };
 use drover_store::{
-    EnvironmentQuery, EnvironmentStore, EventQuery, NewEnvironment, SqliteStore,
-    SqliteStoreOptions, Store, StoreError,
+    EnvironmentQuery, EnvironmentStore, EventQuery, NewEnvironment, Store, StoreError,
 };
 
-const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+use crate::common::TestDb;
 
-async fn store() -> (SqliteStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&SqliteStoreOptions {
-        url: format!("sqlite://{}", dir.path().join("drover.db").display()),
-        read_connections: 2,
-        busy_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    (store, dir)
-}
+const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
 fn new_env(name: &str, base: u16, quota: u32) -> NewEnvironment {
     NewEnvironment {
@@ -40,9 +33,8 @@ fn new_env(name: &str, base: u16, quota: u32) -> NewEnvironment {
     }
 }
 
-#[tokio::test]
-async fn environments_are_created_within_quota_with_unique_names() {
-    let (store, _dir) = store().await;
+async fn environments_are_created_within_quota_with_unique_names(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let first = store.create_environment(new_env("one", 20000, 2), T0).await.unwrap();
     assert_eq!((first.status, first.desired), (EnvStatus::Creating, DesiredState::Running));
@@ -66,9 +58,8 @@ async fn environments_are_created_within_quota_with_unique_names() {
     assert!(store.get_environment(&other, first.id).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn a_deleted_environment_frees_its_name_port_block_and_quota() {
-    let (store, _dir) = store().await;
+async fn a_deleted_environment_frees_its_name_port_block_and_quota(db: TestDb) {
+    let store = db.store.clone();
     let env = store.create_environment(new_env("one", 20000, 1), T0).await.unwrap();
     for status in [EnvStatus::Running, EnvStatus::Deleting, EnvStatus::Deleted] {
         store.transition_environment(env.id, status, None, T0).await.unwrap();
@@ -80,9 +71,8 @@ async fn a_deleted_environment_frees_its_name_port_block_and_quota() {
         .expect("name, block and quota are free again");
 }
 
-#[tokio::test]
-async fn transitions_are_checked_and_each_is_an_event() {
-    let (store, _dir) = store().await;
+async fn transitions_are_checked_and_each_is_an_event(db: TestDb) {
+    let store = db.store.clone();
     let env = store.create_environment(new_env("one", 20000, 5), T0).await.unwrap();
     store.transition_environment(env.id, EnvStatus::Running, None, T0).await.unwrap();
     let illegal = store.transition_environment(env.id, EnvStatus::Deleted, None, T0).await;
@@ -102,9 +92,8 @@ async fn transitions_are_checked_and_each_is_an_event() {
     assert!(events.iter().all(|e| e.environment_id == Some(env.id)));
 }
 
-#[tokio::test]
-async fn desired_state_changes_are_idempotent_and_audited() {
-    let (store, _dir) = store().await;
+async fn desired_state_changes_are_idempotent_and_audited(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let env = store.create_environment(new_env("one", 20000, 5), T0).await.unwrap();
     store
@@ -138,9 +127,8 @@ async fn desired_state_changes_are_idempotent_and_audited() {
     );
 }
 
-#[tokio::test]
-async fn idle_and_long_stopped_environments_are_found() {
-    let (store, _dir) = store().await;
+async fn idle_and_long_stopped_environments_are_found(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let env = store.create_environment(new_env("one", 20000, 5), T0).await.unwrap();
     store.transition_environment(env.id, EnvStatus::Running, None, T0).await.unwrap();
@@ -157,9 +145,8 @@ async fn idle_and_long_stopped_environments_are_found() {
     assert_eq!(store.stopped_environments(days_later).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn service_records_keep_process_groups_and_status_changes_are_events() {
-    let (store, _dir) = store().await;
+async fn service_records_keep_process_groups_and_status_changes_are_events(db: TestDb) {
+    let store = db.store.clone();
     let env = store.create_environment(new_env("one", 20000, 5), T0).await.unwrap();
     let record = |status, pid| ServiceRecord {
         environment_id: Some(env.id),
@@ -201,3 +188,12 @@ async fn service_records_keep_process_groups_and_status_changes_are_events() {
     store.forget_services(Some(env.id)).await.unwrap();
     assert!(store.service_records(Some(env.id)).await.unwrap().is_empty());
 }
+
+backend_tests!(
+    environments_are_created_within_quota_with_unique_names,
+    a_deleted_environment_frees_its_name_port_block_and_quota,
+    transitions_are_checked_and_each_is_an_event,
+    desired_state_changes_are_idempotent_and_audited,
+    idle_and_long_stopped_environments_are_found,
+    service_records_keep_process_groups_and_status_changes_are_events,
+);

@@ -1,26 +1,16 @@
-//! The secrets side of the store, against a fresh SQLite file per test: sealed values by
-//! project and name, changes audited with them, and re-sealing all or nothing.
+//! The secrets side of the store, against a fresh SQLite file and a fresh PostgreSQL
+//! database per test: sealed values by project and name, changes audited with them, and
+//! re-sealing all or nothing.
 
-use std::time::Duration;
+#[macro_use]
+mod common;
 
 use drover_domain::{ProjectId, SecretName, Timestamp};
-use drover_store::{
-    EnvironmentStore, SealedSecret, SecretRead, SecretStore, SqliteStore, SqliteStoreOptions,
-};
+use drover_store::{EnvironmentStore, SealedSecret, SecretRead, SecretStore};
+
+use crate::common::TestDb;
 
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
-
-async fn store() -> (SqliteStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&SqliteStoreOptions {
-        url: format!("sqlite://{}", dir.path().join("drover.db").display()),
-        read_connections: 2,
-        busy_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    (store, dir)
-}
 
 fn sealed(name: &str, key_id: &str) -> SealedSecret {
     SealedSecret {
@@ -32,9 +22,8 @@ fn sealed(name: &str, key_id: &str) -> SealedSecret {
     }
 }
 
-#[tokio::test]
-async fn a_put_creates_then_replaces_and_keeps_its_creation_time() {
-    let (store, _dir) = store().await;
+async fn a_put_creates_then_replaces_and_keeps_its_creation_time(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let (meta, created) = store.put_secret(sealed("B_TOKEN", "k1"), "alice", T0).await.unwrap();
     assert!(created);
@@ -70,9 +59,8 @@ async fn a_put_creates_then_replaces_and_keeps_its_creation_time() {
     );
 }
 
-#[tokio::test]
-async fn reads_are_audited_in_one_batch() {
-    let (store, _dir) = store().await;
+async fn reads_are_audited_in_one_batch(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let reads: Vec<SecretRead> = (0..1500)
         .map(|n| SecretRead {
@@ -89,9 +77,8 @@ async fn reads_are_audited_in_one_batch() {
     assert_eq!(audit[0].reason.as_deref(), Some("attempt 1499"));
 }
 
-#[tokio::test]
-async fn resealing_is_all_or_nothing() {
-    let (store, _dir) = store().await;
+async fn resealing_is_all_or_nothing(db: TestDb) {
+    let store = db.store.clone();
     for name in ["A_TOKEN", "B_TOKEN", "C_TOKEN"] {
         store.put_secret(sealed(name, "old"), "alice", T0).await.unwrap();
     }
@@ -124,3 +111,9 @@ async fn resealing_is_all_or_nothing() {
     assert_eq!(audit[0].action, "secret.rotate");
     assert_eq!(audit[0].reason.as_deref(), Some("key old -> new"));
 }
+
+backend_tests!(
+    a_put_creates_then_replaces_and_keeps_its_creation_time,
+    reads_are_audited_in_one_batch,
+    resealing_is_all_or_nothing,
+);

@@ -1,33 +1,25 @@
-//! The webhook side of the store, against a fresh SQLite file per test: endpoints scoped
-//! to their project and audited, deliveries due, retried and given up, the breaker and the
-//! automatic disabling with its event in the same transaction, redelivery, and the log
-//! trimmed to its bound.
+//! The webhook side of the store, against a fresh SQLite file and a fresh PostgreSQL
+//! database per test: endpoints scoped to their project and audited, deliveries due,
+//! retried and given up, the breaker and the automatic disabling with its event in the same
+//! transaction, redelivery, and the log trimmed to its bound.
+
+#[macro_use]
+mod common;
 
 use std::time::Duration;
 
 use drover_domain::{DeliveryStatus, EventKind, ProjectId, Timestamp, WebhookId};
 use drover_store::{
     AttemptRecorded, AttemptResult, DeliveryQuery, EventQuery, FailurePolicy, IdentityStore,
-    MAX_DELIVERIES_PER_WEBHOOK, NewDelivery, NewWebhook, SqliteStore, SqliteStoreOptions, Store,
-    StoreError, WebhookStore,
+    MAX_DELIVERIES_PER_WEBHOOK, NewDelivery, NewWebhook, Store, StoreError, WebhookStore,
 };
+
+use crate::common::TestDb;
 
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
 const POLICY: FailurePolicy =
     FailurePolicy { breaker_after: 2, breaker_open_for: Duration::from_secs(60), disable_after: 3 };
-
-async fn store() -> (SqliteStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&SqliteStoreOptions {
-        url: format!("sqlite://{}", dir.path().join("drover.db").display()),
-        read_connections: 2,
-        busy_timeout: Duration::from_secs(5),
-    })
-    .await
-    .unwrap();
-    (store, dir)
-}
 
 fn new_webhook(project: &ProjectId) -> NewWebhook {
     NewWebhook {
@@ -61,9 +53,8 @@ fn failed(delivery: drover_domain::DeliveryId, retry_at: Option<Timestamp>) -> A
     }
 }
 
-#[tokio::test]
-async fn endpoints_belong_to_their_project_and_changes_are_audited() {
-    let (store, _dir) = store().await;
+async fn endpoints_belong_to_their_project_and_changes_are_audited(db: TestDb) {
+    let store = db.store.clone();
     let default = ProjectId::default_project();
     let other = ProjectId::parse("other").unwrap();
     store.create_project(&other, "Other", "root", T0).await.unwrap();
@@ -94,9 +85,8 @@ async fn endpoints_belong_to_their_project_and_changes_are_audited() {
     assert!(audit.iter().all(|a| !format!("{a:?}").contains("token=t")), "the URL's origin only");
 }
 
-#[tokio::test]
-async fn failures_retry_then_open_the_breaker_then_disable_with_an_event() {
-    let (store, _dir) = store().await;
+async fn failures_retry_then_open_the_breaker_then_disable_with_an_event(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let webhook = store.create_webhook(new_webhook(&project), "alice", T0).await.unwrap();
     let first = store.enqueue_delivery(&project, delivery(webhook.id, &project), T0).await.unwrap();
@@ -192,9 +182,8 @@ async fn failures_retry_then_open_the_breaker_then_disable_with_an_event() {
     assert_eq!((shown.attempts, shown.next_attempt_at), (3, None));
 }
 
-#[tokio::test]
-async fn an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_them() {
-    let (store, _dir) = store().await;
+async fn an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_them(db: TestDb) {
+    let store = db.store.clone();
     let project = ProjectId::default_project();
     let webhook = store.create_webhook(new_webhook(&project), "alice", T0).await.unwrap();
     let extra = 5;
@@ -216,3 +205,9 @@ async fn an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_th
     let gone = store.record_attempt(&failed(all[0].id, None), &POLICY, T0).await.unwrap();
     assert_eq!(gone, AttemptRecorded::Stale);
 }
+
+backend_tests!(
+    endpoints_belong_to_their_project_and_changes_are_audited,
+    failures_retry_then_open_the_breaker_then_disable_with_an_event,
+    an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_them,
+);

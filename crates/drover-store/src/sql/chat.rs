@@ -1,11 +1,12 @@
-//! The SQLite [`ChatStore`]: `chat_sessions` and `chat_messages`. Appending a message and
-//! counting it on its session happen in one write transaction, so `seq` has no gaps.
+//! The [`ChatStore`]: `chat_sessions` and `chat_messages`. Appending a message and
+//! counting it on its session happen in one write transaction (on PostgreSQL the count's
+//! update locks the session's row until the message is in), so `seq` has no gaps.
 
 use async_trait::async_trait;
 use drover_domain::{AgentType, ChatMessage, ChatSession, ChatSessionId, ProjectId, Timestamp};
-use sqlx::{Connection, FromRow};
+use sqlx::FromRow;
 
-use super::{SqliteStore, corrupt};
+use super::{Backend, SqlStore, corrupt, sql};
 use crate::{ChatStore, NewChatMessage, NewChatSession, StoreError, StoreResult};
 
 #[derive(FromRow)]
@@ -76,7 +77,7 @@ fn as_i64(value: Option<u64>) -> Option<i64> {
 }
 
 #[async_trait]
-impl ChatStore for SqliteStore {
+impl<B: Backend> ChatStore for SqlStore<B> {
     async fn create_chat_session(
         &self,
         new: NewChatSession,
@@ -92,19 +93,16 @@ impl ChatStore for SqliteStore {
             updated_at: now,
             message_count: 0,
         };
-        let mut conn = self.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO chat_sessions (id, project_id, owner, agent, environment, \
-             message_count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
-        )
+        sql("INSERT INTO chat_sessions (id, project_id, owner, agent, environment, \
+             message_count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?)")
         .bind(session.id.to_string())
         .bind(session.project_id.as_str())
         .bind(&session.owner)
         .bind(session.agent.as_str())
-        .bind(&session.environment)
+        .bind(session.environment.as_deref())
         .bind(now.as_millis())
         .bind(now.as_millis())
-        .execute(&mut *conn)
+        .execute(&mut self.writer().await.db())
         .await?;
         Ok(session)
     }
@@ -115,7 +113,7 @@ impl ChatStore for SqliteStore {
         owner: &str,
         id: &ChatSessionId,
     ) -> StoreResult<ChatSession> {
-        let row: Option<SessionRow> = sqlx::query_as(concat!(
+        let row: Option<SessionRow> = sql(concat!(
             "SELECT ",
             session_columns!(),
             " FROM chat_sessions WHERE id = ? AND project_id = ? AND owner = ?"
@@ -123,7 +121,7 @@ impl ChatStore for SqliteStore {
         .bind(id.to_string())
         .bind(project.as_str())
         .bind(owner)
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut self.read())
         .await?;
         row.ok_or_else(|| not_found(id))?.into_session()
     }
@@ -134,7 +132,7 @@ impl ChatStore for SqliteStore {
         owner: &str,
         limit: u32,
     ) -> StoreResult<Vec<ChatSession>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+        let rows: Vec<SessionRow> = sql(concat!(
             "SELECT ",
             session_columns!(),
             " FROM chat_sessions WHERE project_id = ? AND owner = ? \
@@ -143,7 +141,7 @@ impl ChatStore for SqliteStore {
         .bind(project.as_str())
         .bind(owner)
         .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(SessionRow::into_session).collect()
     }
@@ -156,43 +154,42 @@ impl ChatStore for SqliteStore {
         message: NewChatMessage,
         now: Timestamp,
     ) -> StoreResult<ChatMessage> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let count: Option<(i64,)> = sqlx::query_as(
-            "UPDATE chat_sessions SET message_count = message_count + 1, updated_at = ? \
-             WHERE id = ? AND project_id = ? AND owner = ? RETURNING message_count",
-        )
-        .bind(now.as_millis())
-        .bind(id.to_string())
-        .bind(project.as_str())
-        .bind(owner)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (seq,) = count.ok_or_else(|| not_found(id))?;
-        sqlx::query(
-            "INSERT INTO chat_messages (session_id, seq, role, content, status, input_tokens, \
+        self.with_tx(async |tx| {
+            let count: Option<(i64,)> =
+                sql("UPDATE chat_sessions SET message_count = message_count + 1, updated_at = ? \
+             WHERE id = ? AND project_id = ? AND owner = ? RETURNING message_count")
+                .bind(now.as_millis())
+                .bind(id.to_string())
+                .bind(project.as_str())
+                .bind(owner)
+                .fetch_optional(tx)
+                .await?;
+            let (seq,) = count.ok_or_else(|| not_found(id))?;
+            sql(
+                "INSERT INTO chat_messages (session_id, seq, role, content, status, input_tokens, \
              output_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(seq)
-        .bind(message.role.as_str())
-        .bind(&message.content)
-        .bind(message.status.as_str())
-        .bind(as_i64(message.input_tokens))
-        .bind(as_i64(message.output_tokens))
-        .bind(now.as_millis())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(ChatMessage {
-            seq: u64::try_from(seq).map_err(|e| corrupt("chat_sessions.message_count", e))?,
-            role: message.role,
-            content: message.content,
-            status: message.status,
-            input_tokens: message.input_tokens,
-            output_tokens: message.output_tokens,
-            created_at: now,
+            )
+            .bind(id.to_string())
+            .bind(seq)
+            .bind(message.role.as_str())
+            .bind(message.content.as_str())
+            .bind(message.status.as_str())
+            .bind(as_i64(message.input_tokens))
+            .bind(as_i64(message.output_tokens))
+            .bind(now.as_millis())
+            .execute(tx)
+            .await?;
+            Ok(ChatMessage {
+                seq: u64::try_from(seq).map_err(|e| corrupt("chat_sessions.message_count", e))?,
+                role: message.role,
+                content: message.content,
+                status: message.status,
+                input_tokens: message.input_tokens,
+                output_tokens: message.output_tokens,
+                created_at: now,
+            })
         })
+        .await
     }
 
     async fn chat_messages(
@@ -204,18 +201,17 @@ impl ChatStore for SqliteStore {
     ) -> StoreResult<Vec<ChatMessage>> {
         // The owner check and the tail in one query; an empty tail of a session that
         // exists is told apart from no session by a second look only when empty.
-        let rows: Vec<MessageRow> = sqlx::query_as(
-            "SELECT m.seq, m.role, m.content, m.status, m.input_tokens, m.output_tokens, \
+        let rows: Vec<MessageRow> =
+            sql("SELECT m.seq, m.role, m.content, m.status, m.input_tokens, m.output_tokens, \
              m.created_at FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id \
              WHERE s.id = ? AND s.project_id = ? AND s.owner = ? \
-             ORDER BY m.seq DESC LIMIT ?",
-        )
-        .bind(id.to_string())
-        .bind(project.as_str())
-        .bind(owner)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+             ORDER BY m.seq DESC LIMIT ?")
+            .bind(id.to_string())
+            .bind(project.as_str())
+            .bind(owner)
+            .bind(i64::from(limit))
+            .fetch_all(&mut self.read())
+            .await?;
         if rows.is_empty() {
             self.chat_session(project, owner, id).await?;
         }
@@ -231,15 +227,13 @@ impl ChatStore for SqliteStore {
         owner: &str,
         id: &ChatSessionId,
     ) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
         let deleted =
-            sqlx::query("DELETE FROM chat_sessions WHERE id = ? AND project_id = ? AND owner = ?")
+            sql("DELETE FROM chat_sessions WHERE id = ? AND project_id = ? AND owner = ?")
                 .bind(id.to_string())
                 .bind(project.as_str())
                 .bind(owner)
-                .execute(&mut *conn)
+                .execute(&mut self.writer().await.db())
                 .await?
-                .rows_affected()
                 > 0;
         Ok(deleted)
     }

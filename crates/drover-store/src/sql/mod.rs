@@ -1,18 +1,29 @@
-//! The SQLite store: one file under the data directory, WAL journal, migrations applied on
-//! open.
+//! The store over SQL, written once for SQLite and PostgreSQL.
 //!
-//! SQLite allows one writer at a time, so writes go through a pool of exactly one
-//! connection (no `SQLITE_BUSY` upgrades inside transactions, no lock convoys), while reads
-//! use a separate pool that WAL lets run alongside the writer.
+//! [`SqlStore`] holds the connections of either database ([`Pool`]) and implements every
+//! store trait over [`Db`], which runs a statement on either. What differs between the two
+//! is how writes take turns:
+//!
+//! - SQLite allows one writer at a time, so writes go through exactly one connection held
+//!   under a mutex (no `SQLITE_BUSY` upgrades inside transactions, no lock convoys), while
+//!   reads use a separate pool that WAL lets run alongside the writer.
+//! - PostgreSQL writes run on pooled connections at once, from this process and from other
+//!   servers sharing the database. A write that reads rows before changing them locks them
+//!   (`FOR UPDATE`, see [`Db::for_update`]); the runs' and attempts' writes lock the run
+//!   first, then its attempts, so they take turns per run in one order. Event inserts are
+//!   serialized (see [`SqlStore::transaction`]).
+//!
+//! Either way, events are published to in-process subscribers after their commit, in
+//! sequence order.
 
 mod chat;
+mod db;
 mod environments;
 mod identities;
 mod secrets;
 mod webhooks;
 
-use std::path::Path;
-use std::str::FromStr;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +35,12 @@ use drover_domain::{
     StageStart, StageStatus, Timestamp, Usage, Worker, WorkerId, WorkerProfile, advance, decide,
 };
 use serde_json::json;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Connection, Executor, FromRow, QueryBuilder, Sqlite, SqliteConnection};
-use tokio::sync::{Mutex, broadcast};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use sqlx::{Connection, FromRow};
+use tokio::sync::{Mutex, MutexGuard, broadcast};
+
+pub(crate) use db::{Db, Sql, sql, unique_violation};
 
 use crate::{
     ApprovalDecision, ApprovalOutcome, CancelledRun, CommandOutcome, Completion, CompletionOutcome,
@@ -36,30 +48,254 @@ use crate::{
     StoreResult, UsageReport, WorkerCommand,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
 /// How many committed events a live subscriber may fall behind before it must catch up
 /// from the database.
 const EVENT_FEED_CAPACITY: usize = 4096;
 
-/// Connection settings for [`SqliteStore::open`].
-#[derive(Debug, Clone)]
-pub struct SqliteStoreOptions {
-    /// `sqlite://PATH`.
-    pub url: String,
-    pub read_connections: u32,
-    pub busy_timeout: Duration,
+/// The key of the PostgreSQL advisory lock that event inserts take (see
+/// [`SqlStore::transaction`]): "drover" and 1.
+const EVENT_LOCK: i64 = 0x6472_6f76_6572_0001;
+
+/// Which database a [`SqlStore`] works on: [`SqliteBackend`], [`PostgresBackend`], or
+/// [`AnyBackend`] (either, chosen by URL when it is opened).
+pub trait Backend: sealed::Sealed + Send + Sync + 'static {}
+
+mod sealed {
+    pub trait Sealed {}
 }
 
-/// The SQLite implementation of [`Store`].
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    /// The one connection that writes. Held from a write transaction's start until its
-    /// events are published, so subscribers receive events in sequence order; holding it
-    /// (rather than taking it from a pool each time) saves a round trip per transaction.
-    pub(super) writer: Arc<Mutex<SqliteConnection>>,
-    pub(super) reader: SqlitePool,
+/// A [`SqlStore`] on SQLite.
+#[derive(Debug)]
+pub enum SqliteBackend {}
+/// A [`SqlStore`] on PostgreSQL.
+#[derive(Debug)]
+pub enum PostgresBackend {}
+/// A [`SqlStore`] on either database.
+#[derive(Debug)]
+pub enum AnyBackend {}
+
+impl sealed::Sealed for SqliteBackend {}
+impl sealed::Sealed for PostgresBackend {}
+impl sealed::Sealed for AnyBackend {}
+impl Backend for SqliteBackend {}
+impl Backend for PostgresBackend {}
+impl Backend for AnyBackend {}
+
+/// The SQLite store: one file, WAL journal, migrations under `migrations/sqlite`.
+pub type SqliteStore = SqlStore<SqliteBackend>;
+/// The PostgreSQL store: a connection pool, migrations under `migrations/postgres`.
+pub type PostgresStore = SqlStore<PostgresBackend>;
+/// The store a URL names: SQLite or PostgreSQL ([`crate::open`]).
+pub type AnyStore = SqlStore<AnyBackend>;
+
+/// The implementation of every store trait over SQL. Cloning it is cheap: clones share
+/// connections and the event feed.
+pub struct SqlStore<B: Backend> {
+    pool: Pool,
     events: broadcast::Sender<Event>,
+    backend: PhantomData<fn() -> B>,
+}
+
+impl<B: Backend> Clone for SqlStore<B> {
+    fn clone(&self) -> Self {
+        Self { pool: self.pool.clone(), events: self.events.clone(), backend: PhantomData }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for SqlStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore").field("pool", &self.pool).finish_non_exhaustive()
+    }
+}
+
+impl From<SqliteStore> for AnyStore {
+    fn from(store: SqliteStore) -> Self {
+        store.retag()
+    }
+}
+
+impl From<PostgresStore> for AnyStore {
+    fn from(store: PostgresStore) -> Self {
+        store.retag()
+    }
+}
+
+/// The connections of a store.
+#[derive(Debug, Clone)]
+pub(crate) enum Pool {
+    Sqlite {
+        /// The one connection that writes. Held from a write transaction's start until its
+        /// events are published, so subscribers receive events in sequence order; holding
+        /// it (rather than taking it from a pool each time) saves a round trip per
+        /// transaction.
+        writer: Arc<Mutex<SqliteConnection>>,
+        reader: SqlitePool,
+    },
+    Postgres {
+        pool: PgPool,
+        /// Held from an event insert until its events are published, so this process's
+        /// subscribers receive events in sequence order.
+        publishing: Arc<Mutex<()>>,
+    },
+}
+
+/// How full a store's connection pool is (for `readyz` and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// Connections open (for SQLite, readers plus the writer).
+    pub connections: u32,
+    /// Of those, how many are idle.
+    pub idle: u32,
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+}
+
+/// A connection to write on outside a transaction: SQLite's writer, held; or the
+/// PostgreSQL pool.
+pub(crate) enum Writer<'a> {
+    Sqlite(MutexGuard<'a, SqliteConnection>),
+    Postgres(&'a PgPool),
+}
+
+impl Writer<'_> {
+    pub(crate) fn db(&mut self) -> Db<'_> {
+        match self {
+            Writer::Sqlite(conn) => Db::Sqlite(conn),
+            Writer::Postgres(pool) => Db::PostgresPool(pool),
+        }
+    }
+}
+
+impl<B: Backend> SqlStore<B> {
+    pub(crate) fn new(pool: Pool) -> Self {
+        let (events, _) = broadcast::channel(EVENT_FEED_CAPACITY);
+        Self { pool, events, backend: PhantomData }
+    }
+
+    fn retag<C: Backend>(self) -> SqlStore<C> {
+        SqlStore { pool: self.pool, events: self.events, backend: PhantomData }
+    }
+
+    /// Where reads go.
+    pub(crate) fn read(&self) -> Db<'_> {
+        match &self.pool {
+            Pool::Sqlite { reader, .. } => Db::SqlitePool(reader),
+            Pool::Postgres { pool, .. } => Db::PostgresPool(pool),
+        }
+    }
+
+    /// Where a write outside a transaction goes.
+    pub(crate) async fn writer(&self) -> Writer<'_> {
+        match &self.pool {
+            Pool::Sqlite { writer, .. } => Writer::Sqlite(writer.lock().await),
+            Pool::Postgres { pool, .. } => Writer::Postgres(pool),
+        }
+    }
+
+    /// How full the connection pool is.
+    pub fn pool_stats(&self) -> PoolStats {
+        let (backend, pool_size, idle, max, extra) = match &self.pool {
+            Pool::Sqlite { reader, .. } => (
+                "sqlite",
+                reader.size(),
+                reader.num_idle(),
+                reader.options().get_max_connections(),
+                1,
+            ),
+            Pool::Postgres { pool, .. } => {
+                ("postgres", pool.size(), pool.num_idle(), pool.options().get_max_connections(), 0)
+            }
+        };
+        PoolStats {
+            backend,
+            connections: pool_size + extra,
+            idle: u32::try_from(idle).unwrap_or(u32::MAX),
+            max_connections: max + extra,
+        }
+    }
+
+    /// Closes the connections (for SQLite, after checkpointing the journal); the SQLite
+    /// writer closes when the last clone of the store is dropped.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Sqlite { writer, reader } => {
+                reader.close().await;
+                let mut writer = writer.lock().await;
+                if let Err(err) =
+                    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *writer).await
+                {
+                    tracing::debug!(error = %err, "checkpoint on close failed");
+                }
+            }
+            Pool::Postgres { pool, .. } => pool.close().await,
+        }
+    }
+
+    /// Runs `write` in one transaction, appends the events it produced (stamped `now`),
+    /// commits, then publishes them.
+    ///
+    /// On PostgreSQL, sequence numbers come from a sequence, which hands them out when
+    /// rows are inserted, not when they commit: two transactions could commit seq 11
+    /// before seq 10, and a reader following "events after N" that saw 11 would never see
+    /// 10. So the insert of events takes a transaction-level advisory lock first
+    /// ([`EVENT_LOCK`], released by the commit): event inserts of all servers take turns in
+    /// commit order, and a sequence number is only handed out once every smaller one is
+    /// committed (or rolled back, a gap no reader waits for). Only the insert and the
+    /// commit are serialized; the rest of the transaction runs alongside others.
+    pub(crate) async fn transaction<T>(
+        &self,
+        now: Timestamp,
+        write: impl AsyncFnOnce(&mut Db<'_>, &mut Vec<NewEvent>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut events = Vec::new();
+        match &self.pool {
+            Pool::Sqlite { writer, .. } => {
+                let mut conn = writer.lock().await;
+                let mut tx = conn.begin().await?;
+                let value = write(&mut Db::Sqlite(&mut tx), &mut events).await?;
+                let stored = append_events(&mut Db::Sqlite(&mut tx), events, now).await?;
+                tx.commit().await?;
+                self.publish(stored);
+                Ok(value)
+            }
+            Pool::Postgres { pool, publishing } => {
+                let mut tx = pool.begin().await?;
+                let value = write(&mut Db::Postgres(&mut tx), &mut events).await?;
+                if events.is_empty() {
+                    tx.commit().await?;
+                    return Ok(value);
+                }
+                // This process's turn first, then every server's: a task holding the
+                // advisory lock never waits for the mutex.
+                let _publishing = publishing.lock().await;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(EVENT_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                let stored = append_events(&mut Db::Postgres(&mut tx), events, now).await?;
+                tx.commit().await?;
+                self.publish(stored);
+                Ok(value)
+            }
+        }
+    }
+
+    /// Runs `write` in one transaction that appends no events.
+    pub(crate) async fn with_tx<T>(
+        &self,
+        write: impl AsyncFnOnce(&mut Db<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        self.transaction(Timestamp::from_millis(0), async |tx, _| write(tx).await).await
+    }
+
+    fn publish(&self, events: Vec<Event>) {
+        for event in events {
+            // No subscribers is fine: the events are in the database.
+            let _ = self.events.send(event);
+        }
+    }
 }
 
 macro_rules! run_columns {
@@ -85,87 +321,8 @@ macro_rules! event_columns {
     };
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database and applies pending migrations.
-    pub async fn open(options: &SqliteStoreOptions) -> StoreResult<Self> {
-        let open_error = |message: String| StoreError::Open { url: options.url.clone(), message };
-        let path = options
-            .url
-            .strip_prefix("sqlite://")
-            .ok_or_else(|| open_error("expected a sqlite:// URL".to_owned()))?;
-        if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|err| open_error(format!("cannot create {}: {err}", parent.display())))?;
-        }
-        let connect = SqliteConnectOptions::from_str(&options.url)
-            .map_err(|err| open_error(err.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(options.busy_timeout);
-        let mut writer = SqliteConnection::connect_with(&connect)
-            .await
-            .map_err(|err| open_error(err.to_string()))?;
-        migrate(&mut writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(options.read_connections.max(1))
-            .connect_with(connect.read_only(true))
-            .await
-            .map_err(|err| open_error(err.to_string()))?;
-        let (events, _) = broadcast::channel(EVENT_FEED_CAPACITY);
-        Ok(Self { writer: Arc::new(Mutex::new(writer)), reader, events })
-    }
-
-    /// Closes the read pool and checkpoints the journal; the writer closes when the last
-    /// clone of the store is dropped.
-    pub async fn close(&self) {
-        self.reader.close().await;
-        let mut writer = self.writer.lock().await;
-        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *writer).await
-        {
-            tracing::debug!(error = %err, "checkpoint on close failed");
-        }
-    }
-
-    /// Runs one write in its own transaction on the writer, appends the events it
-    /// produced, commits, then publishes them.
-    async fn write_one<T>(
-        &self,
-        now: Timestamp,
-        write: impl AsyncFnOnce(&mut SqliteConnection, &mut Vec<NewEvent>) -> StoreResult<T>,
-    ) -> StoreResult<T> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut events = Vec::new();
-        let value = write(&mut tx, &mut events).await?;
-        let stored = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(stored);
-        Ok(value)
-    }
-
-    pub(super) fn publish(&self, events: Vec<Event>) {
-        for event in events {
-            // No subscribers is fine: the events are in the database.
-            let _ = self.events.send(event);
-        }
-    }
-}
-
-async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
-    match MIGRATOR.run(conn).await {
-        Ok(()) => Ok(()),
-        Err(sqlx::migrate::MigrateError::VersionMissing(version)) => Err(StoreError::SchemaTooNew(
-            format!("database has migration {version} this binary lacks"),
-        )),
-        Err(err) => Err(err.into()),
-    }
-}
-
 #[async_trait]
-impl Store for SqliteStore {
+impl<B: Backend> Store for SqlStore<B> {
     async fn create_run(&self, new: NewRun, now: Timestamp) -> StoreResult<Run> {
         new.pipeline.validate().map_err(|err| {
             StoreError::Corrupt(format!("pipeline `{}`: {err}", new.pipeline.name))
@@ -200,52 +357,51 @@ impl Store for SqliteStore {
         if all_gated {
             run.status = run.status.become_(RunStatus::WaitingApproval)?;
         }
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        sqlx::query(concat!(
-            "INSERT INTO runs (",
-            run_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(run.id.to_string())
-        .bind(run.project_id.as_str())
-        .bind(run.pipeline.as_str())
-        .bind(run.request.as_str())
-        .bind(run.status.as_str())
-        .bind(run.correlation_id.to_string())
-        .bind(None::<String>)
-        .bind(now.as_millis())
-        .bind(now.as_millis())
-        .bind(None::<i64>)
-        .bind(None::<i64>)
-        .bind(run.environment_id.map(|id| id.to_string()))
-        .bind(run.workspace.as_deref())
-        .bind(if run.variables.is_empty() {
-            None
-        } else {
-            serde_json::to_string(&run.variables).ok()
+        self.transaction(now, async |tx, events| {
+            sql(concat!(
+                "INSERT INTO runs (",
+                run_columns!(),
+                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(run.id.to_string())
+            .bind(run.project_id.as_str())
+            .bind(run.pipeline.as_str())
+            .bind(run.request.as_str())
+            .bind(run.status.as_str())
+            .bind(run.correlation_id.to_string())
+            .bind(None::<String>)
+            .bind(now.as_millis())
+            .bind(now.as_millis())
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(run.environment_id.map(|id| id.to_string()))
+            .bind(run.workspace.as_deref())
+            .bind(if run.variables.is_empty() {
+                None
+            } else {
+                serde_json::to_string(&run.variables).ok()
+            })
+            .bind(run.budget.and_then(|budget| serde_json::to_string(&budget).ok()))
+            .bind(run.spec.as_ref().and_then(|spec| serde_json::to_string(spec).ok()))
+            .bind(run.submitted_by.as_deref())
+            .execute(tx)
+            .await?;
+            events
+                .push(run_event(&run, json!({ "request": run.request, "pipeline": run.pipeline })));
+            let spec = &new.pipeline;
+            for start in &first.start {
+                let stage =
+                    spec.stage(start.index).ok_or_else(|| missing_stage(spec, start.index))?;
+                let attempt = insert_stage(tx, &run, start, stage, now).await?;
+                events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
+            }
+            Ok(run)
         })
-        .bind(run.budget.and_then(|budget| serde_json::to_string(&budget).ok()))
-        .bind(run.spec.as_ref().and_then(|spec| serde_json::to_string(spec).ok()))
-        .bind(run.submitted_by.as_deref())
-        .execute(&mut *tx)
-        .await?;
-        let mut events =
-            vec![run_event(&run, json!({ "request": run.request, "pipeline": run.pipeline }))];
-        let spec = &new.pipeline;
-        for start in &first.start {
-            let stage = spec.stage(start.index).ok_or_else(|| missing_stage(spec, start.index))?;
-            let attempt = insert_stage(&mut tx, &run, start, stage, now).await?;
-            events.push(attempt_event(&attempt, &run.correlation_id, json!({})));
-        }
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(run)
+        .await
     }
 
     async fn get_run(&self, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>> {
-        fetch_run(&self.reader, project, id).await
+        fetch_run(&mut self.read(), project, id).await
     }
 
     async fn unfinished_runs_in(
@@ -255,15 +411,11 @@ impl Store for SqliteStore {
         if environments.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = QueryBuilder::<Sqlite>::new(
+        let mut query = sql(
             "SELECT environment_id, id FROM runs WHERE status IN ('queued', 'running', 'waiting_approval') AND environment_id IN (",
         );
-        let mut ids = sql.separated(", ");
-        for env in environments {
-            ids.push_bind(env.to_string());
-        }
-        sql.push(")");
-        let rows: Vec<(String, String)> = sql.build_query_as().fetch_all(&self.reader).await?;
+        query.push_list(environments.iter().map(ToString::to_string)).push(")");
+        let rows: Vec<(String, String)> = query.fetch_all(&mut self.read()).await?;
         rows.into_iter()
             .map(|(env, run)| {
                 Ok((
@@ -275,20 +427,17 @@ impl Store for SqliteStore {
     }
 
     async fn list_runs(&self, project: &ProjectId, query: &RunQuery) -> StoreResult<Vec<Run>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
-            "SELECT ",
-            run_columns!(),
-            " FROM runs WHERE project_id = "
-        ));
-        sql.push_bind(project.as_str().to_owned());
+        let mut statement =
+            sql(concat!("SELECT ", run_columns!(), " FROM runs WHERE project_id = ?"))
+                .bind(project.as_str());
         if let Some(status) = query.status {
-            sql.push(" AND status = ").push_bind(status.as_str());
+            statement.push(" AND status = ").push_bind(status.as_str());
         }
         if let Some(before) = query.before {
-            sql.push(" AND id < ").push_bind(before.to_string());
+            statement.push(" AND id < ").push_bind(before.to_string());
         }
-        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
-        let rows: Vec<RunRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        statement.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        let rows: Vec<RunRow> = statement.fetch_all(&mut self.read()).await?;
         rows.into_iter().map(Run::try_from).collect()
     }
 
@@ -297,7 +446,7 @@ impl Store for SqliteStore {
         project: &ProjectId,
         run: RunId,
     ) -> StoreResult<Vec<StageAttempt>> {
-        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+        let rows: Vec<AttemptRow> = sql(concat!(
             "SELECT ",
             attempt_columns!(),
             " FROM stage_attempts WHERE project_id = ? AND run_id = ? ",
@@ -305,7 +454,7 @@ impl Store for SqliteStore {
         ))
         .bind(project.as_str())
         .bind(run.to_string())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(StageAttempt::try_from).collect()
     }
@@ -317,24 +466,22 @@ impl Store for SqliteStore {
         reason: &str,
         now: Timestamp,
     ) -> StoreResult<CancelledRun> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut run =
-            fetch_run(&mut *tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
-        if run.status.is_terminal() {
-            return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
-        }
-        run.status = run.status.become_(RunStatus::Cancelled)?;
-        run.error = Some(reason.to_owned());
-        run.updated_at = now;
-        run.finished_at = Some(now);
-        update_run(&mut tx, &run).await?;
-        let mut events = vec![run_event(&run, json!({ "reason": reason }))];
-        let stopped = stop_active(&mut tx, &run, reason, now, &mut events).await?;
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(CancelledRun { run, stopped_attempts: stopped })
+        self.transaction(now, async |tx, events| {
+            let mut run =
+                fetch_run(tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
+            if run.status.is_terminal() {
+                return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
+            }
+            run.status = run.status.become_(RunStatus::Cancelled)?;
+            run.error = Some(reason.to_owned());
+            run.updated_at = now;
+            run.finished_at = Some(now);
+            update_run(tx, &run).await?;
+            events.push(run_event(&run, json!({ "reason": reason })));
+            let stopped = stop_active(tx, &run, reason, now, events).await?;
+            Ok(CancelledRun { run, stopped_attempts: stopped })
+        })
+        .await
     }
 
     async fn decide_approval(
@@ -345,76 +492,73 @@ impl Store for SqliteStore {
         decision: &ApprovalDecision,
         now: Timestamp,
     ) -> StoreResult<ApprovalOutcome> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut run =
-            fetch_run(&mut *tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
-        if run.status.is_terminal() {
-            return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
-        }
-        let latest: Option<AttemptRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            attempt_columns!(),
-            " FROM stage_attempts WHERE run_id = ? AND stage = ? ORDER BY attempt DESC LIMIT 1"
-        ))
-        .bind(run.id.to_string())
-        .bind(stage.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut attempt = match latest.map(StageAttempt::try_from).transpose()? {
-            Some(attempt) if attempt.status == StageStatus::WaitingApproval => attempt,
-            other => {
-                let state = match other {
-                    Some(attempt) => format!("it is {}", attempt.status),
-                    None if run.spec.as_ref().is_none_or(|p| p.index_of(stage).is_some()) => {
-                        "it has not been reached".to_owned()
-                    }
-                    None => "the run's pipeline has no such stage".to_owned(),
-                };
-                return Err(StoreError::NotWaitingApproval {
-                    run: run.id,
-                    stage: stage.to_string(),
-                    state,
-                });
+        self.transaction(now, async |tx, events| {
+            let mut run =
+                fetch_run(tx, project, run_id).await?.ok_or(StoreError::RunNotFound(run_id))?;
+            if run.status.is_terminal() {
+                return Err(StoreError::RunAlreadyFinished { id: run.id, status: run.status });
             }
-        };
-        let mut events = Vec::new();
-        let mut stopped = Vec::new();
-        let why = decision.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-        if decision.approve {
-            attempt.status = attempt.status.become_(StageStatus::Pending)?;
-            attempt.available_at = now;
-            update_attempt(&mut tx, &attempt).await?;
-            events.push(attempt_event(
-                &attempt,
-                &run.correlation_id,
-                json!({ "approved_by": decision.by, "reason": decision.reason }),
-            ));
-            settle_run_status(&mut tx, &mut run, now, &mut events).await?;
-        } else {
-            let error = format!("rejected by {}{why}", decision.by);
-            attempt.status = attempt.status.become_(StageStatus::Failed)?;
-            attempt.error = Some(error.clone());
-            attempt.finished_at = Some(now);
-            update_attempt(&mut tx, &attempt).await?;
-            events.push(attempt_event(
-                &attempt,
-                &run.correlation_id,
-                json!({ "rejected_by": decision.by, "error": error }),
-            ));
-            let run_error = format!("stage `{stage}` was {error}");
-            run.status = run.status.become_(RunStatus::Failed)?;
-            run.error = Some(run_error.clone());
-            run.updated_at = now;
-            run.finished_at = Some(now);
-            update_run(&mut tx, &run).await?;
-            events.push(run_event(&run, json!({ "error": run_error })));
-            stopped = stop_active(&mut tx, &run, &run_error, now, &mut events).await?;
-        }
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(ApprovalOutcome { run, attempt, stopped })
+            let query = sql(concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE run_id = ? AND stage = ? ORDER BY attempt DESC LIMIT 1"
+            ))
+            .bind(run.id.to_string())
+            .bind(stage.as_str())
+            .for_update(tx);
+            let latest: Option<AttemptRow> = query.fetch_optional(tx).await?;
+            let mut attempt = match latest.map(StageAttempt::try_from).transpose()? {
+                Some(attempt) if attempt.status == StageStatus::WaitingApproval => attempt,
+                other => {
+                    let state = match other {
+                        Some(attempt) => format!("it is {}", attempt.status),
+                        None if run.spec.as_ref().is_none_or(|p| p.index_of(stage).is_some()) => {
+                            "it has not been reached".to_owned()
+                        }
+                        None => "the run's pipeline has no such stage".to_owned(),
+                    };
+                    return Err(StoreError::NotWaitingApproval {
+                        run: run.id,
+                        stage: stage.to_string(),
+                        state,
+                    });
+                }
+            };
+            let mut stopped = Vec::new();
+            let why = decision.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            if decision.approve {
+                attempt.status = attempt.status.become_(StageStatus::Pending)?;
+                attempt.available_at = now;
+                update_attempt(tx, &attempt).await?;
+                events.push(attempt_event(
+                    &attempt,
+                    &run.correlation_id,
+                    json!({ "approved_by": decision.by, "reason": decision.reason }),
+                ));
+                settle_run_status(tx, &mut run, now, events).await?;
+            } else {
+                let error = format!("rejected by {}{why}", decision.by);
+                attempt.status = attempt.status.become_(StageStatus::Failed)?;
+                attempt.error = Some(error.clone());
+                attempt.finished_at = Some(now);
+                update_attempt(tx, &attempt).await?;
+                events.push(attempt_event(
+                    &attempt,
+                    &run.correlation_id,
+                    json!({ "rejected_by": decision.by, "error": error }),
+                ));
+                let run_error = format!("stage `{stage}` was {error}");
+                run.status = run.status.become_(RunStatus::Failed)?;
+                run.error = Some(run_error.clone());
+                run.updated_at = now;
+                run.finished_at = Some(now);
+                update_run(tx, &run).await?;
+                events.push(run_event(&run, json!({ "error": run_error })));
+                stopped = stop_active(tx, &run, &run_error, now, events).await?;
+            }
+            Ok(ApprovalOutcome { run, attempt, stopped })
+        })
+        .await
     }
 
     async fn usage_report(
@@ -422,15 +566,14 @@ impl Store for SqliteStore {
         project: &ProjectId,
         since: Timestamp,
     ) -> StoreResult<UsageReport> {
-        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
-            "SELECT a.run_id, a.stage, r.submitted_by, a.output FROM stage_attempts a \
+        let rows: Vec<(String, String, Option<String>, String)> =
+            sql("SELECT a.run_id, a.stage, r.submitted_by, a.output FROM stage_attempts a \
              JOIN runs r ON r.id = a.run_id \
-             WHERE r.project_id = ? AND r.created_at >= ? AND a.output IS NOT NULL",
-        )
-        .bind(project.as_str())
-        .bind(since.as_millis())
-        .fetch_all(&self.reader)
-        .await?;
+             WHERE r.project_id = ? AND r.created_at >= ? AND a.output IS NOT NULL")
+            .bind(project.as_str())
+            .bind(since.as_millis())
+            .fetch_all(&mut self.read())
+            .await?;
         let mut by_stage = std::collections::BTreeMap::<String, Usage>::new();
         let mut by_run = std::collections::BTreeMap::<RunId, Usage>::new();
         let mut by_user = std::collections::BTreeMap::<String, Usage>::new();
@@ -462,64 +605,58 @@ impl Store for SqliteStore {
         project: &ProjectId,
         query: &EventQuery,
     ) -> StoreResult<Vec<Event>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
-            "SELECT ",
-            event_columns!(),
-            " FROM events WHERE project_id = "
-        ));
-        sql.push_bind(project.as_str().to_owned());
+        let mut statement =
+            sql(concat!("SELECT ", event_columns!(), " FROM events WHERE project_id = ?"))
+                .bind(project.as_str());
         if let Some(run) = query.run_id {
-            sql.push(" AND run_id = ").push_bind(run.to_string());
+            statement.push(" AND run_id = ").push_bind(run.to_string());
         }
         if let Some(environment) = query.environment_id {
-            sql.push(" AND environment_id = ").push_bind(environment.to_string());
+            statement.push(" AND environment_id = ").push_bind(environment.to_string());
         }
         if let Some(after) = query.after {
-            sql.push(" AND seq > ").push_bind(after.0);
+            statement.push(" AND seq > ").push_bind(after.0);
         }
-        sql.push(" ORDER BY seq LIMIT ").push_bind(i64::from(query.limit));
-        let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        statement.push(" ORDER BY seq LIMIT ").push_bind(i64::from(query.limit));
+        let rows: Vec<EventRow> = statement.fetch_all(&mut self.read()).await?;
         rows.into_iter().map(Event::try_from).collect()
     }
 
     async fn events_after(&self, after: EventSeq, limit: u32) -> StoreResult<Vec<Event>> {
-        let rows: Vec<EventRow> = sqlx::query_as(concat!(
+        let rows: Vec<EventRow> = sql(concat!(
             "SELECT ",
             event_columns!(),
             " FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
         ))
         .bind(after.0)
         .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(Event::try_from).collect()
     }
 
     async fn latest_event_seq(&self, project: &ProjectId) -> StoreResult<EventSeq> {
-        let (seq,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(seq) FROM events WHERE project_id = ?")
-                .bind(project.as_str())
-                .fetch_one(&self.reader)
-                .await?;
+        let (seq,): (Option<i64>,) = sql("SELECT MAX(seq) FROM events WHERE project_id = ?")
+            .bind(project.as_str())
+            .fetch_one(&mut self.read())
+            .await?;
         Ok(EventSeq(seq.unwrap_or(0)))
     }
 
     async fn prune_events(&self, before: Timestamp) -> StoreResult<u64> {
-        let mut conn = self.writer.lock().await;
-        let deleted = sqlx::query("DELETE FROM events WHERE created_at < ?")
+        sql("DELETE FROM events WHERE created_at < ?")
             .bind(before.as_millis())
-            .execute(&mut *conn)
-            .await?;
-        Ok(deleted.rows_affected())
+            .execute(&mut self.writer().await.db())
+            .await
     }
 
     async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>> {
-        fetch_attempt(&self.reader, id).await
+        fetch_attempt(&mut self.read(), id).await
     }
 
     async fn due_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.reader,
+            &mut self.read(),
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -531,21 +668,44 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn claim_due_attempts(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        hold_until: Timestamp,
+    ) -> StoreResult<Vec<StageAttempt>> {
+        self.with_tx(async |tx| {
+            // Rows another server is claiming are passed over, not waited for.
+            let mut query = sql(concat!(
+                "SELECT ",
+                attempt_columns!(),
+                " FROM stage_attempts WHERE status = 'pending' AND available_at <= ? \
+                 ORDER BY available_at LIMIT ?"
+            ))
+            .bind(now.as_millis())
+            .bind(i64::from(limit));
+            query.push(tx.skip_locked());
+            let rows: Vec<AttemptRow> = query.fetch_all(tx).await?;
+            let claimed: Vec<StageAttempt> =
+                rows.into_iter().map(StageAttempt::try_from).collect::<StoreResult<_>>()?;
+            if !claimed.is_empty() {
+                let mut hold = sql("UPDATE stage_attempts SET available_at = ? WHERE id IN (")
+                    .bind(hold_until.as_millis());
+                hold.push_list(claimed.iter().map(|attempt| attempt.id.to_string())).push(")");
+                hold.execute(tx).await?;
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
     async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
-            "SELECT ",
-            run_columns!(),
-            " FROM runs WHERE id IN ("
-        ));
-        let mut list = sql.separated(", ");
-        for id in ids {
-            list.push_bind(id.to_string());
-        }
-        sql.push(")");
-        let rows: Vec<RunRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        let mut query = sql(concat!("SELECT ", run_columns!(), " FROM runs WHERE id IN ("));
+        query.push_list(ids.iter().map(ToString::to_string)).push(")");
+        let rows: Vec<RunRow> = query.fetch_all(&mut self.read()).await?;
         rows.into_iter().map(Run::try_from).collect()
     }
 
@@ -556,17 +716,10 @@ impl Store for SqliteStore {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT run_id, stage, output FROM stage_attempts \
-             WHERE status = 'succeeded' AND output IS NOT NULL AND run_id IN (",
-        );
-        let mut list = sql.separated(", ");
-        for id in runs {
-            list.push_bind(id.to_string());
-        }
-        sql.push(") ORDER BY stage_index");
-        let rows: Vec<(String, String, String)> =
-            sql.build_query_as().fetch_all(&self.reader).await?;
+        let mut query = sql("SELECT run_id, stage, output FROM stage_attempts \
+             WHERE status = 'succeeded' AND output IS NOT NULL AND run_id IN (");
+        query.push_list(runs.iter().map(ToString::to_string)).push(") ORDER BY stage_index");
+        let rows: Vec<(String, String, String)> = query.fetch_all(&mut self.read()).await?;
         rows.into_iter()
             .map(|(run, stage, output)| {
                 Ok((
@@ -587,29 +740,29 @@ impl Store for SqliteStore {
         if attempts.is_empty() {
             return Ok(());
         }
-        // One statement for the batch: each attempt gets its own message id via CASE.
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ",
-        );
-        sql.push_bind(now.as_millis()).push(", bus_message_id = CASE id");
-        for (id, message_id) in attempts {
-            sql.push(" WHEN ")
-                .push_bind(id.to_string())
-                .push(" THEN ")
-                .push_bind(message_id.clone());
-        }
-        sql.push(" END WHERE status = 'pending' AND id IN (");
-        let mut ids = sql.separated(", ");
-        for (id, _) in attempts {
-            ids.push_bind(id.to_string());
-        }
-        sql.push(") RETURNING ").push(attempt_columns!());
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
+        self.transaction(now, async |tx, events| {
+            // One statement for the batch: each attempt gets its own message id via CASE.
+            let mut query =
+                sql("UPDATE stage_attempts SET status = 'dispatched', dispatched_at = ?")
+                    .bind(now.as_millis());
+            query.push(", bus_message_id = CASE id");
+            for (id, message_id) in attempts {
+                query.push(" WHEN ? THEN ?");
+                query = query.bind(id.to_string()).bind(message_id.as_str());
+            }
+            // Rows another transaction holds are being started or cancelled: passed over
+            // rather than waited for (waiting could deadlock with a run's writes, which
+            // lock its attempts in another order).
+            query
+                .push(" END WHERE id IN (SELECT id FROM stage_attempts WHERE status = 'pending' AND id IN (")
+                .push_list(attempts.iter().map(|(id, _)| id.to_string()))
+                .push(")")
+                .push(tx.skip_locked())
+                .push(") RETURNING ")
+                .push(attempt_columns!());
         // Already started (the worker was quicker than this commit) or cancelled ones
         // are left alone by the WHERE clause.
-        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&mut *tx).await?;
-        let mut events = Vec::with_capacity(rows.len());
+        let rows: Vec<AttemptRow> = query.fetch_all(tx).await?;
         for row in rows {
             let attempt = StageAttempt::try_from(row)?;
             events.push(NewEvent {
@@ -626,10 +779,8 @@ impl Store for SqliteStore {
         let order: std::collections::HashMap<AttemptId, usize> =
             attempts.iter().enumerate().map(|(n, (id, _))| (*id, n)).collect();
         events.sort_by_key(|event| event.attempt_id.and_then(|id| order.get(&id).copied()));
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
         Ok(())
+        }).await
     }
 
     async fn stale_dispatched(
@@ -638,7 +789,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.reader,
+            &mut self.read(),
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -657,16 +808,14 @@ impl Store for SqliteStore {
         message_id: &str,
         now: Timestamp,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE stage_attempts SET bus_message_id = ?, dispatched_at = ? \
-             WHERE id = ? AND status = 'dispatched'",
-        )
+        let done = sql("UPDATE stage_attempts SET bus_message_id = ?, dispatched_at = ? \
+             WHERE id = ? AND status = 'dispatched'")
         .bind(message_id)
         .bind(now.as_millis())
         .bind(attempt.to_string())
-        .execute(&mut *self.writer.lock().await)
+        .execute(&mut self.writer().await.db())
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(done == 1)
     }
 
     async fn list_dead_letters(
@@ -674,18 +823,18 @@ impl Store for SqliteStore {
         project: &ProjectId,
         query: &DeadLetterQuery,
     ) -> StoreResult<Vec<StageAttempt>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
+        let mut statement = sql(concat!(
             "SELECT ",
             attempt_columns!(),
             " FROM stage_attempts WHERE status = 'dead_lettered' AND dlq_resolution IS NULL ",
-            "AND project_id = "
-        ));
-        sql.push_bind(project.as_str().to_owned());
+            "AND project_id = ?"
+        ))
+        .bind(project.as_str());
         if let Some(before) = query.before {
-            sql.push(" AND id < ").push_bind(before.to_string());
+            statement.push(" AND id < ").push_bind(before.to_string());
         }
-        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
-        let rows: Vec<AttemptRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        statement.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        let rows: Vec<AttemptRow> = statement.fetch_all(&mut self.read()).await?;
         rows.into_iter().map(StageAttempt::try_from).collect()
     }
 
@@ -696,34 +845,29 @@ impl Store for SqliteStore {
         pipelines: &PipelineCatalog,
         now: Timestamp,
     ) -> StoreResult<StageAttempt> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let letter = dead_letter(&mut tx, project, attempt_id).await?;
-        let mut run = fetch_run(&mut *tx, project, letter.run_id)
-            .await?
-            .ok_or(StoreError::RunNotFound(letter.run_id))?;
-        let pipeline = pipeline_of(&run, pipelines)?.into_owned();
-        let spec = pipeline
-            .stage(letter.stage_index)
-            .ok_or_else(|| missing_stage(&pipeline, letter.stage_index))?;
-        run.status = run.status.redrive()?;
-        run.error = None;
-        run.finished_at = None;
-        run.updated_at = now;
-        update_run(&mut tx, &run).await?;
-        set_dlq_resolution(&mut tx, attempt_id, "redriven").await?;
-        let retry =
-            insert_attempt(&mut tx, &run, letter.stage_index, spec, letter.attempt + 1, now, now)
-                .await?;
-        let events = vec![
-            dlq_event(&letter, EventKind::DlqRedriven, json!({ "new_attempt_id": retry.id })),
-            run_event(&run, json!({ "reason": "dead letter redriven" })),
-            attempt_event(&retry, &run.correlation_id, json!({ "redrive_of": letter.id })),
-        ];
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(retry)
+        self.transaction(now, async |tx, events| {
+            let (letter, mut run) = dead_letter(tx, project, attempt_id).await?;
+            let pipeline = pipeline_of(&run, pipelines)?.into_owned();
+            let spec = pipeline
+                .stage(letter.stage_index)
+                .ok_or_else(|| missing_stage(&pipeline, letter.stage_index))?;
+            run.status = run.status.redrive()?;
+            run.error = None;
+            run.finished_at = None;
+            run.updated_at = now;
+            update_run(tx, &run).await?;
+            set_dlq_resolution(tx, attempt_id, "redriven").await?;
+            let retry =
+                insert_attempt(tx, &run, letter.stage_index, spec, letter.attempt + 1, now, now)
+                    .await?;
+            events.extend([
+                dlq_event(&letter, EventKind::DlqRedriven, json!({ "new_attempt_id": retry.id })),
+                run_event(&run, json!({ "reason": "dead letter redriven" })),
+                attempt_event(&retry, &run.correlation_id, json!({ "redrive_of": letter.id })),
+            ]);
+            Ok(retry)
+        })
+        .await
     }
 
     async fn discard_dead_letter(
@@ -732,15 +876,13 @@ impl Store for SqliteStore {
         attempt_id: AttemptId,
         now: Timestamp,
     ) -> StoreResult<StageAttempt> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let letter = dead_letter(&mut tx, project, attempt_id).await?;
-        set_dlq_resolution(&mut tx, attempt_id, "discarded").await?;
-        let events = vec![dlq_event(&letter, EventKind::DlqDiscarded, json!({}))];
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(letter)
+        self.transaction(now, async |tx, events| {
+            let (letter, _) = dead_letter(tx, project, attempt_id).await?;
+            set_dlq_resolution(tx, attempt_id, "discarded").await?;
+            events.extend([dlq_event(&letter, EventKind::DlqDiscarded, json!({}))]);
+            Ok(letter)
+        })
+        .await
     }
 
     async fn worker_seen(
@@ -749,77 +891,69 @@ impl Store for SqliteStore {
         profile: &WorkerProfile,
         now: Timestamp,
     ) -> StoreResult<()> {
-        self.write_one(now, async |tx, events| seen_in(tx, worker, profile, now, events).await)
+        self.transaction(now, async |tx, events| seen_in(tx, worker, profile, now, events).await)
             .await
     }
 
     async fn worker_gone(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<()> {
-        self.write_one(now, async |tx, events| gone_in(tx, worker, now, events).await).await
+        self.transaction(now, async |tx, events| gone_in(tx, worker, now, events).await).await
     }
 
     async fn mark_lost_workers(&self, silent_since: Timestamp, now: Timestamp) -> StoreResult<u64> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let lost: Vec<(String,)> = sqlx::query_as(
-            "UPDATE workers SET status = 'lost' WHERE status = 'live' AND last_seen_at < ? \
+        self.transaction(now, async |tx, events| {
+            let lost: Vec<(String,)> = sql(
+                "UPDATE workers SET status = 'lost' WHERE status = 'live' AND last_seen_at < ? \
              RETURNING id",
-        )
-        .bind(silent_since.as_millis())
-        .fetch_all(&mut *tx)
-        .await?;
-        let events: Vec<NewEvent> = lost
-            .iter()
-            .map(|(id,)| worker_event(&WorkerId::new(id.clone()), EventKind::WorkerLost, json!({})))
-            .collect();
-        let count = events.len() as u64;
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(count)
+            )
+            .bind(silent_since.as_millis())
+            .fetch_all(tx)
+            .await?;
+            events.extend(lost.iter().map(|(id,)| {
+                worker_event(&WorkerId::new(id.clone()), EventKind::WorkerLost, json!({}))
+            }));
+            Ok(lost.len() as u64)
+        })
+        .await
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<Worker>> {
-        let rows: Vec<WorkerRow> = sqlx::query_as(
-            "SELECT id, agents, version, hostname, concurrency, kind, status, registered_at, \
+        let rows: Vec<WorkerRow> =
+            sql("SELECT id, agents, version, hostname, concurrency, kind, status, registered_at, \
              last_seen_at FROM workers \
-             ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, last_seen_at DESC",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+             ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, last_seen_at DESC")
+            .fetch_all(&mut self.read())
+            .await?;
         rows.into_iter().map(Worker::try_from).collect()
     }
 
     async fn requeue_dispatched(&self, now: Timestamp) -> StoreResult<u64> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
-            "UPDATE stage_attempts SET status = 'pending', dispatched_at = NULL ",
-            "WHERE status = 'dispatched' RETURNING ",
-            attempt_columns!()
-        ))
-        .fetch_all(&mut *tx)
-        .await?;
-        let count = rows.len() as u64;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            let attempt = StageAttempt::try_from(row)?;
-            events.push(NewEvent {
-                project_id: attempt.project_id.clone(),
-                run_id: Some(attempt.run_id),
-                attempt_id: Some(attempt.id),
-                environment_id: None,
-                kind: EventKind::Stage(StageStatus::Pending),
-                payload: attempt_payload(
-                    &attempt,
-                    json!({ "reason": "requeued: the bus lost it" }),
-                ),
-                correlation_id: None,
-            });
-        }
-        let events = append_events(&mut tx, events, now).await?;
-        tx.commit().await?;
-        self.publish(events);
-        Ok(count)
+        self.transaction(now, async |tx, events| {
+            let rows: Vec<AttemptRow> = sql(concat!(
+                "UPDATE stage_attempts SET status = 'pending', dispatched_at = NULL ",
+                "WHERE status = 'dispatched' RETURNING ",
+                attempt_columns!()
+            ))
+            .fetch_all(tx)
+            .await?;
+            let count = rows.len() as u64;
+            for row in rows {
+                let attempt = StageAttempt::try_from(row)?;
+                events.push(NewEvent {
+                    project_id: attempt.project_id.clone(),
+                    run_id: Some(attempt.run_id),
+                    attempt_id: Some(attempt.id),
+                    environment_id: None,
+                    kind: EventKind::Stage(StageStatus::Pending),
+                    payload: attempt_payload(
+                        &attempt,
+                        json!({ "reason": "requeued: the bus lost it" }),
+                    ),
+                    correlation_id: None,
+                });
+            }
+            Ok(count)
+        })
+        .await
     }
 
     async fn start_attempt(
@@ -828,7 +962,8 @@ impl Store for SqliteStore {
         pipelines: &PipelineCatalog,
     ) -> StoreResult<StartOutcome> {
         let now = start.now;
-        self.write_one(now, async |tx, events| start_in(tx, &start, pipelines, events).await).await
+        self.transaction(now, async |tx, events| start_in(tx, &start, pipelines, events).await)
+            .await
     }
 
     async fn renew_lease(
@@ -837,7 +972,7 @@ impl Store for SqliteStore {
         token: FencingToken,
         lease_until: Timestamp,
     ) -> StoreResult<bool> {
-        renew_in(&mut *self.writer.lock().await, attempt, token, lease_until).await
+        renew_in(&mut self.writer().await.db(), attempt, token, lease_until).await
     }
 
     async fn release_attempt(
@@ -846,8 +981,10 @@ impl Store for SqliteStore {
         token: FencingToken,
         now: Timestamp,
     ) -> StoreResult<bool> {
-        self.write_one(now, async |tx, events| release_in(tx, attempt_id, token, now, events).await)
-            .await
+        self.transaction(now, async |tx, events| {
+            release_in(tx, attempt_id, token, now, events).await
+        })
+        .await
     }
 
     async fn complete_attempt(
@@ -856,7 +993,7 @@ impl Store for SqliteStore {
         pipelines: &PipelineCatalog,
     ) -> StoreResult<CompletionOutcome> {
         let now = completion.now;
-        self.write_one(now, async |tx, events| {
+        self.transaction(now, async |tx, events| {
             complete_in(tx, &completion, pipelines, events).await
         })
         .await
@@ -867,53 +1004,55 @@ impl Store for SqliteStore {
         commands: Vec<WorkerCommand>,
         pipelines: &PipelineCatalog,
     ) -> StoreResult<Vec<CommandOutcome>> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut outcomes = Vec::with_capacity(commands.len());
-        let mut events = Vec::new();
-        let mut latest = Timestamp::from_millis(0);
-        for command in commands {
-            let (outcome, now) = match command {
-                WorkerCommand::Start(start) => {
-                    let outcome = start_in(&mut tx, &start, pipelines, &mut events).await?;
-                    (CommandOutcome::Started(outcome), start.now)
-                }
-                WorkerCommand::Renew { attempt, token, lease_until, now } => (
-                    CommandOutcome::Renewed(renew_in(&mut tx, attempt, token, lease_until).await?),
-                    now,
-                ),
-                WorkerCommand::Complete(completion) => {
-                    let outcome = complete_in(&mut tx, &completion, pipelines, &mut events).await?;
-                    (CommandOutcome::Completed(outcome), completion.now)
-                }
-                WorkerCommand::Release { attempt, token, now } => (
-                    CommandOutcome::Released(
-                        release_in(&mut tx, attempt, token, now, &mut events).await?,
+        // One insert for the whole batch's events, in command order, stamped with the
+        // batch's latest time.
+        let latest = commands
+            .iter()
+            .map(|command| match command {
+                WorkerCommand::Start(start) => start.now,
+                WorkerCommand::Complete(completion) => completion.now,
+                WorkerCommand::Renew { now, .. }
+                | WorkerCommand::Release { now, .. }
+                | WorkerCommand::Seen { now, .. }
+                | WorkerCommand::Gone { now, .. } => *now,
+            })
+            .max()
+            .unwrap_or(Timestamp::from_millis(0));
+        self.transaction(latest, async |tx, events| {
+            let mut outcomes = Vec::with_capacity(commands.len());
+            for command in commands {
+                let outcome = match command {
+                    WorkerCommand::Start(start) => {
+                        CommandOutcome::Started(start_in(tx, &start, pipelines, events).await?)
+                    }
+                    WorkerCommand::Renew { attempt, token, lease_until, .. } => {
+                        CommandOutcome::Renewed(renew_in(tx, attempt, token, lease_until).await?)
+                    }
+                    WorkerCommand::Complete(completion) => CommandOutcome::Completed(
+                        complete_in(tx, &completion, pipelines, events).await?,
                     ),
-                    now,
-                ),
-                WorkerCommand::Seen { worker, profile, now } => {
-                    seen_in(&mut tx, &worker, &profile, now, &mut events).await?;
-                    (CommandOutcome::Recorded, now)
-                }
-                WorkerCommand::Gone { worker, now } => {
-                    gone_in(&mut tx, &worker, now, &mut events).await?;
-                    (CommandOutcome::Recorded, now)
-                }
-            };
-            latest = latest.max(now);
-            outcomes.push(outcome);
-        }
-        // One insert for the whole batch's events, in command order.
-        let stored = append_events(&mut tx, events, latest).await?;
-        tx.commit().await?;
-        self.publish(stored);
-        Ok(outcomes)
+                    WorkerCommand::Release { attempt, token, now } => {
+                        CommandOutcome::Released(release_in(tx, attempt, token, now, events).await?)
+                    }
+                    WorkerCommand::Seen { worker, profile, now } => {
+                        seen_in(tx, &worker, &profile, now, events).await?;
+                        CommandOutcome::Recorded
+                    }
+                    WorkerCommand::Gone { worker, now } => {
+                        gone_in(tx, &worker, now, events).await?;
+                        CommandOutcome::Recorded
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+        .await
     }
 
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.reader,
+            &mut self.read(),
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -927,7 +1066,7 @@ impl Store for SqliteStore {
 
     async fn overdue_attempts(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<StageAttempt>> {
         scan_attempts(
-            &self.reader,
+            &mut self.read(),
             concat!(
                 "SELECT ",
                 attempt_columns!(),
@@ -941,8 +1080,8 @@ impl Store for SqliteStore {
 
     async fn count_attempts_by_status(&self) -> StoreResult<Vec<(StageStatus, u64)>> {
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM stage_attempts GROUP BY status")
-                .fetch_all(&self.reader)
+            sql("SELECT status, COUNT(*) FROM stage_attempts GROUP BY status")
+                .fetch_all(&mut self.read())
                 .await?;
         rows.into_iter()
             .map(|(status, count)| {
@@ -957,19 +1096,19 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sql("SELECT 1").execute(&mut self.read()).await?;
         Ok(())
     }
 }
 
 /// Starts an attempt for a worker if its token is current and it is still waiting.
 async fn start_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     start: &StartAttempt,
     pipelines: &PipelineCatalog,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<StartOutcome> {
-    let Some(mut attempt) = fetch_attempt(&mut *tx, start.attempt_id).await? else {
+    let Some((mut attempt, mut run)) = attempt_for_update(tx, start.attempt_id).await? else {
         return Ok(StartOutcome::Rejected { reason: "no such attempt".to_owned() });
     };
     if attempt.fencing_token != start.token {
@@ -983,9 +1122,6 @@ async fn start_in(
     if !matches!(attempt.status, StageStatus::Pending | StageStatus::Dispatched) {
         return Ok(StartOutcome::Rejected { reason: format!("attempt is {}", attempt.status) });
     }
-    let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
-        .await?
-        .ok_or(StoreError::RunNotFound(attempt.run_id))?;
     let timeout = pipeline_of(&run, pipelines)
         .ok()
         .and_then(|p| p.stage(attempt.stage_index).map(|spec| spec.timeout))
@@ -1015,32 +1151,30 @@ async fn start_in(
 
 /// Extends a running attempt's lease if the token is current.
 async fn renew_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     attempt: AttemptId,
     token: FencingToken,
     lease_until: Timestamp,
 ) -> StoreResult<bool> {
-    let result = sqlx::query(
-        "UPDATE stage_attempts SET lease_expires_at = ? \
-         WHERE id = ? AND fencing_token = ? AND status = 'running'",
-    )
+    let result = sql("UPDATE stage_attempts SET lease_expires_at = ? \
+         WHERE id = ? AND fencing_token = ? AND status = 'running'")
     .bind(lease_until.as_millis())
     .bind(attempt.to_string())
     .bind(token.0)
     .execute(tx)
     .await?;
-    Ok(result.rows_affected() == 1)
+    Ok(result == 1)
 }
 
 /// Hands a running attempt back: pending again, with a new fencing token.
 async fn release_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     attempt_id: AttemptId,
     token: FencingToken,
     now: Timestamp,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<bool> {
-    let Some(mut attempt) = fetch_attempt(&mut *tx, attempt_id).await? else {
+    let Some((mut attempt, _)) = attempt_for_update(tx, attempt_id).await? else {
         return Ok(false);
     };
     if attempt.fencing_token != token || attempt.status != StageStatus::Running {
@@ -1068,13 +1202,13 @@ async fn release_in(
 
 /// Commits the end of an attempt, fenced by its token, and everything it causes.
 async fn complete_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     completion: &Completion,
     pipelines: &PipelineCatalog,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<CompletionOutcome> {
     let now = completion.now;
-    let Some(mut attempt) = fetch_attempt(&mut *tx, completion.attempt_id).await? else {
+    let Some((mut attempt, mut run)) = attempt_for_update(tx, completion.attempt_id).await? else {
         return Ok(CompletionOutcome::Stale { reason: "no such attempt".to_owned() });
     };
     if attempt.fencing_token != completion.token {
@@ -1088,11 +1222,8 @@ async fn complete_in(
     if attempt.status != StageStatus::Running {
         return Ok(CompletionOutcome::Stale { reason: format!("attempt is {}", attempt.status) });
     }
-    let mut run = fetch_run(&mut *tx, &attempt.project_id, attempt.run_id)
-        .await?
-        .ok_or(StoreError::RunNotFound(attempt.run_id))?;
     let pipeline = pipeline_of(&run, pipelines)?;
-    let progress = progress_of(&mut *tx, run.id).await?;
+    let progress = progress_of(tx, run.id).await?;
     let mut decision =
         decide(&pipeline, &attempt, &completion.outcome, &progress, completion.jitter, now);
     // A run with a budget stops once its stages together spent past it (the attempt that
@@ -1100,12 +1231,12 @@ async fn complete_in(
     if let (Some(budget), Outcome::Succeeded { output }) = (run.budget, &completion.outcome)
         && !matches!(decision.next, NextStep::FinishRun { status: RunStatus::Failed, .. })
     {
-        let earlier: Vec<(String,)> = sqlx::query_as(
+        let earlier: Vec<(String,)> = sql(
             "SELECT output FROM stage_attempts WHERE run_id = ? AND id != ? AND output IS NOT NULL",
         )
         .bind(run.id.to_string())
         .bind(attempt.id.to_string())
-        .fetch_all(&mut *tx)
+        .fetch_all(tx)
         .await?;
         let spent = earlier
             .iter()
@@ -1125,7 +1256,14 @@ async fn complete_in(
     if let Outcome::Succeeded { output } = &completion.outcome {
         attempt.output = Some(output.clone());
     }
-    update_attempt(tx, &attempt).await?;
+    // The first write: fenced again in the statement itself, so whatever the reads above
+    // saw, a result whose token is no longer current or whose attempt no longer runs
+    // writes nothing.
+    if !update_attempt_fenced(tx, &attempt, completion.token, StageStatus::Running).await? {
+        return Ok(CompletionOutcome::Stale {
+            reason: "the attempt changed while its result was applied".to_owned(),
+        });
+    }
     let detail = match &completion.outcome {
         Outcome::Succeeded { output } => json!({ "output": output }),
         _ => json!({ "error": attempt.error }),
@@ -1213,14 +1351,13 @@ fn missing_stage(pipeline: &PipelineSpec, index: u32) -> StoreError {
 }
 
 /// The latest attempt of each stage of a run.
-async fn progress_of(conn: &mut SqliteConnection, run: RunId) -> StoreResult<RunProgress> {
-    let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
-        "SELECT stage_index, status, output FROM stage_attempts WHERE run_id = ? \
-         ORDER BY stage_index, attempt, created_at",
-    )
-    .bind(run.to_string())
-    .fetch_all(conn)
-    .await?;
+async fn progress_of(conn: &mut Db<'_>, run: RunId) -> StoreResult<RunProgress> {
+    let rows: Vec<(i64, String, Option<String>)> =
+        sql("SELECT stage_index, status, output FROM stage_attempts WHERE run_id = ? \
+         ORDER BY stage_index, attempt, created_at")
+        .bind(run.to_string())
+        .fetch_all(conn)
+        .await?;
     let mut progress = RunProgress::new();
     for (index, status, output) in rows {
         let index = u32::try_from(index).map_err(|e| corrupt("stage_attempts.stage_index", e))?;
@@ -1234,7 +1371,7 @@ async fn progress_of(conn: &mut SqliteConnection, run: RunId) -> StoreResult<Run
 /// Creates the first attempt of a stage that became due: `pending`, or
 /// `waiting_approval` when it is gated.
 async fn insert_stage(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     run: &Run,
     start: &StageStart,
     spec: &StageSpec,
@@ -1251,19 +1388,18 @@ async fn insert_stage(
 /// A run with work in flight is `running`; one whose only open stages wait for approval
 /// is `waiting_approval`.
 async fn settle_run_status(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     run: &mut Run,
     now: Timestamp,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<()> {
-    let (active, gated): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE(SUM(status IN ('pending', 'dispatched', 'running')), 0), \
-                COALESCE(SUM(status = 'waiting_approval'), 0) \
-         FROM stage_attempts WHERE run_id = ?",
-    )
-    .bind(run.id.to_string())
-    .fetch_one(&mut *conn)
-    .await?;
+    let (active, gated): (i64, i64) =
+        sql("SELECT COUNT(*) FILTER (WHERE status IN ('pending', 'dispatched', 'running')), \
+                COUNT(*) FILTER (WHERE status = 'waiting_approval') \
+         FROM stage_attempts WHERE run_id = ?")
+        .bind(run.id.to_string())
+        .fetch_one(conn)
+        .await?;
     let wanted = if active == 0 && gated > 0 {
         RunStatus::WaitingApproval
     } else if run.status == RunStatus::WaitingApproval && active > 0 {
@@ -1282,21 +1418,21 @@ async fn settle_run_status(
 
 /// Cancels every attempt of `run` still active or waiting for approval.
 async fn stop_active(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     run: &Run,
     reason: &str,
     now: Timestamp,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<Vec<StageAttempt>> {
-    let active: Vec<AttemptRow> = sqlx::query_as(concat!(
+    let query = sql(concat!(
         "SELECT ",
         attempt_columns!(),
         " FROM stage_attempts WHERE run_id = ? ",
-        "AND status IN ('pending', 'dispatched', 'running', 'waiting_approval')"
+        "AND status IN ('pending', 'dispatched', 'running', 'waiting_approval') ORDER BY id"
     ))
     .bind(run.id.to_string())
-    .fetch_all(&mut *conn)
-    .await?;
+    .for_update(conn);
+    let active: Vec<AttemptRow> = query.fetch_all(conn).await?;
     let mut stopped = Vec::with_capacity(active.len());
     for row in active {
         let mut attempt = StageAttempt::try_from(row)?;
@@ -1313,7 +1449,7 @@ async fn stop_active(
 
 /// Records a worker's heartbeat, registering it or bringing it back to `live`.
 async fn seen_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     worker: &WorkerId,
     profile: &WorkerProfile,
     now: Timestamp,
@@ -1321,29 +1457,26 @@ async fn seen_in(
 ) -> StoreResult<()> {
     let agents = serde_json::to_string(&profile.agents).unwrap_or_else(|_| "[]".to_owned());
     // The common case, a heartbeat of a live worker, is one statement and no event.
-    let refreshed = sqlx::query(
-        "UPDATE workers SET last_seen_at = ?, agents = ?, version = ?, hostname = ?, \
-         concurrency = ?, kind = ? WHERE id = ? AND status = 'live'",
-    )
-    .bind(now.as_millis())
-    .bind(&agents)
-    .bind(&profile.version)
-    .bind(&profile.hostname)
-    .bind(i64::from(profile.concurrency))
-    .bind(&profile.kind)
-    .bind(worker.as_str())
-    .execute(&mut *tx)
-    .await?;
-    if refreshed.rows_affected() == 1 {
+    let refreshed =
+        sql("UPDATE workers SET last_seen_at = ?, agents = ?, version = ?, hostname = ?, \
+         concurrency = ?, kind = ? WHERE id = ? AND status = 'live'")
+        .bind(now.as_millis())
+        .bind(&agents)
+        .bind(&profile.version)
+        .bind(&profile.hostname)
+        .bind(i64::from(profile.concurrency))
+        .bind(&profile.kind)
+        .bind(worker.as_str())
+        .execute(tx)
+        .await?;
+    if refreshed == 1 {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO workers (id, agents, version, hostname, concurrency, kind, status, \
+    sql("INSERT INTO workers (id, agents, version, hostname, concurrency, kind, status, \
          registered_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, 'live', ?, ?) \
          ON CONFLICT (id) DO UPDATE SET agents = excluded.agents, version = excluded.version, \
          hostname = excluded.hostname, concurrency = excluded.concurrency, \
-         kind = excluded.kind, status = 'live', last_seen_at = excluded.last_seen_at",
-    )
+         kind = excluded.kind, status = 'live', last_seen_at = excluded.last_seen_at")
     .bind(worker.as_str())
     .bind(&agents)
     .bind(&profile.version)
@@ -1352,7 +1485,7 @@ async fn seen_in(
     .bind(&profile.kind)
     .bind(now.as_millis())
     .bind(now.as_millis())
-    .execute(&mut *tx)
+    .execute(tx)
     .await?;
     events.push(worker_event(worker, EventKind::WorkerJoined, json!({ "profile": profile })));
     Ok(())
@@ -1360,71 +1493,80 @@ async fn seen_in(
 
 /// Records that a worker left for good.
 async fn gone_in(
-    tx: &mut SqliteConnection,
+    tx: &mut Db<'_>,
     worker: &WorkerId,
     now: Timestamp,
     events: &mut Vec<NewEvent>,
 ) -> StoreResult<()> {
-    let updated = sqlx::query(
+    let updated = sql(
         "UPDATE workers SET status = 'gone', last_seen_at = ? WHERE id = ? AND status <> 'gone'",
     )
     .bind(now.as_millis())
     .bind(worker.as_str())
-    .execute(&mut *tx)
+    .execute(tx)
     .await?;
-    if updated.rows_affected() == 1 {
+    if updated == 1 {
         events.push(worker_event(worker, EventKind::WorkerLeft, json!({})));
     }
     Ok(())
 }
 
-async fn fetch_run<'c>(
-    executor: impl Executor<'c, Database = Sqlite>,
-    project: &ProjectId,
-    id: RunId,
-) -> StoreResult<Option<Run>> {
-    let row: Option<RunRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        run_columns!(),
-        " FROM runs WHERE project_id = ? AND id = ?"
-    ))
-    .bind(project.as_str())
-    .bind(id.to_string())
-    .fetch_optional(executor)
-    .await?;
+async fn fetch_run(db: &mut Db<'_>, project: &ProjectId, id: RunId) -> StoreResult<Option<Run>> {
+    let query =
+        sql(concat!("SELECT ", run_columns!(), " FROM runs WHERE project_id = ? AND id = ?"))
+            .bind(project.as_str())
+            .bind(id.to_string())
+            .for_update(db);
+    let row: Option<RunRow> = query.fetch_optional(db).await?;
     row.map(Run::try_from).transpose()
+}
+
+/// An attempt and its run, for a write to them. On PostgreSQL both rows are locked, the
+/// run's first: every write to a run's attempts locks in that order, so writes to one run
+/// take turns and never deadlock on each other.
+async fn attempt_for_update(
+    db: &mut Db<'_>,
+    id: AttemptId,
+) -> StoreResult<Option<(StageAttempt, Run)>> {
+    let Some(attempt) = fetch_attempt(db, id).await? else { return Ok(None) };
+    let run = fetch_run(db, &attempt.project_id, attempt.run_id)
+        .await?
+        .ok_or(StoreError::RunNotFound(attempt.run_id))?;
+    if db.for_update().is_empty() {
+        return Ok(Some((attempt, run)));
+    }
+    let query = sql(concat!("SELECT ", attempt_columns!(), " FROM stage_attempts WHERE id = ?"))
+        .bind(id.to_string())
+        .for_update(db);
+    let row: Option<AttemptRow> = query.fetch_optional(db).await?;
+    Ok(row.map(StageAttempt::try_from).transpose()?.map(|attempt| (attempt, run)))
 }
 
 /// The engine's scans: attempts whose time (`?` #1) has come, oldest first, at most `?` #2.
 /// They read through the writer so they see the engine's own latest writes.
 async fn scan_attempts(
-    pool: &SqlitePool,
-    sql: &'static str,
+    db: &mut Db<'_>,
+    text: &'static str,
     now: Timestamp,
     limit: u32,
 ) -> StoreResult<Vec<StageAttempt>> {
     let rows: Vec<AttemptRow> =
-        sqlx::query_as(sql).bind(now.as_millis()).bind(i64::from(limit)).fetch_all(pool).await?;
+        sql(text).bind(now.as_millis()).bind(i64::from(limit)).fetch_all(db).await?;
     rows.into_iter().map(StageAttempt::try_from).collect()
 }
 
-async fn fetch_attempt<'c>(
-    executor: impl Executor<'c, Database = Sqlite>,
-    id: AttemptId,
-) -> StoreResult<Option<StageAttempt>> {
+async fn fetch_attempt(db: &mut Db<'_>, id: AttemptId) -> StoreResult<Option<StageAttempt>> {
     let row: Option<AttemptRow> =
-        sqlx::query_as(concat!("SELECT ", attempt_columns!(), " FROM stage_attempts WHERE id = ?"))
+        sql(concat!("SELECT ", attempt_columns!(), " FROM stage_attempts WHERE id = ?"))
             .bind(id.to_string())
-            .fetch_optional(executor)
+            .fetch_optional(db)
             .await?;
     row.map(StageAttempt::try_from).transpose()
 }
 
-async fn update_run(conn: &mut SqliteConnection, run: &Run) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE runs SET status = ?, error = ?, updated_at = ?, started_at = ?, finished_at = ? \
-         WHERE id = ?",
-    )
+async fn update_run(conn: &mut Db<'_>, run: &Run) -> StoreResult<()> {
+    sql("UPDATE runs SET status = ?, error = ?, updated_at = ?, started_at = ?, finished_at = ? \
+         WHERE id = ?")
     .bind(run.status.as_str())
     .bind(run.error.as_deref())
     .bind(run.updated_at.as_millis())
@@ -1436,12 +1578,30 @@ async fn update_run(conn: &mut SqliteConnection, run: &Run) -> StoreResult<()> {
     Ok(())
 }
 
-async fn update_attempt(conn: &mut SqliteConnection, attempt: &StageAttempt) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE stage_attempts SET status = ?, fencing_token = ?, worker_id = ?, \
+async fn update_attempt(conn: &mut Db<'_>, attempt: &StageAttempt) -> StoreResult<()> {
+    attempt_update(attempt).execute(conn).await?;
+    Ok(())
+}
+
+/// Writes an attempt only if its row still has the fencing token `token` and the status
+/// `from`; whether it did.
+async fn update_attempt_fenced(
+    conn: &mut Db<'_>,
+    attempt: &StageAttempt,
+    token: FencingToken,
+    from: StageStatus,
+) -> StoreResult<bool> {
+    let mut query = attempt_update(attempt);
+    query.push(" AND fencing_token = ").push_bind(token.0);
+    query.push(" AND status = ").push_bind(from.as_str());
+    Ok(query.execute(conn).await? == 1)
+}
+
+/// `UPDATE` of every changing column of an attempt, by id.
+fn attempt_update(attempt: &StageAttempt) -> Sql<'_> {
+    sql("UPDATE stage_attempts SET status = ?, fencing_token = ?, worker_id = ?, \
          available_at = ?, lease_expires_at = ?, deadline_at = ?, output = ?, error = ?, \
-         started_at = ?, finished_at = ? WHERE id = ?",
-    )
+         started_at = ?, finished_at = ? WHERE id = ?")
     .bind(attempt.status.as_str())
     .bind(attempt.fencing_token.0)
     .bind(attempt.worker_id.as_ref().map(WorkerId::as_str))
@@ -1453,13 +1613,10 @@ async fn update_attempt(conn: &mut SqliteConnection, attempt: &StageAttempt) -> 
     .bind(attempt.started_at.map(Timestamp::as_millis))
     .bind(attempt.finished_at.map(Timestamp::as_millis))
     .bind(attempt.id.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 async fn insert_attempt(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     run: &Run,
     stage_index: u32,
     spec: &StageSpec,
@@ -1488,10 +1645,8 @@ async fn insert_attempt(
         started_at: None,
         finished_at: None,
     };
-    sqlx::query(
-        "INSERT INTO stage_attempts (id, project_id, run_id, stage, stage_index, agent, attempt, \
-         fencing_token, status, available_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
+    sql("INSERT INTO stage_attempts (id, project_id, run_id, stage, stage_index, agent, attempt, \
+         fencing_token, status, available_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     .bind(attempt.id.to_string())
     .bind(attempt.project_id.as_str())
     .bind(attempt.run_id.to_string())
@@ -1509,30 +1664,31 @@ async fn insert_attempt(
 }
 
 /// Appends events in one statement; sequence numbers follow their order in `events`.
-pub(super) async fn append_events(
-    conn: &mut SqliteConnection,
+pub(crate) async fn append_events(
+    conn: &mut Db<'_>,
     events: Vec<NewEvent>,
     now: Timestamp,
 ) -> StoreResult<Vec<Event>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut sql = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO events (project_id, run_id, attempt_id, environment_id, kind, payload, \
-         correlation_id, created_at) ",
-    );
-    sql.push_values(&events, |mut row, event| {
-        row.push_bind(event.project_id.as_str().to_owned())
-            .push_bind(event.run_id.map(|id| id.to_string()))
-            .push_bind(event.attempt_id.map(|id| id.to_string()))
-            .push_bind(event.environment_id.map(|id| id.to_string()))
-            .push_bind(event.kind.as_str())
-            .push_bind(event.payload.to_string())
-            .push_bind(event.correlation_id.map(|id| id.to_string()))
-            .push_bind(now.as_millis());
+    let mut query =
+        sql("INSERT INTO events (project_id, run_id, attempt_id, environment_id, kind, payload, \
+         correlation_id, created_at) ");
+    query.push_values(&events, |event| {
+        vec![
+            event.project_id.as_str().into(),
+            event.run_id.map(|id| id.to_string()).into(),
+            event.attempt_id.map(|id| id.to_string()).into(),
+            event.environment_id.map(|id| id.to_string()).into(),
+            event.kind.as_str().into(),
+            event.payload.to_string().into(),
+            event.correlation_id.map(|id| id.to_string()).into(),
+            now.as_millis().into(),
+        ]
     });
-    sql.push(" RETURNING seq");
-    let mut seqs: Vec<(i64,)> = sql.build_query_as().fetch_all(&mut *conn).await?;
+    query.push(" RETURNING seq");
+    let mut seqs: Vec<(i64,)> = query.fetch_all(conn).await?;
     // Rows are inserted in order, so their sequence numbers ascend with it; RETURNING
     // itself promises no order.
     seqs.sort_unstable();
@@ -1553,39 +1709,34 @@ pub(super) async fn append_events(
         .collect())
 }
 
-/// The attempt, if it is an unresolved dead letter of `project`.
+/// The attempt, if it is an unresolved dead letter of `project`, and its run (both locked
+/// on PostgreSQL, so two decisions on one dead letter take turns).
 async fn dead_letter(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     project: &ProjectId,
     id: AttemptId,
-) -> StoreResult<StageAttempt> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT status, dlq_resolution FROM stage_attempts WHERE id = ? AND project_id = ?",
-    )
-    .bind(id.to_string())
-    .bind(project.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    match row {
-        None => Err(StoreError::AttemptNotFound(id)),
-        Some((status, _)) if status != "dead_lettered" => {
-            Err(StoreError::NotDeadLettered { id, state: format!("it is {status}") })
-        }
-        Some((_, Some(resolution))) => {
+) -> StoreResult<(StageAttempt, Run)> {
+    let found =
+        attempt_for_update(conn, id).await?.filter(|(attempt, _)| &attempt.project_id == project);
+    let Some((letter, run)) = found else { return Err(StoreError::AttemptNotFound(id)) };
+    if letter.status != StageStatus::DeadLettered {
+        return Err(StoreError::NotDeadLettered { id, state: format!("it is {}", letter.status) });
+    }
+    let (resolution,): (Option<String>,) =
+        sql("SELECT dlq_resolution FROM stage_attempts WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_one(conn)
+            .await?;
+    match resolution {
+        Some(resolution) => {
             Err(StoreError::NotDeadLettered { id, state: format!("already {resolution}") })
         }
-        Some((_, None)) => {
-            fetch_attempt(&mut *conn, id).await?.ok_or(StoreError::AttemptNotFound(id))
-        }
+        None => Ok((letter, run)),
     }
 }
 
-async fn set_dlq_resolution(
-    conn: &mut SqliteConnection,
-    id: AttemptId,
-    resolution: &str,
-) -> StoreResult<()> {
-    sqlx::query("UPDATE stage_attempts SET dlq_resolution = ? WHERE id = ?")
+async fn set_dlq_resolution(conn: &mut Db<'_>, id: AttemptId, resolution: &str) -> StoreResult<()> {
+    sql("UPDATE stage_attempts SET dlq_resolution = ? WHERE id = ?")
         .bind(resolution)
         .bind(id.to_string())
         .execute(conn)

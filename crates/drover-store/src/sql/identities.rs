@@ -4,9 +4,8 @@ use async_trait::async_trait;
 use drover_domain::{
     AuditEntry, Membership, ProjectId, Role, Timestamp, TokenScope, User, UserName,
 };
-use sqlx::{Connection, SqliteConnection};
 
-use super::{SqliteStore, corrupt};
+use super::{Backend, Db, SqlStore, corrupt, sql, unique_violation};
 use crate::identities::{
     ApiTokenRecord, GLOBAL_AUDIT_PROJECT, IdentityStore, KeptResponse, NewApiToken, NewAudit,
     Project,
@@ -19,11 +18,11 @@ const LAST_USED_RESOLUTION_MS: i64 = 60_000;
 
 /// Appends one audit record (every store module audits through here).
 pub(super) async fn audit_in(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     entry: &NewAudit<'_>,
     now: Timestamp,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sql(
         "INSERT INTO audit_log (project_id, actor, action, target, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(entry.project)
@@ -99,17 +98,12 @@ fn project_from((id, name, created_at): (String, String, i64)) -> StoreResult<Pr
     })
 }
 
-fn unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
 #[async_trait]
-impl IdentityStore for SqliteStore {
+impl<B: Backend> IdentityStore for SqlStore<B> {
     async fn count_users(&self) -> StoreResult<u64> {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM users WHERE disabled_at IS NULL")
-                .fetch_one(&self.reader)
-                .await?;
+        let (count,): (i64,) = sql("SELECT COUNT(*) FROM users WHERE disabled_at IS NULL")
+            .fetch_one(&mut self.read())
+            .await?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
@@ -119,44 +113,44 @@ impl IdentityStore for SqliteStore {
         password_hash: Option<&str>,
         actor: &str,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(user.name.as_str())
-        .bind(user.role.as_str())
-        .bind(password_hash)
-        .bind(user.created_at.as_millis())
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Err(err) if unique_violation(&err) => {
-                return Err(StoreError::UserExists(user.name.to_string()));
-            }
-            other => other?,
-        };
-        let target = format!("user {} ({})", user.name, user.role);
-        audit_in(&mut tx, &global(actor, "user.create", &target), user.created_at).await?;
-        tx.commit().await?;
-        Ok(())
+        self.with_tx(async |tx| {
+            let inserted = sql(
+                "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(user.name.as_str())
+            .bind(user.role.as_str())
+            .bind(password_hash)
+            .bind(user.created_at.as_millis())
+            .execute(tx)
+            .await;
+            match inserted {
+                Err(err) if unique_violation(&err) => {
+                    return Err(StoreError::UserExists(user.name.to_string()));
+                }
+                other => other?,
+            };
+            let target = format!("user {} ({})", user.name, user.role);
+            audit_in(tx, &global(actor, "user.create", &target), user.created_at).await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn get_user(&self, name: &UserName) -> StoreResult<Option<(User, Option<String>)>> {
-        let row: Option<UserRow> = sqlx::query_as(
+        let row: Option<UserRow> = sql(
             "SELECT name, role, password_hash, created_at, disabled_at FROM users WHERE name = ?",
         )
         .bind(name.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut self.read())
         .await?;
         row.map(user_from).transpose()
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows: Vec<UserRow> = sqlx::query_as(
+        let rows: Vec<UserRow> = sql(
             "SELECT name, role, password_hash, created_at, disabled_at FROM users ORDER BY name",
         )
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(|row| user_from(row).map(|(user, _)| user)).collect()
     }
@@ -168,26 +162,26 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<User> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let updated = sqlx::query("UPDATE users SET role = ? WHERE name = ?")
-            .bind(role.as_str())
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::UserNotFound(name.to_string()));
-        }
-        let target = format!("user {name} → {role}");
-        audit_in(&mut tx, &global(actor, "user.role", &target), now).await?;
-        let row: UserRow = sqlx::query_as(
+        self.with_tx(async |tx| {
+            let updated = sql("UPDATE users SET role = ? WHERE name = ?")
+                .bind(role.as_str())
+                .bind(name.as_str())
+                .execute(tx)
+                .await?;
+            if updated == 0 {
+                return Err(StoreError::UserNotFound(name.to_string()));
+            }
+            let target = format!("user {name} → {role}");
+            audit_in(tx, &global(actor, "user.role", &target), now).await?;
+            let row: UserRow = sql(
             "SELECT name, role, password_hash, created_at, disabled_at FROM users WHERE name = ?",
         )
         .bind(name.as_str())
-        .fetch_one(&mut *tx)
+        .fetch_one(tx)
         .await?;
-        tx.commit().await?;
-        user_from(row).map(|(user, _)| user)
+            user_from(row).map(|(user, _)| user)
+        })
+        .await
     }
 
     async fn set_password(
@@ -197,19 +191,19 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let updated = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
-            .bind(hash)
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::UserNotFound(name.to_string()));
-        }
-        audit_in(&mut tx, &global(actor, "user.password", name.as_str()), now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.with_tx(async |tx| {
+            let updated = sql("UPDATE users SET password_hash = ? WHERE name = ?")
+                .bind(hash)
+                .bind(name.as_str())
+                .execute(tx)
+                .await?;
+            if updated == 0 {
+                return Err(StoreError::UserNotFound(name.to_string()));
+            }
+            audit_in(tx, &global(actor, "user.password", name.as_str()), now).await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn create_project(
@@ -219,38 +213,38 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<Project> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let inserted = sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)")
-            .bind(id.as_str())
-            .bind(name)
-            .bind(now.as_millis())
-            .execute(&mut *tx)
-            .await;
-        match inserted {
-            Err(err) if unique_violation(&err) => {
-                return Err(StoreError::ProjectExists(id.to_string()));
-            }
-            other => other?,
-        };
-        audit_in(&mut tx, &global(actor, "project.create", id.as_str()), now).await?;
-        tx.commit().await?;
-        Ok(Project { id: id.clone(), name: name.to_owned(), created_at: now })
+        self.with_tx(async |tx| {
+            let inserted = sql("INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)")
+                .bind(id.as_str())
+                .bind(name)
+                .bind(now.as_millis())
+                .execute(tx)
+                .await;
+            match inserted {
+                Err(err) if unique_violation(&err) => {
+                    return Err(StoreError::ProjectExists(id.to_string()));
+                }
+                other => other?,
+            };
+            audit_in(tx, &global(actor, "project.create", id.as_str()), now).await?;
+            Ok(Project { id: id.clone(), name: name.to_owned(), created_at: now })
+        })
+        .await
     }
 
     async fn list_projects(&self) -> StoreResult<Vec<Project>> {
         let rows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT id, name, created_at FROM projects ORDER BY id")
-                .fetch_all(&self.reader)
+            sql("SELECT id, name, created_at FROM projects ORDER BY id")
+                .fetch_all(&mut self.read())
                 .await?;
         rows.into_iter().map(project_from).collect()
     }
 
     async fn get_project(&self, id: &ProjectId) -> StoreResult<Option<Project>> {
         let row: Option<(String, String, i64)> =
-            sqlx::query_as("SELECT id, name, created_at FROM projects WHERE id = ?")
+            sql("SELECT id, name, created_at FROM projects WHERE id = ?")
                 .bind(id.as_str())
-                .fetch_optional(&self.reader)
+                .fetch_optional(&mut self.read())
                 .await?;
         row.map(project_from).transpose()
     }
@@ -261,51 +255,51 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let project: Option<(String,)> = sqlx::query_as("SELECT id FROM projects WHERE id = ?")
-            .bind(membership.project_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if project.is_none() {
-            return Err(StoreError::ProjectNotFound(membership.project_id.to_string()));
-        }
-        let user: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE name = ?")
-            .bind(membership.user.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if user.is_none() {
-            return Err(StoreError::UserNotFound(membership.user.to_string()));
-        }
-        let inserted = sqlx::query(
+        self.with_tx(async |tx| {
+            let project: Option<(String,)> = sql("SELECT id FROM projects WHERE id = ?")
+                .bind(membership.project_id.as_str())
+                .fetch_optional(tx)
+                .await?;
+            if project.is_none() {
+                return Err(StoreError::ProjectNotFound(membership.project_id.to_string()));
+            }
+            let user: Option<(String,)> = sql("SELECT name FROM users WHERE name = ?")
+                .bind(membership.user.as_str())
+                .fetch_optional(tx)
+                .await?;
+            if user.is_none() {
+                return Err(StoreError::UserNotFound(membership.user.to_string()));
+            }
+            let inserted = sql(
             "INSERT INTO memberships (project_id, user_name, role, created_at) VALUES (?, ?, ?, ?)",
         )
         .bind(membership.project_id.as_str())
         .bind(membership.user.as_str())
         .bind(membership.role.as_str())
         .bind(now.as_millis())
-        .execute(&mut *tx)
+        .execute(tx)
         .await;
-        match inserted {
-            Err(err) if unique_violation(&err) => {
-                return Err(StoreError::AlreadyMember {
-                    project: membership.project_id.to_string(),
-                    user: membership.user.to_string(),
-                });
-            }
-            other => other?,
-        };
-        let target = format!("{} ({})", membership.user, membership.role);
-        let entry = NewAudit {
-            project: membership.project_id.as_str(),
-            actor,
-            action: "member.add",
-            target: &target,
-            reason: None,
-        };
-        audit_in(&mut tx, &entry, now).await?;
-        tx.commit().await?;
-        Ok(())
+            match inserted {
+                Err(err) if unique_violation(&err) => {
+                    return Err(StoreError::AlreadyMember {
+                        project: membership.project_id.to_string(),
+                        user: membership.user.to_string(),
+                    });
+                }
+                other => other?,
+            };
+            let target = format!("{} ({})", membership.user, membership.role);
+            let entry = NewAudit {
+                project: membership.project_id.as_str(),
+                actor,
+                action: "member.add",
+                target: &target,
+                reason: None,
+            };
+            audit_in(tx, &entry, now).await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn remove_member(
@@ -315,47 +309,47 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let removed = sqlx::query("DELETE FROM memberships WHERE project_id = ? AND user_name = ?")
-            .bind(project.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if removed.rows_affected() == 0 {
-            return Err(StoreError::NotAMember {
-                project: project.to_string(),
-                user: user.to_string(),
-            });
-        }
-        let entry = NewAudit {
-            project: project.as_str(),
-            actor,
-            action: "member.remove",
-            target: user.as_str(),
-            reason: None,
-        };
-        audit_in(&mut tx, &entry, now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.with_tx(async |tx| {
+            let removed = sql("DELETE FROM memberships WHERE project_id = ? AND user_name = ?")
+                .bind(project.as_str())
+                .bind(user.as_str())
+                .execute(tx)
+                .await?;
+            if removed == 0 {
+                return Err(StoreError::NotAMember {
+                    project: project.to_string(),
+                    user: user.to_string(),
+                });
+            }
+            let entry = NewAudit {
+                project: project.as_str(),
+                actor,
+                action: "member.remove",
+                target: user.as_str(),
+                reason: None,
+            };
+            audit_in(tx, &entry, now).await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn memberships_of(&self, user: &UserName) -> StoreResult<Vec<Membership>> {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String, String)> = sql(
             "SELECT project_id, user_name, role FROM memberships WHERE user_name = ? ORDER BY project_id",
         )
         .bind(user.as_str())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(membership_from).collect()
     }
 
     async fn members_of(&self, project: &ProjectId) -> StoreResult<Vec<Membership>> {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String, String)> = sql(
             "SELECT project_id, user_name, role FROM memberships WHERE project_id = ? ORDER BY user_name",
         )
         .bind(project.as_str())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(membership_from).collect()
     }
@@ -366,9 +360,8 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<ApiTokenRecord> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        sqlx::query(
+        self.with_tx(async |tx| {
+        sql(
             "INSERT INTO api_tokens (id, user_name, name, token_hash, scope, project_id, created_at, \
              expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
@@ -380,11 +373,10 @@ impl IdentityStore for SqliteStore {
         .bind(token.project.as_ref().map(ProjectId::as_str))
         .bind(now.as_millis())
         .bind(token.expires_at.map(Timestamp::as_millis))
-        .execute(&mut *tx)
+        .execute(tx)
         .await?;
         let target = format!("token {} `{}` of {}", token.id, token.name, token.user);
-        audit_in(&mut tx, &global(actor, "token.create", &target), now).await?;
-        tx.commit().await?;
+        audit_in(tx, &global(actor, "token.create", &target), now).await?;
         Ok(ApiTokenRecord {
             id: token.id.clone(),
             user: token.user.clone(),
@@ -396,17 +388,18 @@ impl IdentityStore for SqliteStore {
             revoked_at: None,
             last_used_at: None,
         })
+        }).await
     }
 
     async fn list_api_tokens(&self, user: Option<&UserName>) -> StoreResult<Vec<ApiTokenRecord>> {
-        let sql = concat!(
+        let text = concat!(
             "SELECT ",
             token_columns!(),
             " FROM api_tokens WHERE (? IS NULL OR user_name = ?) ORDER BY id DESC"
         );
         let user = user.map(UserName::as_str);
         let rows: Vec<TokenRow> =
-            sqlx::query_as(sql).bind(user).bind(user).fetch_all(&self.reader).await?;
+            sql(text).bind(user).bind(user).fetch_all(&mut self.read()).await?;
         rows.into_iter().map(token_from).collect()
     }
 
@@ -417,29 +410,30 @@ impl IdentityStore for SqliteStore {
         actor: &str,
         now: Timestamp,
     ) -> StoreResult<ApiTokenRecord> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            " FROM api_tokens WHERE id = ? AND (? IS NULL OR user_name = ?)"
-        );
-        let owner = owner.map(UserName::as_str);
-        let row: Option<TokenRow> =
-            sqlx::query_as(sql).bind(id).bind(owner).bind(owner).fetch_optional(&mut *tx).await?;
-        let mut token = token_from(row.ok_or_else(|| StoreError::TokenNotFound(id.to_owned()))?)?;
-        if token.revoked_at.is_none() {
-            sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ?")
-                .bind(now.as_millis())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            token.revoked_at = Some(now);
-            let target = format!("token {id} `{}` of {}", token.name, token.user);
-            audit_in(&mut tx, &global(actor, "token.revoke", &target), now).await?;
-        }
-        tx.commit().await?;
-        Ok(token)
+        self.with_tx(async |tx| {
+            let text = concat!(
+                "SELECT ",
+                token_columns!(),
+                " FROM api_tokens WHERE id = ? AND (? IS NULL OR user_name = ?)"
+            );
+            let owner = owner.map(UserName::as_str);
+            let row: Option<TokenRow> =
+                sql(text).bind(id).bind(owner).bind(owner).fetch_optional(tx).await?;
+            let mut token =
+                token_from(row.ok_or_else(|| StoreError::TokenNotFound(id.to_owned()))?)?;
+            if token.revoked_at.is_none() {
+                sql("UPDATE api_tokens SET revoked_at = ? WHERE id = ?")
+                    .bind(now.as_millis())
+                    .bind(id)
+                    .execute(tx)
+                    .await?;
+                token.revoked_at = Some(now);
+                let target = format!("token {id} `{}` of {}", token.name, token.user);
+                audit_in(tx, &global(actor, "token.revoke", &target), now).await?;
+            }
+            Ok(token)
+        })
+        .await
     }
 
     async fn authenticate_token(
@@ -447,26 +441,24 @@ impl IdentityStore for SqliteStore {
         hash: &str,
         now: Timestamp,
     ) -> StoreResult<Option<ApiTokenRecord>> {
-        let sql = "SELECT t.id, t.user_name, t.name, t.scope, t.project_id, t.created_at, \
+        let text = "SELECT t.id, t.user_name, t.name, t.scope, t.project_id, t.created_at, \
                    t.expires_at, t.revoked_at, t.last_used_at \
                    FROM api_tokens t JOIN users u ON u.name = t.user_name \
                    WHERE t.token_hash = ? AND t.revoked_at IS NULL \
                    AND (t.expires_at IS NULL OR t.expires_at > ?) AND u.disabled_at IS NULL";
-        let row: Option<TokenRow> = sqlx::query_as(sql)
-            .bind(hash)
-            .bind(now.as_millis())
-            .fetch_optional(&self.reader)
-            .await?;
+        let row: Option<TokenRow> =
+            sql(text).bind(hash).bind(now.as_millis()).fetch_optional(&mut self.read()).await?;
         let Some(token) = row.map(token_from).transpose()? else { return Ok(None) };
         let stale = token
             .last_used_at
             .is_none_or(|used| now.as_millis() - used.as_millis() >= LAST_USED_RESOLUTION_MS);
         if stale {
-            let mut conn = self.writer.lock().await;
-            sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
+            let mut writer = self.writer().await;
+            let conn = &mut writer.db();
+            sql("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
                 .bind(now.as_millis())
                 .bind(&token.id)
-                .execute(&mut *conn)
+                .execute(conn)
                 .await?;
         }
         Ok(Some(token))
@@ -479,21 +471,22 @@ impl IdentityStore for SqliteStore {
         expires_at: Timestamp,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
+        let mut writer = self.writer().await;
+        let conn = &mut writer.db();
         // Expired refresh tokens go as new ones come: the table stays as small as the
         // number of live sessions.
-        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < ?")
+        sql("DELETE FROM refresh_tokens WHERE expires_at < ?")
             .bind(now.as_millis())
-            .execute(&mut *conn)
+            .execute(conn)
             .await?;
-        sqlx::query(
+        sql(
             "INSERT INTO refresh_tokens (token_hash, user_name, created_at, expires_at) VALUES (?, ?, ?, ?)",
         )
         .bind(hash)
         .bind(user.as_str())
         .bind(now.as_millis())
         .bind(expires_at.as_millis())
-        .execute(&mut *conn)
+        .execute(conn)
         .await?;
         Ok(())
     }
@@ -503,23 +496,24 @@ impl IdentityStore for SqliteStore {
         hash: &str,
         now: Timestamp,
     ) -> StoreResult<Option<UserName>> {
-        let mut conn = self.writer.lock().await;
-        let row: Option<(String,)> = sqlx::query_as(
-            "UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL \
-             AND expires_at > ? RETURNING user_name",
-        )
-        .bind(now.as_millis())
-        .bind(hash)
-        .bind(now.as_millis())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let mut writer = self.writer().await;
+        let conn = &mut writer.db();
+        let row: Option<(String,)> =
+            sql("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL \
+             AND expires_at > ? RETURNING user_name")
+            .bind(now.as_millis())
+            .bind(hash)
+            .bind(now.as_millis())
+            .fetch_optional(conn)
+            .await?;
         row.map(|(user,)| UserName::parse(user).map_err(|e| corrupt("refresh_tokens.user_name", e)))
             .transpose()
     }
 
     async fn audit(&self, entry: NewAudit<'_>, now: Timestamp) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        audit_in(&mut conn, &entry, now).await
+        let mut writer = self.writer().await;
+        let conn = &mut writer.db();
+        audit_in(conn, &entry, now).await
     }
 
     async fn list_audit_entries(
@@ -528,7 +522,7 @@ impl IdentityStore for SqliteStore {
         before: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<AuditEntry>> {
-        let rows: Vec<(i64, String, String, String, String, Option<String>, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, String, String, String, String, Option<String>, i64)> = sql(
             "SELECT id, project_id, actor, action, target, reason, at FROM audit_log \
              WHERE (? IS NULL OR project_id = ?) AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
         )
@@ -537,7 +531,7 @@ impl IdentityStore for SqliteStore {
         .bind(before)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter()
             .map(|(id, project_id, actor, action, target, reason, at)| {
@@ -561,15 +555,14 @@ impl IdentityStore for SqliteStore {
         route: &str,
         key: &str,
     ) -> StoreResult<Option<KeptResponse>> {
-        let row: Option<(String, i64, String)> = sqlx::query_as(
-            "SELECT body_hash, status, response FROM idempotency_keys \
-             WHERE project_id = ? AND route = ? AND key = ?",
-        )
-        .bind(project.as_str())
-        .bind(route)
-        .bind(key)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<(String, i64, String)> =
+            sql("SELECT body_hash, status, response FROM idempotency_keys \
+             WHERE project_id = ? AND route = ? AND key = ?")
+            .bind(project.as_str())
+            .bind(route)
+            .bind(key)
+            .fetch_optional(&mut self.read())
+            .await?;
         Ok(row.map(|(body_hash, status, body)| KeptResponse {
             body_hash,
             status: u16::try_from(status).unwrap_or(500),
@@ -585,11 +578,10 @@ impl IdentityStore for SqliteStore {
         response: &KeptResponse,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        sqlx::query(
-            "INSERT OR IGNORE INTO idempotency_keys (project_id, key, route, body_hash, status, \
-             response, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
+        let mut writer = self.writer().await;
+        let conn = &mut writer.db();
+        sql("INSERT INTO idempotency_keys (project_id, key, route, body_hash, status, \
+             response, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
         .bind(project.as_str())
         .bind(key)
         .bind(route)
@@ -597,17 +589,18 @@ impl IdentityStore for SqliteStore {
         .bind(i64::from(response.status))
         .bind(&response.body)
         .bind(now.as_millis())
-        .execute(&mut *conn)
+        .execute(conn)
         .await?;
         Ok(())
     }
 
     async fn forget_responses(&self, before: Timestamp) -> StoreResult<u64> {
-        let mut conn = self.writer.lock().await;
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+        let mut writer = self.writer().await;
+        let conn = &mut writer.db();
+        let deleted = sql("DELETE FROM idempotency_keys WHERE created_at < ?")
             .bind(before.as_millis())
-            .execute(&mut *conn)
+            .execute(conn)
             .await?;
-        Ok(deleted.rows_affected())
+        Ok(deleted)
     }
 }

@@ -6,9 +6,9 @@ use drover_domain::{
     NewEvent, PortBlock, ProjectId, ServiceName, ServiceRecord, Timestamp,
 };
 use serde_json::json;
-use sqlx::{Connection, FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::FromRow;
 
-use super::{SqliteStore, append_events, corrupt};
+use super::{Backend, Db, SqlStore, corrupt, sql};
 use crate::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError, StoreResult};
 
 macro_rules! env_columns {
@@ -33,7 +33,7 @@ fn env_event(env: &Environment, payload: serde_json::Value) -> NewEvent {
 }
 
 async fn audit(
-    conn: &mut SqliteConnection,
+    conn: &mut Db<'_>,
     project: &ProjectId,
     actor: &str,
     action: &str,
@@ -45,23 +45,19 @@ async fn audit(
     super::identities::audit_in(conn, &entry, now).await
 }
 
-async fn fetch_env(
-    conn: &mut SqliteConnection,
-    id: EnvironmentId,
-) -> StoreResult<Option<Environment>> {
+async fn fetch_env(conn: &mut Db<'_>, id: EnvironmentId) -> StoreResult<Option<Environment>> {
     let row: Option<EnvRow> =
-        sqlx::query_as(concat!("SELECT ", env_columns!(), " FROM environments WHERE id = ?"))
+        sql(concat!("SELECT ", env_columns!(), " FROM environments WHERE id = ?"))
             .bind(id.to_string())
+            .for_update(conn)
             .fetch_optional(conn)
             .await?;
     row.map(Environment::try_from).transpose()
 }
 
-async fn save_env(conn: &mut SqliteConnection, env: &Environment) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE environments SET status = ?, desired = ?, error = ?, updated_at = ?, \
-         last_active_at = ? WHERE id = ?",
-    )
+async fn save_env(conn: &mut Db<'_>, env: &Environment) -> StoreResult<()> {
+    sql("UPDATE environments SET status = ?, desired = ?, error = ?, updated_at = ?, \
+         last_active_at = ? WHERE id = ?")
     .bind(env.status.as_str())
     .bind(env.desired.as_str())
     .bind(env.error.as_deref())
@@ -73,16 +69,15 @@ async fn save_env(conn: &mut SqliteConnection, env: &Environment) -> StoreResult
     Ok(())
 }
 
-impl SqliteStore {
-    async fn envs_where(&self, sql: &'static str, at: Timestamp) -> StoreResult<Vec<Environment>> {
-        let rows: Vec<EnvRow> =
-            sqlx::query_as(sql).bind(at.as_millis()).fetch_all(&self.reader).await?;
+impl<B: Backend> SqlStore<B> {
+    async fn envs_where(&self, text: &'static str, at: Timestamp) -> StoreResult<Vec<Environment>> {
+        let rows: Vec<EnvRow> = sql(text).bind(at.as_millis()).fetch_all(&mut self.read()).await?;
         rows.into_iter().map(Environment::try_from).collect()
     }
 }
 
 #[async_trait]
-impl EnvironmentStore for SqliteStore {
+impl<B: Backend> EnvironmentStore for SqlStore<B> {
     async fn create_environment(
         &self,
         new: NewEnvironment,
@@ -103,18 +98,17 @@ impl EnvironmentStore for SqliteStore {
             updated_at: now,
             last_active_at: now,
         };
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let (live,): (i64,) = sqlx::query_as(
+        self.transaction(now, async |tx, events| {
+        let (live,): (i64,) = sql(
             "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
         )
         .bind(new.project_id.as_str())
-        .fetch_one(&mut *tx)
+        .fetch_one(tx)
         .await?;
         if live >= i64::from(new.quota) {
             return Err(StoreError::EnvironmentQuotaExceeded { limit: new.quota });
         }
-        let inserted = sqlx::query(concat!(
+        let inserted = sql(concat!(
             "INSERT INTO environments (",
             env_columns!(),
             ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -133,9 +127,9 @@ impl EnvironmentStore for SqliteStore {
         .bind(now.as_millis())
         .bind(now.as_millis())
         .bind(now.as_millis())
-        .execute(&mut *tx)
+        .execute(tx)
         .await;
-        if let Err(sqlx::Error::Database(err)) = &inserted
+        if let Err(StoreError::Database(sqlx::Error::Database(err))) = &inserted
             && err.is_unique_violation()
         {
             return Err(if err.message().contains("name") {
@@ -146,7 +140,7 @@ impl EnvironmentStore for SqliteStore {
         }
         inserted?;
         audit(
-            &mut tx,
+            tx,
             &env.project_id,
             &new.actor,
             "environment.create",
@@ -159,10 +153,9 @@ impl EnvironmentStore for SqliteStore {
             &env,
             json!({ "name": env.name, "ports": env.ports, "workspace": env.workspace }),
         );
-        let stored = append_events(&mut tx, vec![event], now).await?;
-        tx.commit().await?;
-        self.publish(stored);
+        events.extend(vec![event]);
         Ok(env)
+        }).await
     }
 
     async fn get_environment(
@@ -170,14 +163,14 @@ impl EnvironmentStore for SqliteStore {
         project: &ProjectId,
         id: EnvironmentId,
     ) -> StoreResult<Option<Environment>> {
-        let row: Option<EnvRow> = sqlx::query_as(concat!(
+        let row: Option<EnvRow> = sql(concat!(
             "SELECT ",
             env_columns!(),
             " FROM environments WHERE project_id = ? AND id = ?"
         ))
         .bind(project.as_str())
         .bind(id.to_string())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut self.read())
         .await?;
         row.map(Environment::try_from).transpose()
     }
@@ -187,24 +180,24 @@ impl EnvironmentStore for SqliteStore {
         project: &ProjectId,
         name: &EnvName,
     ) -> StoreResult<Option<Environment>> {
-        let row: Option<EnvRow> = sqlx::query_as(concat!(
+        let row: Option<EnvRow> = sql(concat!(
             "SELECT ",
             env_columns!(),
             " FROM environments WHERE project_id = ? AND name = ? AND status <> 'deleted'"
         ))
         .bind(project.as_str())
         .bind(name.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut self.read())
         .await?;
         row.map(Environment::try_from).transpose()
     }
 
     async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32> {
-        let (live,): (i64,) = sqlx::query_as(
+        let (live,): (i64,) = sql(
             "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
         )
         .bind(project.as_str())
-        .fetch_one(&self.reader)
+        .fetch_one(&mut self.read())
         .await?;
         Ok(u32::try_from(live).unwrap_or(u32::MAX))
     }
@@ -214,20 +207,17 @@ impl EnvironmentStore for SqliteStore {
         project: &ProjectId,
         query: &EnvironmentQuery,
     ) -> StoreResult<Vec<Environment>> {
-        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
-            "SELECT ",
-            env_columns!(),
-            " FROM environments WHERE project_id = "
-        ));
-        sql.push_bind(project.as_str().to_owned());
+        let mut statement =
+            sql(concat!("SELECT ", env_columns!(), " FROM environments WHERE project_id = ?"))
+                .bind(project.as_str());
         if !query.include_deleted {
-            sql.push(" AND status <> 'deleted'");
+            statement.push(" AND status <> 'deleted'");
         }
         if let Some(before) = query.before {
-            sql.push(" AND id < ").push_bind(before.to_string());
+            statement.push(" AND id < ").push_bind(before.to_string());
         }
-        sql.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
-        let rows: Vec<EnvRow> = sql.build_query_as().fetch_all(&self.reader).await?;
+        statement.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        let rows: Vec<EnvRow> = statement.fetch_all(&mut self.read()).await?;
         rows.into_iter().map(Environment::try_from).collect()
     }
 
@@ -240,41 +230,41 @@ impl EnvironmentStore for SqliteStore {
         reason: Option<&str>,
         now: Timestamp,
     ) -> StoreResult<Environment> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut env = fetch_env(&mut tx, id)
-            .await?
-            .filter(|env| &env.project_id == project)
-            .ok_or_else(|| StoreError::EnvironmentNotFound(id.to_string()))?;
-        let action = match desired {
-            DesiredState::Running => "start",
-            DesiredState::Stopped => "stop",
-            DesiredState::Deleted => "delete",
-        };
-        if env.desired == DesiredState::Deleted && desired != DesiredState::Deleted {
-            return Err(StoreError::EnvironmentBusy { id, status: env.status, action });
-        }
-        if env.desired != desired {
-            env.desired = desired;
-            env.updated_at = now;
-            if desired == DesiredState::Running {
-                // Starting counts as activity: idle time starts over.
-                env.last_active_at = now;
+        self.with_tx(async |tx| {
+            let mut env = fetch_env(tx, id)
+                .await?
+                .filter(|env| &env.project_id == project)
+                .ok_or_else(|| StoreError::EnvironmentNotFound(id.to_string()))?;
+            let action = match desired {
+                DesiredState::Running => "start",
+                DesiredState::Stopped => "stop",
+                DesiredState::Deleted => "delete",
+            };
+            if env.desired == DesiredState::Deleted && desired != DesiredState::Deleted {
+                return Err(StoreError::EnvironmentBusy { id, status: env.status, action });
             }
-            save_env(&mut tx, &env).await?;
-        }
-        audit(
-            &mut tx,
-            project,
-            actor,
-            &format!("environment.{action}"),
-            &id.to_string(),
-            reason,
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(env)
+            if env.desired != desired {
+                env.desired = desired;
+                env.updated_at = now;
+                if desired == DesiredState::Running {
+                    // Starting counts as activity: idle time starts over.
+                    env.last_active_at = now;
+                }
+                save_env(tx, &env).await?;
+            }
+            audit(
+                tx,
+                project,
+                actor,
+                &format!("environment.{action}"),
+                &id.to_string(),
+                reason,
+                now,
+            )
+            .await?;
+            Ok(env)
+        })
+        .await
     }
 
     async fn transition_environment(
@@ -284,45 +274,40 @@ impl EnvironmentStore for SqliteStore {
         error: Option<String>,
         now: Timestamp,
     ) -> StoreResult<Environment> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut env = fetch_env(&mut tx, id)
-            .await?
-            .ok_or_else(|| StoreError::EnvironmentNotFound(id.to_string()))?;
-        if env.status == to && env.error == error {
-            return Ok(env);
-        }
-        if env.status != to {
-            env.status = env.status.become_(to)?;
-        }
-        env.error.clone_from(&error);
-        env.updated_at = now;
-        save_env(&mut tx, &env).await?;
-        let stored =
-            append_events(&mut tx, vec![env_event(&env, json!({ "error": error }))], now).await?;
-        tx.commit().await?;
-        self.publish(stored);
-        Ok(env)
+        self.transaction(now, async |tx, events| {
+            let mut env = fetch_env(tx, id)
+                .await?
+                .ok_or_else(|| StoreError::EnvironmentNotFound(id.to_string()))?;
+            if env.status == to && env.error == error {
+                return Ok(env);
+            }
+            if env.status != to {
+                env.status = env.status.become_(to)?;
+            }
+            env.error.clone_from(&error);
+            env.updated_at = now;
+            save_env(tx, &env).await?;
+            events.extend(vec![env_event(&env, json!({ "error": error }))]);
+            Ok(env)
+        })
+        .await
     }
 
     async fn touch_environment(&self, id: EnvironmentId, now: Timestamp) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE environments SET last_active_at = ? WHERE id = ? AND last_active_at < ?",
-        )
-        .bind(now.as_millis())
-        .bind(id.to_string())
-        .bind(now.as_millis())
-        .execute(&mut *self.writer.lock().await)
-        .await?;
+        sql("UPDATE environments SET last_active_at = ? WHERE id = ? AND last_active_at < ?")
+            .bind(now.as_millis())
+            .bind(id.to_string())
+            .bind(now.as_millis())
+            .execute(&mut self.writer().await.db())
+            .await?;
         Ok(())
     }
 
     async fn used_port_blocks(&self) -> StoreResult<Vec<PortBlock>> {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT port_base, port_count FROM environments WHERE status <> 'deleted'",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<(i64, i64)> =
+            sql("SELECT port_base, port_count FROM environments WHERE status <> 'deleted'")
+                .fetch_all(&mut self.read())
+                .await?;
         rows.into_iter()
             .map(|(base, size)| {
                 Ok(PortBlock {
@@ -334,12 +319,12 @@ impl EnvironmentStore for SqliteStore {
     }
 
     async fn live_environments(&self) -> StoreResult<Vec<Environment>> {
-        let rows: Vec<EnvRow> = sqlx::query_as(concat!(
+        let rows: Vec<EnvRow> = sql(concat!(
             "SELECT ",
             env_columns!(),
             " FROM environments WHERE status <> 'deleted' ORDER BY id"
         ))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter().map(Environment::try_from).collect()
     }
@@ -373,16 +358,15 @@ impl EnvironmentStore for SqliteStore {
 
     async fn record_service(&self, record: ServiceRecord) -> StoreResult<()> {
         let env_key = record.environment_id.map_or_else(|| SHARED.to_owned(), |id| id.to_string());
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let previous: Option<(String,)> = sqlx::query_as(
+        self.transaction(record.updated_at, async |tx, events| {
+        let query = sql(
             "SELECT status FROM service_instances WHERE environment_id = ? AND service = ?",
         )
         .bind(&env_key)
         .bind(record.service.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        sqlx::query(
+        .for_update(tx);
+        let previous: Option<(String,)> = query.fetch_optional(tx).await?;
+        sql(
             "INSERT INTO service_instances (environment_id, service, status, pid, restarts, reason, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (environment_id, service) DO UPDATE SET \
              status = excluded.status, pid = excluded.pid, restarts = excluded.restarts, \
@@ -395,13 +379,12 @@ impl EnvironmentStore for SqliteStore {
         .bind(i64::from(record.restarts))
         .bind(record.reason.as_deref())
         .bind(record.updated_at.as_millis())
-        .execute(&mut *tx)
+        .execute(tx)
         .await?;
         let changed = previous.is_none_or(|(status,)| status != record.status.as_str());
-        let mut stored = Vec::new();
         if changed {
             let project = match record.environment_id {
-                Some(id) => fetch_env(&mut tx, id).await?.map(|env| env.project_id),
+                Some(id) => fetch_env(tx, id).await?.map(|env| env.project_id),
                 None => None,
             }
             .unwrap_or_else(ProjectId::default_project);
@@ -420,77 +403,71 @@ impl EnvironmentStore for SqliteStore {
                 }),
                 correlation_id: None,
             };
-            stored = append_events(&mut tx, vec![event], record.updated_at).await?;
+            events.push(event);
         }
-        tx.commit().await?;
-        self.publish(stored);
         Ok(())
+        }).await
     }
 
     async fn service_records(&self, env: Option<EnvironmentId>) -> StoreResult<Vec<ServiceRecord>> {
         let key = env.map_or_else(|| SHARED.to_owned(), |id| id.to_string());
-        let rows: Vec<ServiceRow> = sqlx::query_as(
-            "SELECT environment_id, service, status, pid, restarts, reason, updated_at \
-             FROM service_instances WHERE environment_id = ? ORDER BY service",
-        )
-        .bind(key)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<ServiceRow> =
+            sql("SELECT environment_id, service, status, pid, restarts, reason, updated_at \
+             FROM service_instances WHERE environment_id = ? ORDER BY service")
+            .bind(key)
+            .fetch_all(&mut self.read())
+            .await?;
         rows.into_iter().map(ServiceRecord::try_from).collect()
     }
 
     async fn running_service_records(&self) -> StoreResult<Vec<ServiceRecord>> {
-        let rows: Vec<ServiceRow> = sqlx::query_as(
-            "SELECT environment_id, service, status, pid, restarts, reason, updated_at \
-             FROM service_instances WHERE pid IS NOT NULL",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<ServiceRow> =
+            sql("SELECT environment_id, service, status, pid, restarts, reason, updated_at \
+             FROM service_instances WHERE pid IS NOT NULL")
+            .fetch_all(&mut self.read())
+            .await?;
         rows.into_iter().map(ServiceRecord::try_from).collect()
     }
 
     async fn forget_services(&self, env: Option<EnvironmentId>) -> StoreResult<()> {
         let key = env.map_or_else(|| SHARED.to_owned(), |id| id.to_string());
-        sqlx::query("DELETE FROM service_instances WHERE environment_id = ?")
+        sql("DELETE FROM service_instances WHERE environment_id = ?")
             .bind(key)
-            .execute(&mut *self.writer.lock().await)
+            .execute(&mut self.writer().await.db())
             .await?;
         Ok(())
     }
 
     async fn put_app(&self, env: EnvironmentId, app: &AppSpec, now: Timestamp) -> StoreResult<()> {
         let spec = serde_json::to_string(app).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO environment_apps (environment_id, name, run_id, spec, created_at) \
+        sql("INSERT INTO environment_apps (environment_id, name, run_id, spec, created_at) \
              VALUES (?, ?, ?, ?, ?) ON CONFLICT (environment_id, name) DO UPDATE SET \
-             spec = excluded.spec, created_at = excluded.created_at",
-        )
+             spec = excluded.spec, created_at = excluded.created_at")
         .bind(env.to_string())
         .bind(app.name.as_str())
         .bind(app.run_id.to_string())
         .bind(spec)
         .bind(now.as_millis())
-        .execute(&mut *self.writer.lock().await)
+        .execute(&mut self.writer().await.db())
         .await?;
         Ok(())
     }
 
     async fn remove_app(&self, env: EnvironmentId, name: &ServiceName) -> StoreResult<bool> {
-        let removed =
-            sqlx::query("DELETE FROM environment_apps WHERE environment_id = ? AND name = ?")
-                .bind(env.to_string())
-                .bind(name.as_str())
-                .execute(&mut *self.writer.lock().await)
-                .await?;
-        Ok(removed.rows_affected() > 0)
+        let removed = sql("DELETE FROM environment_apps WHERE environment_id = ? AND name = ?")
+            .bind(env.to_string())
+            .bind(name.as_str())
+            .execute(&mut self.writer().await.db())
+            .await?;
+        Ok(removed > 0)
     }
 
     async fn apps(&self, env: EnvironmentId) -> StoreResult<Vec<AppSpec>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
+        let rows: Vec<(String,)> = sql(
             "SELECT spec FROM environment_apps WHERE environment_id = ? ORDER BY created_at, name",
         )
         .bind(env.to_string())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut self.read())
         .await?;
         rows.into_iter()
             .map(|(spec,)| {
@@ -500,9 +477,9 @@ impl EnvironmentStore for SqliteStore {
     }
 
     async fn forget_apps(&self, env: EnvironmentId) -> StoreResult<()> {
-        sqlx::query("DELETE FROM environment_apps WHERE environment_id = ?")
+        sql("DELETE FROM environment_apps WHERE environment_id = ?")
             .bind(env.to_string())
-            .execute(&mut *self.writer.lock().await)
+            .execute(&mut self.writer().await.db())
             .await?;
         Ok(())
     }

@@ -1,0 +1,177 @@
+//! The store a test runs against, for suites that run unchanged on every backend: a fresh
+//! SQLite file, or a fresh database on the PostgreSQL server `DROVER_TEST_POSTGRES_URL`
+//! names (the machine's, by default), dropped when the test ends. Without a reachable
+//! server the PostgreSQL variants print `drover-test: SKIP …` and pass, unless
+//! `DROVER_TEST_REQUIRE_BACKENDS=1`.
+//!
+//! [`backend_tests!`] turns `async fn case(db: TestDb)` functions into one test per backend:
+//! `sqlite::case` and `postgres::case`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use drover_store::{AnyStore, StoreOptions};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use sqlx::sqlite::SqliteConnection;
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test's store and what it takes to reopen and to clean it up.
+pub struct TestDb {
+    pub store: AnyStore,
+    pub backend: Backend,
+    options: StoreOptions,
+    _dir: Option<tempfile::TempDir>,
+    /// The server's URL and the test's database on it, dropped with the test.
+    database: Option<(String, String)>,
+}
+
+fn options(url: String) -> StoreOptions {
+    StoreOptions {
+        url,
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(10),
+        busy_timeout: Duration::from_secs(5),
+    }
+}
+
+impl TestDb {
+    /// A fresh store on `backend`, or `None` (after printing why) when it cannot be had.
+    pub async fn open(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("nested/drover.db").display());
+                let options = options(url);
+                let store = drover_store::open(&options).await.expect("store opens");
+                Some(Self { store, backend, options, _dir: Some(dir), database: None })
+            }
+            Backend::Postgres => {
+                let server = drover_testkit::postgres_url()?;
+                let name = drover_testkit::unique_name("drover_test_");
+                let mut admin = match PgConnection::connect(&server).await {
+                    Ok(admin) => admin,
+                    Err(err) => {
+                        return drover_testkit::skip(&format!(
+                            "PostgreSQL tests: cannot connect to {server}: {err}"
+                        ));
+                    }
+                };
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                    .execute(&mut admin)
+                    .await
+                    .expect("test database created");
+                let _ = admin.close().await;
+                let options = options(database_url(&server, &name));
+                let store = drover_store::open(&options).await.expect("store opens");
+                Some(Self { store, backend, options, _dir: None, database: Some((server, name)) })
+            }
+        }
+    }
+
+    /// Closes the store and opens the same database again.
+    pub async fn reopen(&mut self) -> AnyStore {
+        self.store.close().await;
+        self.store = drover_store::open(&self.options).await.expect("store reopens");
+        self.store.clone()
+    }
+
+    /// Opens the same database once more, beside the store.
+    pub async fn open_again(&self) -> drover_store::StoreResult<AnyStore> {
+        drover_store::open(&self.options).await
+    }
+
+    /// Records migration `version` as applied, as a newer drover would have.
+    pub async fn pretend_migrated(&self, version: i64) {
+        let insert = "INSERT INTO _sqlx_migrations \
+                      (version, description, success, checksum, execution_time) \
+                      VALUES ($1, 'from a newer drover', $2, $3, 0)";
+        macro_rules! insert_with {
+            ($connection:ty) => {{
+                let mut conn = <$connection>::connect(&self.options.url).await.unwrap();
+                let insert = sqlx::query(insert).bind(version).bind(true).bind(vec![0_u8]);
+                insert.execute(&mut conn).await.unwrap();
+            }};
+        }
+        match self.backend {
+            Backend::Sqlite => insert_with!(SqliteConnection),
+            Backend::Postgres => insert_with!(PgConnection),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((server, name)) = self.database.take() else { return };
+        // Drop runs inside the test's runtime, which cannot block on a future: a thread
+        // with its own runtime drops the database (and ends the store's connections).
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = PgConnection::connect(&server).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await?;
+                admin.close().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            eprintln!("could not drop test database: {err}");
+        }
+    }
+}
+
+/// `server` (a URL naming some database) with its database replaced by `name`.
+fn database_url(server: &str, name: &str) -> String {
+    let (base, query) = server.split_once('?').map_or((server, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// One `#[tokio::test]` per backend for each `async fn case(db: TestDb)` named:
+/// `sqlite::case` and `postgres::case`.
+macro_rules! backend_tests {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let backend = crate::common::Backend::Sqlite;
+                    if let Some(db) = crate::common::TestDb::open(backend).await {
+                        super::$case(db).await;
+                    }
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let backend = crate::common::Backend::Postgres;
+                    if let Some(db) = crate::common::TestDb::open(backend).await {
+                        super::$case(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}
