@@ -144,11 +144,17 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://PATH`; defaults to `sqlite://<data_dir>/drover.db`.
+    /// `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a
+    /// PostgreSQL database several servers may share; defaults to
+    /// `sqlite://<data_dir>/drover.db`.
     pub url: Option<String>,
-    /// Connections used for reads (SQLite writes always go through one connection).
+    /// Pooled connections: SQLite's readers (its writes always go through one more
+    /// connection), PostgreSQL's connections.
     pub max_connections: u32,
-    /// How long a statement waits on a locked database before failing.
+    /// How long an operation waits for a pooled connection before failing.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// SQLite: how long a statement waits on a locked database before failing.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
 }
@@ -267,7 +273,12 @@ impl Default for ProxyConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: None, max_connections: 8, busy_timeout: Duration::from_secs(5) }
+        Self {
+            url: None,
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -407,15 +418,15 @@ impl Config {
             return invalid("data_dir", "must not be empty");
         }
         if let Some(url) = &self.store.url
-            && url.strip_prefix("sqlite://").is_none_or(str::is_empty)
+            && let Err(message) = check_store_url(url)
         {
-            return Err(ConfigError::Invalid {
-                key: "store.url",
-                message: format!("`{url}` is not supported; expected sqlite://PATH"),
-            });
+            return Err(ConfigError::Invalid { key: "store.url", message });
         }
         if self.store.max_connections == 0 {
             return invalid("store.max_connections", "must be at least 1");
+        }
+        if self.store.acquire_timeout.is_zero() {
+            return invalid("store.acquire_timeout", "must be more than 0s");
         }
         let url = self.bus.url.as_str();
         let known = url == "embedded"
@@ -597,6 +608,33 @@ fn describe_figment_error(err: figment::Error) -> String {
     format!("{key}: {} (from {source})", err.kind)
 }
 
+/// The part after the scheme of a `postgres://` or `postgresql://` URL.
+fn postgres_url(url: &str) -> Option<&str> {
+    url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://"))
+}
+
+/// Why `store.url` names no store drover can open (the message never repeats a password).
+fn check_store_url(url: &str) -> Result<(), String> {
+    if let Some(rest) = postgres_url(url) {
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host = authority.rsplit('@').next().unwrap_or_default();
+        let database = rest.split_once('/').map(|(_, path)| path.split('?').next().unwrap_or(""));
+        return match (host.is_empty(), database) {
+            (true, _) => Err("a PostgreSQL URL needs a host: postgres://USER@HOST/DATABASE".into()),
+            (false, None | Some("")) => {
+                Err("a PostgreSQL URL needs a database: postgres://USER@HOST/DATABASE".into())
+            }
+            (false, Some(_)) => Ok(()),
+        };
+    }
+    match url.strip_prefix("sqlite://") {
+        Some(path) if !path.is_empty() => Ok(()),
+        _ => Err(format!(
+            "`{url}` is not supported; expected sqlite://PATH or postgres://USER@HOST/DATABASE"
+        )),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err, reason = "figment's Jail closures return figment::Error")]
 mod tests {
@@ -683,6 +721,33 @@ mod tests {
             assert!(message.contains("bus.url"), "{message}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn store_urls_name_a_sqlite_file_or_a_postgres_database() {
+        for (url, ok) in [
+            ("sqlite://data/drover.db", true),
+            ("postgres://drover@db.internal:5432/drover", true),
+            ("postgresql://drover:secret@127.0.0.1/drover?sslmode=require", true),
+            ("sqlite://", false),
+            ("mysql://db/drover", false),
+            ("postgres://drover:secret@db.internal", false),
+            ("postgres:///drover", false),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("DROVER_STORE__URL", url);
+                match load_in(jail) {
+                    Ok(config) => assert!(ok && config.store_url() == url, "{url} accepted"),
+                    Err(err) => {
+                        let message = err.to_string();
+                        assert!(!ok, "{url} refused: {message}");
+                        assert!(message.contains("store.url"), "{message}");
+                        assert!(!message.contains("secret"), "{message}");
+                    }
+                }
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ use drover_env::docker::DockerProvider;
 use drover_env::manager::{EnvManager, EnvSettings, ServiceRoute};
 use drover_env::provider::{LocalProvider, Providers};
 use drover_proxy::{Proxy, Route, RouteTable};
-use drover_store::{IdentityStore, SqliteStore, SqliteStoreOptions, Store, StoreError};
+use drover_store::{AnyStore, IdentityStore, Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +95,7 @@ pub struct Server {
     mode: Mode,
     listener: TcpListener,
     addr: SocketAddr,
-    store: SqliteStore,
+    store: AnyStore,
     bus: Arc<dyn Bus>,
     engine: Arc<Engine>,
     envs: Arc<EnvManager>,
@@ -121,12 +121,7 @@ impl Server {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         // From here on, paths handed to children are absolute.
         config.data_dir = lock.path().to_path_buf();
-        let store = SqliteStore::open(&SqliteStoreOptions {
-            url: config.store_url(),
-            read_connections: config.store.max_connections,
-            busy_timeout: config.store.busy_timeout,
-        })
-        .await?;
+        let store = drover_store::open(&store_options(&config)).await?;
         let identities: Arc<dyn IdentityStore> = Arc::new(store.clone());
         let (network, users_exist) = auth::check_mode(config.server.listen, &identities).await?;
         let signer = auth::load_signer(&config).await?;
@@ -412,6 +407,17 @@ impl Server {
     }
 }
 
+/// How to open the store `[store]` names: a SQLite file (by default under the data
+/// directory) or a PostgreSQL database.
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        url: config.store_url(),
+        max_connections: config.store.max_connections,
+        acquire_timeout: config.store.acquire_timeout,
+        busy_timeout: config.store.busy_timeout,
+    }
+}
+
 /// The broker settings of a configuration.
 pub fn bus_options(config: &Config) -> BusOptions {
     BusOptions {
@@ -578,7 +584,7 @@ fn providers(
 /// terminal event, and by a sweep (at start and every minute) for ends missed while the
 /// server was down or the event feed lagged.
 async fn release_run_environments(
-    store: SqliteStore,
+    store: AnyStore,
     mut events: tokio::sync::broadcast::Receiver<drover_domain::Event>,
     envs: Arc<EnvManager>,
     stop: CancellationToken,
@@ -605,7 +611,7 @@ async fn release_run_environments(
     }
 }
 
-async fn sweep_finished_run_environments(store: &SqliteStore, envs: &EnvManager) {
+async fn sweep_finished_run_environments(store: &AnyStore, envs: &EnvManager) {
     let swept = async {
         // A minute's grace: a run's environment is made just before the run itself.
         let settled = drover_domain::Timestamp::from_system_time(

@@ -12,7 +12,7 @@ use drover_config::Config;
 use drover_domain::{ProjectId, SecretValues};
 use drover_env::{SecretSource, SecretsUnavailable};
 use drover_secrets::{KeySource, Reveal, Vault};
-use drover_store::SqliteStore;
+use drover_store::AnyStore;
 
 use crate::ServerError;
 
@@ -25,7 +25,7 @@ pub fn key_source(config: &Config) -> KeySource {
 /// The vault over `store`, with the master key loaded off the async threads.
 pub(crate) async fn open_vault(
     config: &Config,
-    store: &SqliteStore,
+    store: &AnyStore,
 ) -> Result<Arc<Vault>, ServerError> {
     let source = key_source(config);
     let keys = tokio::task::spawn_blocking(move || source.load_or_create())

@@ -80,7 +80,7 @@ impl From<&WebhooksConfig> for Settings {
 
 /// Starts the loop over the server's store and the cluster's live feed, as `[webhooks]` says.
 pub(crate) fn start(
-    store: &drover_store::SqliteStore,
+    store: &drover_store::AnyStore,
     feed: broadcast::Receiver<Event>,
     config: &WebhooksConfig,
     stop: CancellationToken,

@@ -14,7 +14,6 @@ use clap::Subcommand;
 use drover_api::secrets::{SecretList, SecretView, SetSecretBody};
 use drover_config::Config;
 use drover_server::{DataDirLock, Mode};
-use drover_store::{SqliteStore, SqliteStoreOptions};
 use serde_json::json;
 
 use crate::cli::GlobalArgs;
@@ -152,12 +151,9 @@ async fn rotate_key(global: &GlobalArgs, config: &Config) -> anyhow::Result<Exit
     let lock = DataDirLock::acquire(&config.data_dir).context(
         "rotate-key needs the server stopped (it re-seals every secret and replaces the key file)",
     )?;
-    let store = SqliteStore::open(&SqliteStoreOptions {
-        url: config.store_url(),
-        read_connections: 1,
-        busy_timeout: config.store.busy_timeout,
-    })
-    .await?;
+    let options =
+        drover_store::StoreOptions { max_connections: 1, ..drover_server::store_options(config) };
+    let store = drover_store::open(&options).await?;
     let source = drover_server::key_source(config);
     let rotation = drover_secrets::rotate(Arc::new(store.clone()), &source, "cli:rotate-key").await;
     store.close().await;
