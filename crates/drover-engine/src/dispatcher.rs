@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use drover_bus::{BusError, TaskEnvelope, WorkflowContext};
-use drover_domain::{ProjectId, RunId, SecretValues, StageAttempt};
+use drover_domain::{AttemptId, ProjectId, RunId, SecretValues, StageAttempt};
 use drover_secrets::{Reveal, VaultError};
 use drover_store::StoreError;
 use serde_json::json;
@@ -37,14 +37,29 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
 }
 
 /// Publishes every due attempt, a batch at a time, until none is left or the bus is full.
+/// Each batch is claimed first: servers sharing the store never publish one attempt twice,
+/// and a claim this server does not see through (it died) is due again after
+/// `redispatch_after`.
 async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
     loop {
-        let due = engine.store.due_attempts(now(), engine.settings.dispatch_batch).await?;
+        let claimed_at = now();
+        let hold_until = claimed_at.plus(engine.settings.redispatch_after);
+        let due = engine
+            .store
+            .claim_due_attempts(claimed_at, engine.settings.dispatch_batch, hold_until)
+            .await?;
         if due.is_empty() {
             return Ok(());
         }
-        let envelopes = envelopes(engine, &due).await?;
+        let envelopes = match envelopes(engine, &due).await {
+            Ok(envelopes) => envelopes,
+            Err(err) => {
+                release(engine, due.iter().map(|attempt| attempt.id).collect()).await;
+                return Err(err);
+            }
+        };
         let mut published = Vec::with_capacity(envelopes.len());
+        let mut refused = Vec::new();
         for (attempt, envelope) in due.iter().zip(envelopes) {
             match engine.bus.publish_task(&envelope).await {
                 Ok(message_id) => {
@@ -55,19 +70,30 @@ async fn dispatch_due(engine: &Engine) -> Result<(), StoreError> {
                 }
                 Err(BusError::Full { topic }) => {
                     tracing::debug!(%topic, "task queue full; the attempt waits in the store");
+                    refused.push(attempt.id);
                 }
                 Err(err) => {
                     tracing::warn!(attempt_id = %attempt.id, error = %err, "publish failed");
+                    refused.push(attempt.id);
                 }
             }
         }
         engine.store.mark_dispatched(&published, now()).await?;
+        release(engine, refused).await;
         metrics::counter!("drover_engine_attempts_dispatched_total")
             .increment(published.len() as u64);
         // A short batch means nothing else is due; an unpublishable one means wait.
         if published.is_empty() || due.len() < engine.settings.dispatch_batch as usize {
             return Ok(());
         }
+    }
+}
+
+/// Makes claimed attempts that were not published due again at once.
+async fn release(engine: &Engine, attempts: Vec<AttemptId>) {
+    if let Err(err) = engine.store.release_claims(&attempts, now()).await {
+        // They are due again when their claim runs out.
+        tracing::warn!(error = %err, count = attempts.len(), "cannot release claims");
     }
 }
 

@@ -337,6 +337,10 @@ pub trait Store: Send + Sync + 'static {
         hold_until: Timestamp,
     ) -> StoreResult<Vec<StageAttempt>>;
 
+    /// All projects: makes claimed attempts that were not dispatched (the bus refused them)
+    /// due again at `now`, for the next claim.
+    async fn release_claims(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()>;
+
     /// All projects: the runs with these ids (for building task envelopes in batches).
     async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>>;
 

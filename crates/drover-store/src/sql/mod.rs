@@ -699,6 +699,18 @@ impl<B: Backend> Store for SqlStore<B> {
         .await
     }
 
+    async fn release_claims(&self, attempts: &[AttemptId], now: Timestamp) -> StoreResult<()> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut query =
+            sql("UPDATE stage_attempts SET available_at = ? WHERE status = 'pending' AND id IN (")
+                .bind(now.as_millis());
+        query.push_list(attempts.iter().map(ToString::to_string)).push(")");
+        query.execute(&mut self.writer().await.db()).await?;
+        Ok(())
+    }
+
     async fn runs_by_ids(&self, ids: &[RunId]) -> StoreResult<Vec<Run>> {
         if ids.is_empty() {
             return Ok(Vec::new());
