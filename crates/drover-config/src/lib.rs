@@ -151,7 +151,7 @@ pub struct StoreConfig {
     /// Pooled connections: SQLite's readers (its writes always go through one more
     /// connection), PostgreSQL's connections.
     pub max_connections: u32,
-    /// How long an operation waits for a pooled connection before failing.
+    /// PostgreSQL: how long an operation waits for a pooled connection before failing.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
     /// SQLite: how long a statement waits on a locked database before failing.

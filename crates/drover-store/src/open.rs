@@ -17,7 +17,7 @@ pub struct StoreOptions {
     /// Most pooled connections: SQLite's readers (it writes on one more), PostgreSQL's
     /// connections.
     pub max_connections: u32,
-    /// How long an operation waits for a pooled connection before failing.
+    /// PostgreSQL: how long an operation waits for a pooled connection before failing.
     pub acquire_timeout: Duration,
     /// SQLite: how long a statement waits on a locked database before failing.
     pub busy_timeout: Duration,
@@ -86,4 +86,35 @@ pub(crate) fn migrate_error(err: MigrateError, migrator: &Migrator) -> StoreErro
 
 fn latest_version(migrator: &Migrator) -> i64 {
     migrator.iter().map(|migration| migration.version).max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(url: String) -> StoreOptions {
+        StoreOptions {
+            url,
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(1),
+            busy_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_url_picks_the_backend_and_an_unknown_scheme_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in [
+            format!("sqlite://{}", dir.path().join("a.db").display()),
+            format!("sqlite:{}", dir.path().join("b.db").display()),
+            dir.path().join("c.db").display().to_string(),
+        ] {
+            let store =
+                open(&options(url.clone())).await.unwrap_or_else(|err| panic!("{url}: {err}"));
+            assert_eq!(store.pool_stats().backend, "sqlite", "{url}");
+            store.close().await;
+        }
+        let refused = open(&options("mysql://db/drover".to_owned())).await.unwrap_err();
+        assert!(matches!(refused, StoreError::Open { .. }), "{refused}");
+    }
 }

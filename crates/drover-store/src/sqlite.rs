@@ -56,7 +56,6 @@ impl SqliteStore {
             .map_err(|err| crate::open::migrate_error(err, &MIGRATOR))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
-            .acquire_timeout(options.busy_timeout.max(Duration::from_secs(1)))
             .connect_with(connect.read_only(true))
             .await
             .map_err(|err| open_error(err.to_string()))?;
