@@ -38,11 +38,20 @@ fn default_project() -> ProjectId {
 }
 
 async fn new_run(fx: &Fixture, request: &str, now: Timestamp) -> drover_domain::Run {
+    new_run_in(fx, default_project(), request, now).await
+}
+
+async fn new_run_in(
+    fx: &Fixture,
+    project_id: ProjectId,
+    request: &str,
+    now: Timestamp,
+) -> drover_domain::Run {
     fx.store
         .create_run(
             NewRun {
                 id: None,
-                project_id: default_project(),
+                project_id,
                 pipeline: sdlc(),
                 request: RunRequest::parse(request).unwrap(),
                 correlation_id: CorrelationId::new(),
@@ -876,19 +885,7 @@ async fn events_after_a_sequence_number_span_projects_in_order(db: TestDb) {
     IdentityStore::create_project(&db.store, &project, "Other", "root", T0).await.unwrap();
     let fx = fixture(db);
     let first = new_run(&fx, "Hello World API", T0).await;
-    let other = NewRun {
-        id: None,
-        project_id: project,
-        pipeline: sdlc(),
-        request: RunRequest::parse("elsewhere").unwrap(),
-        correlation_id: CorrelationId::new(),
-        environment_id: None,
-        workspace: None,
-        variables: Default::default(),
-        budget: None,
-        submitted_by: None,
-    };
-    let second = fx.store.create_run(other, T0).await.unwrap();
+    let second = new_run_in(&fx, project, "elsewhere", T0).await;
 
     let all = fx.store.events_after(EventSeq(0), 100).await.unwrap();
     let runs: Vec<_> = all.iter().map(|event| event.run_id).collect();

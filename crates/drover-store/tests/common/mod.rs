@@ -150,23 +150,15 @@ fn database_url(server: &str, name: &str) -> String {
 /// `sqlite::case` and `postgres::case`.
 macro_rules! backend_tests {
     ($($case:ident),* $(,)?) => {
-        mod sqlite {
+        backend_tests!(@on sqlite, Sqlite, $($case),*);
+        backend_tests!(@on postgres, Postgres, $($case),*);
+    };
+    (@on $module:ident, $backend:ident, $($case:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let backend = crate::common::Backend::Sqlite;
-                    if let Some(db) = crate::common::TestDb::open(backend).await {
-                        super::$case(db).await;
-                    }
-                }
-            )*
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    let backend = crate::common::Backend::Postgres;
+                    let backend = crate::common::Backend::$backend;
                     if let Some(db) = crate::common::TestDb::open(backend).await {
                         super::$case(db).await;
                     }
