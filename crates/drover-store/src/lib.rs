@@ -318,6 +318,20 @@ pub trait Store: Send + Sync + 'static {
     /// (for the live feed to fill a gap between two events it saw).
     async fn events_after(&self, after: EventSeq, limit: u32) -> StoreResult<Vec<Event>>;
 
+    /// Takes the lease `name` for `holder` until `until`, or renews it: whether `holder`
+    /// holds it now. It is taken only when free, lapsed (`expires_at` before `now`) or
+    /// already `holder`'s — one statement, so two servers racing for it cannot both win.
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// Gives the lease up if `holder` has it (a clean shutdown), so another takes it at once.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+
     /// All projects: one attempt by id (for the worker-facing endpoints, which are not
     /// scoped by project).
     async fn attempt_by_id(&self, id: AttemptId) -> StoreResult<Option<StageAttempt>>;

@@ -895,6 +895,42 @@ async fn events_after_a_sequence_number_span_projects_in_order(db: TestDb) {
     assert_eq!(tail, all[2..3]);
 }
 
+async fn one_holder_at_a_time_has_a_lease_until_it_lapses_or_is_released(db: TestDb) {
+    let fx = fixture(db);
+    let store = &fx.store;
+    let later = |ms: i64| Timestamp::from_millis(T0.as_millis() + ms);
+    assert!(store.hold_lease("leader", "a", T0, later(3000)).await.unwrap());
+    // Held: another cannot take it; its holder renews it.
+    assert!(!store.hold_lease("leader", "b", later(1000), later(4000)).await.unwrap());
+    assert!(store.hold_lease("leader", "a", later(2000), later(5000)).await.unwrap());
+    assert!(!store.hold_lease("leader", "b", later(4000), later(7000)).await.unwrap());
+    // Another name is another lease.
+    assert!(store.hold_lease("sweeper", "b", later(4000), later(7000)).await.unwrap());
+    // Lapsed: the next to ask takes it, and the old holder has lost it.
+    assert!(store.hold_lease("leader", "b", later(5001), later(8000)).await.unwrap());
+    assert!(!store.hold_lease("leader", "a", later(5002), later(8000)).await.unwrap());
+    // Released by someone else: nothing; by its holder: free at once.
+    store.release_lease("leader", "a").await.unwrap();
+    assert!(!store.hold_lease("leader", "c", later(5003), later(8000)).await.unwrap());
+    store.release_lease("leader", "b").await.unwrap();
+    assert!(store.hold_lease("leader", "c", later(5004), later(8000)).await.unwrap());
+
+    // Racing for a free lease: exactly one wins.
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.hold_lease("race", &format!("s{n}"), T0, later(3000)).await.unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for racer in racers {
+        winners += usize::from(racer.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
 async fn a_database_migrated_by_a_newer_drover_is_refused(db: TestDb) {
     db.pretend_migrated(9999).await;
     let err = db.open_again().await.unwrap_err();
@@ -932,4 +968,5 @@ backend_tests!(
     readers_following_the_sequence_miss_no_event_of_concurrent_writers,
     events_after_a_sequence_number_span_projects_in_order,
     a_database_migrated_by_a_newer_drover_is_refused,
+    one_holder_at_a_time_has_a_lease_until_it_lapses_or_is_released,
 );

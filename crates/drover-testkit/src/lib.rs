@@ -226,3 +226,46 @@ impl Drop for PrivateNats {
         let _ = self.child.wait();
     }
 }
+
+/// A database of its own on the test PostgreSQL (made with `psql`), dropped when this is.
+pub struct PrivateDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl PrivateDatabase {
+    /// A fresh database, or `None` (after the skip rule) without a PostgreSQL or `psql`.
+    pub fn create() -> Option<Self> {
+        let admin_url = postgres_url()?;
+        let name = unique_name("drover_test_");
+        let created = Command::new("psql")
+            .args([admin_url.as_str(), "-qAtc", &format!("CREATE DATABASE {name}")])
+            .stdout(Stdio::null())
+            .status();
+        match created {
+            Ok(status) if status.success() => Some(Self { admin_url, name }),
+            Ok(status) => skip(&format!("psql could not create a database ({status})")),
+            Err(err) => skip(&format!("psql is not available: {err}")),
+        }
+    }
+
+    /// Its URL: the admin URL with this database's name.
+    pub fn url(&self) -> String {
+        let base = self.admin_url.rsplit_once('/').map_or(self.admin_url.as_str(), |(b, _)| b);
+        format!("{base}/{}", self.name)
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                self.admin_url.as_str(),
+                "-qAtc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

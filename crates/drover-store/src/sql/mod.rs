@@ -635,6 +635,37 @@ impl<B: Backend> Store for SqlStore<B> {
         rows.into_iter().map(Event::try_from).collect()
     }
 
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<bool> {
+        let held: Option<(String,)> =
+            sql("INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < ? \
+             RETURNING holder")
+            .bind(name)
+            .bind(holder)
+            .bind(until.as_millis())
+            .bind(now.as_millis())
+            .fetch_optional(&mut self.writer().await.db())
+            .await?;
+        Ok(held.is_some_and(|(who,)| who == holder))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        sql("DELETE FROM leases WHERE name = ? AND holder = ?")
+            .bind(name)
+            .bind(holder)
+            .execute(&mut self.writer().await.db())
+            .await?;
+        Ok(())
+    }
+
     async fn latest_event_seq(&self, project: &ProjectId) -> StoreResult<EventSeq> {
         let (seq,): (Option<i64>,) = sql("SELECT MAX(seq) FROM events WHERE project_id = ?")
             .bind(project.as_str())
