@@ -158,7 +158,10 @@ macro_rules! bind_args {
 /// Builds the sqlx query (`query` or `query_as::<Row>`) for the database `$db` is, binds
 /// the arguments, runs `$run` on it and, if given, maps its result with `$then`.
 macro_rules! run_on {
-    ($db:expr, $text:expr, $args:expr, $make:ident $(::<$row:ty>)?, $run:ident $(, $then:ident)?) => {
+    (
+        $db:expr, $text:expr, $args:expr, $make:ident $(::<$row:ty>)?, $run:ident
+        $(, $then:ident)?
+    ) => {
         match $db {
             Db::Sqlite(conn) => bind_args!(sqlx::$make::<Sqlite $(, $row)?>($text), $args)
                 .$run(&mut **conn)

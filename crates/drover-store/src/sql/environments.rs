@@ -99,63 +99,72 @@ impl<B: Backend> EnvironmentStore for SqlStore<B> {
             last_active_at: now,
         };
         self.transaction(now, async |tx, events| {
-        let (live,): (i64,) = sql(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
-        )
-        .bind(new.project_id.as_str())
-        .fetch_one(tx)
-        .await?;
-        if live >= i64::from(new.quota) {
-            return Err(StoreError::EnvironmentQuotaExceeded { limit: new.quota });
-        }
-        let inserted = sql(concat!(
-            "INSERT INTO environments (",
-            env_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(env.id.to_string())
-        .bind(env.project_id.as_str())
-        .bind(env.name.as_str())
-        .bind(env.status.as_str())
-        .bind(env.desired.as_str())
-        .bind(&env.workspace)
-        .bind(i64::from(env.ports.base))
-        .bind(i64::from(env.ports.size))
-        .bind(env.repo.as_deref())
-        .bind(env.branch.as_deref())
-        .bind(None::<String>)
-        .bind(now.as_millis())
-        .bind(now.as_millis())
-        .bind(now.as_millis())
-        .execute(tx)
-        .await;
-        if let Err(StoreError::Database(sqlx::Error::Database(err))) = &inserted
-            && err.is_unique_violation()
-        {
-            return Err(if err.message().contains("name") {
-                StoreError::EnvironmentNameTaken(new.name.to_string())
-            } else {
-                StoreError::Corrupt(format!("port block {} is already taken", env.ports.base))
-            });
-        }
-        inserted?;
-        audit(
-            tx,
-            &env.project_id,
-            &new.actor,
-            "environment.create",
-            &env.id.to_string(),
-            new.reason.as_deref(),
-            now,
-        )
-        .await?;
-        let event = env_event(
-            &env,
-            json!({ "name": env.name, "ports": env.ports, "workspace": env.workspace }),
-        );
-        events.extend(vec![event]);
-        Ok(env)
-        }).await
+            // On PostgreSQL the project's row is locked first, so concurrent creations in
+            // one project count their quota in turn.
+            sql("SELECT id FROM projects WHERE id = ?")
+                .bind(new.project_id.as_str())
+                .for_update(tx)
+                .fetch_optional::<(String,)>(tx)
+                .await?;
+            let (live,): (i64,) = sql(
+                "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' \
+                 AND name <> 'deployments' AND name NOT LIKE 'run-%'",
+            )
+            .bind(new.project_id.as_str())
+            .fetch_one(tx)
+            .await?;
+            if live >= i64::from(new.quota) {
+                return Err(StoreError::EnvironmentQuotaExceeded { limit: new.quota });
+            }
+            let inserted = sql(concat!(
+                "INSERT INTO environments (",
+                env_columns!(),
+                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(env.id.to_string())
+            .bind(env.project_id.as_str())
+            .bind(env.name.as_str())
+            .bind(env.status.as_str())
+            .bind(env.desired.as_str())
+            .bind(&env.workspace)
+            .bind(i64::from(env.ports.base))
+            .bind(i64::from(env.ports.size))
+            .bind(env.repo.as_deref())
+            .bind(env.branch.as_deref())
+            .bind(None::<String>)
+            .bind(now.as_millis())
+            .bind(now.as_millis())
+            .bind(now.as_millis())
+            .execute(tx)
+            .await;
+            if let Err(StoreError::Database(sqlx::Error::Database(err))) = &inserted
+                && err.is_unique_violation()
+            {
+                return Err(if err.message().contains("name") {
+                    StoreError::EnvironmentNameTaken(new.name.to_string())
+                } else {
+                    StoreError::Corrupt(format!("port block {} is already taken", env.ports.base))
+                });
+            }
+            inserted?;
+            audit(
+                tx,
+                &env.project_id,
+                &new.actor,
+                "environment.create",
+                &env.id.to_string(),
+                new.reason.as_deref(),
+                now,
+            )
+            .await?;
+            let event = env_event(
+                &env,
+                json!({ "name": env.name, "ports": env.ports, "workspace": env.workspace }),
+            );
+            events.extend(vec![event]);
+            Ok(env)
+        })
+        .await
     }
 
     async fn get_environment(
@@ -193,12 +202,12 @@ impl<B: Backend> EnvironmentStore for SqlStore<B> {
     }
 
     async fn count_live_environments(&self, project: &ProjectId) -> StoreResult<u32> {
-        let (live,): (i64,) = sql(
-            "SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' AND name <> 'deployments' AND name NOT LIKE 'run-%'",
-        )
-        .bind(project.as_str())
-        .fetch_one(&mut self.read())
-        .await?;
+        let (live,): (i64,) =
+            sql("SELECT COUNT(*) FROM environments WHERE project_id = ? AND status <> 'deleted' \
+             AND name <> 'deployments' AND name NOT LIKE 'run-%'")
+            .bind(project.as_str())
+            .fetch_one(&mut self.read())
+            .await?;
         Ok(u32::try_from(live).unwrap_or(u32::MAX))
     }
 
@@ -359,54 +368,54 @@ impl<B: Backend> EnvironmentStore for SqlStore<B> {
     async fn record_service(&self, record: ServiceRecord) -> StoreResult<()> {
         let env_key = record.environment_id.map_or_else(|| SHARED.to_owned(), |id| id.to_string());
         self.transaction(record.updated_at, async |tx, events| {
-        let query = sql(
-            "SELECT status FROM service_instances WHERE environment_id = ? AND service = ?",
-        )
-        .bind(&env_key)
-        .bind(record.service.as_str())
-        .for_update(tx);
-        let previous: Option<(String,)> = query.fetch_optional(tx).await?;
-        sql(
-            "INSERT INTO service_instances (environment_id, service, status, pid, restarts, reason, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (environment_id, service) DO UPDATE SET \
-             status = excluded.status, pid = excluded.pid, restarts = excluded.restarts, \
-             reason = excluded.reason, updated_at = excluded.updated_at",
-        )
-        .bind(&env_key)
-        .bind(record.service.as_str())
-        .bind(record.status.as_str())
-        .bind(record.pid.map(i64::from))
-        .bind(i64::from(record.restarts))
-        .bind(record.reason.as_deref())
-        .bind(record.updated_at.as_millis())
-        .execute(tx)
-        .await?;
-        let changed = previous.is_none_or(|(status,)| status != record.status.as_str());
-        if changed {
-            let project = match record.environment_id {
-                Some(id) => fetch_env(tx, id).await?.map(|env| env.project_id),
-                None => None,
+            let query = sql(
+                "SELECT status FROM service_instances WHERE environment_id = ? AND service = ?",
+            )
+            .bind(&env_key)
+            .bind(record.service.as_str())
+            .for_update(tx);
+            let previous: Option<(String,)> = query.fetch_optional(tx).await?;
+            sql("INSERT INTO service_instances (environment_id, service, status, pid, restarts, \
+                 reason, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (environment_id, service) DO UPDATE SET \
+                 status = excluded.status, pid = excluded.pid, restarts = excluded.restarts, \
+                 reason = excluded.reason, updated_at = excluded.updated_at")
+            .bind(&env_key)
+            .bind(record.service.as_str())
+            .bind(record.status.as_str())
+            .bind(record.pid.map(i64::from))
+            .bind(i64::from(record.restarts))
+            .bind(record.reason.as_deref())
+            .bind(record.updated_at.as_millis())
+            .execute(tx)
+            .await?;
+            let changed = previous.is_none_or(|(status,)| status != record.status.as_str());
+            if changed {
+                let project = match record.environment_id {
+                    Some(id) => fetch_env(tx, id).await?.map(|env| env.project_id),
+                    None => None,
+                }
+                .unwrap_or_else(ProjectId::default_project);
+                let event = NewEvent {
+                    project_id: project,
+                    run_id: None,
+                    attempt_id: None,
+                    environment_id: record.environment_id,
+                    kind: EventKind::Service(record.status),
+                    payload: json!({
+                        "service": record.service,
+                        "pid": record.pid,
+                        "restarts": record.restarts,
+                        "reason": record.reason,
+                        "shared": record.environment_id.is_none(),
+                    }),
+                    correlation_id: None,
+                };
+                events.push(event);
             }
-            .unwrap_or_else(ProjectId::default_project);
-            let event = NewEvent {
-                project_id: project,
-                run_id: None,
-                attempt_id: None,
-                environment_id: record.environment_id,
-                kind: EventKind::Service(record.status),
-                payload: json!({
-                    "service": record.service,
-                    "pid": record.pid,
-                    "restarts": record.restarts,
-                    "reason": record.reason,
-                    "shared": record.environment_id.is_none(),
-                }),
-                correlation_id: None,
-            };
-            events.push(event);
-        }
-        Ok(())
-        }).await
+            Ok(())
+        })
+        .await
     }
 
     async fn service_records(&self, env: Option<EnvironmentId>) -> StoreResult<Vec<ServiceRecord>> {

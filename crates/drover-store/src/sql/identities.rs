@@ -361,34 +361,33 @@ impl<B: Backend> IdentityStore for SqlStore<B> {
         now: Timestamp,
     ) -> StoreResult<ApiTokenRecord> {
         self.with_tx(async |tx| {
-        sql(
-            "INSERT INTO api_tokens (id, user_name, name, token_hash, scope, project_id, created_at, \
-             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&token.id)
-        .bind(token.user.as_str())
-        .bind(&token.name)
-        .bind(&token.hash)
-        .bind(token.scope.as_str())
-        .bind(token.project.as_ref().map(ProjectId::as_str))
-        .bind(now.as_millis())
-        .bind(token.expires_at.map(Timestamp::as_millis))
-        .execute(tx)
-        .await?;
-        let target = format!("token {} `{}` of {}", token.id, token.name, token.user);
-        audit_in(tx, &global(actor, "token.create", &target), now).await?;
-        Ok(ApiTokenRecord {
-            id: token.id.clone(),
-            user: token.user.clone(),
-            name: token.name.clone(),
-            scope: token.scope,
-            project: token.project.clone(),
-            created_at: now,
-            expires_at: token.expires_at,
-            revoked_at: None,
-            last_used_at: None,
+            sql("INSERT INTO api_tokens (id, user_name, name, token_hash, scope, project_id, \
+                 created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(&token.id)
+            .bind(token.user.as_str())
+            .bind(&token.name)
+            .bind(&token.hash)
+            .bind(token.scope.as_str())
+            .bind(token.project.as_ref().map(ProjectId::as_str))
+            .bind(now.as_millis())
+            .bind(token.expires_at.map(Timestamp::as_millis))
+            .execute(tx)
+            .await?;
+            let target = format!("token {} `{}` of {}", token.id, token.name, token.user);
+            audit_in(tx, &global(actor, "token.create", &target), now).await?;
+            Ok(ApiTokenRecord {
+                id: token.id.clone(),
+                user: token.user.clone(),
+                name: token.name.clone(),
+                scope: token.scope,
+                project: token.project.clone(),
+                created_at: now,
+                expires_at: token.expires_at,
+                revoked_at: None,
+                last_used_at: None,
+            })
         })
-        }).await
+        .await
     }
 
     async fn list_api_tokens(&self, user: Option<&UserName>) -> StoreResult<Vec<ApiTokenRecord>> {
