@@ -199,6 +199,12 @@ pub struct EngineConfig {
     /// and published again if the broker lost it.
     #[serde(with = "humantime_serde")]
     pub redispatch_after: Duration,
+    /// How long the leader lease lasts: the loops that run once across servers sharing a
+    /// database (lease reaping, reconciliation, webhook sending, event retention) run on
+    /// its holder, which renews it every third of this; when the holder dies, another
+    /// server takes over within this long.
+    #[serde(with = "humantime_serde")]
+    pub leader_lease: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +309,7 @@ impl Default for EngineConfig {
             poll_interval: Duration::from_millis(500),
             dispatch_batch: 100,
             redispatch_after: Duration::from_secs(15),
+            leader_lease: Duration::from_secs(6),
         }
     }
 }
@@ -457,6 +464,9 @@ impl Config {
         }
         if !self.bus.namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return invalid("bus.namespace", "may only contain letters, digits, `-` and `_`");
+        }
+        if self.engine.leader_lease < Duration::from_millis(300) {
+            return invalid("engine.leader_lease", "must be at least 300ms");
         }
         if self.engine.redispatch_after < Duration::from_millis(100) {
             return invalid("engine.redispatch_after", "must be at least 100ms");

@@ -9,6 +9,7 @@
 //! was committed stays, what was not is redone, nothing is applied twice.
 
 mod dispatcher;
+pub mod leadership;
 mod reaper;
 mod reconciler;
 mod results;
@@ -69,8 +70,11 @@ pub struct EngineSettings {
     pub redispatch_after: Duration,
     /// A worker not heard from for this long is marked lost.
     pub worker_liveness: Duration,
-    /// This server's name on the bus (its consumer name for results).
+    /// This server's name on the bus (its consumer name for results) and as the holder
+    /// of the leader lease.
     pub instance: String,
+    /// How long the leader lease lasts (see [`leadership`]).
+    pub leader_lease: Duration,
 }
 
 /// The orchestrator. Cheap to share behind an `Arc`.
@@ -89,6 +93,8 @@ pub struct Engine {
     dispatch_wanted: Notify,
     /// Project secrets, opened for each dispatched task; none without a vault.
     vault: Option<Arc<drover_secrets::Vault>>,
+    /// Whether this server holds the leader lease now.
+    leader: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) fn now() -> Timestamp {
@@ -112,7 +118,19 @@ impl Engine {
             settings,
             dispatch_wanted: Notify::new(),
             vault: None,
+            leader: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Whether this server holds the leader lease: the loops that must run once across
+    /// servers sharing a database run only while it does.
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Changes whenever this server gains or loses the leader lease.
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leader.subscribe()
     }
 
     /// Hands every dispatched task its project's secrets, opened by `vault` (which the
@@ -304,7 +322,8 @@ impl Engine {
         tracker.spawn(dispatcher::run(self.clone(), shutdown.clone()));
         tracker.spawn(results::run(self.clone(), shutdown.clone()));
         tracker.spawn(reaper::run(self.clone(), shutdown.clone()));
-        tracker.spawn(reconciler::run(self.clone(), shutdown));
+        tracker.spawn(reconciler::run(self.clone(), shutdown.clone()));
+        tracker.spawn(leadership::run(self.clone(), shutdown));
         tracker.close();
         tracker
     }

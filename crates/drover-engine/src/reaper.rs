@@ -21,6 +21,9 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
+        if !engine.is_leader() {
+            continue;
+        }
         if let Err(err) = reap(&engine).await {
             tracing::error!(error = %err, "reaper pass failed");
         }

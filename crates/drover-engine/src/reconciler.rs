@@ -21,6 +21,9 @@ pub(crate) async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
+        if !engine.is_leader() {
+            continue;
+        }
         if let Err(err) = reconcile(&engine).await {
             tracing::error!(error = %err, "reconciliation pass failed");
         }

@@ -139,6 +139,7 @@ impl Harness {
                 poll_interval: Duration::from_millis(50),
                 dispatch_batch: 10,
                 redispatch_after: Duration::from_millis(500),
+                leader_lease: Duration::from_secs(3),
                 worker_liveness: HEARTBEAT * 3,
                 instance: "test-server".into(),
             },

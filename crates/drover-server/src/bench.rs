@@ -163,6 +163,7 @@ pub async fn bench_bus(options: BusBenchOptions) -> Result<BusBenchReport, Serve
             poll_interval: Duration::from_millis(200),
             dispatch_batch: 256,
             redispatch_after: Duration::from_secs(60),
+            leader_lease: Duration::from_secs(6),
             worker_liveness: Duration::from_secs(30),
             instance: "bench".to_owned(),
         },

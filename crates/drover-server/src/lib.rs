@@ -140,8 +140,14 @@ impl Server {
                 poll_interval: config.engine.poll_interval,
                 dispatch_batch: config.engine.dispatch_batch,
                 redispatch_after: config.engine.redispatch_after,
+                leader_lease: config.engine.leader_lease,
                 worker_liveness: config.worker_liveness(),
-                instance: format!("server-{}", std::process::id()),
+                // Unique across hosts (containers all run as process 1).
+                instance: format!(
+                    "server-{}-{}",
+                    std::process::id(),
+                    &uuid::Uuid::now_v7().simple().to_string()[20..]
+                ),
             },
         );
         let engine = Arc::new(engine.with_vault(vault.clone()));
@@ -281,7 +287,12 @@ impl Server {
         telemetry::spawn_queue_gauges(engine.clone(), draining.clone());
         if full {
             let events: Arc<dyn Store> = Arc::new(store.clone());
-            tokio::spawn(prune_events(events, config.events.retention, draining.clone()));
+            tokio::spawn(prune_events(
+                events,
+                engine.leadership(),
+                config.events.retention,
+                draining.clone(),
+            ));
         }
         // The cluster's events in order, and who watches what (see `live.rs`).
         let (feed, _) = tokio::sync::broadcast::channel(live::FEED_CAPACITY);
@@ -296,8 +307,15 @@ impl Server {
             },
             draining.clone(),
         );
-        let webhook_task = full
-            .then(|| webhooks::start(&store, feed.subscribe(), &config.webhooks, draining.clone()));
+        let webhook_task = full.then(|| {
+            webhooks::start(
+                &store,
+                feed.subscribe(),
+                engine.leadership(),
+                &config.webhooks,
+                draining.clone(),
+            )
+        });
         let proxy_addrs = drover_api::routes::ProxyAddrs {
             http: proxy.as_ref().map(Proxy::local_addr),
             https: proxy.as_ref().and_then(Proxy::tls_addr),
@@ -497,12 +515,21 @@ async fn bind_proxy(config: &Config) -> Result<Proxy, ServerError> {
 }
 
 /// Deletes events older than the retention window, hourly (and once at start).
-async fn prune_events(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+async fn prune_events(
+    store: Arc<dyn Store>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        // Once across the servers sharing the database.
+        if !*leader.borrow() {
+            continue;
         }
         let now = drover_domain::Timestamp::from_system_time(std::time::SystemTime::now());
         match store.prune_events(now.minus(retention)).await {

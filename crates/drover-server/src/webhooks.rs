@@ -82,10 +82,12 @@ impl From<&WebhooksConfig> for Settings {
 pub(crate) fn start(
     store: &drover_store::AnyStore,
     feed: broadcast::Receiver<Event>,
+    leader: tokio::sync::watch::Receiver<bool>,
     config: &WebhooksConfig,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    spawn(Arc::new(store.clone()), Arc::new(store.clone()), feed, Settings::from(config), stop)
+    let settings = Settings::from(config);
+    spawn(Arc::new(store.clone()), Arc::new(store.clone()), feed, leader, settings, stop)
 }
 
 /// Starts the loop; it ends when `stop` fires (attempts in flight are abandoned, and sent
@@ -94,6 +96,7 @@ pub(crate) fn spawn(
     events: Arc<dyn Store>,
     webhooks: Arc<dyn WebhookStore>,
     feed: broadcast::Receiver<Event>,
+    leader: tokio::sync::watch::Receiver<bool>,
     settings: Settings,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -106,6 +109,7 @@ pub(crate) fn spawn(
             }
         };
         let deliverer = Deliverer {
+            leader,
             events,
             webhooks,
             settings,
@@ -150,6 +154,9 @@ impl Sent {
 }
 
 struct Deliverer {
+    /// Whether this server holds the leader lease: every server makes deliveries (one per
+    /// endpoint and event, whoever inserts first), only the leader sends them.
+    leader: tokio::sync::watch::Receiver<bool>,
     events: Arc<dyn Store>,
     webhooks: Arc<dyn WebhookStore>,
     settings: Settings,
@@ -319,6 +326,9 @@ impl Deliverer {
 
     /// Starts sending the due deliveries there is room for.
     async fn send_due(&mut self, sending: &mut JoinSet<Sent>) {
+        if !*self.leader.borrow() {
+            return;
+        }
         let room = self.settings.concurrency.saturating_sub(self.in_flight.len());
         if room == 0 {
             self.more_due = true;
@@ -650,6 +660,7 @@ mod tests {
         queue_run(&store, &project).await;
 
         let mut deliverer = Deliverer {
+            leader: tokio::sync::watch::channel(true).1,
             events: Arc::new(store.clone()),
             webhooks: Arc::new(store.clone()),
             settings: Settings::from(&WebhooksConfig::default()),

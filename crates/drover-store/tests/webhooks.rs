@@ -206,7 +206,31 @@ async fn an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_th
     assert_eq!(gone, AttemptRecorded::Stale);
 }
 
+async fn an_event_fanned_out_by_two_servers_is_delivered_once(db: TestDb) {
+    let store = db.store.clone();
+    let project = ProjectId::default_project();
+    let webhook = store.create_webhook(new_webhook(&project), "alice", T0).await.unwrap();
+    let for_event = |seq: i64| NewDelivery {
+        event_seq: Some(drover_domain::EventSeq(seq)),
+        kind: "run.succeeded".to_owned(),
+        ..delivery(webhook.id, &project)
+    };
+    // Two servers see events 7 and 8; the second's fan-out overlaps the first's.
+    store.enqueue_deliveries(vec![for_event(7)], T0).await.unwrap();
+    store.enqueue_deliveries(vec![for_event(7), for_event(8)], T0).await.unwrap();
+    // Test deliveries carry no event: each is its own.
+    store.enqueue_deliveries(vec![delivery(webhook.id, &project); 2], T0).await.unwrap();
+    let all = store
+        .list_deliveries(&project, webhook.id, &DeliveryQuery { before: None, limit: 100 })
+        .await
+        .unwrap();
+    let mut seqs: Vec<Option<i64>> = all.iter().map(|d| d.event_seq.map(|s| s.0)).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [None, None, Some(7), Some(8)]);
+}
+
 backend_tests!(
+    an_event_fanned_out_by_two_servers_is_delivered_once,
     endpoints_belong_to_their_project_and_changes_are_audited,
     failures_retry_then_open_the_breaker_then_disable_with_an_event,
     an_endpoint_keeps_its_newest_deliveries_only_and_deleting_it_deletes_them,

@@ -132,6 +132,8 @@ async fn insert_deliveries(
                 now.as_millis().into(),
             ]
         });
+        // Another server may have made this (webhook, event) delivery already.
+        query.push(" ON CONFLICT DO NOTHING");
         query.execute(conn).await?;
     }
     let mut webhooks: Vec<WebhookId> = stored.iter().map(|d| d.webhook_id).collect();
