@@ -20,7 +20,9 @@ pub(crate) async fn healthz() -> Json<HealthView> {
     Json(HealthView { status: "ok".to_owned(), checks: BTreeMap::new() })
 }
 
-/// Readiness: the store answers and the server is not draining.
+/// Readiness: the store answers and the server is not draining. The checks also say
+/// whether this server holds the leader lease (`leader`: `yes`/`no`) and how full the
+/// store's connection pool is (`store_pool`: `backend open/max, idle N`).
 #[utoipa::path(
     get, path = "/readyz", tag = "system",
     responses(
@@ -36,7 +38,19 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<HealthV
         tracing::warn!(error = %err, "readiness: store unavailable");
         return Err(ApiError::new(ErrorCode::ServiceUnavailable, "the store does not answer"));
     }
-    let checks = BTreeMap::from([("store".to_owned(), "ok".to_owned())]);
+    let pool = state.engine().store().pool();
+    let leader = if state.engine().is_leader() { "yes" } else { "no" };
+    let checks = BTreeMap::from([
+        ("store".to_owned(), "ok".to_owned()),
+        (
+            "store_pool".to_owned(),
+            format!(
+                "{} {}/{} open, {} idle",
+                pool.backend, pool.connections, pool.max_connections, pool.idle
+            ),
+        ),
+        ("leader".to_owned(), leader.to_owned()),
+    ]);
     Ok(Json(HealthView { status: "ready".to_owned(), checks }))
 }
 

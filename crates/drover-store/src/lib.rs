@@ -492,4 +492,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// How full the connection pool is (for `readyz`).
+    fn pool(&self) -> PoolStats;
 }

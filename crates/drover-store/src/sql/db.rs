@@ -24,21 +24,28 @@ pub(crate) enum Db<'c> {
 }
 
 impl Db<'_> {
-    /// ` FOR UPDATE` inside a PostgreSQL transaction, nothing elsewhere: a write that reads
-    /// a row before changing it locks it, so concurrent transactions (other connections,
-    /// other servers) take turns as SQLite's single writer makes them.
+    /// ` FOR NO KEY UPDATE` inside a PostgreSQL transaction, nothing elsewhere: a write
+    /// that reads a row before changing it locks it, so concurrent transactions (other
+    /// connections, other servers) take turns as SQLite's single writer makes them.
+    ///
+    /// Not `FOR UPDATE`: that lock also blocks the `KEY SHARE` lock a foreign-key check
+    /// takes on the referenced row, so inserting an event (which references its project)
+    /// would wait for whoever locked the project — while holding the event lock that this
+    /// very holder waits for at its commit: a deadlock across the process's event mutex
+    /// that PostgreSQL cannot see. Keys never change, so `NO KEY UPDATE` is all a writer
+    /// needs, and foreign-key checks pass it.
     pub(crate) fn for_update(&self) -> &'static str {
         match self {
-            Db::Postgres(_) => " FOR UPDATE",
+            Db::Postgres(_) => " FOR NO KEY UPDATE",
             _ => "",
         }
     }
 
-    /// ` FOR UPDATE SKIP LOCKED` inside a PostgreSQL transaction: rows another transaction
-    /// holds are passed over rather than waited for.
+    /// ` FOR NO KEY UPDATE SKIP LOCKED` inside a PostgreSQL transaction: rows another
+    /// transaction holds are passed over rather than waited for.
     pub(crate) fn skip_locked(&self) -> &'static str {
         match self {
-            Db::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+            Db::Postgres(_) => " FOR NO KEY UPDATE SKIP LOCKED",
             _ => "",
         }
     }

@@ -1142,6 +1142,10 @@ impl<B: Backend> Store for SqlStore<B> {
         sql("SELECT 1").execute(&mut self.read()).await?;
         Ok(())
     }
+
+    fn pool(&self) -> PoolStats {
+        self.pool_stats()
+    }
 }
 
 /// Starts an attempt for a worker if its token is current and it is still waiting.
