@@ -31,7 +31,7 @@ pub use identities::{
     ApiTokenRecord, GLOBAL_AUDIT_PROJECT, IdentityStore, KeptResponse, NewApiToken, NewAudit,
     Project,
 };
-pub use open::{StoreOptions, open};
+pub use open::{StoreOptions, create_scratch_database, drop_scratch_database, open};
 pub use postgres::PostgresStoreOptions;
 pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
 pub use sql::{

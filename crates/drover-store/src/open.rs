@@ -118,3 +118,38 @@ mod tests {
         assert!(matches!(refused, StoreError::Open { .. }), "{refused}");
     }
 }
+
+/// A scratch PostgreSQL database beside the one `url` names (a benchmark's, so that it
+/// measures an empty database and leaves nothing behind): creates `name` and returns its
+/// URL. `name` must be lowercase letters, digits and `_`.
+pub async fn create_scratch_database(url: &str, name: &str) -> StoreResult<String> {
+    use sqlx::Connection;
+    if name.is_empty()
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(StoreError::Open {
+            url: name.to_owned(),
+            message: "a scratch database name is lowercase letters, digits and _".to_owned(),
+        });
+    }
+    let mut admin = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+    let _ = admin.close().await;
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+    Ok(format!("{server}/{name}{query}"))
+}
+
+/// Drops a database [`create_scratch_database`] made (its connections are closed first).
+pub async fn drop_scratch_database(url: &str, name: &str) -> StoreResult<()> {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await?;
+    let _ = admin.close().await;
+    Ok(())
+}

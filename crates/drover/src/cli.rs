@@ -327,6 +327,20 @@ pub(crate) struct BenchBusArgs {
     /// Runs submitted at once (like that many concurrent API clients).
     #[arg(long, default_value_t = 16)]
     pub(crate) submitters: usize,
+    /// The store to measure on: SQLite in a temporary file, or a scratch database (made
+    /// and dropped by the run) on the PostgreSQL server of --store-url.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub(crate) store: BenchStore,
+    /// PostgreSQL server to make the scratch database on (default: the configured
+    /// store.url if it is PostgreSQL, else postgres://postgres@127.0.0.1:5432/postgres).
+    #[arg(long, requires = "store")]
+    pub(crate) store_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchStore {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Args)]

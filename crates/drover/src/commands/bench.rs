@@ -8,7 +8,7 @@ use drover_server::bench::{
     TargetFigures, bench_bus, bench_env, bench_proxy, cancel_when_stdin_closes, find_nginx, guard,
 };
 
-use crate::cli::{BenchBackend, BenchCommand, BenchProxyArgs, GlobalArgs};
+use crate::cli::{BenchBackend, BenchCommand, BenchProxyArgs, BenchStore, GlobalArgs};
 use crate::output;
 
 pub(crate) async fn bench(
@@ -30,7 +30,14 @@ pub(crate) async fn bench(
                 (BenchBackend::Redis, None) => "redis://127.0.0.1:6379".to_owned(),
                 (BenchBackend::Nats, None) => "nats://127.0.0.1:4222".to_owned(),
             };
+            let postgres = (args.store == BenchStore::Postgres).then(|| {
+                args.store_url
+                    .clone()
+                    .or_else(|| config.store.url.clone().filter(|url| url.starts_with("postgres")))
+                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+            });
             let report = bench_bus(BusBenchOptions {
+                postgres,
                 bus_url,
                 tasks: args.tasks.max(1),
                 workers: args.workers,
@@ -45,6 +52,7 @@ pub(crate) async fn bench(
                 output::table(
                     &[
                         "BACKEND",
+                        "STORE",
                         "RUNS",
                         "STAGES",
                         "WORKERS",
@@ -57,6 +65,7 @@ pub(crate) async fn bench(
                     ],
                     &[vec![
                         report.backend.clone(),
+                        report.store.clone(),
                         report.runs.to_string(),
                         report.stages_per_run.to_string(),
                         report.workers.to_string(),
