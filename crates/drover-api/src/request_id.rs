@@ -3,7 +3,8 @@
 //! Every request gets an id: the client's `X-Request-Id` if it is sane, a new UUIDv7
 //! otherwise. The id is echoed in the response, carried in a task-local so error bodies can
 //! name it, and set on the request's tracing span, so every log line of the request carries
-//! it. The same middleware records the request metrics by route and status.
+//! it. The same middleware records the request metrics by route and status, and answers
+//! with `Server-Timing` (W3C): the request's time and how many store statements it ran.
 
 use std::time::Instant;
 
@@ -45,13 +46,20 @@ pub(crate) async fn middleware(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", request_id = %id, %method, %route);
     let started = Instant::now();
 
-    let mut response =
-        REQUEST_ID.scope(id.clone(), next.run(request)).instrument(span.clone()).await;
+    let (mut response, statements) = drover_store::counting_statements(
+        REQUEST_ID.scope(id.clone(), next.run(request)).instrument(span.clone()),
+    )
+    .await;
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     span.in_scope(|| {
-        tracing::info!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request handled");
+        tracing::info!(
+            status,
+            statements,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            "request handled"
+        );
     });
     metrics::counter!(
         "drover_http_requests_total",
@@ -62,6 +70,14 @@ pub(crate) async fn middleware(request: Request, next: Next) -> Response {
         .record(elapsed.as_secs_f64());
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    // How much the request cost (W3C Server Timing): its time and its store statements.
+    let timing = format!(
+        "app;dur={:.1}, store;desc=\"{statements} statements\"",
+        elapsed.as_secs_f64() * 1000.0
+    );
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", value);
     }
     response
 }

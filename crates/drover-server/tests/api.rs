@@ -533,3 +533,52 @@ async fn a_heartbeat_for_a_cancelled_attempt_is_told_to_stop() {
     assert_problem(bad, 422, "validation_failed").await;
     server.stop().await;
 }
+
+/// The store statements a response says its request ran (`Server-Timing`).
+fn statements(response: &reqwest::Response) -> u64 {
+    let timing = response.headers()["server-timing"].to_str().unwrap();
+    let (_, rest) = timing.split_once("store;desc=\"").expect(timing);
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn list_endpoints_run_as_many_statements_for_one_item_as_for_a_full_page() {
+    let server = TestServer::spawn_with(|config| {
+        config.workers.embedded = false;
+        config.agents.insert(
+            "assistant".to_owned(),
+            drover_config::AgentConfig {
+                kind: Some(drover_config::AgentKindConfig::Llm),
+                base_url: Some("http://127.0.0.1:1/v1".to_owned()),
+                model: Some("m".to_owned()),
+                ..drover_config::AgentConfig::default()
+            },
+        );
+    })
+    .await;
+    for n in 0..25 {
+        server.submit(&format!("run {n}")).await;
+        let chat = server.post_json("/api/v1/chat/sessions", json!({})).await;
+        assert_eq!(chat.status(), 201);
+    }
+    for n in 0..3 {
+        let env =
+            server.post_json("/api/v1/environments", json!({ "name": format!("e{n}") })).await;
+        assert_eq!(env.status(), 201);
+    }
+    for list in ["/api/v1/runs", "/api/v1/chat/sessions", "/api/v1/environments", "/api/v1/dlq"] {
+        let one = server.get(&format!("{list}?limit=1")).await;
+        assert_eq!(one.status(), 200, "{list}");
+        let page = server.get(&format!("{list}?limit=100")).await;
+        assert_eq!(page.status(), 200, "{list}");
+        let (few, many) = (statements(&one), statements(&page));
+        assert!(many >= 1, "{list} ran no statement?");
+        assert_eq!(few, many, "{list}: {few} statements for 1 item, {many} for a page");
+    }
+    // A run with all its attempts: a constant too.
+    let page: Value = server.get("/api/v1/runs?limit=1").await.json().await.unwrap();
+    let id = page["items"][0]["id"].as_str().unwrap();
+    let run = server.get(&format!("/api/v1/runs/{id}")).await;
+    assert!(statements(&run) <= 4, "GET /runs/{{id}}: {}", statements(&run));
+    server.stop().await;
+}

@@ -36,7 +36,7 @@ pub use postgres::PostgresStoreOptions;
 pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
 pub use sql::{
     AnyBackend, AnyStore, Backend, PoolStats, PostgresBackend, PostgresStore, SqlStore,
-    SqliteBackend, SqliteStore,
+    SqliteBackend, SqliteStore, counting_statements,
 };
 pub use sqlite::SqliteStoreOptions;
 pub use webhooks::{

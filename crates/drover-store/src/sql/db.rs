@@ -262,18 +262,21 @@ impl<'q> Sql<'q> {
 
     /// Runs the statement; how many rows it changed.
     pub(crate) async fn execute(self, db: &mut Db<'_>) -> StoreResult<u64> {
+        counted();
         let Sql { text, args, .. } = self;
         Ok(run_on!(db, AssertSqlSafe(text), &args, query, execute, rows_affected))
     }
 
     /// Every row of the result.
     pub(crate) async fn fetch_all<R: Row>(self, db: &mut Db<'_>) -> StoreResult<Vec<R>> {
+        counted();
         let Sql { text, args, .. } = self;
         Ok(run_on!(db, AssertSqlSafe(text), &args, query_as::<R>, fetch_all))
     }
 
     /// The first row of the result, if any.
     pub(crate) async fn fetch_optional<R: Row>(self, db: &mut Db<'_>) -> StoreResult<Option<R>> {
+        counted();
         let Sql { text, args, .. } = self;
         Ok(run_on!(db, AssertSqlSafe(text), &args, query_as::<R>, fetch_optional))
     }
@@ -282,6 +285,28 @@ impl<'q> Sql<'q> {
     pub(crate) async fn fetch_one<R: Row>(self, db: &mut Db<'_>) -> StoreResult<R> {
         self.fetch_optional(db).await?.ok_or_else(|| sqlx::Error::RowNotFound.into())
     }
+}
+
+tokio::task_local! {
+    /// Statements run by the task inside [`counting_statements`].
+    static STATEMENTS: std::cell::Cell<u64>;
+}
+
+fn counted() {
+    let _ = STATEMENTS.try_with(|count| count.set(count.get() + 1));
+}
+
+/// Runs `work` and counts the statements the store runs for it (in this task; work it
+/// spawns is not counted). The API reports the count per request (`Server-Timing`), which
+/// is how a test holds list endpoints to a constant number of queries whatever the page
+/// size.
+pub async fn counting_statements<F: Future>(work: F) -> (F::Output, u64) {
+    STATEMENTS
+        .scope(std::cell::Cell::new(0), async {
+            let output = work.await;
+            (output, STATEMENTS.with(std::cell::Cell::get))
+        })
+        .await
 }
 
 /// Whether a statement failed on a unique constraint.

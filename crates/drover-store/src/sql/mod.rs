@@ -40,6 +40,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Connection, FromRow};
 use tokio::sync::{Mutex, MutexGuard, broadcast};
 
+pub use db::counting_statements;
 pub(crate) use db::{Db, Sql, sql, unique_violation};
 
 use crate::{
