@@ -88,37 +88,6 @@ fn latest_version(migrator: &Migrator) -> i64 {
     migrator.iter().map(|migration| migration.version).max().unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn options(url: String) -> StoreOptions {
-        StoreOptions {
-            url,
-            max_connections: 2,
-            acquire_timeout: Duration::from_secs(1),
-            busy_timeout: Duration::from_secs(1),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_url_picks_the_backend_and_an_unknown_scheme_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        for url in [
-            format!("sqlite://{}", dir.path().join("a.db").display()),
-            format!("sqlite:{}", dir.path().join("b.db").display()),
-            dir.path().join("c.db").display().to_string(),
-        ] {
-            let store =
-                open(&options(url.clone())).await.unwrap_or_else(|err| panic!("{url}: {err}"));
-            assert_eq!(store.pool_stats().backend, "sqlite", "{url}");
-            store.close().await;
-        }
-        let refused = open(&options("mysql://db/drover".to_owned())).await.unwrap_err();
-        assert!(matches!(refused, StoreError::Open { .. }), "{refused}");
-    }
-}
-
 /// A scratch PostgreSQL database beside the one `url` names (a benchmark's, so that it
 /// measures an empty database and leaves nothing behind): creates `name` and returns its
 /// URL. `name` must be lowercase letters, digits and `_`.
@@ -152,4 +121,35 @@ pub async fn drop_scratch_database(url: &str, name: &str) -> StoreResult<()> {
         .await?;
     let _ = admin.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(url: String) -> StoreOptions {
+        StoreOptions {
+            url,
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(1),
+            busy_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_url_picks_the_backend_and_an_unknown_scheme_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in [
+            format!("sqlite://{}", dir.path().join("a.db").display()),
+            format!("sqlite:{}", dir.path().join("b.db").display()),
+            dir.path().join("c.db").display().to_string(),
+        ] {
+            let store =
+                open(&options(url.clone())).await.unwrap_or_else(|err| panic!("{url}: {err}"));
+            assert_eq!(store.pool_stats().backend, "sqlite", "{url}");
+            store.close().await;
+        }
+        let refused = open(&options("mysql://db/drover".to_owned())).await.unwrap_err();
+        assert!(matches!(refused, StoreError::Open { .. }), "{refused}");
+    }
 }
