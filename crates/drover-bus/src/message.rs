@@ -154,3 +154,22 @@ pub struct Watching {
     pub subject: String,
     pub user: String,
 }
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    #[test]
+    fn live_messages_round_trip_through_json() {
+        let message = LiveMessage::Presence {
+            origin: "a".to_owned(),
+            watching: vec![Watching {
+                project: ProjectId::default_project(),
+                subject: "run:1".to_owned(),
+                user: "alice".to_owned(),
+            }],
+        };
+        let text = serde_json::to_string(&message).unwrap();
+        assert_eq!(serde_json::from_str::<LiveMessage>(&text).unwrap(), message, "{text}");
+    }
+}
