@@ -195,9 +195,11 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
         let kinds = serde_json::to_string(&webhook.kinds)
             .map_err(|err| StoreError::Corrupt(format!("webhook kinds: {err}")))?;
         self.with_tx(async |tx| {
-            // Administrators (and the local admin) may name any project: it must exist.
+            // Administrators (and the local admin) may name any project: it must exist. Its
+            // row is locked (PostgreSQL), so concurrent creations count the quota in turn.
             let project: Option<(String,)> = sql("SELECT id FROM projects WHERE id = ?")
                 .bind(webhook.project_id.as_str())
+                .for_update(tx)
                 .fetch_optional(tx)
                 .await?;
             if project.is_none() {
