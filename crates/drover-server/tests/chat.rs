@@ -9,24 +9,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_config::{AgentConfig, AgentKindConfig, Config};
-use drover_server::{Mode, Server};
 use drover_testkit::model::ModelDouble;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap().unwrap();
-    }
-}
+mod common;
+use common::{Running, http};
 
 fn llm_agent(base_url: &str) -> AgentConfig {
     AgentConfig {
@@ -46,15 +34,7 @@ async fn start(data_dir: &Path, agents: BTreeMap<String, AgentConfig>) -> Runnin
     (config.environments.port_range_start, config.environments.port_range_end) =
         drover_testkit::port_range(20);
     config.agents = agents;
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    Running { url, shutdown, task }
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    common::start(config).await
 }
 
 async fn create_session(url: &str, body: Value) -> Value {

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
-use drover_server::{Mode, Server};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{Socket, start, ws_connect, ws_next, ws_next_within, ws_send};
 
 const SSE_SUBSCRIBERS: usize = 500;
 const WS_SUBSCRIBERS: usize = 200;
@@ -26,9 +27,6 @@ const FLOOD_RUNS: usize = 250;
 /// What the server's memory may grow by while the slow client is flooded: the flood
 /// would put some 60 MB (250 runs × 60 copies × 4 KB) in an unbounded queue.
 const FLAT_BYTES: u64 = 32 * 1024 * 1024;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// (seq, kind) of one event.
 type Seen = (i64, String);
@@ -114,32 +112,10 @@ async fn read_sse(response: reqwest::Response, limit: usize) -> Vec<Seen> {
     }
 }
 
-async fn ws_connect(url: &str) -> Socket {
-    let url = format!("{}/api/v1/ws", url.replace("http://", "ws://"));
-    tokio_tungstenite::connect_async(url).await.unwrap().0
-}
-
-async fn ws_send(socket: &mut Socket, message: Value) {
-    socket.send(Message::Text(message.to_string().into())).await.unwrap();
-}
-
-async fn ws_next(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(60), socket.next())
-            .await
-            .expect("a frame within 60 s")
-            .expect("the socket stays open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            return serde_json::from_str(&text).unwrap();
-        }
-    }
-}
-
 async fn read_ws(mut socket: Socket) -> Vec<Seen> {
     let mut seen = Vec::new();
     loop {
-        let frame = ws_next(&mut socket).await;
+        let frame = ws_next_within(&mut socket, Duration::from_secs(60)).await;
         assert_eq!(frame["type"], "event", "{frame}");
         let kind = frame["event"]["kind"].as_str().unwrap().to_owned();
         seen.push((frame["event"]["seq"].as_i64().unwrap(), kind.clone()));
@@ -152,14 +128,12 @@ async fn read_ws(mut socket: Socket) -> Vec<Seen> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seven_hundred_subscribers_see_every_event_once_in_order_and_a_slow_one_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::build(config(dir.path()), Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
+    let server = start(config(dir.path())).await;
+    let url = server.url.clone();
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
 
     // The slow client: sixty subscriptions to everything, and it never reads again.
-    let mut slow = ws_connect(&url).await;
+    let mut slow = ws_connect(&url, None).await;
     for n in 0..60 {
         ws_send(&mut slow, json!({ "type": "subscribe", "id": format!("s{n}") })).await;
     }
@@ -174,7 +148,7 @@ async fn seven_hundred_subscribers_see_every_event_once_in_order_and_a_slow_one_
     }
     let mut sockets = Vec::with_capacity(WS_SUBSCRIBERS);
     for _ in 0..WS_SUBSCRIBERS {
-        let mut socket = ws_connect(&url).await;
+        let mut socket = ws_connect(&url, None).await;
         ws_send(
             &mut socket,
             json!({ "type": "subscribe", "id": "all", "kinds": ["run", "stage"] }),
@@ -293,6 +267,5 @@ async fn seven_hundred_subscribers_see_every_event_once_in_order_and_a_slow_one_
     // And the server goes on serving.
     let health = http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }

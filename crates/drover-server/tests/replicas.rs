@@ -8,63 +8,21 @@
 use std::time::{Duration, Instant};
 
 use drover_config::Config;
-use drover_server::{Mode, Server};
 use drover_testkit::{PrivateDatabase, PrivateRedis};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_util::sync::CancellationToken;
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+mod common;
+use common::{Running, start, ws_connect, ws_next_of, ws_send};
 
-struct Replica {
-    url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
-}
-
-async fn replica(dir: &std::path::Path, database: &str, redis: &str) -> Replica {
+async fn replica(dir: &std::path::Path, database: &str, redis: &str) -> Running {
     let mut config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.proxy.enabled = false;
     config.workers.embedded = false;
     config.store.url = Some(database.to_owned());
     config.bus.url = redis.to_owned();
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    Replica { url, shutdown, task }
-}
-
-async fn connect(url: &str, token: &str) -> Socket {
-    let mut request =
-        format!("{}/api/v1/ws", url.replace("http://", "ws://")).into_client_request().unwrap();
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket.send(Message::Text(message.to_string().into())).await.unwrap();
-}
-
-/// The next frame of `kind` (others are skipped).
-async fn next_of(socket: &mut Socket, kind: &str) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("a frame within 20 s")
-            .expect("the socket stays open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
+    start(config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,9 +121,9 @@ async fn presence_and_live_events_reach_clients_of_either_replica() {
     assert!(seen.contains("run.queued"), "{seen}");
 
     // Alice watches the run through A, Bob through B.
-    let mut watcher = connect(&a.url, &alice).await;
-    send(&mut watcher, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
-    next_of(&mut watcher, "subscribed").await;
+    let mut watcher = ws_connect(&a.url, Some(&alice)).await;
+    ws_send(&mut watcher, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
+    ws_next_of(&mut watcher, "subscribed").await;
     let presence = |base: String| {
         // An API token: it lives in the shared database (a login's JWT is signed with the
         // key of the server that made it, unless the servers share their key).
@@ -181,16 +139,16 @@ async fn presence_and_live_events_reach_clients_of_either_replica() {
         assert!(Instant::now() < deadline, "B never learned that alice watches through A: {users}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut other = connect(&b.url, &bob).await;
-    send(&mut other, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
-    next_of(&mut other, "subscribed").await;
-    let joined = next_of(&mut watcher, "presence").await;
+    let mut other = ws_connect(&b.url, Some(&bob)).await;
+    ws_send(&mut other, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
+    ws_next_of(&mut other, "subscribed").await;
+    let joined = ws_next_of(&mut watcher, "presence").await;
     assert_eq!((joined["user"].as_str(), joined["action"].as_str()), (Some("bob"), Some("joined")));
     assert_eq!(presence(a.url.clone()).await, json!(["alice", "bob"]));
     assert_eq!(presence(b.url.clone()).await, json!(["alice", "bob"]));
 
     other.close(None).await.unwrap();
-    let left = next_of(&mut watcher, "presence").await;
+    let left = ws_next_of(&mut watcher, "presence").await;
     assert_eq!((left["user"].as_str(), left["action"].as_str()), (Some("bob"), Some("left")));
 
     for replica in [a, b] {

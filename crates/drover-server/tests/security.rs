@@ -5,28 +5,16 @@
 //! agent types, and cannot reach user endpoints; roles, read-only and revoked tokens,
 //! idempotency keys and rate limits hold.
 
+use drover_server::{Mode, Server};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use drover_config::Config;
-use drover_server::{Mode, Server};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap().unwrap();
-    }
-}
+mod common;
+use common::start;
 
 fn config(data_dir: &Path, listen: &str, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
@@ -36,15 +24,6 @@ fn config(data_dir: &Path, listen: &str, tweak: impl FnOnce(&mut Config)) -> Con
         drover_testkit::port_range(40);
     tweak(&mut config);
     config
-}
-
-async fn start(config: Config) -> Running {
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    // A server on 0.0.0.0 is reached over loopback.
-    let url = server.url().replace("0.0.0.0", "127.0.0.1");
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    Running { url, shutdown, task }
 }
 
 struct Http {

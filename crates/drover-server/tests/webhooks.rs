@@ -19,25 +19,13 @@ use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
-use drover_server::{Mode, Server};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    url: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), drover_server::ServerError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap().unwrap();
-    }
-}
+mod common;
+use common::start;
 
 /// A server with tiny retry delays (1.5 s then 2 s, so each attempt's whole-second
 /// timestamp is later than the last), disabling after 3 failures in a row, and a
@@ -77,14 +65,6 @@ fn config(data_dir: &Path, workers: bool) -> Config {
         },
     )]);
     config
-}
-
-async fn start(config: Config) -> Running {
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    Running { url, shutdown, task }
 }
 
 struct Http {

@@ -7,44 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
-use drover_server::{Mode, Server};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{start, ws_connect, ws_next, ws_send};
 
 const SUBSCRIBERS: usize = 100;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str, token: Option<&str>) -> Socket {
-    let mut request =
-        format!("{}/api/v1/ws", url.replace("http://", "ws://")).into_client_request().unwrap();
-    if let Some(token) = token {
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket.send(Message::Text(message.to_string().into())).await.unwrap();
-}
-
-/// The next JSON frame (pings are answered by the library).
-async fn next(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("a frame within 30 s")
-            .expect("the socket stays open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            return serde_json::from_str(&text).unwrap();
-        }
-    }
-}
 
 fn server_config(data_dir: &std::path::Path) -> Config {
     let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
@@ -75,35 +46,33 @@ fn server_config(data_dir: &std::path::Path) -> Config {
     config
 }
 
-async fn start(
-    config: Config,
-) -> (String, CancellationToken, tokio::task::JoinHandle<Result<(), drover_server::ServerError>>) {
-    let server = Server::build(config, Mode::Full).await.unwrap();
-    let url = server.url();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-    (url, shutdown, task)
-}
-
 #[tokio::test]
 async fn every_websocket_subscriber_gets_every_event_once_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, shutdown, task) = start(server_config(dir.path())).await;
+    let server = start(server_config(dir.path())).await;
+    let url = server.url.clone();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
     let mut sockets = Vec::with_capacity(SUBSCRIBERS);
     for _ in 0..SUBSCRIBERS {
-        let mut socket = connect(&url, None).await;
-        send(&mut socket, json!({ "type": "subscribe", "id": "all", "kinds": ["run", "stage"] }))
-            .await;
-        assert_eq!(next(&mut socket).await, json!({ "type": "subscribed", "id": "all" }));
+        let mut socket = ws_connect(&url, None).await;
+        ws_send(
+            &mut socket,
+            json!({ "type": "subscribe", "id": "all", "kinds": ["run", "stage"] }),
+        )
+        .await;
+        assert_eq!(ws_next(&mut socket).await, json!({ "type": "subscribed", "id": "all" }));
         sockets.push(socket);
     }
-    let mut bad = connect(&url, None).await;
-    send(&mut bad, json!({ "type": "subscribe", "id": "x", "kinds": ["nonsense"] })).await;
-    assert_eq!(next(&mut bad).await["type"], "error");
-    send(&mut bad, json!({ "type": "shout" })).await;
-    assert_eq!(next(&mut bad).await["type"], "error", "an unknown message is answered, not fatal");
+    let mut bad = ws_connect(&url, None).await;
+    ws_send(&mut bad, json!({ "type": "subscribe", "id": "x", "kinds": ["nonsense"] })).await;
+    assert_eq!(ws_next(&mut bad).await["type"], "error");
+    ws_send(&mut bad, json!({ "type": "shout" })).await;
+    assert_eq!(
+        ws_next(&mut bad).await["type"],
+        "error",
+        "an unknown message is answered, not fatal"
+    );
 
     let run: Value = http
         .post(format!("{url}/api/v1/runs"))
@@ -121,7 +90,7 @@ async fn every_websocket_subscriber_gets_every_event_once_in_order() {
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 loop {
-                    let frame = next(&mut socket).await;
+                    let frame = ws_next(&mut socket).await;
                     assert_eq!(frame["type"], "event", "{frame}");
                     let event = &frame["event"];
                     seen.push((
@@ -147,8 +116,7 @@ async fn every_websocket_subscriber_gets_every_event_once_in_order() {
     assert!(reference.len() >= 12);
     assert!(all.iter().all(|seen| seen == reference), "every subscriber saw the same events");
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -156,7 +124,8 @@ async fn presence_shows_who_watches_a_run_and_tells_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = server_config(dir.path());
     config.workers.embedded = false;
-    let (url, shutdown, task) = start(config).await;
+    let server = start(config).await;
+    let url = server.url.clone();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let call = |method: reqwest::Method, path: &str, token: Option<&str>, body: Value| {
         let mut request = http.request(method, format!("{url}/api/v1{path}")).json(&body);
@@ -208,19 +177,20 @@ async fn presence_shows_who_watches_a_run_and_tells_the_others() {
         async move { request.send().await.unwrap().json::<Value>().await.unwrap()["users"].clone() }
     };
 
-    let mut watcher = connect(&url, Some(&alice)).await;
-    send(&mut watcher, json!({ "type": "subscribe", "id": "w", "run": run_id, "after": 0 })).await;
-    assert_eq!(next(&mut watcher).await["type"], "subscribed");
+    let mut watcher = ws_connect(&url, Some(&alice)).await;
+    ws_send(&mut watcher, json!({ "type": "subscribe", "id": "w", "run": run_id, "after": 0 }))
+        .await;
+    assert_eq!(ws_next(&mut watcher).await["type"], "subscribed");
     // Its history first (replayed from `after`).
-    assert_eq!(next(&mut watcher).await["event"]["kind"], "run.queued");
+    assert_eq!(ws_next(&mut watcher).await["event"]["kind"], "run.queued");
     assert_eq!(presence(alice.clone()).await, json!(["alice"]));
 
-    let mut other = connect(&url, Some(&bob)).await;
-    send(&mut other, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
-    assert_eq!(next(&mut other).await["type"], "subscribed");
+    let mut other = ws_connect(&url, Some(&bob)).await;
+    ws_send(&mut other, json!({ "type": "subscribe", "id": "w", "run": run_id })).await;
+    assert_eq!(ws_next(&mut other).await["type"], "subscribed");
     assert_eq!(presence(bob.clone()).await, json!(["alice", "bob"]));
     let joined = loop {
-        let frame = next(&mut watcher).await;
+        let frame = ws_next(&mut watcher).await;
         if frame["type"] == "presence" {
             break frame;
         }
@@ -230,7 +200,7 @@ async fn presence_shows_who_watches_a_run_and_tells_the_others() {
 
     other.close(None).await.unwrap();
     let left = loop {
-        let frame = next(&mut watcher).await;
+        let frame = ws_next(&mut watcher).await;
         if frame["type"] == "presence" {
             break frame;
         }
@@ -243,8 +213,7 @@ async fn presence_shows_who_watches_a_run_and_tells_the_others() {
         format!("{}/api/v1/ws", url.replace("http://", "ws://")).into_client_request().unwrap();
     assert!(tokio_tungstenite::connect_async(anonymous).await.is_err());
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -252,13 +221,14 @@ async fn a_client_that_does_not_read_is_dropped_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = server_config(dir.path());
     config.workers.embedded = false;
-    let (url, shutdown, task) = start(config).await;
+    let server = start(config).await;
+    let url = server.url.clone();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
-    let mut slow = connect(&url, None).await;
+    let mut slow = ws_connect(&url, None).await;
     // Sixty subscriptions to everything: each event is sent sixty times.
     for n in 0..60 {
-        send(&mut slow, json!({ "type": "subscribe", "id": format!("s{n}") })).await;
+        ws_send(&mut slow, json!({ "type": "subscribe", "id": format!("s{n}") })).await;
     }
     // Big events (a long request is in the run's first event), and the client reads none.
     let request = "x".repeat(3_900);
@@ -294,6 +264,5 @@ async fn a_client_that_does_not_read_is_dropped_with_a_reason() {
     let health = http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }
