@@ -154,6 +154,9 @@ pub struct EnvManager {
     custom_routes: std::sync::RwLock<Vec<CustomRoute>>,
     /// Its loops run (`spawn`): environments it creates will be brought up.
     active: std::sync::atomic::AtomicBool,
+    /// Whether this server holds the leader lease, when servers share the store: the
+    /// idle/expiry sweep then runs on the leader only.
+    leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// Where per-environment services get their project's secrets (none without).
     secrets: Option<Arc<dyn SecretSource>>,
 }
@@ -200,6 +203,7 @@ impl EnvManager {
             routes: watch::Sender::new(Vec::new()),
             custom_routes: std::sync::RwLock::new(Vec::new()),
             active: std::sync::atomic::AtomicBool::new(false),
+            leader: std::sync::OnceLock::new(),
             secrets: None,
         }
     }
@@ -837,6 +841,12 @@ impl EnvManager {
             .map(|(_, running)| running.instance.state())
     }
 
+    /// Runs the idle/expiry sweep only while `leader` says this server leads (servers
+    /// sharing a store sweep once between them). Without it, this server always sweeps.
+    pub fn follow_leadership(&self, leader: tokio::sync::watch::Receiver<bool>) {
+        let _ = self.leader.set(leader);
+    }
+
     /// Starts the loops: the orphan sweep first, then reconciliation and the idle/expiry
     /// sweep, until `shutdown`.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> TaskTracker {
@@ -1020,6 +1030,9 @@ impl EnvManager {
 
     /// Stops idle environments and deletes ones stopped for too long.
     async fn expire(&self) -> Result<(), EnvError> {
+        if self.leader.get().is_some_and(|leader| !*leader.borrow()) {
+            return Ok(());
+        }
         let settings = &self.settings;
         if !settings.idle_timeout.is_zero() {
             for env in self.store.idle_environments(now().minus(settings.idle_timeout)).await? {

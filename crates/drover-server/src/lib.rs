@@ -257,6 +257,7 @@ impl Server {
         let full = mode == Mode::Full;
         let engine_tasks = full.then(|| engine.spawn(engine_stop.clone()));
         let env_stop = CancellationToken::new();
+        envs.follow_leadership(engine.leadership());
         let env_tasks = full.then(|| envs.spawn(env_stop.clone()));
         // Validated when the config was loaded.
         let agents = config.agent_definitions().unwrap_or_else(|_| AgentDefinition::builtins());
