@@ -377,8 +377,20 @@ async fn health_readiness_metrics_pipelines_and_openapi_answer() {
     let server = TestServer::spawn().await;
     let health: Value = server.get("/healthz").await.json().await.unwrap();
     assert_eq!(health["status"], "ok");
-    let ready: Value = server.get("/readyz").await.json().await.unwrap();
-    assert_eq!(ready, json!({ "status": "ready", "checks": { "store": "ok" } }));
+    // Ready, and (alone on its store) it takes the leader lease at once.
+    let mut ready: Value = server.get("/readyz").await.json().await.unwrap();
+    for _ in 0..50 {
+        if ready["checks"]["leader"] == "yes" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = server.get("/readyz").await.json().await.unwrap();
+    }
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["store"], "ok");
+    assert_eq!(ready["checks"]["leader"], "yes", "{ready}");
+    let pool = ready["checks"]["store_pool"].as_str().unwrap();
+    assert!(pool.starts_with("sqlite ") && pool.contains(" open, "), "{pool}");
 
     let pipelines: Value = server.get("/api/v1/pipelines").await.json().await.unwrap();
     assert_eq!(pipelines["items"][0]["name"], "sdlc");
