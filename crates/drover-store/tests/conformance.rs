@@ -931,6 +931,34 @@ async fn one_holder_at_a_time_has_a_lease_until_it_lapses_or_is_released(db: Tes
     assert_eq!(winners, 1);
 }
 
+async fn batches_touching_the_same_runs_in_opposite_orders_both_commit(db: TestDb) {
+    let fx = fixture(db);
+    let mut running = Vec::new();
+    for n in 0..2 {
+        let run = new_run(&fx, &format!("crossing {n}"), T0).await;
+        running.push(start(&fx, &attempts(&fx, run.id).await[0], T0).await);
+    }
+    let renew = |attempt: &StageAttempt, n: i64| WorkerCommand::Renew {
+        attempt: attempt.id,
+        token: attempt.fencing_token,
+        lease_until: T0.plus(Duration::from_secs(60)),
+        now: Timestamp::from_millis(T0.as_millis() + n),
+    };
+    // Two servers renewing the same two leases, each batch in the other order, many times:
+    // on PostgreSQL each would hold one row and wait for the other without an order.
+    for n in 0..20 {
+        let forward = vec![renew(&running[0], n), renew(&running[1], n)];
+        let backward = vec![renew(&running[1], n), renew(&running[0], n)];
+        let (a, b) = tokio::join!(
+            fx.store.apply(forward, &fx.pipelines),
+            fx.store.apply(backward, &fx.pipelines)
+        );
+        for outcomes in [a.unwrap(), b.unwrap()] {
+            assert!(outcomes.iter().all(|o| matches!(o, CommandOutcome::Renewed(true))));
+        }
+    }
+}
+
 async fn a_database_migrated_by_a_newer_drover_is_refused(db: TestDb) {
     db.pretend_migrated(9999).await;
     let err = db.open_again().await.unwrap_err();
@@ -969,4 +997,5 @@ backend_tests!(
     events_after_a_sequence_number_span_projects_in_order,
     a_database_migrated_by_a_newer_drover_is_refused,
     one_holder_at_a_time_has_a_lease_until_it_lapses_or_is_released,
+    batches_touching_the_same_runs_in_opposite_orders_both_commit,
 );

@@ -1063,6 +1063,7 @@ impl<B: Backend> Store for SqlStore<B> {
             .max()
             .unwrap_or(Timestamp::from_millis(0));
         self.transaction(latest, async |tx, events| {
+            lock_in_order(tx, &commands).await?;
             let mut outcomes = Vec::with_capacity(commands.len());
             for command in commands {
                 let outcome = match command {
@@ -1147,6 +1148,48 @@ impl<B: Backend> Store for SqlStore<B> {
     fn pool(&self) -> PoolStats {
         self.pool_stats()
     }
+}
+
+/// On PostgreSQL, locks the runs and workers a batch of worker commands will write, each
+/// kind in id order, before any command runs. Two servers committing batches that touch
+/// the same runs in different orders would otherwise each hold one and wait for the other
+/// (a deadlock PostgreSQL breaks by aborting one); in id order, the second waits for the
+/// first. Elsewhere (SQLite's single writer) there is nothing to order.
+async fn lock_in_order(tx: &mut Db<'_>, commands: &[WorkerCommand]) -> StoreResult<()> {
+    if tx.for_update().is_empty() || commands.len() < 2 {
+        return Ok(());
+    }
+    let mut attempts = Vec::new();
+    let mut workers = Vec::new();
+    for command in commands {
+        match command {
+            WorkerCommand::Start(start) => {
+                attempts.push(start.attempt_id.to_string());
+                workers.push(start.worker_id.to_string());
+            }
+            WorkerCommand::Complete(completion) => attempts.push(completion.attempt_id.to_string()),
+            WorkerCommand::Renew { attempt, .. } | WorkerCommand::Release { attempt, .. } => {
+                attempts.push(attempt.to_string());
+            }
+            WorkerCommand::Seen { worker, .. } | WorkerCommand::Gone { worker, .. } => {
+                workers.push(worker.to_string());
+            }
+        }
+    }
+    if !attempts.is_empty() {
+        let mut runs =
+            sql("SELECT id FROM runs WHERE id IN (SELECT run_id FROM stage_attempts WHERE id IN (");
+        runs.push_list(attempts);
+        runs.push(")) ORDER BY id");
+        let _: Vec<(String,)> = runs.for_update(tx).fetch_all(tx).await?;
+    }
+    if !workers.is_empty() {
+        let mut rows = sql("SELECT id FROM workers WHERE id IN (");
+        rows.push_list(workers);
+        rows.push(") ORDER BY id");
+        let _: Vec<(String,)> = rows.for_update(tx).fetch_all(tx).await?;
+    }
+    Ok(())
 }
 
 /// Starts an attempt for a worker if its token is current and it is still waiting.
