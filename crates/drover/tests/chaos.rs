@@ -62,8 +62,10 @@ fn env(command: &mut Command, broker_url: &str, log: &Path) {
         .env_remove("DROVER_SERVER")
         .env_remove("RUST_LOG")
         .env("DROVER_BUS__URL", broker_url)
-        .env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "300ms")
-        .env("DROVER_BUS__CLAIM_IDLE", "1s")
+        // Leases of 1.5 s: six clusters run at once on two cores, and a shorter lease
+        // can lapse under that load alone, spending a stage's attempts on no failure.
+        .env("DROVER_ENGINE__HEARTBEAT_INTERVAL", "1s")
+        .env("DROVER_BUS__CLAIM_IDLE", "2s")
         .env("DROVER_BUS__BLOCK_TIME", "200ms")
         .env("DROVER_ENGINE__REDISPATCH_AFTER", "1s")
         .env("DROVER_SERVER__SHUTDOWN_GRACE", "2s")
