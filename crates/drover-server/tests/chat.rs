@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use drover_config::{AgentConfig, AgentKindConfig, Config};
+use drover_config::{AgentConfig, AgentKindConfig};
 use drover_testkit::model::ModelDouble;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -27,12 +27,8 @@ fn llm_agent(base_url: &str) -> AgentConfig {
 }
 
 async fn start(data_dir: &Path, agents: BTreeMap<String, AgentConfig>) -> Running {
-    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
+    let mut config = common::config(data_dir);
     config.workers.embedded = false;
-    (config.environments.port_range_start, config.environments.port_range_end) =
-        drover_testkit::port_range(20);
     config.agents = agents;
     common::start(config).await
 }

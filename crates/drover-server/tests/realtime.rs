@@ -8,13 +8,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
+use drover_config::{Config, PipelineConfig, StageConfig};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{Socket, start, ws_connect, ws_next, ws_next_within, ws_send};
+use common::{Socket, quick_agent, start, ws_connect, ws_next, ws_next_within, ws_send};
 
 const SSE_SUBSCRIBERS: usize = 500;
 const WS_SUBSCRIBERS: usize = 200;
@@ -32,19 +32,10 @@ const FLAT_BYTES: u64 = 32 * 1024 * 1024;
 type Seen = (i64, String);
 
 fn config(data_dir: &std::path::Path) -> Config {
-    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
+    let mut config = common::config(data_dir);
     config.auth.rate_limit_per_minute = 1_000_000;
     config.auth.ip_rate_limit_per_minute = 1_000_000;
-    config.agents = BTreeMap::from([(
-        "quick".to_owned(),
-        AgentConfig {
-            command: Some("sh".into()),
-            args: Some(vec!["-c".into(), "echo working".into()]),
-            ..AgentConfig::default()
-        },
-    )]);
+    config.agents = BTreeMap::from([quick_agent()]);
     let stage = |name: &str, approval: bool| StageConfig {
         name: name.into(),
         agent: Some("quick".into()),

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use drover_config::Config;
 use drover_testkit::{PrivateDatabase, PrivateRedis};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -16,9 +15,7 @@ mod common;
 use common::{Running, start, ws_connect, ws_next_of, ws_send};
 
 async fn replica(dir: &std::path::Path, database: &str, redis: &str) -> Running {
-    let mut config = Config { data_dir: dir.to_path_buf(), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
+    let mut config = common::config(dir);
     config.workers.embedded = false;
     config.store.url = Some(database.to_owned());
     config.bus.url = redis.to_owned();

@@ -17,11 +17,8 @@ mod common;
 use common::start;
 
 fn config(data_dir: &Path, listen: &str, tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
+    let mut config = common::config(data_dir);
     config.server.listen = listen.parse().unwrap();
-    config.proxy.enabled = false;
-    (config.environments.port_range_start, config.environments.port_range_end) =
-        drover_testkit::port_range(40);
     tweak(&mut config);
     config
 }

@@ -18,25 +18,21 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
+use drover_config::{Config, PipelineConfig, StageConfig};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 mod common;
-use common::start;
+use common::{quick_agent, start};
 
 /// A server with tiny retry delays (1.5 s then 2 s, so each attempt's whole-second
 /// timestamp is later than the last), disabling after 3 failures in a row, and a
 /// one-stage pipeline `one` whose agent just echoes.
 fn config(data_dir: &Path, workers: bool) -> Config {
-    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
+    let mut config = common::config(data_dir);
     config.workers.embedded = workers;
-    (config.environments.port_range_start, config.environments.port_range_end) =
-        drover_testkit::port_range(40);
     let hooks = &mut config.webhooks;
     hooks.retry_initial = Duration::from_millis(1500);
     hooks.retry_max = Duration::from_secs(2);
@@ -45,14 +41,7 @@ fn config(data_dir: &Path, workers: bool) -> Config {
     hooks.breaker_after_failures = 10;
     hooks.poll_interval = Duration::from_millis(100);
     hooks.request_timeout = Duration::from_secs(5);
-    config.agents = BTreeMap::from([(
-        "quick".to_owned(),
-        AgentConfig {
-            command: Some("sh".into()),
-            args: Some(vec!["-c".into(), "echo working".into()]),
-            ..AgentConfig::default()
-        },
-    )]);
+    config.agents = BTreeMap::from([quick_agent()]);
     config.pipelines = BTreeMap::from([(
         "one".to_owned(),
         PipelineConfig {

@@ -6,31 +6,22 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use drover_config::{AgentConfig, Config, PipelineConfig, StageConfig};
+use drover_config::{Config, PipelineConfig, StageConfig};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod common;
-use common::{start, ws_connect, ws_next, ws_send};
+use common::{quick_agent, start, ws_connect, ws_next, ws_send};
 
 const SUBSCRIBERS: usize = 100;
 
 fn server_config(data_dir: &std::path::Path) -> Config {
-    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.proxy.enabled = false;
+    let mut config = common::config(data_dir);
     config.auth.rate_limit_per_minute = 1_000_000;
     config.auth.ip_rate_limit_per_minute = 1_000_000;
-    config.agents = BTreeMap::from([(
-        "quick".to_owned(),
-        AgentConfig {
-            command: Some("sh".into()),
-            args: Some(vec!["-c".into(), "echo working".into()]),
-            ..AgentConfig::default()
-        },
-    )]);
+    config.agents = BTreeMap::from([quick_agent()]);
     let stage = |name: &str| StageConfig {
         name: name.into(),
         agent: Some("quick".into()),

@@ -1,17 +1,39 @@
-//! What the server's integration tests share: a real server on port 0 with its own data
-//! directory (`start`, `Running::stop`), and a WebSocket client of `/api/v1/ws`.
+//! What the server's integration tests share: a configuration for a test server (`config`,
+//! `quick_agent`), a real server on port 0 with its own data directory (`start`,
+//! `Running::stop`), and a WebSocket client of `/api/v1/ws`.
 //! Each test file uses part of it.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use drover_config::Config;
+use drover_config::{AgentConfig, Config};
 use drover_server::{Mode, Server};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
+
+/// A server's configuration for a test: data in `data_dir`, listening on a free loopback
+/// port, no routing proxy, a port block of its own for environments.
+pub(crate) fn config(data_dir: &std::path::Path) -> Config {
+    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.proxy.enabled = false;
+    (config.environments.port_range_start, config.environments.port_range_end) =
+        drover_testkit::port_range(40);
+    config
+}
+
+/// `quick`: a command agent that prints a line and succeeds.
+pub(crate) fn quick_agent() -> (String, AgentConfig) {
+    let agent = AgentConfig {
+        command: Some("sh".into()),
+        args: Some(vec!["-c".into(), "echo working".into()]),
+        ..AgentConfig::default()
+    };
+    ("quick".to_owned(), agent)
+}
 
 /// A server running in this process.
 pub(crate) struct Running {
