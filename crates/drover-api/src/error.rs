@@ -297,6 +297,9 @@ impl From<StoreError> for ApiError {
             err @ StoreError::ChatSessionNotFound(_) => {
                 Self::new(ErrorCode::ChatSessionNotFound, err.to_string())
             }
+            err @ StoreError::PortBlockTaken { .. } => {
+                Self::new(ErrorCode::NoFreePorts, err.to_string())
+            }
             other => Self::internal(&other),
         }
     }
@@ -320,8 +323,9 @@ impl From<drover_env::manager::EnvError> for ApiError {
         use drover_env::manager::EnvError;
         match err {
             EnvError::Store(err) => err.into(),
+            // Blocks come free as runs end.
             err @ EnvError::NoFreePorts { .. } => {
-                Self::new(ErrorCode::NoFreePorts, err.to_string())
+                Self { retry_after: Some(5), ..Self::new(ErrorCode::NoFreePorts, err.to_string()) }
             }
             err @ EnvError::Workspace(_) => Self::new(ErrorCode::WorkspaceFailed, err.to_string()),
             err @ EnvError::UnmergedWork(_) => Self::new(ErrorCode::UnmergedWork, err.to_string()),

@@ -83,7 +83,7 @@ fn deployment_of(
         (status = 400, description = "Malformed or empty body", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown field, invalid request or unknown pipeline", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The server is shutting down", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The server is shutting down, or no port block is free for the run's environment (`no_free_ports`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create_run(
@@ -109,22 +109,18 @@ pub(crate) async fn create_run(
     let mut own_environment = None;
     let placement = match &body.environment {
         // A run gets an environment of its own: its ports and per-environment services.
-        // Without one (no free ports, say) it still runs, in a directory of its own.
+        // Without one (no free port block, say) it is refused with the reason, never run
+        // somewhere else.
         None if state.envs().is_active() => {
-            match state.envs().create_for_run(&caller.project, run_id).await {
-                Ok(env) => {
-                    own_environment = Some(env.id);
-                    Some(drover_engine::RunPlacement {
-                        environment_id: env.id,
-                        variables: state.envs().variables(&env),
-                        workspace: env.workspace,
-                    })
-                }
-                Err(err) => {
-                    tracing::warn!(run_id = %run_id, error = %err, "no environment for the run; it runs in a plain directory");
-                    None
-                }
-            }
+            let env = state.envs().create_for_run(&caller.project, run_id).await.inspect_err(
+                |err| tracing::warn!(run_id = %run_id, error = %err, "no environment for the run; refused"),
+            )?;
+            own_environment = Some(env.id);
+            Some(drover_engine::RunPlacement {
+                environment_id: env.id,
+                variables: state.envs().variables(&env),
+                workspace: env.workspace,
+            })
         }
         None => None,
         Some(id_or_name) => {

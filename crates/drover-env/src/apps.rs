@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use drover_domain::{AppSpec, ProjectId, RunId, Timestamp};
 
-use crate::manager::EnvManager;
+use crate::manager::{DeployPin, EnvManager};
 use crate::{CommandSpec, Deployments, app_hostname};
 
 /// An app to deploy for a run.
@@ -27,12 +27,15 @@ pub struct AppLaunch {
 }
 
 /// A deployed app, as its host reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct AppStarted {
     pub pid: Option<u32>,
     pub log_path: PathBuf,
     /// `deployments` environment, or none for a worker-owned app.
     pub environment: Option<String>,
+    /// While held, the host treats the deploy as under way: the app is not undeployed to
+    /// make room for another. Keep it until the app is verified (or the deploy failed).
+    pub pin: Option<DeployPin>,
 }
 
 /// Keeps deployed apps running.
@@ -59,6 +62,7 @@ impl AppHost for Deployments {
             pid: Some(deployment.pid),
             log_path: deployment.log_path,
             environment: None,
+            pin: None,
         })
     }
 
@@ -88,11 +92,13 @@ impl AppHost for EnvManager {
             hostname: app_hostname(launch.run),
         };
         let log_path = PathBuf::from(&app.log_path);
-        let state = self.deploy_app(&launch.project, app).await.map_err(|err| err.to_string())?;
+        let (state, pin) =
+            self.deploy_app(&launch.project, app).await.map_err(|err| err.to_string())?;
         Ok(AppStarted {
             pid: state.pid,
             log_path,
             environment: Some(drover_domain::DEPLOYMENTS_ENV.to_owned()),
+            pin: Some(pin),
         })
     }
 

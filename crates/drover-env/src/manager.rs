@@ -10,7 +10,7 @@
 //! services serve every project and get none; nor do the apps of the `deployments`
 //! environment, which are deployed with the variables the deploy stage gave them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use drover_domain::{
 use drover_store::{EnvironmentQuery, EnvironmentStore, NewEnvironment, StoreError};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::sync::{Mutex, Notify, broadcast, watch};
+use tokio::sync::{Mutex, Notify, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,7 +45,11 @@ pub const INSTANCE_VAR: &str = "DROVER_INSTANCE";
 pub enum EnvError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("no free block of {size} ports in {start}-{end}")]
+    #[error(
+        "no free block of {size} ports in {start}-{end}: live environments (or other programs) \
+         hold them all; wait for runs to end, delete environments, or widen \
+         [environments] port_range_start/port_range_end"
+    )]
     NoFreePorts { size: u16, start: u16, end: u16 },
     #[error("the workspace could not be prepared: {0}")]
     Workspace(String),
@@ -131,6 +135,25 @@ pub enum RouteKind {
     Custom,
 }
 
+/// How many times a creation passes over a block another server took meanwhile before it
+/// gives up (each time it also re-reads the blocks in use).
+const MAX_PORT_RETRIES: usize = 64;
+
+/// A port block chosen for an environment being created; released when dropped (the
+/// environment is in the store by then, or its creation failed).
+struct PortReservation<'a> {
+    manager: &'a EnvManager,
+    block: PortBlock,
+}
+
+impl Drop for PortReservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved =
+            self.manager.reserved_blocks.lock().unwrap_or_else(|poison| poison.into_inner());
+        reserved.remove(&self.block.base);
+    }
+}
+
 struct Running {
     instance: Instance,
     ports: BTreeMap<String, u16>,
@@ -159,6 +182,36 @@ pub struct EnvManager {
     leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// Where per-environment services get their project's secrets (none without).
     secrets: Option<Arc<dyn SecretSource>>,
+    /// Port blocks chosen for environments whose creation is under way (workspace, setup
+    /// hook) and not yet in the store: creations at once never choose the same block.
+    reserved_blocks: std::sync::Mutex<BTreeSet<u16>>,
+    /// Held while the deployments environments' apps change (deploy, undeploy, reconcile,
+    /// stop): a change sees the store and the running instances agree.
+    deploy_lock: Mutex<()>,
+    /// Per project, `max_apps` slots for deploys under way.
+    deploy_slots: std::sync::Mutex<HashMap<ProjectId, Arc<Semaphore>>>,
+    /// Runs whose deploy is under way: their apps are never undeployed to make room.
+    pins: Arc<std::sync::Mutex<HashSet<RunId>>>,
+}
+
+/// A deploy under way: while held, the run's app is not undeployed to make room for
+/// another, and it holds one of its project's `max_apps` deploy slots.
+pub struct DeployPin {
+    run: RunId,
+    pins: Arc<std::sync::Mutex<HashSet<RunId>>>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for DeployPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployPin").field("run", &self.run).finish_non_exhaustive()
+    }
+}
+
+impl Drop for DeployPin {
+    fn drop(&mut self) {
+        self.pins.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&self.run);
+    }
 }
 
 /// Records every service state change in the store.
@@ -205,6 +258,10 @@ impl EnvManager {
             active: std::sync::atomic::AtomicBool::new(false),
             leader: std::sync::OnceLock::new(),
             secrets: None,
+            reserved_blocks: std::sync::Mutex::new(BTreeSet::new()),
+            deploy_lock: Mutex::new(()),
+            deploy_slots: std::sync::Mutex::new(HashMap::new()),
+            pins: Arc::new(std::sync::Mutex::new(HashSet::new())),
         }
     }
 
@@ -363,7 +420,7 @@ impl EnvManager {
         if !system && self.store.count_live_environments(project).await? >= self.settings.quota {
             return Err(StoreError::EnvironmentQuotaExceeded { limit: self.settings.quota }.into());
         }
-        let ports = self.allocate_ports().await?;
+        let mut ports = self.reserve_ports(&BTreeSet::new()).await?;
         let dir = self.env_dir(id);
         let workspace_path = request.workspace.clone().unwrap_or_else(|| dir.join("workspace"));
         let mut branch = None;
@@ -398,24 +455,38 @@ impl EnvManager {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(EnvError::Workspace(message));
         }
-        let created = self
-            .store
-            .create_environment(
-                NewEnvironment {
-                    id,
-                    project_id: project.clone(),
-                    name,
-                    workspace: workspace_path.display().to_string(),
-                    ports,
-                    repo: request.repo.as_ref().map(|r| r.display().to_string()),
-                    branch,
-                    quota: if system { u32::MAX } else { self.settings.quota },
-                    actor: request.actor,
-                    reason: request.reason,
-                },
-                now(),
-            )
-            .await;
+        let mut new = NewEnvironment {
+            id,
+            project_id: project.clone(),
+            name,
+            workspace: workspace_path.display().to_string(),
+            ports: ports.block,
+            repo: request.repo.as_ref().map(|r| r.display().to_string()),
+            branch,
+            quota: if system { u32::MAX } else { self.settings.quota },
+            actor: request.actor,
+            reason: request.reason,
+        };
+        // The store's unique index on live blocks is the arbiter: a block another server
+        // took since it was chosen is passed over for the next free one.
+        let mut taken = BTreeSet::new();
+        let created = loop {
+            match self.store.create_environment(new.clone(), now()).await {
+                Err(StoreError::PortBlockTaken { base }) if taken.len() < MAX_PORT_RETRIES => {
+                    tracing::debug!(base, "port block taken meanwhile; choosing the next");
+                    taken.insert(base);
+                    match self.reserve_ports(&taken).await {
+                        Ok(next) => {
+                            new.ports = next.block;
+                            ports = next;
+                        }
+                        Err(err) => break Err(err),
+                    }
+                }
+                other => break other.map_err(EnvError::from),
+            }
+        };
+        drop(ports);
         match created {
             Ok(env) => {
                 self.wake.notify_one();
@@ -424,26 +495,32 @@ impl EnvManager {
             Err(err) => {
                 let _ = self.remove_workspace(request.repo.as_deref(), &workspace_path, true).await;
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                Err(err.into())
+                Err(err)
             }
         }
     }
 
-    /// The first aligned block in the range that overlaps no live environment's and whose
-    /// ports are all free right now.
-    async fn allocate_ports(&self) -> Result<PortBlock, EnvError> {
+    /// Reserves the first aligned block in the range that overlaps no live environment's,
+    /// none this manager has reserved for a creation still under way, none in `taken`, and
+    /// whose ports are all free right now. The reservation lasts until the guard drops,
+    /// by when the environment is in the store (or its creation failed).
+    async fn reserve_ports(&self, taken: &BTreeSet<u16>) -> Result<PortReservation<'_>, EnvError> {
         let (start, end) = self.settings.port_range;
         let size = self.settings.block_size;
         let used = self.store.used_port_blocks().await?;
+        let mut reserved = self.reserved_blocks.lock().unwrap_or_else(|poison| poison.into_inner());
         let mut base = start;
         while u32::from(base) + u32::from(size) - 1 <= u32::from(end) {
             let candidate = PortBlock { base, size };
-            if !used.iter().any(|block| block.overlaps(candidate))
+            let free = !taken.contains(&base)
+                && !reserved.contains(&base)
+                && !used.iter().any(|block| block.overlaps(candidate))
                 && candidate
                     .ports()
-                    .all(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
-            {
-                return Ok(candidate);
+                    .all(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok());
+            if free {
+                reserved.insert(base);
+                return Ok(PortReservation { manager: self, block: candidate });
             }
             base = match base.checked_add(size) {
                 Some(next) => next,
@@ -573,8 +650,11 @@ impl EnvManager {
                 }
             })
             .collect();
+        // Read with the instances held, so an instance starting meanwhile (whose first
+        // record may land at once) is seen in one of the two, never in both or as a ghost.
+        let records = self.store.service_records(env).await?;
         drop(instances);
-        for record in self.store.service_records(env).await? {
+        for record in records {
             if views.iter().any(|v| v.name == record.service) {
                 continue;
             }
@@ -755,27 +835,41 @@ impl EnvManager {
     }
 
     /// Deploys `app` into the project's `deployments` environment (replacing an earlier app
-    /// of the same run) and returns its state once its process has started, or failed to.
+    /// of the same run) and returns its state once its process has started, or failed to,
+    /// with the [`DeployPin`] that keeps it from being undeployed to make room for another
+    /// until the caller drops it (when its deploy is over: verified or failed).
+    ///
+    /// At most `max_apps` deploys of a project are under way at once (a deploy waits for a
+    /// slot); the oldest apps whose deploy is over are undeployed, and their processes
+    /// stopped, before the new one starts, so no more than `max_apps` run at any instant.
     pub async fn deploy_app(
         &self,
         project: &ProjectId,
         app: AppSpec,
-    ) -> Result<InstanceState, EnvError> {
-        let env = self.deployments_env(project).await?;
-        self.store.put_app(env.id, &app, now()).await?;
-        let apps = self.store.apps(env.id).await?;
-        let surplus = apps.len().saturating_sub(self.settings.max_apps.max(1));
-        for old in apps.iter().filter(|old| old.name != app.name).take(surplus) {
-            tracing::info!(run_id = %old.run_id, "undeploying the oldest app: more than {} deployed", self.settings.max_apps);
-            self.undeploy_app(project, old.run_id).await?;
-        }
-        let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
-        let earlier = self.instances.lock().await.remove(&key);
-        if let Some(earlier) = earlier {
-            earlier.instance.stop().await;
-        }
-        let reporter: Arc<dyn Reporter> = Arc::new(StoreReporter { store: self.store.clone() });
+    ) -> Result<(InstanceState, DeployPin), EnvError> {
+        let pin = self.pin_deploy(project, app.run_id).await;
         let mut state = {
+            let _deploying = self.deploy_lock.lock().await;
+            let env = self.deployments_env(project).await?;
+            self.store.put_app(env.id, &app, now()).await?;
+            let apps = self.store.apps(env.id).await?;
+            let others: Vec<&AppSpec> = apps.iter().filter(|old| old.name != app.name).collect();
+            let room = self.settings.max_apps.max(1) - 1;
+            let surplus = others.len().saturating_sub(room);
+            let in_progress = self.pins.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+            // Oldest first; never one whose deploy is under way (there are at most
+            // `max_apps - 1` of those besides this one, so enough others are over).
+            let evicted =
+                others.iter().filter(|old| !in_progress.contains(&old.run_id)).take(surplus);
+            for old in evicted {
+                tracing::info!(run_id = %old.run_id, "undeploying the oldest app: more than {} deployed", self.settings.max_apps);
+                self.remove_app(&env, old.run_id).await?;
+            }
+            let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
+            // Under the deploy lock nothing else starts this app meanwhile.
+            self.stop_instances(std::slice::from_ref(&key)).await;
+            let reporter: Arc<dyn Reporter> = Arc::new(StoreReporter { store: self.store.clone() });
+            // Started and listed at once (its first record may be written at once).
             let mut instances = self.instances.lock().await;
             let running = start_app(&env, &app, self.provider.clone(), reporter);
             let state = running.instance.watch();
@@ -795,25 +889,67 @@ impl EnvManager {
             Ok(Ok(current)) => Some(current.clone()),
             _ => None,
         };
-        Ok(current.unwrap_or_else(|| state.borrow().clone()))
+        Ok((current.unwrap_or_else(|| state.borrow().clone()), pin))
+    }
+
+    /// Takes one of the project's deploy slots for `run` (waiting for one) and marks its app
+    /// as being deployed until the pin drops.
+    async fn pin_deploy(&self, project: &ProjectId, run: RunId) -> DeployPin {
+        let slots = {
+            let mut slots = self.deploy_slots.lock().unwrap_or_else(|poison| poison.into_inner());
+            slots
+                .entry(project.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_apps.max(1))))
+                .clone()
+        };
+        // The semaphore is never closed.
+        let permit = slots.acquire_owned().await.ok();
+        self.pins.lock().unwrap_or_else(|poison| poison.into_inner()).insert(run);
+        DeployPin { run, pins: self.pins.clone(), _permit: permit }
     }
 
     /// Stops and forgets `run`'s app.
     pub async fn undeploy_app(&self, project: &ProjectId, run: RunId) -> Result<(), EnvError> {
-        let name = AppSpec::name_for(run);
         let Ok(dname) = EnvName::parse(DEPLOYMENTS_ENV) else { return Ok(()) };
+        let _deploying = self.deploy_lock.lock().await;
         let Some(env) = self.store.find_environment(project, &dname).await? else {
             return Ok(());
         };
-        self.store.remove_app(env.id, &name).await?;
-        let key = InstanceKey { environment: Some(env.id), service: name };
-        let running = self.instances.lock().await.remove(&key);
-        if let Some(running) = running {
-            running.instance.stop().await;
-            tracing::info!(run_id = %run, "app undeployed");
-        }
+        self.remove_app(&env, run).await?;
         self.publish_routes().await;
         Ok(())
+    }
+
+    /// Forgets `run`'s app and stops its process (the caller holds the deploy lock).
+    async fn remove_app(&self, env: &Environment, run: RunId) -> Result<(), EnvError> {
+        let name = AppSpec::name_for(run);
+        self.store.remove_app(env.id, &name).await?;
+        let key = InstanceKey { environment: Some(env.id), service: name };
+        if self.stop_instances(std::slice::from_ref(&key)).await > 0 {
+            tracing::info!(run_id = %run, "app undeployed");
+        }
+        Ok(())
+    }
+
+    /// Stops the instances of `keys` that run here and forgets them once they are down
+    /// (meanwhile they are still listed, stopping). Returns how many there were.
+    async fn stop_instances(&self, keys: &[InstanceKey]) -> usize {
+        let stopping: Vec<_> = {
+            let instances = self.instances.lock().await;
+            keys.iter()
+                .filter_map(|key| instances.get(key))
+                .map(|r| r.instance.stopping())
+                .collect()
+        };
+        let count = stopping.len();
+        futures::future::join_all(stopping).await;
+        let mut instances = self.instances.lock().await;
+        for key in keys {
+            if instances.get(key).is_some_and(|running| running.instance.has_ended()) {
+                instances.remove(key);
+            }
+        }
+        count
     }
 
     /// The names of the deployed apps that are up (starting or serving), for listing many
@@ -1087,6 +1223,8 @@ impl EnvManager {
 
     /// Makes sure every service of `env` (and every shared service) has an instance.
     async fn start_services(&self, env: &Environment) -> Result<(), EnvError> {
+        let deployments = env.name.as_str() == DEPLOYMENTS_ENV;
+        let _deploying = if deployments { Some(self.deploy_lock.lock().await) } else { None };
         let plan = self.port_plan(env).map_err(EnvError::Workspace)?;
         let variables = self.variables(env);
         let reporter: Arc<dyn Reporter> = Arc::new(StoreReporter { store: self.store.clone() });
@@ -1152,13 +1290,26 @@ impl EnvManager {
                 }
             })
             .collect();
-        // The deployments environment runs deployed apps only, without project secrets.
-        if env.name.as_str() == DEPLOYMENTS_ENV {
-            for app in self.store.apps(env.id).await? {
+        // The deployments environment runs deployed apps only, without project secrets:
+        // exactly the apps the store holds.
+        if deployments {
+            let apps = self.store.apps(env.id).await?;
+            let forgotten: Vec<InstanceKey> = instances
+                .keys()
+                .filter(|key| key.environment == Some(env.id))
+                .filter(|key| !apps.iter().any(|app| app.name == key.service))
+                .cloned()
+                .collect();
+            for app in apps {
                 let key = InstanceKey { environment: Some(env.id), service: app.name.clone() };
                 if let std::collections::hash_map::Entry::Vacant(slot) = instances.entry(key) {
                     slot.insert(start_app(env, &app, self.provider.clone(), reporter.clone()));
                 }
+            }
+            drop(instances);
+            if !forgotten.is_empty() {
+                tracing::warn!(apps = forgotten.len(), "stopping apps the store no longer holds");
+                self.stop_instances(&forgotten).await;
             }
             return Ok(());
         }
@@ -1219,14 +1370,16 @@ impl EnvManager {
     }
 
     async fn stop_services(&self, env: EnvironmentId) {
-        let stopping: Vec<Running> = {
-            let mut instances = self.instances.lock().await;
-            let keys: Vec<InstanceKey> =
-                instances.keys().filter(|k| k.environment == Some(env)).cloned().collect();
-            keys.iter().filter_map(|k| instances.remove(k)).collect()
-        };
-        futures::future::join_all(stopping.into_iter().map(|running| running.instance.stop()))
-            .await;
+        let _deploying = self.deploy_lock.lock().await;
+        let keys: Vec<InstanceKey> = self
+            .instances
+            .lock()
+            .await
+            .keys()
+            .filter(|k| k.environment == Some(env))
+            .cloned()
+            .collect();
+        self.stop_instances(&keys).await;
     }
 
     async fn publish_routes(&self) {

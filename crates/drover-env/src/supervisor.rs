@@ -161,10 +161,33 @@ impl Instance {
         self.restart_now.notify_one();
     }
 
-    /// Stops the process group (SIGTERM, grace, SIGKILL) and waits for the task.
-    pub async fn stop(self) {
+    /// Asks the instance to stop; the returned future ends once it has (its final state
+    /// recorded). The handle stays where it is meanwhile, so the instance is still seen,
+    /// stopping, rather than missing.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
         self.stop.cancel();
-        let _ = self.task.await;
+        let mut state = self.state.clone();
+        // The supervision owns the sender: it is dropped when the task ends.
+        async move { while state.changed().await.is_ok() {} }
+    }
+
+    /// Whether its supervision has ended (stopped, or given up).
+    pub fn has_ended(&self) -> bool {
+        self.state.has_changed().is_err()
+    }
+
+    /// Stops the process group (SIGTERM, grace, SIGKILL) and waits for the task.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// An instance nobody holds any more is stopped: no process outlives the handle that
+/// tracks it (callers still `stop` and wait, so the final state is recorded in order).
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

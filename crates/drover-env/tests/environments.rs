@@ -61,6 +61,21 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
+fn settings(data_dir: &Path, port_range: (u16, u16)) -> EnvSettings {
+    EnvSettings {
+        data_dir: data_dir.to_path_buf(),
+        port_range,
+        block_size: 10,
+        quota: 5,
+        idle_timeout: Duration::ZERO,
+        delete_after: Duration::ZERO,
+        setup_command: String::new(),
+        copy_files: Vec::new(),
+        max_apps: 5,
+        reconcile_interval: Duration::from_millis(200),
+    }
+}
+
 async fn fixture(services: Vec<ServiceSpec>, tweak: impl FnOnce(&mut EnvSettings)) -> Fixture {
     fixture_with(services, tweak, None).await
 }
@@ -81,18 +96,7 @@ async fn fixture_with(
         .unwrap(),
     );
     // A range of its own per test, so tests running at once never compete for ports.
-    let mut settings = EnvSettings {
-        data_dir: dir.path().to_path_buf(),
-        port_range: drover_testkit::port_range(200),
-        block_size: 10,
-        quota: 5,
-        idle_timeout: Duration::ZERO,
-        delete_after: Duration::ZERO,
-        setup_command: String::new(),
-        copy_files: Vec::new(),
-        max_apps: 5,
-        reconcile_interval: Duration::from_millis(200),
-    };
+    let mut settings = settings(dir.path(), drover_testkit::port_range(200));
     tweak(&mut settings);
     let mut manager =
         EnvManager::new(store.clone(), settings, services, Arc::new(LocalProvider::default()));
@@ -154,6 +158,34 @@ impl Fixture {
     async fn finish(self) {
         self.stop.cancel();
         self.manager.shutdown().await;
+    }
+}
+
+/// A deployed app for `run`: Python's HTTP server on `port`, in `cwd`.
+fn app_launch(
+    run: drover_domain::RunId,
+    port: u16,
+    cwd: &Path,
+    log_path: &Path,
+) -> drover_env::apps::AppLaunch {
+    drover_env::apps::AppLaunch {
+        project: project(),
+        run,
+        command: drover_env::CommandSpec {
+            program: "python3".into(),
+            args: vec![
+                "-m".into(),
+                "http.server".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+            ],
+            cwd: cwd.to_path_buf(),
+            env: Vec::new(),
+            log_path: log_path.to_path_buf(),
+        },
+        port,
+        health_path: "/".into(),
     }
 }
 
@@ -446,7 +478,7 @@ async fn a_worktree_environment_with_unmerged_work_is_not_deleted_without_force(
 
 #[tokio::test]
 async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_beyond_the_cap() {
-    use drover_env::apps::{AppHost, AppLaunch};
+    use drover_env::apps::AppHost;
     let fixture = fixture(Vec::new(), |settings| settings.max_apps = 2).await;
     let workspace = fixture.dir.path().join("app");
     std::fs::create_dir_all(&workspace).unwrap();
@@ -454,25 +486,8 @@ async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_be
     for _ in 0..3 {
         let run = drover_domain::RunId::new();
         let port = free_port().unwrap();
-        let launch = AppLaunch {
-            project: project(),
-            run,
-            command: drover_env::CommandSpec {
-                program: "python3".into(),
-                args: vec![
-                    "-m".into(),
-                    "http.server".into(),
-                    port.to_string(),
-                    "--bind".into(),
-                    "127.0.0.1".into(),
-                ],
-                cwd: workspace.clone(),
-                env: Vec::new(),
-                log_path: fixture.dir.path().join(format!("{run}.log")),
-            },
-            port,
-            health_path: "/".into(),
-        };
+        let launch =
+            app_launch(run, port, &workspace, &fixture.dir.path().join(format!("{run}.log")));
         let started = AppHost::deploy(fixture.manager.as_ref(), launch).await.unwrap();
         assert_eq!(started.environment.as_deref(), Some("deployments"));
         let pid = started.pid.unwrap_or_else(|| panic!("no pid: {started:?}"));
@@ -521,4 +536,106 @@ async fn deployed_apps_run_in_the_deployments_environment_and_the_oldest_goes_be
     fixture.manager.undeploy_app(&project(), runs[2].0).await.unwrap();
     fixture.stop.cancel();
     fixture.manager.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_created_at_once_each_get_a_block_of_their_own_until_none_is_free() {
+    let project = project();
+    // 20 blocks of 10 in the test's 200 ports.
+    let fx = fixture(Vec::new(), |_| {}).await;
+    let creations =
+        (0..20).map(|_| fx.manager.create_for_run(&project, drover_domain::RunId::new()));
+    let created: Vec<Environment> =
+        futures::future::join_all(creations).await.into_iter().map(Result::unwrap).collect();
+    let bases: std::collections::BTreeSet<u16> = created.iter().map(|env| env.ports.base).collect();
+    assert_eq!(bases.len(), 20, "two environments share a port block: {bases:?}");
+    let refused = fx.manager.create_for_run(&project, drover_domain::RunId::new()).await;
+    assert!(matches!(refused, Err(EnvError::NoFreePorts { .. })), "{refused:?}");
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_managers_on_one_store_creating_at_once_pass_over_the_blocks_the_other_took() {
+    let project = project();
+    // Two servers on one store: neither knows what the other has chosen; the store's
+    // unique index decides and the loser takes the next free block.
+    let range = drover_testkit::port_range(200);
+    let fx = fixture(Vec::new(), |settings| settings.port_range = range).await;
+    let other = EnvManager::new(
+        fx.store.clone(),
+        settings(&fx.dir.path().join("second"), range),
+        Vec::new(),
+        Arc::new(LocalProvider::default()),
+    );
+    let ours = (0..10).map(|_| fx.manager.create_for_run(&project, drover_domain::RunId::new()));
+    let theirs = (0..10).map(|_| other.create_for_run(&project, drover_domain::RunId::new()));
+    let (ours, theirs) =
+        tokio::join!(futures::future::join_all(ours), futures::future::join_all(theirs));
+    let bases: std::collections::BTreeSet<u16> =
+        ours.into_iter().chain(theirs).map(|env| env.unwrap().ports.base).collect();
+    assert_eq!(bases.len(), 20, "two environments share a port block: {bases:?}");
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_at_once_never_run_more_apps_than_the_cap_nor_undeploy_one_still_deploying() {
+    use drover_env::apps::AppHost;
+    const CAP: usize = 3;
+    let fixture = fixture(Vec::new(), |settings| settings.max_apps = CAP).await;
+    let workspace = fixture.dir.path().join("app");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let manager = fixture.manager.clone();
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let (manager, sampling) = (manager.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !sampling.is_cancelled() {
+                most = most.max(manager.apps_up().await.len());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    let deploys = (0..12).map(|i| {
+        let (manager, workspace, logs) =
+            (manager.clone(), workspace.clone(), fixture.dir.path().to_path_buf());
+        async move {
+            let run = drover_domain::RunId::new();
+            let port = free_port().unwrap();
+            let launch = app_launch(run, port, &workspace, &logs.join(format!("app-{i}.log")));
+            let started = AppHost::deploy(manager.as_ref(), launch).await.unwrap();
+            // While the deploy stage verifies it, nobody undeploys it.
+            for _ in 0..10 {
+                assert!(
+                    AppHost::is_up(manager.as_ref(), run).await,
+                    "app {i} undeployed mid-deploy"
+                );
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            drop(started);
+            run
+        }
+    });
+    let runs = futures::future::join_all(deploys).await;
+    sampling.cancel();
+    let most = sampler.await.unwrap();
+    assert!(most <= CAP, "{most} apps were up at once; the cap is {CAP}");
+    let up = manager.apps_up().await;
+    assert_eq!(up.len(), CAP, "the newest {CAP} stay: {up:?}");
+    // Every app process still running is one the manager tracks.
+    let deployments = manager.find(&project(), "deployments").await.unwrap();
+    let tracked: Vec<u32> = manager
+        .services(Some(deployments.id))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.state.pid)
+        .collect();
+    assert_eq!(tracked.len(), CAP, "{tracked:?}");
+    for run in runs {
+        manager.undeploy_app(&project(), run).await.unwrap();
+    }
+    fixture.stop.cancel();
+    manager.shutdown().await;
 }

@@ -61,6 +61,10 @@ pub enum StoreError {
     EnvironmentNameTaken(String),
     #[error("the project already has {limit} live environments, its quota; delete one first")]
     EnvironmentQuotaExceeded { limit: u32 },
+    /// Another live environment holds the port block (a creation racing this one, maybe
+    /// on another server): the caller picks the next free block.
+    #[error("port block {base} is already taken by another environment")]
+    PortBlockTaken { base: u16 },
     #[error("environment {id} is {status}; {action} is not possible")]
     EnvironmentBusy { id: EnvironmentId, status: EnvStatus, action: &'static str },
     #[error("stage attempt {id} is not waiting in the dead-letter queue ({state})")]

@@ -140,10 +140,13 @@ impl<B: Backend> EnvironmentStore for SqlStore<B> {
             if let Err(StoreError::Database(sqlx::Error::Database(err))) = &inserted
                 && err.is_unique_violation()
             {
-                return Err(if err.message().contains("name") {
-                    StoreError::EnvironmentNameTaken(new.name.to_string())
+                // SQLite names the columns, PostgreSQL the index.
+                let on_ports = err.message().contains("port_base")
+                    || err.constraint().is_some_and(|index| index.contains("port_base"));
+                return Err(if on_ports {
+                    StoreError::PortBlockTaken { base: env.ports.base }
                 } else {
-                    StoreError::Corrupt(format!("port block {} is already taken", env.ports.base))
+                    StoreError::EnvironmentNameTaken(new.name.to_string())
                 });
             }
             inserted?;
