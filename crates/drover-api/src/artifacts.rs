@@ -98,7 +98,7 @@ pub(crate) async fn list(
     responses(
         (status = 200, description = "The file: a log as `text/plain`, a diff as `text/x-diff`, a transcript as `application/json`; a declared output file, whatever it holds, as `application/octet-stream` with `Content-Disposition: attachment`",
          headers(("Content-Disposition" = String, description = "`attachment; filename=\"…\"` for a declared output file")),
-         content((String = "text/plain"), (String = "text/x-diff"), (serde_json::Value = "application/json"), (Vec<u8> = "application/octet-stream"))),
+         content((String = "text/plain"), (String = "text/x-diff"), (serde_json::Value = "application/json"), (String = "application/octet-stream"))),
         (status = 404, description = "No such run or artifact", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -387,6 +387,12 @@ fn complete_operation(path: &str, method: &str, operation: &mut Map<String, Valu
 
     for (status, response) in responses.iter_mut() {
         let Some(response) = response.as_object_mut() else { continue };
+        // Bytes, whatever they are: OpenAPI 3.1 gives such a body no schema.
+        if let Some(bytes) =
+            response.get_mut("content").and_then(|c| c.get_mut("application/octet-stream"))
+        {
+            *bytes = json!({});
+        }
         if response.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
             let reason = status
                 .parse::<u16>()
