@@ -229,6 +229,64 @@ pub(crate) mod rules {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::rules;
+
+    fn matches(schema: &utoipa::openapi::schema::Object, text: &str) -> bool {
+        let pattern = schema.pattern.as_deref().expect("a pattern");
+        let chars = text.chars().count();
+        regex::Regex::new(pattern).unwrap().is_match(text)
+            && schema.min_length.is_none_or(|min| chars >= min)
+            && schema.max_length.is_none_or(|max| chars <= max)
+    }
+
+    /// Edges of trimming and control characters, where a pattern could say otherwise.
+    fn samples() -> Vec<String> {
+        let mut samples: Vec<String> = [
+            "",
+            " ",
+            "x",
+            " x ",
+            "\tx\n",
+            "a\nb",
+            "a\tb",
+            "a\rb",
+            "x\r",
+            "\u{85}x",
+            "x\u{85}",
+            "\u{a0}",
+            "a\u{7f}b",
+            "a\u{0}b",
+            "\u{2028}",
+            "héllo wörld",
+            "\u{feff}",
+            "12345678",
+            " 1234567 ",
+            "1234567",
+            "\u{3000}abcdefgh\u{3000}",
+            "abc\u{0}defgh",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for length in [3999, 4000, 4001] {
+            samples.push("x".repeat(length));
+            samples.push(format!("  {}  ", "y".repeat(length)));
+        }
+        samples
+    }
+
+    #[test]
+    fn the_text_rules_say_what_the_domain_checks() {
+        for text in samples() {
+            let request = drover_domain::RunRequest::parse(text.clone()).is_ok();
+            assert_eq!(matches(&rules::run_request(), &text), request, "request {text:?}");
+            let secret = drover_domain::validate_secret_value(&text).is_ok();
+            assert_eq!(matches(&rules::secret_value(), &text), secret, "secret {text:?}");
+        }
+    }
+}
+
 /// Deserializes a field that may be left out but, when present, is not `null`.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     field: D,
