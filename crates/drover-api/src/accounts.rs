@@ -202,6 +202,7 @@ pub(crate) async fn me(State(state): State<AppState>, Account(user): Account) ->
     responses(
         (status = 201, body = CreatedTokenView),
         (status = 403, description = "Creating a token for another user needs an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`user_not_found`: no such user; `project_not_found`: no such project, or one the caller is not in", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -280,6 +281,7 @@ pub(crate) async fn create_token(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokensQuery {
     /// Every user's tokens (administrators).
@@ -613,6 +615,7 @@ pub(crate) async fn create_worker_token(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuditQuery {
     /// Only this project's entries (`global` for users, projects and tokens).
@@ -620,6 +623,7 @@ pub(crate) struct AuditQuery {
     /// Entries older than this id (the `next_cursor` of the previous page).
     cursor: Option<i64>,
     /// 1-200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 

@@ -8,17 +8,18 @@ use drover_store::ApprovalDecision;
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiJson;
+use crate::openapi::InProject;
 use crate::runs::parse_run_id;
-use crate::wire::{ApprovalBody, AttemptView, RunView};
+use crate::wire::{ApprovalBody, AttemptView, RejectionBody, RunView};
 use crate::{AppState, Caller};
 
 /// The most characters a reason may have.
-const MAX_REASON_CHARS: usize = 2_000;
+pub(crate) const MAX_REASON_CHARS: usize = 2_000;
 
 /// Approve a gated stage: it becomes due and the run goes on.
 #[utoipa::path(
     post, path = "/api/v1/runs/{id}/stages/{stage}/approve", tag = "runs",
-    params(("id" = String, Path, description = "Run id"), ("stage" = String, Path, description = "Stage name")),
+    params(("id" = String, Path, description = "Run id"), ("stage" = String, Path, description = "Stage name"), InProject),
     request_body(content = Option<ApprovalBody>, description = "Optional reason"),
     responses(
         (status = 200, body = RunView, description = "The run, with its attempts"),
@@ -40,8 +41,8 @@ pub(crate) async fn approve(
 /// Reject a gated stage: it fails with the reason, and so does the run.
 #[utoipa::path(
     post, path = "/api/v1/runs/{id}/stages/{stage}/reject", tag = "runs",
-    params(("id" = String, Path, description = "Run id"), ("stage" = String, Path, description = "Stage name")),
-    request_body = ApprovalBody,
+    params(("id" = String, Path, description = "Run id"), ("stage" = String, Path, description = "Stage name"), InProject),
+    request_body = RejectionBody,
     responses(
         (status = 200, body = RunView, description = "The failed run, with its attempts"),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
@@ -53,7 +54,7 @@ pub(crate) async fn reject(
     State(state): State<AppState>,
     caller: Caller,
     Path((id, stage)): Path<(String, String)>,
-    ApiJson(body): ApiJson<ApprovalBody>,
+    ApiJson(body): ApiJson<RejectionBody>,
 ) -> Result<Json<RunView>, ApiError> {
     if body.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
         return Err(ApiError::validation(vec![FieldError {

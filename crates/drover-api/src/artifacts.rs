@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
 use crate::extract::ApiQuery;
+use crate::openapi::InProject;
 use crate::runs::find_run;
 use crate::{AppState, Caller};
 
@@ -37,6 +38,7 @@ pub struct ArtifactList {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ArtifactsQuery {
     /// Only this stage's (or `app`).
@@ -46,7 +48,7 @@ pub(crate) struct ArtifactsQuery {
 /// A run's artifacts, in stage and attempt order.
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}/artifacts", tag = "runs",
-    params(("id" = String, Path, description = "Run id"), ArtifactsQuery),
+    params(("id" = String, Path, description = "Run id"), ArtifactsQuery, InProject),
     responses(
         (status = 200, body = ArtifactList),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
@@ -92,9 +94,11 @@ pub(crate) async fn list(
 /// One artifact's bytes.
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}/artifacts/{name}", tag = "runs",
-    params(("id" = String, Path, description = "Run id"), ("name" = String, Path, description = "Artifact name")),
+    params(("id" = String, Path, description = "Run id"), ("name" = String, Path, description = "Artifact name (a declared output's includes its path: `test.1.outputs/reports/junit.xml`)"), InProject),
     responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream", body = String),
+        (status = 200, description = "The file: a log as `text/plain`, a diff as `text/x-diff`, a transcript as `application/json`; a declared output file, whatever it holds, as `application/octet-stream` with `Content-Disposition: attachment`",
+         headers(("Content-Disposition" = String, description = "`attachment; filename=\"…\"` for a declared output file")),
+         content((String = "text/plain"), (String = "text/x-diff"), (serde_json::Value = "application/json"), (String = "application/octet-stream"))),
         (status = 404, description = "No such run or artifact", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -113,13 +117,42 @@ pub(crate) async fn download(
     let artifact = describe(&name).ok_or_else(missing)?;
     let path = state.engine().layout().logs_dir(run.id).join(&artifact.name);
     let file = tokio::fs::File::open(&path).await.map_err(|_| missing())?;
+    let body = Body::from_stream(ReaderStream::new(file));
+    // drover writes logs, diffs and transcripts itself; a declared output file is whatever
+    // the stage left, so it is offered as bytes to save, never as something to render.
     let content_type = match artifact.kind.as_str() {
         "transcript" => "application/json",
         "diff" => "text/x-diff; charset=utf-8",
+        "output" => {
+            let file_name = artifact.name.rsplit('/').next().unwrap_or(&artifact.name);
+            let headers = [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (header::CONTENT_DISPOSITION, attachment(file_name)),
+            ];
+            return Ok((headers, body).into_response());
+        }
         _ => "text/plain; charset=utf-8",
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(ReaderStream::new(file)))
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// `Content-Disposition: attachment` naming `file_name` (RFC 6266): an ASCII fallback,
+/// and the exact name percent-encoded as UTF-8.
+fn attachment(file_name: &str) -> String {
+    let fallback: String = file_name
+        .chars()
+        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
+        .collect();
+    let exact: String = file_name
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}")
 }
 
 /// The files a stage attempt declared as outputs, kept under `STAGE.N.outputs/`, each
@@ -194,6 +227,18 @@ fn artifact(name: &str, stage: &str, attempt: Option<u32>, kind: &str) -> Artifa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_file_is_offered_under_its_own_name() {
+        assert_eq!(
+            attachment("junit.xml"),
+            "attachment; filename=\"junit.xml\"; filename*=UTF-8''junit.xml"
+        );
+        assert_eq!(
+            attachment("r\u{e9}sum\u{e9} \"1\".txt"),
+            "attachment; filename=\"r_sum___1_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.txt"
+        );
+    }
 
     #[test]
     fn only_the_log_directorys_own_names_are_artifacts() {

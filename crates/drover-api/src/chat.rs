@@ -31,6 +31,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery};
+use crate::openapi::InProject;
 use crate::wire::time;
 use crate::{AppState, Caller};
 
@@ -85,7 +86,7 @@ pub struct CreateChatSessionBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessageBody {
-    /// What the person says (at most 32 KiB).
+    #[schema(schema_with = crate::wire::rules::chat_content)]
     pub content: String,
 }
 
@@ -164,9 +165,11 @@ pub struct ChatDelta {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SessionsQuery {
     /// How many, most recently active first: 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 
@@ -225,11 +228,12 @@ fn chat_agent(state: &AppState, name: Option<&str>) -> Result<(AgentType, LlmAge
 /// Start a chat session with an `llm` agent.
 #[utoipa::path(
     post, path = "/api/v1/chat/sessions", tag = "chat",
+    params(InProject),
     request_body = CreateChatSessionBody,
     responses(
         (status = 201, body = ChatSessionView),
-        (status = 404, description = "No such environment", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "No such `llm` agent", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`environment_not_found`: no such environment", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`no_chat_agent`: no such `llm` agent, or none named while several are configured", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create(
@@ -257,7 +261,7 @@ pub(crate) async fn create(
 /// The caller's chat sessions in the project, most recently active first.
 #[utoipa::path(
     get, path = "/api/v1/chat/sessions", tag = "chat",
-    params(SessionsQuery),
+    params(SessionsQuery, InProject),
     responses((status = 200, body = ChatSessionList))
 )]
 pub(crate) async fn list(
@@ -279,7 +283,7 @@ pub(crate) async fn list(
 /// A chat session and its last 500 messages, oldest first.
 #[utoipa::path(
     get, path = "/api/v1/chat/sessions/{id}", tag = "chat",
-    params(("id" = String, Path, description = "Chat session id")),
+    params(("id" = String, Path, description = "Chat session id"), InProject),
     responses(
         (status = 200, body = ChatTranscriptView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -303,7 +307,7 @@ pub(crate) async fn show(
 /// Delete a chat session and its messages.
 #[utoipa::path(
     delete, path = "/api/v1/chat/sessions/{id}", tag = "chat",
-    params(("id" = String, Path, description = "Chat session id")),
+    params(("id" = String, Path, description = "Chat session id"), InProject),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -328,13 +332,13 @@ pub(crate) async fn delete(
 /// reply and keeps what had arrived as `cancelled`.
 #[utoipa::path(
     post, path = "/api/v1/chat/sessions/{id}/messages", tag = "chat",
-    params(("id" = String, Path, description = "Chat session id")),
+    params(("id" = String, Path, description = "Chat session id"), InProject),
     request_body = ChatMessageBody,
     responses(
-        (status = 200, description = "The reply, as server-sent events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events: `message` (the stored message, a `ChatMessageView`), `delta` (`{text}`, the reply as it is produced), then `done` (the stored reply) or `error` (a `Problem`)", content_type = "text/event-stream", body = String),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A reply of this session is under way", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Empty or too long; or the agent's API key is not set", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: the message is empty or too long; `no_chat_agent`: the session's agent is gone or its API key is not set", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn send(

@@ -10,6 +10,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, Problem};
 use crate::extract::ApiQuery;
+use crate::openapi::InProject;
 use crate::wire::{AttemptView, DeadLetterPage, DeadLetterView};
 use crate::{AppState, Caller};
 
@@ -22,20 +23,22 @@ fn parse_id(raw: &str) -> Result<AttemptId, ApiError> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DlqQuery {
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
 }
 
 /// Dead letters, newest first.
 #[utoipa::path(
-    get, path = "/api/v1/dlq", tag = "dlq", params(DlqQuery),
+    get, path = "/api/v1/dlq", tag = "dlq", params(DlqQuery, InProject),
     responses(
         (status = 200, body = DeadLetterPage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list(
@@ -75,7 +78,7 @@ pub(crate) async fn list(
 /// Runs the dead letter's stage again: its run reopens and a new attempt is queued.
 #[utoipa::path(
     post, path = "/api/v1/dlq/{id}/redrive", tag = "dlq",
-    params(("id" = String, Path, description = "Dead-lettered attempt id")),
+    params(("id" = String, Path, description = "Dead-lettered attempt id"), InProject),
     responses(
         (status = 200, description = "The new attempt", body = AttemptView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -94,7 +97,7 @@ pub(crate) async fn redrive(
 /// Dismisses the dead letter; its run stays failed.
 #[utoipa::path(
     post, path = "/api/v1/dlq/{id}/discard", tag = "dlq",
-    params(("id" = String, Path, description = "Dead-lettered attempt id")),
+    params(("id" = String, Path, description = "Dead-lettered attempt id"), InProject),
     responses(
         (status = 200, description = "The discarded attempt", body = DeadLetterView),
         (status = 404, body = Problem, content_type = "application/problem+json"),

@@ -20,6 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery};
+use crate::openapi::{Idempotent, InProject};
 use crate::wire::time;
 use crate::{AppState, Caller};
 
@@ -29,8 +30,10 @@ const LOCAL_ACTOR: &str = "local-admin";
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnvironmentBody {
-    /// Unique among live environments; generated when omitted.
+    /// Unique among live environments; generated when omitted. A slug: 1-63 lowercase
+    /// letters, digits, `-` or `_`, starting with a letter or digit; not `deployments`.
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub name: Option<String>,
     /// Make the workspace a git worktree of this repository (a path on the server).
     #[serde(default)]
@@ -176,12 +179,14 @@ async fn detailed(state: &AppState, env: &Environment) -> Result<EnvironmentView
 /// services, started by the reconciler.
 #[utoipa::path(
     post, path = "/api/v1/environments", tag = "environments",
+    params(InProject, Idempotent),
     request_body = CreateEnvironmentBody,
     responses(
         (status = 201, body = EnvironmentView),
-        (status = 409, description = "Name taken", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid name or workspace failure", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Environment quota exceeded", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`environment_name_taken`; `idempotency_key_in_use`: the first request with this key is still being handled", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: an invalid or reserved name; `workspace_failed`: the workspace could not be made; `idempotency_key_reused`: the key came with another body, or is not 1-255 visible ASCII characters", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`environment_quota_exceeded`: the project has as many live environments as allowed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`no_free_ports`: no block of ports is free", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create(
@@ -214,9 +219,14 @@ pub(crate) async fn create(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
     /// Include deleted environments.
     #[serde(default)]
@@ -224,7 +234,7 @@ pub(crate) struct ListQuery {
 }
 
 /// List environments, newest first.
-#[utoipa::path(get, path = "/api/v1/environments", tag = "environments", params(ListQuery), responses((status = 200, body = EnvironmentPage)))]
+#[utoipa::path(get, path = "/api/v1/environments", tag = "environments", params(ListQuery, InProject), responses((status = 200, body = EnvironmentPage)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -262,7 +272,7 @@ pub(crate) async fn list(
 /// Show an environment (by id or name) with its services and variables.
 #[utoipa::path(
     get, path = "/api/v1/environments/{id}", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name")),
+    params(("id" = String, Path, description = "Environment id or name"), InProject),
     responses((status = 200, body = EnvironmentView), (status = 404, body = Problem, content_type = "application/problem+json"))
 )]
 pub(crate) async fn show(
@@ -275,18 +285,20 @@ pub(crate) async fn show(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeleteQuery {
     /// Delete even if the worktree holds work not merged anywhere.
     #[serde(default)]
     force: bool,
+    /// Why, for the audit log.
     reason: Option<String>,
 }
 
 /// Delete an environment: services stopped, workspace removed, ports released.
 #[utoipa::path(
     delete, path = "/api/v1/environments/{id}", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name"), DeleteQuery),
+    params(("id" = String, Path, description = "Environment id or name"), DeleteQuery, InProject),
     responses(
         (status = 202, body = EnvironmentView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -310,7 +322,7 @@ pub(crate) async fn delete(
 /// Start an environment (idempotent).
 #[utoipa::path(
     post, path = "/api/v1/environments/{id}/start", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name")),
+    params(("id" = String, Path, description = "Environment id or name"), InProject),
     responses((status = 202, body = EnvironmentView), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"))
 )]
 pub(crate) async fn start(
@@ -326,7 +338,7 @@ pub(crate) async fn start(
 /// Stop an environment (idempotent): its services stop, its workspace and ports stay.
 #[utoipa::path(
     post, path = "/api/v1/environments/{id}/stop", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name")),
+    params(("id" = String, Path, description = "Environment id or name"), InProject),
     responses((status = 202, body = EnvironmentView), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"))
 )]
 pub(crate) async fn stop(
@@ -342,7 +354,7 @@ pub(crate) async fn stop(
 /// The services of an environment.
 #[utoipa::path(
     get, path = "/api/v1/environments/{id}/services", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name")),
+    params(("id" = String, Path, description = "Environment id or name"), InProject),
     responses((status = 200, body = ServiceList), (status = 404, body = Problem, content_type = "application/problem+json"))
 )]
 pub(crate) async fn services(
@@ -358,7 +370,7 @@ pub(crate) async fn services(
 /// Restart one service now.
 #[utoipa::path(
     post, path = "/api/v1/environments/{id}/services/{name}/restart", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name"), ("name" = String, Path, description = "Service")),
+    params(("id" = String, Path, description = "Environment id or name"), ("name" = String, Path, description = "Service"), InProject),
     responses((status = 202), (status = 404, body = Problem, content_type = "application/problem+json"))
 )]
 pub(crate) async fn restart_service(
@@ -372,6 +384,7 @@ pub(crate) async fn restart_service(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogsQuery {
     /// Follow new lines as server-sent events instead of returning the file.
@@ -434,8 +447,12 @@ fn follow_service_log(
 /// then new lines live).
 #[utoipa::path(
     get, path = "/api/v1/environments/{id}/services/{name}/logs", tag = "environments",
-    params(("id" = String, Path, description = "Environment id or name"), ("name" = String, Path, description = "Service"), LogsQuery),
-    responses((status = 200, description = "text/plain, or text/event-stream when following", body = String), (status = 404, body = Problem, content_type = "application/problem+json"))
+    params(("id" = String, Path, description = "Environment id or name"), ("name" = String, Path, description = "Service"), LogsQuery, InProject),
+    responses(
+        (status = 200, description = "The log file as text; with `follow`, server-sent events, a `line` event per line: what the file holds, then each line as it is written, until the client leaves",
+         content((String = "text/plain"), (String = "text/event-stream"))),
+        (status = 404, description = "`environment_not_found`, `service_not_found`", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub(crate) async fn service_logs(
     State(state): State<AppState>,
@@ -456,7 +473,7 @@ pub(crate) async fn service_logs(
 }
 
 /// The shared service instances.
-#[utoipa::path(get, path = "/api/v1/services/shared", tag = "environments", responses((status = 200, body = ServiceList)))]
+#[utoipa::path(get, path = "/api/v1/services/shared", tag = "environments", params(InProject), responses((status = 200, body = ServiceList)))]
 pub(crate) async fn shared(
     State(state): State<AppState>,
     _caller: Caller,
@@ -467,7 +484,7 @@ pub(crate) async fn shared(
 
 /// Every service instance of the project's environments and the shared ones, with their
 /// memory and what sharing saves.
-#[utoipa::path(get, path = "/api/v1/services", tag = "environments", responses((status = 200, body = ServicesOverview)))]
+#[utoipa::path(get, path = "/api/v1/services", tag = "environments", params(InProject), responses((status = 200, body = ServicesOverview)))]
 pub(crate) async fn overview(
     State(state): State<AppState>,
     caller: Caller,

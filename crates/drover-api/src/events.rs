@@ -21,6 +21,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiQuery;
+use crate::openapi::InProject;
 use crate::wire::EventView;
 use crate::{AppState, Caller};
 
@@ -30,13 +31,16 @@ const REPLAY_PAGE: u32 = 500;
 const BUFFER: usize = 256;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsQuery {
     /// Only this run's events.
+    #[param(format = Uuid)]
     run: Option<String>,
     /// Only this environment's events.
+    #[param(format = Uuid)]
     environment: Option<String>,
-    /// Comma-separated kinds (`run.succeeded`) or families (`stage`, `service`, ...).
+    #[param(schema_with = crate::wire::rules::event_kind_list)]
     kinds: Option<String>,
     /// Replay events after this sequence number (the `Last-Event-ID` header wins).
     after: Option<i64>,
@@ -104,10 +108,11 @@ pub(crate) fn resume_point(
 /// Follow the project's events (SSE), filtered; replays from `Last-Event-ID`, then follows.
 #[utoipa::path(
     get, path = "/api/v1/events", tag = "events",
-    params(EventsQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
+    params(EventsQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event (wins over `after`)"), InProject),
     responses(
-        (status = 200, description = "`text/event-stream` of EventView; each event's `id` is its sequence number", content_type = "text/event-stream", body = EventView),
-        (status = 422, description = "Unknown kind or malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Server-sent events, one per event of the log (`event`: its kind, `id`: its sequence number, `data`: the `EventView` as JSON), replayed then live, until the client leaves", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_query`: `Last-Event-ID` is not a sequence number", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: an unknown kind, too many kinds, or a malformed run or environment id", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn stream(

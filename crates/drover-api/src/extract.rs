@@ -1,6 +1,8 @@
 //! Extractors whose rejections are problem+json with precise codes: a body that is not
 //! JSON, is empty, names an unknown field or has the wrong shape each get their own code,
-//! as does a bad query string.
+//! as does a bad query string. A body is read as the OpenAPI document describes it: a JSON
+//! object (never an array standing for a struct's fields), whose integers may be written
+//! `3` or `3.0` (one JSON Schema integer).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -22,44 +24,86 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(';').next())
-            .is_some_and(|mime| {
-                let mime = mime.trim();
-                mime.eq_ignore_ascii_case("application/json")
-                    || (mime.starts_with("application/") && mime.ends_with("+json"))
-            });
-        if !is_json {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                "the body must be JSON, sent with `Content-Type: application/json`",
-            ));
+        let value = json_body(request, state).await?;
+        from_body(value).map(ApiJson)
+    }
+}
+
+/// A JSON body as a value: JSON, sent as JSON, not empty.
+async fn json_body<S: Send + Sync>(
+    request: Request,
+    state: &S,
+) -> Result<serde_json::Value, ApiError> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim();
+            mime.eq_ignore_ascii_case("application/json")
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if !is_json {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "the body must be JSON, sent with `Content-Type: application/json`",
+        ));
+    }
+    let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(ErrorCode::PayloadTooLarge, rejection.body_text())
+        } else {
+            ApiError::new(ErrorCode::MalformedJson, rejection.body_text())
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(ErrorCode::PayloadTooLarge, rejection.body_text())
-            } else {
-                ApiError::new(ErrorCode::MalformedJson, rejection.body_text())
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            ErrorCode::EmptyBody,
+            "the request body is empty; send a JSON object",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|err| {
+        ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {err}"))
+    })
+}
+
+/// Reads a body's value as `T`: an object, with integral numbers as integers.
+fn from_body<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::new(ErrorCode::InvalidBody, "the body must be a JSON object")
+            .with_errors(vec![FieldError {
+                field: "body".to_owned(),
+                message: "must be a JSON object".to_owned(),
+            }]));
+    }
+    integers_as_integers(&mut value);
+    T::deserialize(value).map_err(|err| shape_error(&err.to_string()))
+}
+
+/// `3.0` as `3`: JSON Schema counts both as the integer 3, serde only the first.
+fn integers_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) => {
+            let integral = number.as_f64().filter(|f| f.fract() == 0.0 && number.is_f64());
+            if let Some(float) = integral {
+                // Exactly representable: within ±2^53, the float is that integer.
+                if float.abs() <= 9_007_199_254_740_992.0 {
+                    #[allow(clippy::cast_possible_truncation)]
+                    let integer = float as i64;
+                    *number = integer.into();
+                }
             }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::new(
-                ErrorCode::EmptyBody,
-                "the request body is empty; send a JSON object",
-            ));
         }
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
-            ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {err}"))
-        })?;
-        T::deserialize(value).map(ApiJson).map_err(|err| shape_error(&err.to_string()))
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integers_as_integers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(integers_as_integers),
+        _ => {}
     }
 }
 
 /// An optional JSON body: absent when the request has neither a body nor a content type
-/// (a bare `POST`); otherwise exactly as strict as [`ApiJson`].
+/// (a bare `POST`), or when the body is `null`; otherwise exactly as strict as
+/// [`ApiJson`].
 impl<T, S> axum::extract::OptionalFromRequest<S> for ApiJson<T>
 where
     T: DeserializeOwned,
@@ -79,7 +123,10 @@ where
         {
             return Ok(None);
         }
-        <Self as FromRequest<S>>::from_request(request, state).await.map(Some)
+        match json_body(request, state).await? {
+            serde_json::Value::Null => Ok(None),
+            value => from_body(value).map(|body| Some(ApiJson(body))),
+        }
     }
 }
 
@@ -120,6 +167,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Body {
+        #[allow(dead_code)]
+        count: Option<u32>,
+    }
+
+    #[test]
+    fn a_body_is_an_object_whose_integers_may_be_written_as_floats() {
+        use serde_json::json;
+        let body: Body = from_body(json!({ "count": 3.0 })).unwrap();
+        assert_eq!(body.count, Some(3));
+        assert!(from_body::<Body>(json!({ "count": 3.5 })).is_err());
+        for not_an_object in [json!([null]), json!([]), json!("x"), json!(1)] {
+            let refused = from_body::<Body>(not_an_object.clone()).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::InvalidBody, "{not_an_object}");
+        }
+    }
 
     #[test]
     fn unknown_and_missing_fields_are_told_apart() {

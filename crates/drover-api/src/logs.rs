@@ -14,6 +14,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, Problem};
 use crate::extract::ApiQuery;
+use crate::openapi::InProject;
 use crate::runs::find_run;
 use crate::{AppState, Caller};
 
@@ -25,11 +26,13 @@ pub(crate) use follow::FileTail;
 const APP: &str = "app";
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogsQuery {
     /// Only this stage (or `app` for the deployed app's output).
     stage: Option<String>,
     /// Only this attempt number.
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4294967295_u64)]
     attempt: Option<u32>,
     /// Follow as server-sent events: every attempt's lines as they are written
     /// (`attempt` events open each attempt's section, `line` events carry its output),
@@ -41,9 +44,10 @@ pub(crate) struct LogsQuery {
 /// A run's logs as plain text, one section per stage attempt.
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}/logs", tag = "runs",
-    params(("id" = String, Path, description = "Run id"), LogsQuery),
+    params(("id" = String, Path, description = "Run id"), LogsQuery, InProject),
     responses(
-        (status = 200, description = "Plain text, sections headed `==> stage attempt N (status) <==`", content_type = "text/plain", body = String),
+        (status = 200, description = "Plain text, sections headed `==> stage attempt N (status) <==`; with `follow`, server-sent events: `attempt` (`{stage, attempt}`) opens each attempt's lines, `line` carries one, `end` (the run id) closes the stream once the run has finished",
+         content((String = "text/plain"), (String = "text/event-stream"))),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
     )
 )]

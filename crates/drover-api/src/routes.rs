@@ -10,6 +10,7 @@ use drover_env::manager::RouteKind;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::openapi::InProject;
 use crate::{AppState, Caller};
 
 /// Where the routing proxy listens, if it runs.
@@ -55,7 +56,7 @@ pub struct RouteList {
 }
 
 /// The proxy's route table.
-#[utoipa::path(get, path = "/api/v1/routes", tag = "routes", responses((status = 200, body = RouteList)))]
+#[utoipa::path(get, path = "/api/v1/routes", tag = "routes", params(InProject), responses((status = 200, body = RouteList)))]
 pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Json<RouteList> {
     let proxy = state.inner.proxy;
     let routes = state.envs().routes().borrow().clone();

@@ -20,6 +20,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery};
+use crate::openapi::{Idempotent, InProject};
 use crate::wire::{AttemptView, CreateRun, DeploymentView, EventView, RunPage, RunView};
 use crate::{AppState, Caller};
 
@@ -76,14 +77,16 @@ fn deployment_of(
 /// Submit a run.
 #[utoipa::path(
     post, path = "/api/v1/runs", tag = "runs",
+    params(InProject, Idempotent),
     request_body = CreateRun,
     responses(
         (status = 201, description = "The run was created and is durable", body = RunView,
-         headers(("Location" = String, description = "URL of the new run"))),
-        (status = 400, description = "Malformed or empty body", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown field, invalid request or unknown pipeline", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The server is shutting down, or no port block is free for the run's environment (`no_free_ports`)", body = Problem, content_type = "application/problem+json"),
+         headers(("Location" = String, description = "URL of the new run (not on a replayed answer)"),
+                 ("Idempotent-Replayed" = String, description = "`true` on the first answer to an `Idempotency-Key` given again"))),
+        (status = 404, description = "`environment_not_found`: no such environment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_transition`: the environment is being deleted; `idempotency_key_in_use`: the first request with this key is still being handled", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: invalid request or budget; `unknown_pipeline`; `idempotency_key_reused`: the key came with another body, or is not 1-255 visible ASCII characters", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`shutting_down`: the server is draining and takes no new runs; `no_free_ports`: no port block is free for the run's environment (with `Retry-After`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create_run(
@@ -170,23 +173,27 @@ pub(crate) async fn create_run(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListRunsQuery {
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
     /// Only runs with this status.
+    #[param(schema_with = crate::wire::rules::run_status)]
     status: Option<String>,
 }
 
 /// List runs, newest first.
 #[utoipa::path(
     get, path = "/api/v1/runs", tag = "runs",
-    params(ListRunsQuery),
+    params(ListRunsQuery, InProject),
     responses(
         (status = 200, body = RunPage),
-        (status = 400, description = "Invalid limit, cursor or status", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_query`: a limit out of range, a cursor that is not one, an unknown status", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_runs(
@@ -247,7 +254,7 @@ pub(crate) async fn list_runs(
 /// Show a run with all its stage attempts.
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}", tag = "runs",
-    params(("id" = String, Path, description = "Run id")),
+    params(("id" = String, Path, description = "Run id"), InProject),
     responses(
         (status = 200, body = RunView),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
@@ -305,7 +312,7 @@ pub(crate) async fn get_run(
 /// Cancel a run that has not finished; its running agent is stopped.
 #[utoipa::path(
     post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
-    params(("id" = String, Path, description = "Run id")),
+    params(("id" = String, Path, description = "Run id"), InProject),
     responses(
         (status = 200, body = RunView),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
@@ -323,6 +330,7 @@ pub(crate) async fn cancel_run(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsQuery {
     /// Replay events after this sequence number (the `Last-Event-ID` header wins).
@@ -334,9 +342,11 @@ pub(crate) struct EventsQuery {
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}/events", tag = "runs",
     params(("id" = String, Path, description = "Run id"), EventsQuery,
-           ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
+           ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event (wins over `after`)"),
+           InProject),
     responses(
-        (status = 200, description = "`text/event-stream` of EventView", content_type = "text/event-stream", body = EventView),
+        (status = 200, description = "Server-sent events, one per event of the run (`event`: its kind, `id`: its sequence number, `data`: the `EventView` as JSON), until the run's last", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_query`: `Last-Event-ID` is not a sequence number", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiJson;
+use crate::openapi::InProject;
 use crate::wire::time;
 use crate::{AppState, Caller};
 
@@ -23,7 +24,7 @@ use crate::{AppState, Caller};
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecretBody {
-    /// The value (8 characters to 64 KiB): what agents see in the variable `{name}`.
+    #[schema(schema_with = crate::wire::rules::secret_value)]
     pub value: String,
 }
 
@@ -95,12 +96,13 @@ fn value_of(body: serde_json::Value) -> Result<String, ApiError> {
 /// logs, outputs and artifacts.
 #[utoipa::path(
     put, path = "/api/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "An environment variable name: `[A-Z_][A-Z0-9_]*`, at most 128 characters")),
+    params(("name" = String, Path, description = "An environment variable name: `[A-Z_][A-Z0-9_]*`, at most 128 characters, not `PATH`, `HOME`, `PWD`, `SHELL`, `USER` nor starting with `DROVER_`", pattern = "^[A-Z_][A-Z0-9_]{0,127}$"), InProject),
     request_body = SetSecretBody,
     responses(
         (status = 201, description = "Created", body = SecretView),
         (status = 200, description = "Replaced", body = SecretView),
-        (status = 422, description = "Invalid name or value (the value is never quoted)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: an invalid or reserved name, or an invalid value (never quoted)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`service_unavailable`: the server keeps no secrets (no master key)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn put(
@@ -119,7 +121,11 @@ pub(crate) async fn put(
 /// The caller's project's secrets, by name; never their values.
 #[utoipa::path(
     get, path = "/api/v1/secrets", tag = "secrets",
-    responses((status = 200, body = SecretList))
+    params(InProject),
+    responses(
+        (status = 200, body = SecretList),
+        (status = 503, description = "`service_unavailable`: the server keeps no secrets (no master key)", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -132,10 +138,12 @@ pub(crate) async fn list(
 /// Delete a secret of the caller's project. Runs dispatched from now on no longer get it.
 #[utoipa::path(
     delete, path = "/api/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "The secret's name")),
+    params(("name" = String, Path, description = "The secret's name", pattern = "^[A-Z_][A-Z0-9_]{0,127}$"), InProject),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "No such secret", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`secret_not_found`: no such secret", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: not a secret's name", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`service_unavailable`: the server keeps no secrets (no master key)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn delete(

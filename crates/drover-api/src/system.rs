@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use drover_domain::ErrorCode;
 
 use crate::error::{ApiError, Problem};
+use crate::openapi::InProject;
 use crate::wire::{AgentList, AgentView, HealthView, PipelineList, PipelineView, StageView};
 use crate::{AppState, Caller};
 
@@ -55,6 +56,13 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<HealthV
 }
 
 /// Prometheus metrics in the text exposition format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "system", security(()),
+    responses(
+        (status = 200, description = "The text exposition format", content_type = "text/plain", body = String),
+        (status = 404, description = "`route_not_found`: metrics are not enabled", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     match &state.inner.metrics {
         Some(handle) => {
@@ -66,7 +74,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// The pipelines this server runs.
-#[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines", responses((status = 200, body = PipelineList)))]
+#[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines", params(InProject), responses((status = 200, body = PipelineList)))]
 pub(crate) async fn pipelines(
     State(state): State<AppState>,
     _caller: Caller,
@@ -103,7 +111,7 @@ pub(crate) async fn pipelines(
 }
 
 /// The agents stages can name: built-in ones and those of `[agents]`.
-#[utoipa::path(get, path = "/api/v1/agents", tag = "pipelines", responses((status = 200, body = AgentList)))]
+#[utoipa::path(get, path = "/api/v1/agents", tag = "pipelines", params(InProject), responses((status = 200, body = AgentList)))]
 pub(crate) async fn agents(State(state): State<AppState>, _caller: Caller) -> Json<AgentList> {
     use drover_domain::AgentRunner;
     let agents = state.engine().agents();
@@ -133,6 +141,10 @@ pub(crate) async fn agents(State(state): State<AppState>, _caller: Caller) -> Js
 }
 
 /// This API's OpenAPI document.
+#[utoipa::path(
+    get, path = "/api/v1/openapi.json", tag = "system", security(()),
+    responses((status = 200, description = "This document", body = Object))
+)]
 pub(crate) async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], crate::openapi_document()).into_response()
 }

@@ -9,6 +9,7 @@ use utoipa::IntoParams;
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiQuery;
+use crate::openapi::InProject;
 use crate::wire::{UsageReportView, UsageRow, UsageView};
 use crate::{AppState, Caller};
 
@@ -18,15 +19,17 @@ const DEFAULT_WINDOW_HOURS: u64 = 24 * 30;
 const MAX_WINDOW_HOURS: u64 = 24 * 366;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UsageQuery {
     /// Runs created in the last this many hours (default 720, at most 8784).
+    #[param(minimum = 1, maximum = 8784)]
     hours: Option<u64>,
 }
 
 /// Reported usage of the project's recent runs.
 #[utoipa::path(
-    get, path = "/api/v1/usage", tag = "runs", params(UsageQuery),
+    get, path = "/api/v1/usage", tag = "runs", params(UsageQuery, InProject),
     responses(
         (status = 200, body = UsageReportView),
         (status = 422, description = "Invalid window", body = Problem, content_type = "application/problem+json"),

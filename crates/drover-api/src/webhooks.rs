@@ -23,6 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::{ApiJson, ApiQuery};
+use crate::openapi::InProject;
 use crate::wire::{EventView, time};
 use crate::{AppState, Caller};
 
@@ -33,14 +34,14 @@ const MAX_PAGE: u32 = 200;
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookBody {
-    /// Where deliveries are `POST`ed: an absolute `http://` or `https://` URL.
     #[serde(default)]
+    #[schema(schema_with = crate::wire::rules::webhook_url, required = true)]
     pub url: Option<String>,
-    /// Kinds (`run.succeeded`) or families (`stage`) to receive; none or empty: all.
     #[serde(default)]
+    #[schema(schema_with = crate::wire::rules::event_kinds)]
     pub kinds: Option<Vec<String>>,
-    /// What it is for (at most 256 characters).
     #[serde(default)]
+    #[schema(schema_with = crate::wire::rules::webhook_description)]
     pub description: Option<String>,
 }
 
@@ -165,11 +166,14 @@ pub struct WebhookPayload {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeliveriesQuery {
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     cursor: Option<String>,
 }
 
@@ -262,6 +266,7 @@ fn validate(
 /// Create a webhook endpoint. The answer holds its signing secret, shown this once.
 #[utoipa::path(
     post, path = "/api/v1/webhooks", tag = "webhooks",
+    params(InProject),
     request_body = CreateWebhookBody,
     responses(
         (status = 201, description = "Created; `secret` is never shown again", body = CreatedWebhookView),
@@ -296,6 +301,7 @@ pub(crate) async fn create(
 /// The caller's project's webhook endpoints, oldest first.
 #[utoipa::path(
     get, path = "/api/v1/webhooks", tag = "webhooks",
+    params(InProject),
     responses((status = 200, body = WebhookList))
 )]
 pub(crate) async fn list(
@@ -309,7 +315,7 @@ pub(crate) async fn list(
 /// One webhook endpoint.
 #[utoipa::path(
     get, path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id"), InProject),
     responses(
         (status = 200, body = WebhookView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -326,7 +332,7 @@ pub(crate) async fn show(
 /// Delete a webhook endpoint and its delivery log; nothing more is sent to it.
 #[utoipa::path(
     delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id"), InProject),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -350,7 +356,7 @@ pub(crate) async fn delete(
 /// those wanted.
 #[utoipa::path(
     post, path = "/api/v1/webhooks/{id}/enable", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id"), InProject),
     responses(
         (status = 200, body = WebhookView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -372,7 +378,7 @@ pub(crate) async fn enable(
 /// with `GET …/deliveries/{delivery}`.
 #[utoipa::path(
     post, path = "/api/v1/webhooks/{id}/test", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id")),
+    params(("id" = String, Path, description = "Webhook id"), InProject),
     responses(
         (status = 202, description = "Queued", body = WebhookDeliveryView),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -400,10 +406,9 @@ pub(crate) async fn test(
 /// The endpoint's deliveries, newest first.
 #[utoipa::path(
     get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
-    params(("id" = String, Path, description = "Webhook id"), DeliveriesQuery),
+    params(("id" = String, Path, description = "Webhook id"), DeliveriesQuery, InProject),
     responses(
         (status = 200, body = WebhookDeliveryPage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -449,6 +454,7 @@ pub(crate) async fn deliveries(
     params(
         ("id" = String, Path, description = "Webhook id"),
         ("delivery" = String, Path, description = "Delivery id"),
+        InProject,
     ),
     responses(
         (status = 200, body = WebhookDeliveryView),
@@ -477,6 +483,7 @@ pub(crate) async fn delivery(
     params(
         ("id" = String, Path, description = "Webhook id"),
         ("delivery" = String, Path, description = "Delivery id"),
+        InProject,
     ),
     responses(
         (status = 202, description = "Queued", body = WebhookDeliveryView),

@@ -4,17 +4,305 @@
 use std::collections::BTreeMap;
 
 use drover_domain::{Event, Run, StageAttempt, Timestamp};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
+
+/// Schemas of the text rules the server enforces, for `#[schema(schema_with = …)]`. The
+/// server trims (`str::trim`) before it checks lengths and characters; these patterns say
+/// the same of the untrimmed value, so whatever a schema forbids the server refuses.
+pub(crate) mod rules {
+    use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, SchemaType, Type};
+
+    /// A slug (`drover_domain::ProjectId::parse` and the other names).
+    const SLUG: &str = "^[a-z0-9][a-z0-9_-]{0,62}$";
+
+    /// What `str::trim` removes: `char::is_whitespace` (Unicode `White_Space`).
+    const SPACE: &str = r"\t-\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000";
+    /// `char::is_control` (Unicode `Cc`).
+    const CONTROL: &str = r"\x00-\x1F\x7F-\x9F";
+    /// Control characters but a line feed.
+    const CONTROL_BUT_LF: &str = r"\x00-\x09\x0B-\x1F\x7F-\x9F";
+    /// Control characters but a tab and a line feed.
+    const CONTROL_BUT_TAB_LF: &str = r"\x00-\x08\x0B-\x1F\x7F-\x9F";
+
+    /// Whether `null` stands for the field left out (an `Option` the server defaults).
+    #[derive(Clone, Copy, PartialEq)]
+    enum Null {
+        Allowed,
+        Refused,
+    }
+
+    /// Text that, trimmed, is 1 to `max` characters (0 too when `blank_ok`), none of them
+    /// in `forbidden`.
+    fn trimmed(
+        description: &str,
+        max: usize,
+        forbidden: &str,
+        blank_ok: bool,
+        null: Null,
+    ) -> Object {
+        let inner = max.saturating_sub(2);
+        let text =
+            format!("[^{SPACE}{forbidden}](?:[^{forbidden}]{{0,{inner}}}[^{SPACE}{forbidden}])?");
+        let text = if blank_ok { format!("(?:{text})?") } else { text };
+        string(description, format!("^[{SPACE}]*{text}[{SPACE}]*$"), null)
+    }
+
+    fn string(description: &str, pattern: String, null: Null) -> Object {
+        let types = match null {
+            Null::Allowed => SchemaType::from_iter([Type::String, Type::Null]),
+            Null::Refused => SchemaType::Type(Type::String),
+        };
+        ObjectBuilder::new()
+            .schema_type(types)
+            .description(Some(description))
+            .pattern(Some(pattern))
+            .build()
+    }
+
+    pub(crate) fn run_request() -> Object {
+        trimmed(
+            "What to build, in the user's words, e.g. \"Hello World API\": 1 to 4000 characters \
+             once trimmed, no control characters but tabs and line feeds",
+            drover_domain::RunRequest::MAX_CHARS,
+            CONTROL_BUT_TAB_LF,
+            false,
+            Null::Refused,
+        )
+    }
+
+    pub(crate) fn approval_reason() -> Object {
+        trimmed(
+            "Why (at most 2000 characters once trimmed, no control characters but line \
+             feeds; blank is none)",
+            crate::approvals::MAX_REASON_CHARS,
+            CONTROL_BUT_LF,
+            true,
+            Null::Allowed,
+        )
+    }
+
+    pub(crate) fn rejection_reason() -> Object {
+        trimmed(
+            "Why the stage is rejected: 1 to 2000 characters once trimmed, no control \
+             characters but line feeds",
+            crate::approvals::MAX_REASON_CHARS,
+            CONTROL_BUT_LF,
+            false,
+            Null::Refused,
+        )
+    }
+
+    pub(crate) fn token_name() -> Object {
+        trimmed(
+            "What it is for (shown in listings): 1 to 100 characters once trimmed, no control \
+             characters",
+            100,
+            CONTROL,
+            false,
+            Null::Refused,
+        )
+    }
+
+    pub(crate) fn project_name() -> Object {
+        trimmed(
+            "Its display name (default: its id): 1 to 200 characters once trimmed, no control \
+             characters",
+            200,
+            CONTROL,
+            false,
+            Null::Allowed,
+        )
+    }
+
+    pub(crate) fn webhook_description() -> Object {
+        trimmed(
+            "What it is for: at most 256 characters once trimmed, no control characters \
+             (blank is none)",
+            drover_domain::MAX_WEBHOOK_DESCRIPTION_LEN,
+            CONTROL,
+            true,
+            Null::Allowed,
+        )
+    }
+
+    pub(crate) fn worker_name() -> Object {
+        string(
+            "The worker's name: 1 to 100 visible ASCII characters once trimmed",
+            format!("^[{SPACE}]*[!-~]{{1,100}}[{SPACE}]*$"),
+            Null::Refused,
+        )
+    }
+
+    pub(crate) fn webhook_url() -> Object {
+        string(
+            "Where deliveries are `POST`ed: an absolute `http://` or `https://` URL with a host, \
+             no spaces or control characters, at most 2048 bytes once trimmed",
+            format!("^[{SPACE}]*[hH][tT][tT][pP][sS]?://[^{SPACE}{CONTROL}]+[{SPACE}]*$"),
+            Null::Refused,
+        )
+    }
+
+    pub(crate) fn chat_content() -> Object {
+        string(
+            "What the person says: 1 byte to 32 KiB of text once trimmed",
+            format!("[^{SPACE}]"),
+            Null::Refused,
+        )
+    }
+
+    /// Agent type names (slugs).
+    pub(crate) fn agent_types() -> Array {
+        let slug = ObjectBuilder::new().schema_type(Type::String).pattern(Some(SLUG));
+        ArrayBuilder::new().items(slug).build()
+    }
+
+    /// The agent types a lease waits for: at least one.
+    pub(crate) fn leased_agent_types() -> Array {
+        let mut types = agent_types();
+        types.min_items = Some(1);
+        types
+    }
+
+    /// One entry of an event filter (`drover_domain::EventFilter::parse_kinds`): a kind
+    /// (`run.succeeded`), a family (`stage`, `stage.`, `stage.*`), or blank; trimmed.
+    fn event_kind() -> String {
+        let names = drover_domain::EventKind::all_names();
+        let mut families: Vec<&str> = names.iter().filter_map(|n| n.split('.').next()).collect();
+        families.sort_unstable();
+        families.dedup();
+        let escaped = |name: &str| name.replace('.', r"\.");
+        let kinds: Vec<String> = names.iter().map(|n| escaped(n)).collect();
+        let families: Vec<String> = families.iter().map(|f| escaped(f)).collect();
+        format!(
+            r"[{SPACE}]*(?:{}|(?:{})\.*(?:\.\*)*)?[{SPACE}]*",
+            kinds.join("|"),
+            families.join("|")
+        )
+    }
+
+    /// Comma-separated event kinds and families (`?kinds=` of the event stream).
+    pub(crate) fn event_kind_list() -> Object {
+        let entry = event_kind();
+        string(
+            "Comma-separated kinds (`run.succeeded`) or families (`stage`, `service`, ...), at \
+             most 32 different ones",
+            format!("^{entry}(?:,{entry})*$"),
+            Null::Refused,
+        )
+    }
+
+    /// Event kinds and families a webhook endpoint receives.
+    pub(crate) fn event_kinds() -> Array {
+        let entry = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(format!("^{}$", event_kind())));
+        let mut kinds = ArrayBuilder::new()
+            .items(entry)
+            .description(Some(
+                "Kinds (`run.succeeded`) or families (`stage`) to receive, at most 32 different \
+                 ones; none or empty: all",
+            ))
+            .build();
+        kinds.schema_type = SchemaType::from_iter([Type::Array, Type::Null]);
+        kinds
+    }
+
+    /// A run status, as `drover_domain::RunStatus` names them.
+    pub(crate) fn run_status() -> Object {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(drover_domain::RunStatus::ALL.map(|status| status.as_str())))
+            .build()
+    }
+
+    pub(crate) fn secret_value() -> Object {
+        let mut value = string(
+            "The value: what agents see in the variable `{name}`. 8 characters to 64 KiB \
+             (65536 bytes of UTF-8), at least 8 of them once trimmed, no NUL character",
+            format!("^[{SPACE}]*[^{SPACE}\\x00][^\\x00]{{6,}}[^{SPACE}\\x00][{SPACE}]*$"),
+            Null::Refused,
+        );
+        value.min_length = Some(drover_domain::MIN_SECRET_VALUE_CHARS);
+        value.max_length = Some(drover_domain::MAX_SECRET_VALUE_BYTES);
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rules;
+
+    fn matches(schema: &utoipa::openapi::schema::Object, text: &str) -> bool {
+        let pattern = schema.pattern.as_deref().expect("a pattern");
+        let chars = text.chars().count();
+        regex::Regex::new(pattern).unwrap().is_match(text)
+            && schema.min_length.is_none_or(|min| chars >= min)
+            && schema.max_length.is_none_or(|max| chars <= max)
+    }
+
+    /// Edges of trimming and control characters, where a pattern could say otherwise.
+    fn samples() -> Vec<String> {
+        let mut samples: Vec<String> = [
+            "",
+            " ",
+            "x",
+            " x ",
+            "\tx\n",
+            "a\nb",
+            "a\tb",
+            "a\rb",
+            "x\r",
+            "\u{85}x",
+            "x\u{85}",
+            "\u{a0}",
+            "a\u{7f}b",
+            "a\u{0}b",
+            "\u{2028}",
+            "héllo wörld",
+            "\u{feff}",
+            "12345678",
+            " 1234567 ",
+            "1234567",
+            "\u{3000}abcdefgh\u{3000}",
+            "abc\u{0}defgh",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for length in [3999, 4000, 4001] {
+            samples.push("x".repeat(length));
+            samples.push(format!("  {}  ", "y".repeat(length)));
+        }
+        samples
+    }
+
+    #[test]
+    fn the_text_rules_say_what_the_domain_checks() {
+        for text in samples() {
+            let request = drover_domain::RunRequest::parse(text.clone()).is_ok();
+            assert_eq!(matches(&rules::run_request(), &text), request, "request {text:?}");
+            let secret = drover_domain::validate_secret_value(&text).is_ok();
+            assert_eq!(matches(&rules::secret_value(), &text), secret, "secret {text:?}");
+        }
+    }
+}
+
+/// Deserializes a field that may be left out but, when present, is not `null`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    field: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(field).map(Some)
+}
 
 /// `POST /api/v1/runs`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
-    /// What to build, in the user's words, e.g. "Hello World API".
+    #[schema(schema_with = rules::run_request)]
     pub request: String,
     /// The pipeline to run; `sdlc` when omitted.
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub pipeline: Option<String>,
     /// Run in this environment (id or name): its workspace, its services. Without it the
     /// run gets a workspace of its own.
@@ -25,13 +313,18 @@ pub struct CreateRun {
     pub budget: Option<BudgetBody>,
 }
 
-/// A run's budget: `tokens`, `cost_usd`, or both.
+/// A run's budget: `tokens`, `cost_usd`, or both (neither may be `null`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct BudgetBody {
-    #[serde(default)]
+    /// Tokens its stages may use together.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 9223372036854775807_i64)]
     pub tokens: Option<u64>,
-    #[serde(default)]
+    /// US dollars its stages may spend together.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, exclusive_minimum = 0)]
     pub cost_usd: Option<f64>,
 }
 
@@ -357,8 +650,12 @@ pub struct WorkerBootstrap {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
+    /// Agent types of this server (see `GET /api/v1/agents`) the worker runs.
+    #[schema(schema_with = rules::leased_agent_types)]
     pub agents: Vec<String>,
+    /// How long to wait for a task (default 20000; more than 30000 waits 30000).
     #[serde(default)]
+    #[schema(maximum = 9223372036854775807_i64)]
     pub wait_ms: Option<u64>,
 }
 
@@ -369,10 +666,19 @@ pub struct WorkerMessageAck {
     pub cancel: bool,
 }
 
-/// Why the stage is approved or rejected (required to reject).
+/// Why the stage is approved.
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalBody {
+    #[schema(schema_with = rules::approval_reason)]
+    pub reason: Option<String>,
+}
+
+/// Why the stage is rejected.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectionBody {
+    #[schema(schema_with = rules::rejection_reason, required = true)]
     pub reason: Option<String>,
 }
 
@@ -448,15 +754,19 @@ pub struct MeView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenBody {
-    /// What it is for (shown in listings).
+    #[schema(schema_with = rules::token_name)]
     pub name: String,
     /// `read` or `write` (default).
+    #[schema(value_type = Option<ScopeName>)]
     pub scope: Option<String>,
     /// Bind it to one project.
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub project: Option<String>,
     /// Days until it expires (1-365, default 90).
+    #[schema(minimum = 1, maximum = 365)]
     pub expires_in_days: Option<u32>,
     /// Whose token (administrators only; default: the caller).
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$")]
     pub user: Option<String>,
 }
 
@@ -494,11 +804,16 @@ pub struct UserView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
+    /// 1-64 lowercase letters, digits, `-` or `_`, starting with a letter or digit; not
+    /// `local` (the implicit user of local mode).
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$")]
     pub name: String,
-    /// `viewer|member|admin` (default `member`).
+    /// Default `member`.
+    #[schema(value_type = Option<RoleName>)]
     pub role: Option<String>,
     /// For `POST /auth/login` (at least 12 characters); without one the user works with
     /// API tokens only.
+    #[schema(min_length = 12)]
     pub password: Option<String>,
 }
 
@@ -506,6 +821,7 @@ pub struct CreateUserBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRoleBody {
+    #[schema(value_type = RoleName)]
     pub role: String,
 }
 
@@ -522,7 +838,11 @@ pub struct ProjectView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProjectBody {
+    /// A slug: 1-63 lowercase letters, digits, `-` or `_`, starting with a letter or
+    /// digit; not `global`.
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub id: String,
+    #[schema(schema_with = rules::project_name)]
     pub name: Option<String>,
 }
 
@@ -530,20 +850,43 @@ pub struct CreateProjectBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemberBody {
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$")]
     pub user: String,
+    #[schema(value_type = RoleName)]
     pub role: String,
+}
+
+/// A role: globally, or in a project.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // Documents the strings `drover_domain::Role` parses.
+pub(crate) enum RoleName {
+    Viewer,
+    Member,
+    Admin,
+}
+
+/// What an API token may do.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // Documents the strings `drover_domain::TokenScope` parses.
+pub(crate) enum ScopeName {
+    Read,
+    Write,
 }
 
 /// `POST /workers/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerTokenBody {
-    /// The worker's name.
+    #[schema(schema_with = rules::worker_name)]
     pub worker: String,
     /// Agent types it may take tasks for (empty: any).
     #[serde(default)]
+    #[schema(schema_with = rules::agent_types)]
     pub agents: Vec<String>,
-    /// Hours until it expires (default 720).
+    /// Hours until it expires (1-8760, default 720).
+    #[schema(minimum = 1, maximum = 8760)]
     pub expires_in_hours: Option<u32>,
 }
 

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use crate::auth::WorkerCaller;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiJson;
+use crate::openapi::InProject;
 use crate::wire::{LeaseRequest, WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView};
 use crate::{AppState, Caller};
 
@@ -22,7 +23,7 @@ use crate::{AppState, Caller};
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// The registered workers, live first.
-#[utoipa::path(get, path = "/api/v1/workers", tag = "workers", responses((status = 200, body = WorkerList)))]
+#[utoipa::path(get, path = "/api/v1/workers", tag = "workers", params(InProject), responses((status = 200, body = WorkerList)))]
 pub(crate) async fn list_workers(
     State(state): State<AppState>,
     _caller: Caller,
@@ -49,7 +50,8 @@ pub(crate) async fn bootstrap(
         (status = 200, description = "A task envelope (JSON)", body = serde_json::Value),
         (status = 204, description = "No task within the wait"),
         (status = 409, description = "The server uses a broker; read it directly", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid agent types", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: no agent type, or one this server does not know", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`service_unavailable`: the bus failed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn lease(
@@ -123,7 +125,10 @@ pub(crate) async fn lease(
 #[utoipa::path(
     post, path = "/api/v1/worker-messages", tag = "workers",
     request_body = serde_json::Value,
-    responses((status = 202, body = WorkerMessageAck))
+    responses(
+        (status = 202, body = WorkerMessageAck),
+        (status = 503, description = "`service_unavailable`: the bus failed", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub(crate) async fn worker_message(
     State(state): State<AppState>,

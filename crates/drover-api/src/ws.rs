@@ -36,6 +36,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, Problem};
 use crate::events::EventFilter;
+use crate::openapi::InProject;
 use crate::wire::EventView;
 use crate::{AppState, Caller};
 
@@ -80,6 +81,7 @@ pub struct PresenceView {
 /// message protocol).
 #[utoipa::path(
     get, path = "/api/v1/ws", tag = "events",
+    params(InProject),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
@@ -99,7 +101,7 @@ pub(crate) async fn upgrade(
 /// Who watches a run right now (over WebSocket subscriptions to it).
 #[utoipa::path(
     get, path = "/api/v1/runs/{id}/presence", tag = "events",
-    params(("id" = String, Path, description = "Run id")),
+    params(("id" = String, Path, description = "Run id"), InProject),
     responses(
         (status = 200, body = PresenceView),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),

@@ -23,6 +23,13 @@ impl Budget {
         if tokens == Some(0) {
             return Err(ValidationError::new("budget.tokens", "must be at least 1"));
         }
+        // Stored and documented as a signed 64-bit integer.
+        if tokens.is_some_and(|t| i64::try_from(t).is_err()) {
+            return Err(ValidationError::new(
+                "budget.tokens",
+                format!("must be at most {}", i64::MAX),
+            ));
+        }
         if cost_usd.is_some_and(|c| !c.is_finite() || c <= 0.0) {
             return Err(ValidationError::new("budget.cost_usd", "must be a positive number"));
         }
@@ -118,5 +125,8 @@ mod tests {
         assert!(Budget::new(None, None).is_err());
         assert!(Budget::new(Some(0), None).is_err());
         assert!(Budget::new(None, Some(f64::NAN)).is_err());
+        // Tokens are a signed 64-bit integer, as stored and documented.
+        assert!(Budget::new(Some(i64::MAX.unsigned_abs()), None).is_ok());
+        assert!(Budget::new(Some(i64::MAX.unsigned_abs() + 1), None).is_err());
     }
 }

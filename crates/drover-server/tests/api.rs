@@ -415,6 +415,59 @@ async fn health_readiness_metrics_pipelines_and_openapi_answer() {
     server.stop().await;
 }
 
+/// Issue 15, point 8: what the OpenAPI document's schemas forbid, the server refuses, and
+/// what they allow it takes; its query parameters are where the server reads them.
+#[tokio::test]
+async fn the_server_refuses_what_its_openapi_schemas_forbid_and_takes_what_they_allow() {
+    let server = TestServer::spawn_with(|config| config.workers.embedded = false).await;
+    let doc: Value = server.get("/api/v1/openapi.json").await.json().await.unwrap();
+    let list_runs = doc["paths"]["/api/v1/runs"]["get"]["parameters"].as_array().unwrap();
+    let placed: Vec<(&str, &str)> = list_runs
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["in"].as_str().unwrap()))
+        .collect();
+    for query in ["limit", "cursor", "status"] {
+        assert!(placed.contains(&(query, "query")), "{query} is not in the query: {placed:?}");
+    }
+    let tokens = &doc["components"]["schemas"]["BudgetBody"]["properties"]["tokens"];
+    assert_eq!(
+        (tokens["format"].as_str(), tokens["maximum"].as_i64()),
+        (Some("int64"), Some(i64::MAX))
+    );
+
+    // Beyond the declared int64, and `null` where the schema wants a number.
+    let beyond = json!({ "request": "x", "budget": { "tokens": 9_223_372_036_854_775_808_u64 } });
+    let problem =
+        assert_problem(server.post_json("/api/v1/runs", beyond).await, 422, "validation_failed")
+            .await;
+    assert_eq!(problem["errors"][0]["field"], "budget.tokens", "{problem}");
+    let null = json!({ "request": "x", "budget": { "tokens": null, "cost_usd": 1.0 } });
+    assert_problem(server.post_json("/api/v1/runs", null).await, 422, "invalid_body").await;
+    let blank = json!({ "request": " \n\t " });
+    assert_problem(server.post_json("/api/v1/runs", blank).await, 422, "validation_failed").await;
+    // An array is no object, even one that serde could read as the struct's fields.
+    let array = server.post_json("/api/v1/environments", json!([null, null, null, null])).await;
+    assert_problem(array, 422, "invalid_body").await;
+    let environments: Value = server.get("/api/v1/environments").await.json().await.unwrap();
+    assert_eq!(environments["items"], json!([]), "a refused request changes nothing");
+
+    // `3.0` is the integer 3 to JSON Schema; `null` is an optional body left out.
+    let hours = json!({ "worker": "w1", "expires_in_hours": 24.0 });
+    assert_eq!(server.post_json("/api/v1/workers/tokens", hours).await.status(), 201);
+    let run = server.submit("Hello World API").await;
+    let id = run["id"].as_str().unwrap();
+    let approve = server
+        .http
+        .post(server.at(&format!("/api/v1/runs/{id}/stages/scaffold/approve")))
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(approve, 409, "not_waiting_approval").await;
+    server.stop().await;
+}
+
 /// Plays an external worker over HTTP: leases one task of `agent` and reports `result`.
 async fn work_one(server: &TestServer, agent: &str, result: Value) -> Value {
     let response = server

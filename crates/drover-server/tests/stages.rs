@@ -367,15 +367,18 @@ async fn a_false_condition_skips_a_stage_and_policy_violations_fail_naming_the_r
         .find(|a| a["kind"] == "output")
         .unwrap_or_else(|| panic!("no output artifact: {artifacts}"));
     assert_eq!(output["name"], "write.1.outputs/reports/junit.xml");
-    let body = server
+    let download = server
         .http
         .get(format!("{}/api/v1/runs/{id}/artifacts/write.1.outputs/reports/junit.xml", server.url))
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
-    assert_eq!(body.trim(), "<ok/>");
+    // A declared output may hold anything: it is bytes to save, under its own name.
+    assert_eq!(download.headers()["content-type"], "application/octet-stream");
+    assert_eq!(
+        download.headers()["content-disposition"],
+        "attachment; filename=\"junit.xml\"; filename*=UTF-8''junit.xml"
+    );
+    assert_eq!(download.text().await.unwrap().trim(), "<ok/>");
     server.stop().await;
 }
