@@ -93,6 +93,22 @@ async fn session(state: &AppState, user: &UserName) -> Result<SessionView, ApiEr
 }
 
 /// Log in with a password: a short-lived access token and a refresh token.
+/// Password hashes computed at once. Each argon2id hash takes 19 MiB of memory and tens
+/// of milliseconds of a core by design; a flood of logins waits its turn here instead of
+/// filling the blocking pool (hundreds of threads, gigabytes) with them.
+static PASSWORD_WORK: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Runs password hashing or verification off the async threads, a bounded number at once.
+async fn password_work<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    // The semaphore is static and never closed.
+    let _permit = PASSWORD_WORK.acquire().await.ok();
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| ApiError::new(ErrorCode::Internal, err.to_string()))
+}
+
 #[utoipa::path(
     post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     security(()),
@@ -112,9 +128,8 @@ pub(crate) async fn login(
     let found = identities.get_user(&name).await?;
     let hash = found.as_ref().filter(|(user, _)| !user.disabled).and_then(|(_, hash)| hash.clone());
     let password = body.password;
-    // Hashing is slow by design: off the async threads. An unknown user is checked against
-    // a dummy hash so both failures take as long.
-    let verified = tokio::task::spawn_blocking(move || match hash {
+    // An unknown user is checked against a dummy hash so both failures take as long.
+    let verified = password_work(move || match hash {
         Some(hash) => drover_auth::verify_password(&password, &hash),
         None => {
             let _ = drover_auth::verify_password(&password, &DUMMY_HASH);
@@ -363,9 +378,8 @@ pub(crate) async fn create_user(
                 return Err(field("password", "at least 12 characters"));
             }
             Some(
-                tokio::task::spawn_blocking(move || drover_auth::hash_password(&password))
-                    .await
-                    .map_err(|err| ApiError::new(ErrorCode::Internal, err.to_string()))?
+                password_work(move || drover_auth::hash_password(&password))
+                    .await?
                     .map_err(|err| ApiError::new(ErrorCode::Internal, err.to_string()))?,
             )
         }

@@ -7,8 +7,8 @@
 //! store publishes `stage.succeeded`. Dispatch latency is start − enqueue; per-stage
 //! overhead is commit − enqueue (the agent itself does nothing).
 //!
-//! `drover bench env` is below; `drover bench proxy` ([`proxy`]) and `drover bench events`
-//! ([`events`]) are in their own modules.
+//! `drover bench env` is below; `drover bench proxy` ([`proxy`]), `drover bench events`
+//! ([`events`]) and `drover bench soak` ([`soak`]) are in their own modules.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,12 +32,14 @@ use crate::ServerError;
 
 mod events;
 mod proxy;
+mod soak;
 
 pub use events::{EventsBenchOptions, EventsBenchReport, bench_events};
 pub use proxy::{
     BENCH_HOST, BenchServer, ProxyBenchError, ProxyBenchOptions, ProxyBenchReport, TargetFigures,
     bench_proxy, cancel_when_stdin_closes, find_nginx, guard,
 };
+pub use soak::{SoakOptions, SoakReport, SoakRound, bench_soak};
 
 /// What to measure.
 #[derive(Debug, Clone)]

@@ -238,6 +238,22 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
     },
+    /// Resident memory of a real `drover up` over identical rounds of mixed traffic.
+    Soak {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Requests per round.
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Idle time before each reading of the server's memory.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
+    },
     /// Runs a program until it exits or stdin closes, then ends its process group (how
     /// `bench proxy` starts nginx).
     #[command(hide = true)]

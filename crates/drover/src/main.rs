@@ -1,6 +1,7 @@
 //! The `drover` binary: parses the command line, loads the configuration, sets up logging,
 //! and hands off to a command. Thin by design: everything it does is in library crates.
 
+mod allocator;
 mod cli;
 mod client;
 mod commands;
@@ -21,6 +22,7 @@ use crate::cli::{Cli, Command, LogFormatArg};
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    allocator::settle();
     let cli = Cli::parse();
     let overrides = Overrides {
         data_dir: cli.global.data_dir.clone(),

@@ -744,3 +744,33 @@ args = ["-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"]
     run_ok(drover(dir.path()).args(["env", "rm", "logs"]));
     assert!(up.interrupt().success());
 }
+
+#[test]
+fn bench_soak_measures_a_real_server_over_rounds_of_traffic_its_handlers_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_ok(drover(dir.path()).args([
+        "--json",
+        "bench",
+        "soak",
+        "--rounds",
+        "2",
+        "--requests",
+        "150",
+        "--idle",
+        "200ms",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{report}");
+    assert!(report["rss_start_mb"].as_f64().unwrap() > 1.0, "{report}");
+    for round in rounds {
+        let statuses = round["statuses"].as_object().unwrap();
+        let answered: u64 = statuses.values().map(|n| n.as_u64().unwrap()).sum();
+        assert_eq!(answered, 150, "{report}");
+        assert!(!statuses.contains_key("0"), "requests got no answer: {report}");
+        // The traffic reaches handlers (2xx), is refused as a client's (4xx), never 5xx.
+        assert!(statuses.keys().any(|s| s.starts_with('2')), "{report}");
+        assert!(statuses.keys().any(|s| s.starts_with('4')), "{report}");
+        assert!(!statuses.keys().any(|s| s.starts_with('5')), "{report}");
+    }
+}

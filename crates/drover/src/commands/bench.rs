@@ -143,6 +143,43 @@ pub(crate) async fn bench(
             }
             Ok(ExitCode::SUCCESS)
         }
+        BenchCommand::Soak { rounds, requests, concurrency, seed, idle } => {
+            let report = drover_server::bench::bench_soak(drover_server::bench::SoakOptions {
+                exe: std::env::current_exe()?,
+                rounds,
+                requests,
+                concurrency,
+                seed,
+                idle,
+            })
+            .await?;
+            if global.json {
+                output::json(&report);
+            } else {
+                let mut rows = vec![vec![
+                    "start".to_owned(),
+                    String::new(),
+                    String::new(),
+                    format!("{:.1} MB", report.rss_start_mb),
+                    String::new(),
+                ]];
+                for (i, round) in report.rounds.iter().enumerate() {
+                    rows.push(vec![
+                        format!("round {}", i + 1),
+                        round.requests.to_string(),
+                        format!("{:.1} s", round.seconds),
+                        format!("{:.1} MB", round.rss_mb),
+                        format!("{:+.1} MB", round.growth_mb),
+                    ]);
+                }
+                output::table(&["", "REQUESTS", "TIME", "RSS", "GROWTH"], &rows);
+                output::note(format!(
+                    "last round's growth / first round's: {:.2} (target < 0.10)",
+                    report.last_over_first
+                ));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Guard { command } => {
             let code = guard(&command).await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
