@@ -39,7 +39,9 @@ pub use proxy::{
     BENCH_HOST, BenchServer, ProxyBenchError, ProxyBenchOptions, ProxyBenchReport, TargetFigures,
     bench_proxy, cancel_when_stdin_closes, find_nginx, guard,
 };
-pub use soak::{SoakOptions, SoakReport, SoakRound, bench_soak};
+pub use soak::{
+    GLIBC_DEFAULT_MALLOC_VAR, SoakOptions, SoakReport, SoakRound, SoakSeries, bench_soak,
+};
 
 /// What to measure.
 #[derive(Debug, Clone)]

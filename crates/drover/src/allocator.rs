@@ -9,8 +9,13 @@
 //! large blocks in `mmap`, returned to the kernel when freed (the same rounds: 46 → 51 →
 //! 51 → 51 MB).
 
-/// Pins glibc's mmap threshold (a no-op elsewhere). Call first thing in `main`.
+/// Pins glibc's mmap threshold (a no-op elsewhere, or with
+/// `DROVER_MALLOC_GLIBC_DEFAULTS=1`, which `drover bench soak --compare-glibc-defaults`
+/// sets to measure the baseline). Call first thing in `main`.
 pub(crate) fn settle() {
+    if std::env::var_os(drover_server::bench::GLIBC_DEFAULT_MALLOC_VAR).is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const MMAP_THRESHOLD_BYTES: nix::libc::c_int = 128 * 1024;

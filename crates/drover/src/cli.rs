@@ -253,6 +253,9 @@ pub(crate) enum BenchCommand {
         /// Idle time before each reading of the server's memory.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         idle: std::time::Duration,
+        /// Also measure a server with glibc's default malloc settings, side by side.
+        #[arg(long)]
+        compare_glibc_defaults: bool,
     },
     /// Runs a program until it exits or stdin closes, then ends its process group (how
     /// `bench proxy` starts nginx).

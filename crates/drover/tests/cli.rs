@@ -760,9 +760,11 @@ fn bench_soak_measures_a_real_server_over_rounds_of_traffic_its_handlers_answer(
         "200ms",
     ]));
     let report: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
-    let rounds = report["rounds"].as_array().unwrap();
+    let series = &report["series"][0];
+    assert_eq!(series["allocator"], "pinned mmap threshold", "{report}");
+    let rounds = series["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2, "{report}");
-    assert!(report["rss_start_mb"].as_f64().unwrap() > 1.0, "{report}");
+    assert!(series["rss_start_mb"].as_f64().unwrap() > 1.0, "{report}");
     for round in rounds {
         let statuses = round["statuses"].as_object().unwrap();
         let answered: u64 = statuses.values().map(|n| n.as_u64().unwrap()).sum();

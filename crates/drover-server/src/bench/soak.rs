@@ -42,6 +42,8 @@ pub struct SoakOptions {
     pub seed: u64,
     /// How long the server is left idle before its memory is read.
     pub idle: Duration,
+    /// Also measure a server with glibc's default malloc settings, side by side.
+    pub compare_glibc_defaults: bool,
 }
 
 /// One round's figures.
@@ -62,6 +64,15 @@ pub struct SoakRound {
 pub struct SoakReport {
     pub seed: u64,
     pub concurrency: usize,
+    /// drover as it runs, then (with `compare_glibc_defaults`) the baseline.
+    pub series: Vec<SoakSeries>,
+}
+
+/// One server through every round.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakSeries {
+    /// `pinned mmap threshold` (drover as it runs) or `glibc defaults`.
+    pub allocator: String,
     /// Resident memory of the fresh server, set up, before the first round.
     pub rss_start_mb: f64,
     pub rounds: Vec<SoakRound>,
@@ -96,10 +107,28 @@ enum Body {
     Raw { content_type: &'static str, text: &'static str },
 }
 
+/// The variable that keeps glibc's default (dynamic) mmap threshold in a drover process
+/// (`allocator.rs` in the binary): how the bench measures the baseline beside the fix.
+pub const GLIBC_DEFAULT_MALLOC_VAR: &str = "DROVER_MALLOC_GLIBC_DEFAULTS";
+
 /// Runs the benchmark and reports.
 pub async fn bench_soak(options: SoakOptions) -> Result<SoakReport, ServerError> {
+    let mut series = vec![measure(&options, "pinned mmap threshold", &[]).await?];
+    if options.compare_glibc_defaults {
+        let env = [(GLIBC_DEFAULT_MALLOC_VAR, "1")];
+        series.push(measure(&options, "glibc defaults", &env).await?);
+    }
+    Ok(SoakReport { seed: options.seed, concurrency: options.concurrency, series })
+}
+
+/// One server, `rounds` rounds.
+async fn measure(
+    options: &SoakOptions,
+    allocator: &str,
+    env: &[(&str, &str)],
+) -> Result<SoakSeries, ServerError> {
     let dir = tempfile::tempdir().map_err(|err| bench_error(err.to_string()))?;
-    let server = SoakServer::start(&options.exe, dir.path()).await?;
+    let server = SoakServer::start(&options.exe, dir.path(), env).await?;
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
@@ -146,9 +175,8 @@ pub async fn bench_soak(options: SoakOptions) -> Result<SoakReport, ServerError>
     let last = rounds.last().map_or(0.0, |r| r.growth_mb);
     let last_over_first = if first > 0.0 { last.max(0.0) / first } else { 0.0 };
     server.stop().await;
-    Ok(SoakReport {
-        seed: options.seed,
-        concurrency: options.concurrency,
+    Ok(SoakSeries {
+        allocator: allocator.to_owned(),
         rss_start_mb: rss_start,
         rounds,
         last_over_first,
@@ -163,7 +191,7 @@ struct SoakServer {
 }
 
 impl SoakServer {
-    async fn start(exe: &Path, dir: &Path) -> Result<Self, ServerError> {
+    async fn start(exe: &Path, dir: &Path, env: &[(&str, &str)]) -> Result<Self, ServerError> {
         let data_dir = dir.join("data");
         let config = dir.join("drover.toml");
         // Limits high enough that the traffic reaches the handlers instead of the limiter;
@@ -187,6 +215,7 @@ impl SoakServer {
             .arg(&data_dir)
             .args(["up", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"])
             .current_dir(dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(err_log)

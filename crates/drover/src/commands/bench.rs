@@ -143,7 +143,14 @@ pub(crate) async fn bench(
             }
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Soak { rounds, requests, concurrency, seed, idle } => {
+        BenchCommand::Soak {
+            rounds,
+            requests,
+            concurrency,
+            seed,
+            idle,
+            compare_glibc_defaults,
+        } => {
             let report = drover_server::bench::bench_soak(drover_server::bench::SoakOptions {
                 exe: std::env::current_exe()?,
                 rounds,
@@ -151,32 +158,40 @@ pub(crate) async fn bench(
                 concurrency,
                 seed,
                 idle,
+                compare_glibc_defaults,
             })
             .await?;
             if global.json {
                 output::json(&report);
             } else {
-                let mut rows = vec![vec![
-                    "start".to_owned(),
-                    String::new(),
-                    String::new(),
-                    format!("{:.1} MB", report.rss_start_mb),
-                    String::new(),
-                ]];
-                for (i, round) in report.rounds.iter().enumerate() {
+                let mut rows = Vec::new();
+                for series in &report.series {
                     rows.push(vec![
-                        format!("round {}", i + 1),
-                        round.requests.to_string(),
-                        format!("{:.1} s", round.seconds),
-                        format!("{:.1} MB", round.rss_mb),
-                        format!("{:+.1} MB", round.growth_mb),
+                        series.allocator.clone(),
+                        "start".to_owned(),
+                        String::new(),
+                        String::new(),
+                        format!("{:.1} MB", series.rss_start_mb),
+                        String::new(),
                     ]);
+                    for (i, round) in series.rounds.iter().enumerate() {
+                        rows.push(vec![
+                            series.allocator.clone(),
+                            format!("round {}", i + 1),
+                            round.requests.to_string(),
+                            format!("{:.1} s", round.seconds),
+                            format!("{:.1} MB", round.rss_mb),
+                            format!("{:+.1} MB", round.growth_mb),
+                        ]);
+                    }
                 }
-                output::table(&["", "REQUESTS", "TIME", "RSS", "GROWTH"], &rows);
-                output::note(format!(
-                    "last round's growth / first round's: {:.2} (target < 0.10)",
-                    report.last_over_first
-                ));
+                output::table(&["ALLOCATOR", "", "REQUESTS", "TIME", "RSS", "GROWTH"], &rows);
+                for series in &report.series {
+                    output::note(format!(
+                        "{}: last round's growth / first round's: {:.2} (target < 0.10)",
+                        series.allocator, series.last_over_first
+                    ));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
