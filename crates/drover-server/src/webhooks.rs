@@ -123,8 +123,8 @@ pub(crate) fn spawn(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match http_client(settings.request_timeout, &sending.targets) {
-            Ok(client) => client,
+        let clients = match Clients::new(settings.request_timeout) {
+            Ok(clients) => clients,
             Err(err) => {
                 tracing::error!(error = %err, "cannot build the webhook HTTP client; webhooks are not delivered");
                 return;
@@ -136,7 +136,7 @@ pub(crate) fn spawn(
             webhooks,
             settings,
             sending,
-            client,
+            clients,
             last_seq: EventSeq(0),
             behind: false,
             more_due: false,
@@ -147,35 +147,52 @@ pub(crate) fn spawn(
     })
 }
 
-fn http_client(
-    timeout: Duration,
-    targets: &TargetPolicy,
-) -> Result<reqwest::Client, reqwest::Error> {
+/// The HTTP clients attempts go through: `guarded` connects only to public addresses (for
+/// while private targets are not allowed), `open` anywhere. Two clients, so that a
+/// connection kept alive from while private targets were allowed (local mode, before the
+/// first user) is never reused once they are not.
+#[derive(Clone)]
+struct Clients {
+    guarded: reqwest::Client,
+    open: reqwest::Client,
+}
+
+impl Clients {
+    fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(Self { guarded: http_client(timeout, true)?, open: http_client(timeout, false)? })
+    }
+
+    fn pick(&self, guarded: bool) -> &reqwest::Client {
+        if guarded { &self.guarded } else { &self.open }
+    }
+}
+
+fn http_client(timeout: Duration, guarded: bool) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .dns_resolver(Arc::new(GuardedResolver { targets: targets.clone() }))
+        .dns_resolver(Arc::new(GuardedResolver { guarded }))
         .user_agent(concat!("drover-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
 }
 
-/// Resolves endpoint names as the system does, then, while private targets are not
-/// allowed, refuses a name any of whose addresses is private: the client connects only to
-/// addresses checked here, however the name resolves next time.
+/// Resolves endpoint names as the system does; when `guarded`, refuses a name any of whose
+/// addresses is private: the client connects only to addresses checked here, however the
+/// name resolves next time.
 struct GuardedResolver {
-    targets: TargetPolicy,
+    guarded: bool,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let targets = self.targets.clone();
+        let guarded = self.guarded;
         let host = name.as_str().to_owned();
         Box::pin(async move {
             let addresses: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if !targets.private_allowed() {
+            if guarded {
                 for address in &addresses {
                     check_address(&host, address.ip())?;
                 }
@@ -213,7 +230,7 @@ struct Deliverer {
     webhooks: Arc<dyn WebhookStore>,
     settings: Settings,
     sending: Sending,
-    client: reqwest::Client,
+    clients: Clients,
     /// The last event fanned out (or skipped).
     last_seq: EventSeq,
     /// A fan-out failed: catch up from the store at the next poll.
@@ -429,7 +446,7 @@ impl Deliverer {
             *busy = if breaker == Breaker::HalfOpen { PER_ENDPOINT } else { *busy + 1 };
             self.in_flight.insert(delivery.id, delivery.webhook_id);
             let id = delivery.id;
-            let task = sending.spawn(attempt(self.client.clone(), self.sending.clone(), due));
+            let task = sending.spawn(attempt(self.clients.clone(), self.sending.clone(), due));
             self.tasks.insert(task.id(), id);
         }
     }
@@ -543,18 +560,18 @@ fn signing_secret(sending: &Sending, due: &DueDelivery) -> Result<SigningSecret,
 
 /// Refuses a URL whose host is an address (or a name of this machine) this server does not
 /// send to; names are checked as they resolve ([`GuardedResolver`]).
-fn check_target(targets: &TargetPolicy, url: &str) -> Result<(), String> {
-    if targets.private_allowed() {
-        return Ok(());
-    }
+fn check_target(url: &str) -> Result<(), String> {
     let url = reqwest::Url::parse(url).map_err(|err| format!("invalid URL: {err}"))?;
     check_host(&url).map(drop).map_err(|refused| format!("refused: {refused}"))
 }
 
 /// Sends one delivery, signed; reports the answer's status or why there was none.
-async fn attempt(client: reqwest::Client, sending: Sending, due: DueDelivery) -> Sent {
+async fn attempt(clients: Clients, sending: Sending, due: DueDelivery) -> Sent {
     let secret = signing_secret(&sending, &due);
-    let target = check_target(&sending.targets, &due.url);
+    // Decided once per attempt: the address check and the client's resolver agree.
+    let guarded = !sending.targets.private_allowed();
+    let target = if guarded { check_target(&due.url) } else { Ok(()) };
+    let client = clients.pick(guarded);
     let delivery = due.delivery;
     let mut sent = Sent {
         delivery: delivery.id,
@@ -752,7 +769,7 @@ mod tests {
             webhooks: Arc::new(store.clone()),
             settings: Settings::from(&WebhooksConfig::default()),
             sending: Sending { vault: None, targets: TargetPolicy::fixed(true) },
-            client: http_client(Duration::from_secs(1), &TargetPolicy::fixed(true)).unwrap(),
+            clients: Clients::new(Duration::from_secs(1)).unwrap(),
             last_seq: before,
             behind: true,
             more_due: false,
