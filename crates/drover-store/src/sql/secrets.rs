@@ -265,17 +265,22 @@ async fn reseal_webhook_secrets_in(
     actor: &str,
     now: Timestamp,
 ) -> StoreResult<u64> {
-    let rows: Vec<(String, String, String, Vec<u8>, Vec<u8>)> =
+    let rows: Vec<SealedWebhookRow> =
         sql("SELECT id, project_id, secret_key_id, secret_nonce, secret_ciphertext FROM webhooks \
          WHERE secret_key_id IS NOT NULL ORDER BY id")
         .fetch_all(tx)
         .await?;
     let mut count = 0;
-    for (id, project, key_id, nonce, ciphertext) in rows {
+    for row in rows {
         let old = SealedWebhookSecret {
-            webhook_id: id.parse().map_err(|e| corrupt("webhooks.id", e))?,
-            project_id: ProjectId::parse(project).map_err(|e| corrupt("webhooks.project_id", e))?,
-            sealed: SealedValue { key_id, nonce, ciphertext },
+            webhook_id: row.id.parse().map_err(|e| corrupt("webhooks.id", e))?,
+            project_id: ProjectId::parse(row.project_id)
+                .map_err(|e| corrupt("webhooks.project_id", e))?,
+            sealed: SealedValue {
+                key_id: row.secret_key_id,
+                nonce: row.secret_nonce,
+                ciphertext: row.secret_ciphertext,
+            },
         };
         let new = reseal(&old).map_err(|err| {
             StoreError::Corrupt(format!("the signing secret of webhook {}: {err}", old.webhook_id))
@@ -304,6 +309,15 @@ async fn store_webhook_secret(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+#[derive(FromRow)]
+struct SealedWebhookRow {
+    id: String,
+    project_id: String,
+    secret_key_id: String,
+    secret_nonce: Vec<u8>,
+    secret_ciphertext: Vec<u8>,
 }
 
 #[derive(FromRow)]
