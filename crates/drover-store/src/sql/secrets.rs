@@ -189,6 +189,8 @@ impl<B: Backend> SecretStore for SqlStore<B> {
                 let rows: Vec<(String, String, String)> =
                     sql("SELECT id, project_id, legacy_secret FROM webhooks \
                      WHERE legacy_secret IS NOT NULL ORDER BY id")
+                    // Servers starting together on one PostgreSQL seal each row once.
+                    .for_update(tx)
                     .fetch_all(tx)
                     .await?;
                 let mut count = 0;
