@@ -80,7 +80,7 @@ pub struct SecretMeta {
 pub struct SecretRead {
     pub project_id: ProjectId,
     pub name: SecretName,
-    /// Who read it (`engine` when a task was dispatched).
+    /// Who read it (`worker w1` for the attempt it runs, `environment dev` for a service).
     pub actor: String,
     /// What for (`run … stage … attempt …`).
     pub purpose: String,
