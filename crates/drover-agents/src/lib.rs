@@ -4,6 +4,8 @@
 //! [`AgentResult`]. The [`WorkerPool`] takes tasks for its agent types from the bus, tells
 //! the engine it started, heartbeats while the agent works (so an agent may run for hours),
 //! honours cancellation by stopping the agent's process group, and publishes the result.
+//! Tasks name their project's secrets; the pool fetches the values from its
+//! [`TaskSecrets`] when it runs one (the vault in a server, the API in `drover worker`).
 //! The built-in agents ([`builtin`]) work offline: they scaffold a project from a template
 //! catalog, validate it, run it end to end, run its tests and deploy it. Agents defined
 //! in the config run a command ([`CommandAgentRunner`]) or the template scaffolder.
@@ -22,7 +24,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use drover_bus::{AgentResult, TaskEnvelope};
-use drover_domain::AgentType;
+use drover_domain::{AgentType, SecretValues, WorkerId};
 use tokio_util::sync::CancellationToken;
 
 pub use command::CommandAgentRunner;
@@ -31,9 +33,30 @@ pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
 pub use stage_log::StageLog;
 pub use worker::{WorkerPool, WorkerPoolConfig};
 
+/// Where a worker gets the values of the secrets a task names, when it runs it: the vault
+/// (a server's own workers) or the server's API (`drover worker`). The broker never
+/// carries them.
+#[async_trait]
+pub trait TaskSecrets: Send + Sync + 'static {
+    /// The project secrets `envelope`'s attempt runs with, for `worker`, which holds it.
+    async fn secrets_for(
+        &self,
+        envelope: &TaskEnvelope,
+        worker: &WorkerId,
+    ) -> Result<SecretValues, SecretsUnavailable>;
+}
+
+/// Why a task's secrets could not be had; says nothing of their values.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SecretsUnavailable(pub String);
+
 /// One stage attempt as an agent sees it.
 pub struct AgentTask {
     pub envelope: TaskEnvelope,
+    /// The values of the project's secrets the envelope names, fetched by the worker: what
+    /// the agent hands to the processes it starts. Redacted from everything it leaves.
+    pub secrets: SecretValues,
     pub workspace: PathBuf,
     /// The attempt's log; whatever the agent runs writes here.
     pub log: StageLog,

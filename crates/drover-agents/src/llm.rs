@@ -256,7 +256,7 @@ impl LlmAgentRunner {
         // The project's secrets first, then wherever the runner reads keys from.
         let key = match &self.spec.api_key_env {
             Some(var) => {
-                let secret = task.envelope.context.secrets.get(var).map(str::to_owned);
+                let secret = task.secrets.get(var).map(str::to_owned);
                 Some(secret.or_else(|| (self.keys)(var)).ok_or_else(|| {
                     AgentFailure::permanent(format!(
                         "the API key variable `{var}` is not set (neither a project secret nor \

@@ -1,6 +1,8 @@
 //! The worker runtime: consumes an agent type's tasks from the bus and runs them.
 //!
-//! Per task: publish `Started`, heartbeat every interval while the agent works, publish
+//! Per task: publish `Started`, heartbeat every interval while the agent works, fetch the
+//! values of the secrets the task names (from the pool's [`TaskSecrets`]; a fetch that
+//! fails fails the attempt, retryably, and the agent does not run without them), publish
 //! `Finished` with the agent's result, then acknowledge the delivery. A `Cancel` control
 //! message stops the agent (its process group) and nothing is reported: the engine has
 //! already decided. On shutdown the pool stops taking tasks, lets running ones finish
@@ -20,20 +22,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use drover_bus::{AgentResult, Bus, Control, Delivery, WorkerMessage};
-use drover_domain::{AgentType, AttemptId, Redactor, WorkerId, WorkerProfile};
+use drover_bus::{AgentResult, Bus, Control, Delivery, TaskEnvelope, WorkerMessage};
+use drover_domain::{AgentType, AttemptId, Redactor, SecretValues, WorkerId, WorkerProfile};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{Agent, AgentTask, StageLog};
+use crate::{Agent, AgentTask, StageLog, TaskSecrets};
 
 /// How long a cancelled agent gets to clean up before its future is dropped (which kills
 /// whatever process group it still holds).
 const CANCEL_CLEANUP: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerPoolConfig {
     pub worker_id: WorkerId,
     /// Tasks of one agent type run at once.
@@ -41,6 +43,21 @@ pub struct WorkerPoolConfig {
     pub heartbeat_interval: Duration,
     /// `embedded` (inside a server) or `external` (`drover worker`).
     pub kind: String,
+    /// Where the values of the secrets a task names come from. `None`: a task naming
+    /// secrets fails (retryably) without running.
+    pub secrets: Option<Arc<dyn TaskSecrets>>,
+}
+
+impl std::fmt::Debug for WorkerPoolConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPoolConfig")
+            .field("worker_id", &self.worker_id)
+            .field("concurrency", &self.concurrency)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("kind", &self.kind)
+            .field("secrets", &self.secrets.is_some())
+            .finish()
+    }
 }
 
 struct Shared {
@@ -368,14 +385,30 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         })
     };
 
+    let secrets = match fetch_secrets(shared, &envelope).await {
+        Ok(secrets) => secrets,
+        Err(error) => {
+            // Never run the agent without the secrets it is meant to have: the attempt
+            // fails and is retried like any transient failure.
+            tracing::warn!(error = %error, "stage not run: its secrets could not be fetched");
+            StageLog::new(&envelope.context.log_path).line(&error).await;
+            heartbeat.abort();
+            shared.running().remove(&attempt_id);
+            let result = AgentResult::Failed { error, retryable: true };
+            shared.publish(WorkerMessage::Finished { attempt_id, token, worker_id, result }).await;
+            delivery.handle.ack().await;
+            return;
+        }
+    };
     // The project's secret values never leave the attempt: not in its log, its artifacts,
     // nor the result (which becomes the stage's output, events and errors).
-    let redactor = Redactor::new(&envelope.context.secrets);
+    let redactor = Redactor::new(&secrets);
     let task = AgentTask {
         workspace: PathBuf::from(&envelope.context.workspace),
         log: StageLog::new(&envelope.context.log_path).redacting(redactor.clone()),
         cancel: cancel.clone(),
         envelope,
+        secrets,
     };
     tracing::info!("stage started");
     let snapshot = crate::artifacts::Snapshot::take(&task.workspace, task.log.path()).await;
@@ -429,6 +462,35 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         _ => tracing::info!("stage cancelled"),
     }
     delivery.handle.ack().await;
+}
+
+/// The values of the secrets `envelope` names, from the pool's source (nothing to fetch
+/// when it names none). The error says why, naming the secrets, never a value.
+async fn fetch_secrets(shared: &Shared, envelope: &TaskEnvelope) -> Result<SecretValues, String> {
+    let names = &envelope.context.secret_names;
+    if names.is_empty() {
+        return Ok(SecretValues::default());
+    }
+    let failed = |why: &str| {
+        format!(
+            "cannot fetch the project's secrets ({}): {why}; the agent did not run",
+            names.join(", ")
+        )
+    };
+    let Some(source) = &shared.config.secrets else {
+        return Err(failed("this worker has no way to fetch secrets"));
+    };
+    let secrets = source
+        .secrets_for(envelope, &shared.config.worker_id)
+        .await
+        .map_err(|err| failed(&err.0))?;
+    let missing: Vec<&str> =
+        names.iter().map(String::as_str).filter(|name| secrets.get(name).is_none()).collect();
+    if !missing.is_empty() {
+        // Deleted since the task was dispatched, or unopenable (the server logs which).
+        tracing::info!(?missing, "named secrets not received; the stage runs without them");
+    }
+    Ok(secrets)
 }
 
 /// The result with every secret value replaced, in the output's strings (and keys) or in

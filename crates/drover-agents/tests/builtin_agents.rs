@@ -44,6 +44,7 @@ fn task(workspace: &Path, run_id: RunId, stage: &str, request: &str) -> AgentTas
         workspace: workspace.to_path_buf(),
         log: StageLog::new(log_path),
         cancel: CancellationToken::new(),
+        secrets: Default::default(),
     }
 }
 

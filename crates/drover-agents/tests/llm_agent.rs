@@ -49,6 +49,7 @@ fn task(dir: &Path, request: &str) -> AgentTask {
         workspace,
         log: StageLog::new(log_path),
         cancel: CancellationToken::new(),
+        secrets: Default::default(),
     }
 }
 
@@ -203,7 +204,7 @@ async fn the_key_comes_from_the_projects_secrets_and_secret_values_stay_out_of_l
     secrets.insert("PROJECT_OPENAI_KEY", "sk-test-123");
     // Streamed in two pieces: "Plan: " then "write app.py".
     secrets.insert("SPLIT_VALUE", "Plan: write");
-    task.envelope.context.secrets = secrets.clone();
+    task.secrets = secrets.clone();
     task.log = StageLog::new(task.log.path()).redacting(Redactor::new(&secrets));
     let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "PROJECT_OPENAI_KEY");
     let output = match runner.run(&task).await {

@@ -120,6 +120,7 @@ async fn replaced_agents_take_new_tasks_while_running_ones_finish_with_the_old_a
             concurrency: 2,
             heartbeat_interval: Duration::from_millis(200),
             kind: "embedded".to_owned(),
+            secrets: None,
         },
     );
     let mut announced = Vec::new();

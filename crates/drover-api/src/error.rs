@@ -59,6 +59,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::WebhookNotFound | ErrorCode::WebhookDeliveryNotFound => StatusCode::NOT_FOUND,
         ErrorCode::WebhookQuotaExceeded | ErrorCode::WebhookDisabled => StatusCode::CONFLICT,
+        ErrorCode::WebhookTargetNotAllowed => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::AttemptNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::StaleAttempt => StatusCode::CONFLICT,
         ErrorCode::ChatSessionNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ChatReplyInProgress => StatusCode::CONFLICT,
         ErrorCode::NoChatAgent => StatusCode::UNPROCESSABLE_ENTITY,
@@ -117,6 +120,9 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::WebhookDeliveryNotFound => "Webhook delivery not found",
         ErrorCode::WebhookQuotaExceeded => "Webhook quota exceeded",
         ErrorCode::WebhookDisabled => "Webhook disabled",
+        ErrorCode::WebhookTargetNotAllowed => "Webhook target not allowed",
+        ErrorCode::AttemptNotFound => "Attempt not found",
+        ErrorCode::StaleAttempt => "Stale attempt",
         ErrorCode::ChatSessionNotFound => "Chat session not found",
         ErrorCode::NoChatAgent => "No chat agent",
         ErrorCode::ChatReplyInProgress => "Chat reply in progress",
@@ -312,6 +318,23 @@ impl From<EngineError> for ApiError {
                 Self::new(ErrorCode::UnknownPipeline, err.to_string()).with_errors(vec![
                     FieldError { field: "pipeline".to_owned(), message: err.to_string() },
                 ])
+            }
+            err @ EngineError::AttemptNotFound(_) => {
+                Self::new(ErrorCode::AttemptNotFound, err.to_string())
+            }
+            err @ EngineError::AgentNotAllowed(_) => {
+                Self::new(ErrorCode::Forbidden, err.to_string())
+            }
+            err @ EngineError::StaleAttempt { .. } => {
+                Self::new(ErrorCode::StaleAttempt, err.to_string())
+            }
+            EngineError::SecretsUnavailable(why) => {
+                // Why goes to the log; the worker learns that it may try again.
+                tracing::error!(error = %why, "cannot open an attempt's secrets");
+                Self::new(
+                    ErrorCode::ServiceUnavailable,
+                    "the project's secrets cannot be opened now",
+                )
             }
             EngineError::Store(err) => err.into(),
         }

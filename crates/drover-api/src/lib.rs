@@ -27,6 +27,7 @@ mod runs;
 pub mod secrets;
 mod system;
 mod usage;
+pub mod webhook_targets;
 pub mod webhooks;
 pub mod wire;
 mod workers;
@@ -70,6 +71,8 @@ struct Inner {
     /// Largest accepted request body, in bytes.
     body_limit: usize,
     webhooks: Arc<dyn drover_store::WebhookStore>,
+    /// Whether webhook endpoints may be private addresses beyond local mode.
+    allow_private_webhook_targets: bool,
     /// Chat sessions and their messages.
     chat: Arc<dyn drover_store::ChatStore>,
     /// Chat sessions with a reply under way.
@@ -95,6 +98,9 @@ pub struct AppParts {
     pub body_limit: usize,
     /// Webhook endpoints and their deliveries.
     pub webhooks: Arc<dyn drover_store::WebhookStore>,
+    /// `[webhooks] allow_private_targets`: endpoints may be private addresses even beyond
+    /// local mode.
+    pub allow_private_webhook_targets: bool,
     /// Chat sessions and their messages.
     pub chat: Arc<dyn drover_store::ChatStore>,
     /// Who watches what, here and on the other servers.
@@ -117,6 +123,7 @@ impl AppState {
             limits,
             body_limit,
             webhooks,
+            allow_private_webhook_targets,
             chat,
             presence,
             live,
@@ -137,6 +144,7 @@ impl AppState {
                 live,
                 body_limit,
                 webhooks,
+                allow_private_webhook_targets,
                 chat,
                 replying: chat::Replying::default(),
             }),
@@ -157,6 +165,14 @@ impl AppState {
 
     fn webhooks(&self) -> &dyn drover_store::WebhookStore {
         self.inner.webhooks.as_ref()
+    }
+
+    /// Where webhook endpoints may be, now.
+    fn webhook_targets(&self) -> webhook_targets::TargetPolicy {
+        webhook_targets::TargetPolicy::new(
+            self.inner.allow_private_webhook_targets,
+            self.inner.auth.clone(),
+        )
     }
 
     /// Follows the cluster's committed events from now on.
@@ -196,6 +212,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workers/config", get(workers::bootstrap))
         .route("/tasks/lease", post(workers::lease))
         .route("/worker-messages", post(workers::worker_message))
+        .route("/tasks/{id}/secrets", post(workers::task_secrets))
         .route(
             "/environments",
             post(environments::create).get(environments::list).layer(idempotent()),

@@ -14,7 +14,7 @@ use crate::error::{FieldError, PROBLEM_JSON, Problem};
 use crate::wire::{
     AgentList, AgentView, AttemptView, CreateRun, DeadLetterPage, DeadLetterView, DeploymentView,
     EventView, HealthView, LeaseRequest, PipelineList, PipelineView, RunPage, RunView, StageView,
-    WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView,
+    TaskSecretsRequest, TaskSecretsView, WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView,
 };
 
 #[derive(OpenApi)]
@@ -70,6 +70,7 @@ use crate::wire::{
         crate::workers::bootstrap,
         crate::workers::lease,
         crate::workers::worker_message,
+        crate::workers::task_secrets,
         crate::dlq::list,
         crate::dlq::redrive,
         crate::dlq::discard,
@@ -110,6 +111,7 @@ use crate::wire::{
         crate::wire::UsageView, AttemptView, DeploymentView, EventView, PipelineList,
         PipelineView, StageView, HealthView, Problem, FieldError, WorkerView, WorkerList,
         DeadLetterView, DeadLetterPage, WorkerBootstrap, LeaseRequest, WorkerMessageAck,
+        TaskSecretsRequest, TaskSecretsView,
         crate::environments::CreateEnvironmentBody, crate::environments::EnvironmentView,
         crate::environments::EnvironmentPage, crate::environments::ServiceView,
         crate::environments::ServiceList, crate::environments::ServicesOverview,

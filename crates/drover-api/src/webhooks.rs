@@ -1,6 +1,7 @@
 //! `/api/v1/webhooks`: the caller's project's webhook endpoints and their delivery log.
 //! Create one (`{url, kinds?, description?}`: the signing secret is in the answer, once,
-//! and never again), list, show, delete, enable again after it was disabled, send it a
+//! and never again; it is stored sealed by the vault; beyond local mode the URL may not
+//! lead to this machine or a private network, see [`crate::webhook_targets`]), list, show, delete, enable again after it was disabled, send it a
 //! `webhook.test` delivery, read its deliveries (status, attempts, last answer, latency)
 //! and send one again. Another project's endpoint is answered like one that does not
 //! exist (404).
@@ -263,6 +264,21 @@ fn validate(
     }
 }
 
+/// Refuses a URL this server does not send to (`webhook_target_not_allowed`, field
+/// `url`): one leading to this machine or a private network, beyond local mode.
+async fn check_target(state: &AppState, raw: &str) -> Result<(), ApiError> {
+    let field = |message: String| FieldError { field: "url".to_owned(), message };
+    let url = url::Url::parse(raw)
+        .map_err(|err| ApiError::validation(vec![field(format!("is not a valid URL: {err}"))]))?;
+    if state.webhook_targets().private_allowed() {
+        return Ok(());
+    }
+    crate::webhook_targets::check_url(&url).await.map_err(|refused| {
+        ApiError::new(ErrorCode::WebhookTargetNotAllowed, refused.to_string())
+            .with_errors(vec![field(refused.to_string())])
+    })
+}
+
 /// Create a webhook endpoint. The answer holds its signing secret, shown this once.
 #[utoipa::path(
     post, path = "/api/v1/webhooks", tag = "webhooks",
@@ -271,7 +287,7 @@ fn validate(
     responses(
         (status = 201, description = "Created; `secret` is never shown again", body = CreatedWebhookView),
         (status = 409, description = "The project has as many webhooks as allowed", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid URL, kind or description", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid URL, kind or description (`validation_failed`), or a URL leading to this machine or a private network (`webhook_target_not_allowed`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create(
@@ -280,14 +296,23 @@ pub(crate) async fn create(
     ApiJson(body): ApiJson<CreateWebhookBody>,
 ) -> Result<(StatusCode, Json<CreatedWebhookView>), ApiError> {
     let (url, origin, kinds, description) = validate(body)?;
+    check_target(&state, &url).await?;
+    let vault = state.engine().vault().ok_or_else(|| {
+        ApiError::new(ErrorCode::ServiceUnavailable, "this server keeps no secrets (no master key)")
+    })?;
+    let id = WebhookId::new();
     let secret = SigningSecret::generate();
+    let sealed = vault
+        .seal_webhook_secret(&caller.project, id, secret.expose())
+        .map_err(|err| ApiError::new(ErrorCode::Internal, err.to_string()))?;
     let new = NewWebhook {
+        id,
         project_id: caller.project.clone(),
         url,
         origin,
         kinds,
         description,
-        secret: secret.expose().to_owned(),
+        secret: sealed,
     };
     let webhook = state.webhooks().create_webhook(new, &caller.user, now()).await?;
     tracing::info!(project = %caller.project, webhook = %webhook.id, "webhook created");

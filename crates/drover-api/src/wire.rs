@@ -659,6 +659,26 @@ pub struct LeaseRequest {
     pub wait_ms: Option<u64>,
 }
 
+/// `POST /api/v1/tasks/{task_id}/secrets`: what the worker's envelope says of the attempt
+/// it holds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSecretsRequest {
+    /// The envelope's `project_id`.
+    pub project_id: String,
+    /// The envelope's `fencing_token`: the attempt must still be held under it.
+    pub fencing_token: i64,
+}
+
+/// The values of the project's secrets, for the worker holding the attempt. Never cached
+/// (`Cache-Control: no-store`); `Debug` shows names only.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskSecretsView {
+    /// Values by name (environment variable names).
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub secrets: drover_domain::SecretValues,
+}
+
 /// The answer to a worker message sent over HTTP.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WorkerMessageAck {

@@ -1,22 +1,29 @@
-//! Workers: the registry (`GET /workers`) and what external workers use to join a server
-//! whose bus is the embedded one: bootstrap, long-poll leasing, and their messages
-//! (started, heartbeat, finished, ...) relayed onto the server's bus.
+//! Workers: the registry (`GET /workers`) and what external workers use: bootstrap, the
+//! secrets of the attempt a worker holds (whatever bus brought it the task), and, for a
+//! server whose bus is the embedded one, long-poll leasing and their messages (started,
+//! heartbeat, finished, ...) relayed onto the server's bus. Task envelopes, leased or
+//! read from a broker, carry secret names only; values come from `POST
+//! /tasks/{id}/secrets`, to the holder of the attempt alone.
 
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use drover_bus::{TaskEnvelope, WorkerMessage};
-use drover_domain::{AgentType, ErrorCode};
+use drover_domain::{AgentType, AttemptId, ErrorCode, FencingToken, ProjectId};
+use drover_engine::SecretsRequest;
 use futures::StreamExt;
 
 use crate::auth::WorkerCaller;
 use crate::error::{ApiError, FieldError, Problem};
 use crate::extract::ApiJson;
 use crate::openapi::InProject;
-use crate::wire::{LeaseRequest, WorkerBootstrap, WorkerList, WorkerMessageAck, WorkerView};
+use crate::wire::{
+    LeaseRequest, TaskSecretsRequest, TaskSecretsView, WorkerBootstrap, WorkerList,
+    WorkerMessageAck, WorkerView,
+};
 use crate::{AppState, Caller};
 
 /// The longest a lease request may wait.
@@ -163,4 +170,47 @@ pub(crate) async fn worker_message(
         _ => false,
     };
     Ok((StatusCode::ACCEPTED, Json(WorkerMessageAck { cancel })))
+}
+
+/// The values of the project's secrets, for the worker holding the attempt `{id}`: it must
+/// be dispatched or running under exactly `fencing_token`, in `project_id`, of an agent
+/// type the worker's service token allows. Every read is audited (`secret.read`, by
+/// `worker NAME`); the answer is never cached.
+#[utoipa::path(
+    post, path = "/api/v1/tasks/{id}/secrets", tag = "workers",
+    params(("id" = String, Path, description = "The task (attempt) id")),
+    request_body = TaskSecretsRequest,
+    responses(
+        (status = 200, description = "The values, by name (`Cache-Control: no-store`)", body = TaskSecretsView),
+        (status = 403, description = "A user's credential, or a worker token that does not allow the attempt's agent type", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such attempt in that project", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The attempt is no longer held under that fencing token (`stale_attempt`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn task_secrets(
+    State(state): State<AppState>,
+    WorkerCaller(worker): WorkerCaller,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<TaskSecretsRequest>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(ErrorCode::AttemptNotFound, format!("no attempt {id}"));
+    let attempt: AttemptId = id.parse().map_err(|_| not_found())?;
+    let project = ProjectId::parse(request.project_id.as_str()).map_err(|_| not_found())?;
+    let reader = format!("worker {}", worker.worker);
+    let secrets = state
+        .engine()
+        .attempt_secrets(
+            &SecretsRequest {
+                attempt,
+                project: &project,
+                token: FencingToken(request.fencing_token),
+                reader: &reader,
+            },
+            |agent| worker.may_run(agent),
+        )
+        .await?;
+    tracing::info!(%attempt, worker = %worker.worker, count = secrets.len(), "attempt secrets read");
+    let mut response = Json(TaskSecretsView { secrets }).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }

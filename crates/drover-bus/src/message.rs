@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use drover_domain::{
-    AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId,
-    SecretValues, StageName, StagePolicy, Timestamp, WorkerId, WorkerProfile,
+    AgentType, AttemptId, CorrelationId, FencingToken, PipelineName, ProjectId, RunId, StageName,
+    StagePolicy, Timestamp, WorkerId, WorkerProfile,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,10 +51,12 @@ pub struct WorkflowContext {
     /// copied into the attempt's artifacts by the worker.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output_files: Vec<String>,
-    /// The project's secrets, decrypted, for the agent's processes; the worker redacts
-    /// their values from everything the attempt leaves. `Debug` shows names only.
-    #[serde(default, skip_serializing_if = "SecretValues::is_empty")]
-    pub secrets: SecretValues,
+    /// The names of the project's secrets, never their values: the broker carries this
+    /// envelope in clear. The worker fetches the values when it runs the attempt (from the
+    /// vault in a server, over the authenticated API in `drover worker`), hands them to the
+    /// agent's processes and redacts them from everything the attempt leaves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_names: Vec<String>,
 }
 
 /// How an agent's work ended.

@@ -1,6 +1,7 @@
 //! `[webhooks]`: how deliveries to webhook endpoints are sent and retried, and what
 //! happens to an endpoint that keeps failing (its circuit breaker opens, then it is
-//! disabled). Endpoints themselves are data, made through the API.
+//! disabled), and whether endpoints may be private addresses. Endpoints themselves are
+//! data, made through the API.
 
 use std::time::Duration;
 
@@ -35,6 +36,12 @@ pub struct WebhooksConfig {
     pub poll_interval: Duration,
     /// Attempts in flight at once, over all endpoints.
     pub concurrency: u32,
+    /// Whether endpoints may be on this machine or a private network (loopback, RFC 1918,
+    /// link-local, carrier-grade NAT, unique-local, …) when the server is not in local
+    /// mode. Off: such URLs are refused when an endpoint is made and every address a
+    /// delivery would connect to is checked (SSRF). Local mode (loopback, no users)
+    /// always allows them.
+    pub allow_private_targets: bool,
 }
 
 impl Default for WebhooksConfig {
@@ -49,6 +56,7 @@ impl Default for WebhooksConfig {
             request_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
             concurrency: 16,
+            allow_private_targets: false,
         }
     }
 }

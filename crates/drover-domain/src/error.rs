@@ -137,6 +137,14 @@ pub enum ErrorCode {
     WebhookQuotaExceeded,
     /// The webhook endpoint is disabled; enable it first.
     WebhookDisabled,
+    /// The webhook URL leads to this machine or a private network, which this server does
+    /// not send to (`[webhooks] allow_private_targets`).
+    WebhookTargetNotAllowed,
+    /// No stage attempt with that id (in that project).
+    AttemptNotFound,
+    /// The attempt is no longer held under that fencing token (it was handed to another
+    /// worker, retried or ended).
+    StaleAttempt,
     /// No chat session with that id is visible to the caller.
     ChatSessionNotFound,
     /// The chat cannot start: no `llm` agent of that name (or none at all) is configured.
@@ -202,6 +210,9 @@ impl ErrorCode {
             Self::WebhookDeliveryNotFound => "webhook_delivery_not_found",
             Self::WebhookQuotaExceeded => "webhook_quota_exceeded",
             Self::WebhookDisabled => "webhook_disabled",
+            Self::WebhookTargetNotAllowed => "webhook_target_not_allowed",
+            Self::AttemptNotFound => "attempt_not_found",
+            Self::StaleAttempt => "stale_attempt",
             Self::ChatSessionNotFound => "chat_session_not_found",
             Self::NoChatAgent => "no_chat_agent",
             Self::ChatReplyInProgress => "chat_reply_in_progress",

@@ -6,6 +6,7 @@
 //! the engine, the workers and the API. Illegal state transitions are rejected here with a
 //! typed [`TransitionError`]; nothing downstream writes a status without asking.
 
+mod address;
 mod agent;
 mod budget;
 mod chat;
@@ -27,6 +28,7 @@ mod time;
 mod webhook;
 mod worker;
 
+pub use address::{is_loopback_name, non_public_range};
 pub use agent::{
     AgentDefinition, AgentRunner, BUILTIN_AGENTS, CommandAgent, LlmAgent, LlmProvider,
 };

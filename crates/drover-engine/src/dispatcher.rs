@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use drover_bus::{BusError, TaskEnvelope, WorkflowContext};
-use drover_domain::{AttemptId, ProjectId, RunId, SecretValues, StageAttempt};
-use drover_secrets::{Reveal, VaultError};
+use drover_domain::{AttemptId, ProjectId, RunId, StageAttempt};
+use drover_secrets::VaultError;
 use drover_store::StoreError;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -98,8 +98,8 @@ async fn release(engine: &Engine, attempts: Vec<AttemptId>) {
 }
 
 /// Builds the envelopes of a batch with three queries, however large the batch (runs,
-/// outputs, and the secrets of the batch's projects, whose reads are audited in one
-/// transaction).
+/// outputs, and the names of the batch's projects' secrets: never their values, which the
+/// worker fetches when it runs the attempt).
 pub(crate) async fn envelopes(
     engine: &Engine,
     due: &[StageAttempt],
@@ -113,7 +113,7 @@ pub(crate) async fn envelopes(
     for (run, stage, output) in engine.store.succeeded_outputs(&run_ids).await? {
         outputs.entry(run).or_default().insert(stage.to_string(), output);
     }
-    let secrets = project_secrets(engine, due).await?;
+    let secret_names = secret_names(engine, due).await?;
     due.iter()
         .map(|attempt| {
             let run = runs.get(&attempt.run_id).ok_or_else(|| {
@@ -152,7 +152,10 @@ pub(crate) async fn envelopes(
                     variables: run.variables.clone(),
                     policy: stage.map(|s| s.policy.clone()).unwrap_or_default(),
                     output_files: stage.map(|s| s.outputs.clone()).unwrap_or_default(),
-                    secrets: secrets.get(&attempt.project_id).cloned().unwrap_or_default(),
+                    secret_names: secret_names
+                        .get(&attempt.project_id)
+                        .cloned()
+                        .unwrap_or_default(),
                 },
                 deadline: attempt.deadline_at,
                 correlation_id: run.correlation_id,
@@ -162,24 +165,17 @@ pub(crate) async fn envelopes(
         .collect()
 }
 
-/// The secrets of the projects of `due`, opened by the engine's vault (none without one).
-async fn project_secrets(
+/// The names of the secrets of the projects of `due` (none without a vault).
+async fn secret_names(
     engine: &Engine,
     due: &[StageAttempt],
-) -> Result<HashMap<ProjectId, SecretValues>, StoreError> {
+) -> Result<HashMap<ProjectId, Vec<String>>, StoreError> {
     let Some(vault) = engine.vault() else { return Ok(HashMap::new()) };
-    let reveals: Vec<Reveal> = due
-        .iter()
-        .map(|attempt| Reveal {
-            project: attempt.project_id.clone(),
-            purpose: format!(
-                "run {} stage {} attempt {}",
-                attempt.run_id, attempt.stage, attempt.attempt
-            ),
-        })
-        .collect();
-    vault.reveal(&reveals).await.map_err(|err| match err {
+    let mut projects: Vec<ProjectId> = due.iter().map(|a| a.project_id.clone()).collect();
+    projects.sort();
+    projects.dedup();
+    vault.names(&projects).await.map_err(|err| match err {
         VaultError::Store(err) => err,
-        other => StoreError::Corrupt(format!("opening project secrets: {other}")),
+        other => StoreError::Corrupt(format!("listing project secrets: {other}")),
     })
 }

@@ -13,6 +13,7 @@ pub mod leadership;
 mod reaper;
 mod reconciler;
 mod results;
+mod secrets;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,10 +29,27 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use secrets::SecretsRequest;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("pipeline `{name}` does not exist; known pipelines: {known}")]
     UnknownPipeline { name: String, known: String },
+    #[error("no attempt {0}")]
+    AttemptNotFound(AttemptId),
+    #[error("this worker may not run agent type `{0}`")]
+    AgentNotAllowed(drover_domain::AgentType),
+    #[error(
+        "attempt {attempt} is not held under fencing token {token} (it is {status} under token {current})"
+    )]
+    StaleAttempt {
+        attempt: AttemptId,
+        token: drover_domain::FencingToken,
+        current: drover_domain::FencingToken,
+        status: drover_domain::StageStatus,
+    },
+    #[error("the project's secrets cannot be opened: {0}")]
+    SecretsUnavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,7 +109,8 @@ pub struct Engine {
     settings: EngineSettings,
     /// Wakes the dispatcher when an attempt became due.
     dispatch_wanted: Notify,
-    /// Project secrets, opened for each dispatched task; none without a vault.
+    /// Project secrets: their names travel with each dispatched task, their values go to
+    /// the worker holding it ([`Engine::attempt_secrets`]); none without a vault.
     vault: Option<Arc<drover_secrets::Vault>>,
     /// Whether this server holds the leader lease now.
     leader: tokio::sync::watch::Sender<bool>,
@@ -133,8 +152,8 @@ impl Engine {
         self.leader.subscribe()
     }
 
-    /// Hands every dispatched task its project's secrets, opened by `vault` (which the
-    /// API also uses to set them).
+    /// Gives dispatched tasks the names of their project's secrets and their workers the
+    /// values, through `vault` (which the API also uses to set them).
     #[must_use]
     pub fn with_vault(mut self, vault: Arc<drover_secrets::Vault>) -> Self {
         self.vault = Some(vault);

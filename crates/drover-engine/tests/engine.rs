@@ -158,6 +158,7 @@ impl Harness {
                 concurrency: 2,
                 heartbeat_interval: HEARTBEAT,
                 kind: "embedded".into(),
+                secrets: None,
             },
         )
     }

@@ -1,7 +1,9 @@
 //! Sealing and opening secret values: XChaCha20-Poly1305 (an AEAD with a 192-bit nonce,
 //! so a random nonce per value is safe however many values are sealed) under a 256-bit
-//! master key. The project and the secret's name are the associated data: a sealed value
-//! copied to another name or project fails to open instead of leaking under a new name.
+//! master key. Where the value belongs (a [`Place`]: a project secret by project and name,
+//! or a webhook endpoint's signing secret by project and endpoint) is the associated data:
+//! a sealed value copied to another place fails to open instead of leaking under a new
+//! name.
 //! Each sealed value records the id of its key, a fingerprint that names the key without
 //! revealing it, so a [`Keyring`] holding the current and the previous key can open
 //! everything during a rotation.
@@ -11,7 +13,7 @@ use std::fmt;
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use drover_domain::{ProjectId, SecretName};
+use drover_domain::{ProjectId, SecretName, WebhookId};
 use rand::RngCore;
 use sha2::Digest;
 use zeroize::Zeroizing;
@@ -23,17 +25,54 @@ pub const NONCE_BYTES: usize = 24;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CryptoError {
-    #[error("secret `{name}` is sealed with key {key_id}, which is not loaded")]
-    UnknownKey { name: String, key_id: String },
-    /// Wrong key, a changed ciphertext, nonce, project or name: the AEAD refuses all alike.
-    #[error("secret `{name}` does not open: it was tampered with or sealed for another place")]
-    Tampered { name: String },
-    #[error("secret `{name}` opened to something that is not text")]
-    NotText { name: String },
-    #[error("sealing secret `{name}` failed")]
-    Seal { name: String },
+    #[error("{what} is sealed with key {key_id}, which is not loaded")]
+    UnknownKey { what: String, key_id: String },
+    /// Wrong key, a changed ciphertext, nonce, or place: the AEAD refuses all alike.
+    #[error("{what} does not open: it was tampered with or sealed for another place")]
+    Tampered { what: String },
+    #[error("{what} opened to something that is not text")]
+    NotText { what: String },
+    #[error("sealing {what} failed")]
+    Seal { what: String },
     #[error("not a master key: expected {KEY_BYTES} bytes as 64 hex digits or base64 ({reason})")]
     BadKey { reason: String },
+}
+
+/// What a sealed value belongs to. It is bound into the value (the associated data), so a
+/// value moved to another place does not open.
+#[derive(Debug, Clone, Copy)]
+pub enum Place<'a> {
+    /// A project secret.
+    Secret { project: &'a ProjectId, name: &'a SecretName },
+    /// The signing secret of a webhook endpoint.
+    WebhookSigning { project: &'a ProjectId, webhook: WebhookId },
+}
+
+impl Place<'_> {
+    /// Binds a sealed value to its place. No part can hold a NUL, so the encoding is
+    /// unambiguous; each kind of place has its own prefix.
+    fn associated_data(&self) -> Vec<u8> {
+        match self {
+            Self::Secret { project, name } => {
+                format!("drover-secret/v1\0{}\0{}", project.as_str(), name.as_str())
+            }
+            Self::WebhookSigning { project, webhook } => {
+                format!("drover-webhook-signing/v1\0{}\0{webhook}", project.as_str())
+            }
+        }
+        .into_bytes()
+    }
+}
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret { name, .. } => write!(f, "secret `{name}`"),
+            Self::WebhookSigning { webhook, .. } => {
+                write!(f, "the signing secret of webhook {webhook}")
+            }
+        }
+    }
 }
 
 /// Names a master key: the first 8 bytes of a SHA-256 of it, in hex. Safe to store and
@@ -180,56 +219,44 @@ impl Keyring {
         self.previous.iter().map(|key| key.id.clone()).collect()
     }
 
-    /// Seals `value` for `name` in `project` with the current key and a fresh nonce.
-    pub fn seal(
-        &self,
-        project: &ProjectId,
-        name: &SecretName,
-        value: &str,
-    ) -> Result<Sealed, CryptoError> {
+    /// Seals `value` for `place` with the current key and a fresh nonce.
+    pub fn seal(&self, place: Place<'_>, value: &str) -> Result<Sealed, CryptoError> {
         let mut nonce = [0_u8; NONCE_BYTES];
         rand::rng().fill_bytes(&mut nonce);
-        let aad = associated_data(project, name);
+        let aad = place.associated_data();
         let ciphertext = self
             .current
             .cipher()
             .encrypt(&XNonce::from(nonce), Payload { msg: value.as_bytes(), aad: &aad })
-            .map_err(|_| CryptoError::Seal { name: name.to_string() })?;
+            .map_err(|_| CryptoError::Seal { what: place.to_string() })?;
         Ok(Sealed { key_id: self.current.id.0.clone(), nonce: nonce.to_vec(), ciphertext })
     }
 
-    /// Opens a value sealed for `name` in `project`, with whichever loaded key sealed it.
+    /// Opens a value sealed for `place`, with whichever loaded key sealed it.
     pub fn open(
         &self,
-        project: &ProjectId,
-        name: &SecretName,
+        place: Place<'_>,
         sealed: &Sealed,
     ) -> Result<Zeroizing<String>, CryptoError> {
         let key = std::iter::once(&self.current)
             .chain(&self.previous)
             .find(|key| key.id.0 == sealed.key_id)
             .ok_or_else(|| CryptoError::UnknownKey {
-                name: name.to_string(),
+                what: place.to_string(),
                 key_id: sealed.key_id.clone(),
             })?;
-        let tampered = || CryptoError::Tampered { name: name.to_string() };
+        let tampered = || CryptoError::Tampered { what: place.to_string() };
         let nonce: [u8; NONCE_BYTES] =
             sealed.nonce.as_slice().try_into().map_err(|_| tampered())?;
-        let aad = associated_data(project, name);
+        let aad = place.associated_data();
         let plain = key
             .cipher()
             .decrypt(&XNonce::from(nonce), Payload { msg: &sealed.ciphertext, aad: &aad })
             .map_err(|_| tampered())?;
         String::from_utf8(plain)
             .map(Zeroizing::new)
-            .map_err(|_| CryptoError::NotText { name: name.to_string() })
+            .map_err(|_| CryptoError::NotText { what: place.to_string() })
     }
-}
-
-/// Binds a sealed value to its place. Neither part can hold a NUL, so the encoding is
-/// unambiguous.
-fn associated_data(project: &ProjectId, name: &SecretName) -> Vec<u8> {
-    format!("drover-secret/v1\0{}\0{}", project.as_str(), name.as_str()).into_bytes()
 }
 
 #[cfg(test)]
@@ -244,12 +271,17 @@ mod tests {
     fn a_sealed_value_opens_to_itself_and_hides_it() {
         let (project, name) = place();
         let keys = Keyring::new(MasterKey::generate());
-        let sealed = keys.seal(&project, &name, "tok-0123456789").unwrap();
+        let sealed =
+            keys.seal(Place::Secret { project: &project, name: &name }, "tok-0123456789").unwrap();
         assert_eq!(sealed.key_id, keys.current().id().as_str());
         assert_eq!(sealed.nonce.len(), NONCE_BYTES);
         assert!(!sealed.ciphertext.windows(8).any(|w| w == b"tok-0123"));
-        assert_eq!(keys.open(&project, &name, &sealed).unwrap().as_str(), "tok-0123456789");
-        let again = keys.seal(&project, &name, "tok-0123456789").unwrap();
+        assert_eq!(
+            keys.open(Place::Secret { project: &project, name: &name }, &sealed).unwrap().as_str(),
+            "tok-0123456789"
+        );
+        let again =
+            keys.seal(Place::Secret { project: &project, name: &name }, "tok-0123456789").unwrap();
         assert_ne!(again.nonce, sealed.nonce, "a nonce was reused");
         assert_ne!(again.ciphertext, sealed.ciphertext);
     }
@@ -258,29 +290,69 @@ mod tests {
     fn a_wrong_key_a_tampered_value_or_another_place_is_refused() {
         let (project, name) = place();
         let keys = Keyring::new(MasterKey::generate());
-        let sealed = keys.seal(&project, &name, "tok-0123456789").unwrap();
+        let sealed =
+            keys.seal(Place::Secret { project: &project, name: &name }, "tok-0123456789").unwrap();
 
         let other = Keyring::new(MasterKey::generate());
         assert!(matches!(
-            other.open(&project, &name, &sealed),
+            other.open(Place::Secret { project: &project, name: &name }, &sealed),
             Err(CryptoError::UnknownKey { .. })
         ));
         // A different key claiming the same id still fails authentication.
         let mut forged = sealed.clone();
         forged.key_id = other.current().id().to_string();
-        assert!(matches!(other.open(&project, &name, &forged), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(
+            other.open(Place::Secret { project: &project, name: &name }, &forged),
+            Err(CryptoError::Tampered { .. })
+        ));
 
         let mut flipped = sealed.clone();
         flipped.ciphertext[0] ^= 1;
-        assert!(matches!(keys.open(&project, &name, &flipped), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(
+            keys.open(Place::Secret { project: &project, name: &name }, &flipped),
+            Err(CryptoError::Tampered { .. })
+        ));
         let mut renonced = sealed.clone();
         renonced.nonce[0] ^= 1;
-        assert!(matches!(keys.open(&project, &name, &renonced), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(
+            keys.open(Place::Secret { project: &project, name: &name }, &renonced),
+            Err(CryptoError::Tampered { .. })
+        ));
 
         let moved = SecretName::parse("OTHER_NAME").unwrap();
-        assert!(matches!(keys.open(&project, &moved, &sealed), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(
+            keys.open(Place::Secret { project: &project, name: &moved }, &sealed),
+            Err(CryptoError::Tampered { .. })
+        ));
         let elsewhere = ProjectId::parse("elsewhere").unwrap();
-        assert!(matches!(keys.open(&elsewhere, &name, &sealed), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(
+            keys.open(Place::Secret { project: &elsewhere, name: &name }, &sealed),
+            Err(CryptoError::Tampered { .. })
+        ));
+    }
+
+    #[test]
+    fn a_webhook_signing_secret_opens_for_its_endpoint_only() {
+        let (project, name) = place();
+        let keys = Keyring::new(MasterKey::generate());
+        let webhook = WebhookId::new();
+        let signing = Place::WebhookSigning { project: &project, webhook };
+        let sealed = keys.seal(signing, "whsec_0123456789").unwrap();
+        assert_eq!(keys.open(signing, &sealed).unwrap().as_str(), "whsec_0123456789");
+        let other = Place::WebhookSigning { project: &project, webhook: WebhookId::new() };
+        let as_secret = Place::Secret { project: &project, name: &name };
+        for wrong in [other, as_secret] {
+            let err = keys.open(wrong, &sealed).unwrap_err();
+            assert!(matches!(err, CryptoError::Tampered { .. }), "{err}");
+        }
+        let err = Keyring::new(MasterKey::generate()).open(signing, &sealed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the signing secret of webhook {webhook} is sealed with key {}, which is not loaded",
+                sealed.key_id
+            )
+        );
     }
 
     #[test]
@@ -288,11 +360,21 @@ mod tests {
         let (project, name) = place();
         let old = MasterKey::generate();
         let old_copy = MasterKey::parse(&old.encode()).unwrap();
-        let sealed = Keyring::new(old).seal(&project, &name, "tok-0123456789").unwrap();
+        let sealed = Keyring::new(old)
+            .seal(Place::Secret { project: &project, name: &name }, "tok-0123456789")
+            .unwrap();
 
         let rotated = Keyring::new(MasterKey::generate()).with_previous(old_copy);
-        assert_eq!(rotated.open(&project, &name, &sealed).unwrap().as_str(), "tok-0123456789");
-        let resealed = rotated.seal(&project, &name, "tok-0123456789").unwrap();
+        assert_eq!(
+            rotated
+                .open(Place::Secret { project: &project, name: &name }, &sealed)
+                .unwrap()
+                .as_str(),
+            "tok-0123456789"
+        );
+        let resealed = rotated
+            .seal(Place::Secret { project: &project, name: &name }, "tok-0123456789")
+            .unwrap();
         assert_eq!(resealed.key_id, rotated.current().id().as_str());
         assert_ne!(resealed.key_id, sealed.key_id);
         assert_eq!(rotated.previous_ids().len(), 1);

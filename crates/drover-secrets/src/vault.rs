@@ -1,24 +1,27 @@
-//! The vault: project secrets as the API, the engine and environments use them. It
-//! validates and seals values before they reach the store, lists names (never values), and
-//! opens a batch of projects' secrets in one query (for the dispatcher, or for a service
-//! of an environment as it starts), recording each read, by whom and what for, in the
-//! audit log before any value leaves. Key rotation ([`rotate`]) re-seals every secret in
-//! one transaction.
+//! The vault: project secrets as the API, the engine, workers and environments use them.
+//! It validates and seals values before they reach the store, lists names (never values,
+//! what a dispatched task carries), and opens a project's secrets (for the worker running
+//! an attempt, or for a service of an environment as it starts), recording each read, by
+//! whom and what for, in the audit log before any value leaves. Webhook endpoints'
+//! signing secrets are sealed and opened here too. Key rotation ([`rotate`]) re-seals
+//! every sealed value in one transaction.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use drover_domain::{
-    ProjectId, SecretName, SecretValues, Timestamp, ValidationError, validate_secret_value,
+    ProjectId, SecretName, SecretValues, Timestamp, ValidationError, WebhookId,
+    validate_secret_value,
 };
-use drover_store::{SealedSecret, SecretMeta, SecretRead, SecretStore, StoreError};
+use drover_store::{
+    Resealed, SealedSecret, SealedValue, SealedWebhookSecret, SecretMeta, SecretRead, SecretStore,
+    StoreError,
+};
+use zeroize::Zeroizing;
 
-use crate::crypto::{CryptoError, KeyId, Keyring, MasterKey, Sealed};
+use crate::crypto::{CryptoError, KeyId, Keyring, MasterKey, Place, Sealed};
 use crate::keys::{self, KeyError, KeyOrigin, KeySource};
-
-/// Who reads secrets when tasks are dispatched.
-pub const ENGINE_ACTOR: &str = "engine";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -90,7 +93,7 @@ impl Vault {
         let Some(name) = name.filter(|_| errors.is_empty()) else {
             return Err(VaultError::Invalid(errors));
         };
-        let sealed = self.keys.seal(project, &name, value)?;
+        let sealed = self.keys.seal(Place::Secret { project, name: &name }, value)?;
         let row = SealedSecret {
             project_id: project.clone(),
             name,
@@ -119,20 +122,25 @@ impl Vault {
         }
     }
 
-    /// The secrets of the projects these tasks belong to, opened, with one query for the
-    /// whole batch. Every value handed out is first recorded in the audit log (one
-    /// `secret.read` per task and secret, in one transaction); nothing is returned if
-    /// that fails. A secret that does not open (its key is gone, it was tampered with)
-    /// is left out and reported in the server log by name.
-    pub async fn reveal(
+    /// The names of these projects' secrets (what a dispatched task carries), with one
+    /// query; a project without secrets is absent.
+    pub async fn names(
         &self,
-        reveals: &[Reveal],
-    ) -> Result<HashMap<ProjectId, SecretValues>, VaultError> {
-        self.reveal_as(ENGINE_ACTOR, reveals).await
+        projects: &[ProjectId],
+    ) -> Result<HashMap<ProjectId, Vec<String>>, VaultError> {
+        let mut names: HashMap<ProjectId, Vec<String>> = HashMap::new();
+        for (project, name) in self.store.secret_names(projects).await? {
+            names.entry(project).or_default().push(name.to_string());
+        }
+        Ok(names)
     }
 
-    /// [`Vault::reveal`] on behalf of `actor` (what the audit log records as the reader,
-    /// e.g. `environment dev` for the services of that environment).
+    /// The secrets of the projects these tasks (or services) belong to, opened, with one
+    /// query for the whole batch, on behalf of `actor` (what the audit log records as the
+    /// reader: `worker w1`, `environment dev`). Every value handed out is first recorded in
+    /// the audit log (one `secret.read` per reveal and secret, in one transaction); nothing
+    /// is returned if that fails. A secret that does not open (its key is gone, it was
+    /// tampered with) is left out and reported in the server log by name.
     pub async fn reveal_as(
         &self,
         actor: &str,
@@ -152,7 +160,8 @@ impl Vault {
                 nonce: secret.nonce,
                 ciphertext: secret.ciphertext,
             };
-            match self.keys.open(&secret.project_id, &secret.name, &parts) {
+            let place = Place::Secret { project: &secret.project_id, name: &secret.name };
+            match self.keys.open(place, &parts) {
                 Ok(value) => {
                     opened
                         .entry(secret.project_id)
@@ -188,6 +197,58 @@ impl Vault {
             .map(|(project, values)| (project, SecretValues::new(values)))
             .collect())
     }
+
+    /// Seals a webhook endpoint's signing secret for it.
+    pub fn seal_webhook_secret(
+        &self,
+        project: &ProjectId,
+        webhook: WebhookId,
+        secret: &str,
+    ) -> Result<SealedValue, VaultError> {
+        Ok(stored(self.keys.seal(Place::WebhookSigning { project, webhook }, secret)?))
+    }
+
+    /// Opens a webhook endpoint's signing secret, to sign a delivery with.
+    pub fn open_webhook_secret(
+        &self,
+        project: &ProjectId,
+        webhook: WebhookId,
+        sealed: &SealedValue,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        Ok(self.keys.open(Place::WebhookSigning { project, webhook }, &parts(sealed))?)
+    }
+
+    /// Seals the plaintext signing secret of every endpoint made before they were sealed,
+    /// and removes the plaintext (a server does this once, before it serves). Returns how
+    /// many.
+    pub async fn seal_plaintext_webhook_secrets(&self) -> Result<u64, VaultError> {
+        seal_plaintext(&self.store, &self.keys).await
+    }
+}
+
+/// Seals every plaintext webhook signing secret left from before they were sealed, under
+/// `keyring`'s current key.
+async fn seal_plaintext(
+    store: &Arc<dyn SecretStore>,
+    keyring: &Keyring,
+) -> Result<u64, VaultError> {
+    let seal = |project: &ProjectId, webhook: WebhookId, plaintext: &str| {
+        let place = Place::WebhookSigning { project, webhook };
+        keyring.seal(place, plaintext).map(stored).map_err(|err| err.to_string())
+    };
+    Ok(store.seal_plaintext_webhook_secrets(&seal).await?)
+}
+
+fn parts(sealed: &SealedValue) -> Sealed {
+    Sealed {
+        key_id: sealed.key_id.clone(),
+        nonce: sealed.nonce.clone(),
+        ciphertext: sealed.ciphertext.clone(),
+    }
+}
+
+fn stored(sealed: Sealed) -> SealedValue {
+    SealedValue { key_id: sealed.key_id, nonce: sealed.nonce, ciphertext: sealed.ciphertext }
 }
 
 /// What a key rotation did.
@@ -200,16 +261,21 @@ pub struct Rotation {
     pub old_keys: Vec<KeyId>,
     /// Secrets sealed anew under the new key.
     pub resealed: u64,
-    /// Secrets re-sealed first to finish a rotation that had been interrupted.
+    /// Webhook endpoints' signing secrets sealed anew under the new key.
+    pub resealed_webhook_secrets: u64,
+    /// Values (secrets and signing secrets) re-sealed first to finish a rotation that had
+    /// been interrupted.
     pub finished_interrupted: Option<u64>,
 }
 
 /// Rotates the master key: a new key is made and written to the key file (the current one
-/// kept as `master.key.old` until every secret is sealed anew), every secret of every
-/// project is re-sealed under it in one transaction, and the old key file is removed. A
-/// rotation interrupted earlier is finished first. With keys from the environment no file
-/// is written: every secret is re-sealed under `DROVER_MASTER_KEY`, opening old values
-/// with `DROVER_MASTER_KEY_OLD` (or the key file), which must differ from it.
+/// kept as `master.key.old` until every value is sealed anew), every secret of every
+/// project and every webhook endpoint's signing secret is re-sealed under it in one
+/// transaction, and the old key file is removed. A rotation interrupted earlier is
+/// finished first. With keys from the environment no file is written: every value is
+/// re-sealed under `DROVER_MASTER_KEY`, opening old values with `DROVER_MASTER_KEY_OLD`
+/// (or the key file), which must differ from it. Plaintext signing secrets left from
+/// before they were sealed are sealed first.
 ///
 /// Only one process may use the store's secrets meanwhile: run it with the server stopped.
 pub async fn rotate(
@@ -233,7 +299,8 @@ pub async fn rotate(
             origin: KeyOrigin::Env,
             new_key,
             old_keys,
-            resealed,
+            resealed: resealed.secrets,
+            resealed_webhook_secrets: resealed.webhook_secrets,
             finished_interrupted: None,
         });
     }
@@ -242,7 +309,8 @@ pub async fn rotate(
     if source.has_old_key_file() {
         // A rotation stopped half way: seal everything under the current key, so the old
         // key file may go, before rotating again.
-        finished_interrupted = Some(reseal_all(&store, &keyring, actor).await?);
+        let resealed = reseal_all(&store, &keyring, actor).await?;
+        finished_interrupted = Some(resealed.secrets + resealed.webhook_secrets);
         let old = source.old_key_file();
         blocking(move || keys::remove_key(&old)).await??;
     }
@@ -268,25 +336,29 @@ pub async fn rotate(
         origin: source.origin(),
         new_key: new_id,
         old_keys: vec![old_id],
-        resealed,
+        resealed: resealed.secrets,
+        resealed_webhook_secrets: resealed.webhook_secrets,
         finished_interrupted,
     })
 }
 
-/// Re-seals every secret under `keyring`'s current key, in one transaction.
+/// Re-seals every secret and webhook signing secret under `keyring`'s current key, in one
+/// transaction (plaintext signing secrets are sealed first).
 async fn reseal_all(
     store: &Arc<dyn SecretStore>,
     keyring: &Keyring,
     actor: &str,
-) -> Result<u64, VaultError> {
+) -> Result<Resealed, VaultError> {
+    seal_plaintext(store, keyring).await?;
     let reseal = |old: &SealedSecret| -> Result<SealedSecret, String> {
         let parts = Sealed {
             key_id: old.key_id.clone(),
             nonce: old.nonce.clone(),
             ciphertext: old.ciphertext.clone(),
         };
-        let value = keyring.open(&old.project_id, &old.name, &parts).map_err(|e| e.to_string())?;
-        let sealed = keyring.seal(&old.project_id, &old.name, &value).map_err(|e| e.to_string())?;
+        let place = Place::Secret { project: &old.project_id, name: &old.name };
+        let value = keyring.open(place, &parts).map_err(|e| e.to_string())?;
+        let sealed = keyring.seal(place, &value).map_err(|e| e.to_string())?;
         Ok(SealedSecret {
             project_id: old.project_id.clone(),
             name: old.name.clone(),
@@ -295,7 +367,12 @@ async fn reseal_all(
             ciphertext: sealed.ciphertext,
         })
     };
-    Ok(store.reseal_secrets(&reseal, actor, now()).await?)
+    let reseal_webhook = |old: &SealedWebhookSecret| -> Result<SealedValue, String> {
+        let place = Place::WebhookSigning { project: &old.project_id, webhook: old.webhook_id };
+        let value = keyring.open(place, &parts(&old.sealed)).map_err(|e| e.to_string())?;
+        keyring.seal(place, &value).map(stored).map_err(|e| e.to_string())
+    };
+    Ok(store.reseal_secrets(&reseal, &reseal_webhook, actor, now()).await?)
 }
 
 async fn blocking<T: Send + 'static>(

@@ -1,15 +1,20 @@
 //! The vault over a real SQLite store: values are stored sealed, listed without values,
 //! validated, audited when read, and re-sealed by key rotation (also one that was
-//! interrupted, and with keys from the environment).
+//! interrupted, and with keys from the environment) together with webhook endpoints'
+//! signing secrets, which open for their endpoint only.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_domain::WebhookId;
 use drover_domain::{ProjectId, SecretName};
 use drover_secrets::{
     KeyError, KeyOrigin, KeySource, MasterKey, Reveal, Vault, VaultError, rotate,
 };
-use drover_store::{EnvironmentStore, SecretStore, SqliteStore, SqliteStoreOptions};
+use drover_store::{
+    EnvironmentStore, NewDelivery, NewWebhook, SealedValue, SecretStore, SqliteStore,
+    SqliteStoreOptions, WebhookStore,
+};
 
 const VALUE: &str = "tok-0123456789abcdef";
 
@@ -35,10 +40,10 @@ fn project() -> ProjectId {
     ProjectId::default_project()
 }
 
-/// The project's secrets opened (as the dispatcher gets them).
+/// The project's secrets opened (as a worker running an attempt gets them).
 async fn opened(vault: &Vault) -> Vec<(String, String)> {
     let reveal = Reveal { project: project(), purpose: "test".to_owned() };
-    let mut values = vault.reveal(&[reveal]).await.unwrap();
+    let mut values = vault.reveal_as("worker w1", &[reveal]).await.unwrap();
     let values = values.remove(&project()).unwrap_or_default();
     values.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
@@ -68,7 +73,10 @@ async fn a_secret_is_stored_sealed_listed_without_its_value_and_read_with_an_aud
     assert_eq!(opened(&vault).await, [("MY_TOKEN".to_owned(), "tok-replaced-value".to_owned())]);
     // Another project sees nothing.
     let other = Reveal { project: ProjectId::parse("other").unwrap(), purpose: "x".to_owned() };
-    assert!(vault.reveal(&[other]).await.unwrap().is_empty());
+    assert!(vault.reveal_as("worker w1", &[other]).await.unwrap().is_empty());
+    let names = vault.names(&[project(), ProjectId::parse("other").unwrap()]).await.unwrap();
+    assert_eq!(names.len(), 1, "a project without secrets has no names");
+    assert_eq!(names[&project()], ["MY_TOKEN"]);
 
     let audit = store.list_audit(&project(), 10).await.unwrap();
     let actions: Vec<(&str, &str, &str)> =
@@ -76,7 +84,7 @@ async fn a_secret_is_stored_sealed_listed_without_its_value_and_read_with_an_aud
     assert_eq!(
         actions,
         [
-            ("engine", "secret.read", "MY_TOKEN"),
+            ("worker w1", "secret.read", "MY_TOKEN"),
             ("alice", "secret.set", "MY_TOKEN"),
             ("alice", "secret.set", "MY_TOKEN"),
         ]
@@ -133,12 +141,15 @@ async fn rotation_reseals_every_secret_under_a_new_key_and_the_old_key_no_longer
     sqlx_insert_project(&dir, &elsewhere).await;
     before.set(&project(), "MY_TOKEN", VALUE, "a").await.unwrap();
     before.set(&elsewhere, "OTHER_TOKEN", "other-0123456789", "a").await.unwrap();
+    let webhook = create_webhook(&store, &before, SIGNING).await;
     let old_key = MasterKey::parse(&std::fs::read_to_string(source.key_file()).unwrap()).unwrap();
 
     let rotation = rotate(Arc::new(store.clone()), &source, "cli").await.unwrap();
-    assert_eq!(rotation.resealed, 2);
-    let audit = store.list_audit(&project(), 1).await.unwrap();
-    assert_eq!((audit[0].actor.as_str(), audit[0].action.as_str()), ("cli", "secret.rotate"));
+    assert_eq!((rotation.resealed, rotation.resealed_webhook_secrets), (2, 1));
+    let audit = store.list_audit(&project(), 2).await.unwrap();
+    let actions: Vec<(&str, &str)> =
+        audit.iter().map(|a| (a.actor.as_str(), a.action.as_str())).collect();
+    assert_eq!(actions, [("cli", "webhook.rotate"), ("cli", "secret.rotate")]);
     assert_eq!(rotation.old_keys, [old_key.id().clone()]);
     assert_ne!(&rotation.new_key, old_key.id());
     assert_eq!(rotation.origin, KeyOrigin::File(source.key_file().to_path_buf()));
@@ -151,9 +162,66 @@ async fn rotation_reseals_every_secret_under_a_new_key_and_the_old_key_no_longer
     let after = vault(&store, &source);
     assert_eq!(after.key_id(), &rotation.new_key);
     assert_eq!(opened(&after).await, [("MY_TOKEN".to_owned(), VALUE.to_owned())]);
+    let signing = webhook_secret(&store).await;
+    assert_eq!(signing.key_id, rotation.new_key.as_str());
+    assert_eq!(after.open_webhook_secret(&project(), webhook, &signing).unwrap().as_str(), SIGNING);
     // The old key alone opens nothing any more.
     let old_only = Vault::new(Arc::new(store.clone()), drover_secrets::Keyring::new(old_key));
     assert!(opened(&old_only).await.is_empty());
+    assert!(old_only.open_webhook_secret(&project(), webhook, &signing).is_err());
+}
+
+const SIGNING: &str = "whsec_c2lnbmluZy1zZWNyZXQtMDEyMzQ1Njc4OWFiY2RlZg==";
+
+/// Makes an endpoint whose signing secret `vault` sealed, as the API does.
+async fn create_webhook(store: &SqliteStore, vault: &Vault, secret: &str) -> WebhookId {
+    let id = WebhookId::new();
+    let new = NewWebhook {
+        id,
+        project_id: project(),
+        url: "https://example.com/hook".to_owned(),
+        origin: "https://example.com".to_owned(),
+        kinds: Vec::new(),
+        description: None,
+        secret: vault.seal_webhook_secret(&project(), id, secret).unwrap(),
+    };
+    store.create_webhook(new, "alice", drover_domain::Timestamp::from_millis(1)).await.unwrap();
+    id
+}
+
+/// The only endpoint's sealed signing secret, as the delivery loop reads it.
+async fn webhook_secret(store: &SqliteStore) -> SealedValue {
+    let now = drover_domain::Timestamp::from_millis(2);
+    let webhook = store.list_webhooks(&project()).await.unwrap().remove(0);
+    if store.due_deliveries(now, 10).await.unwrap().is_empty() {
+        let test = NewDelivery {
+            webhook_id: webhook.id,
+            project_id: project(),
+            event_seq: None,
+            kind: "webhook.test".to_owned(),
+            body: "{}".to_owned(),
+        };
+        store.enqueue_delivery(&project(), test, now).await.unwrap();
+    }
+    store.due_deliveries(now, 10).await.unwrap().remove(0).secret.expect("sealed")
+}
+
+#[tokio::test]
+async fn a_signing_secret_is_stored_sealed_and_opens_for_its_endpoint_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let vault = vault(&store, &source(&dir));
+    let webhook = create_webhook(&store, &vault, SIGNING).await;
+    let sealed = webhook_secret(&store).await;
+    assert_eq!(sealed.key_id, vault.key_id().as_str());
+    assert_eq!(vault.open_webhook_secret(&project(), webhook, &sealed).unwrap().as_str(), SIGNING);
+    assert!(vault.open_webhook_secret(&project(), WebhookId::new(), &sealed).is_err());
+    let elsewhere = ProjectId::parse("elsewhere").unwrap();
+    assert!(vault.open_webhook_secret(&elsewhere, webhook, &sealed).is_err());
+    for file in ["drover.db", "drover.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        assert!(!bytes.windows(12).any(|w| w == &SIGNING.as_bytes()[..12]), "{file} holds it");
+    }
 }
 
 #[tokio::test]

@@ -247,6 +247,7 @@ async fn measure(
             concurrency: options.workers.max(1),
             heartbeat_interval: Duration::from_secs(5),
             kind: "embedded".to_owned(),
+            secrets: None,
         },
     );
 

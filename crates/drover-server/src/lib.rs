@@ -271,6 +271,7 @@ impl Server {
                     concurrency: config.workers.concurrency,
                     heartbeat_interval: config.engine.heartbeat_interval,
                     kind: "embedded".to_owned(),
+                    secrets: Some(Arc::new(secrets::EngineSecrets(engine.clone()))),
                 },
             )
         });
@@ -308,12 +309,24 @@ impl Server {
             },
             draining.clone(),
         );
+        let auth = Arc::new(drover_api::AuthState::new(
+            auth.identities,
+            auth.signer,
+            auth.network,
+            auth.users_exist,
+            auth.trusted.as_deref(),
+        ));
         let webhook_task = full.then(|| {
             webhooks::start(
                 &store,
+                engine.vault().cloned(),
                 feed.subscribe(),
                 engine.leadership(),
                 &config.webhooks,
+                drover_api::webhook_targets::TargetPolicy::new(
+                    config.webhooks.allow_private_targets,
+                    auth.clone(),
+                ),
                 draining.clone(),
             )
         });
@@ -347,19 +360,14 @@ impl Server {
             draining: draining.clone(),
             proxy: proxy_addrs,
             bootstrap: worker_bootstrap(&config),
-            auth: Arc::new(drover_api::AuthState::new(
-                auth.identities,
-                auth.signer,
-                auth.network,
-                auth.users_exist,
-                auth.trusted.as_deref(),
-            )),
+            auth,
             limits: drover_api::limits::RateLimits::new(
                 config.auth.rate_limit_per_minute,
                 config.auth.ip_rate_limit_per_minute,
             ),
             body_limit: config.server.body_limit_bytes,
             webhooks: Arc::new(store.clone()),
+            allow_private_webhook_targets: config.webhooks.allow_private_targets,
             chat: Arc::new(store.clone()),
             presence,
             live: feed,

@@ -1,15 +1,21 @@
 //! Project secrets in the server: the master key is loaded (or made, on first start) from
-//! `DROVER_MASTER_KEY` or the key file before anything is served, and the vault built on
-//! the store is handed to the engine, which opens secrets for dispatched tasks and lets
-//! the API set them, and to the environment manager as a [`VaultSecrets`] source, through
-//! which per-environment services get their project's secrets each time they start. Kept
-//! here so the composition root only calls [`open_vault`].
+//! `DROVER_MASTER_KEY` or the key file before anything is served, webhook signing secrets
+//! left in plaintext by an older drover are sealed, and the vault built on the store is
+//! handed to the engine (tasks carry secret names; the engine opens the values for the
+//! worker holding an attempt, and lets the API set them), to the server's own workers as
+//! an [`EngineSecrets`] source (the same audited check the worker API makes, without the
+//! network), and to the environment manager as a [`VaultSecrets`] source, through which
+//! per-environment services get their project's secrets each time they start. Kept here
+//! so the composition root only calls [`open_vault`].
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use drover_agents::TaskSecrets;
+use drover_bus::TaskEnvelope;
 use drover_config::Config;
-use drover_domain::{ProjectId, SecretValues};
+use drover_domain::{ProjectId, SecretValues, WorkerId};
+use drover_engine::{Engine, SecretsRequest};
 use drover_env::{SecretSource, SecretsUnavailable};
 use drover_secrets::{KeySource, Reveal, Vault};
 use drover_store::AnyStore;
@@ -38,7 +44,41 @@ pub(crate) async fn open_vault(
             "previous master keys are loaded: a key rotation is unfinished; run `drover secrets rotate-key`"
         );
     }
-    Ok(Arc::new(Vault::new(Arc::new(store.clone()), keys)))
+    let vault = Vault::new(Arc::new(store.clone()), keys);
+    let sealed = vault
+        .seal_plaintext_webhook_secrets()
+        .await
+        .map_err(|err| ServerError::Config(format!("sealing webhook signing secrets: {err}")))?;
+    if sealed > 0 {
+        tracing::info!(count = sealed, "sealed the plaintext signing secrets of older webhooks");
+    }
+    Ok(Arc::new(vault))
+}
+
+/// The engine as the secret source of the server's own workers: the attempt must be held
+/// under the envelope's token, and each read is audited as `worker <id>`.
+pub(crate) struct EngineSecrets(pub(crate) Arc<Engine>);
+
+#[async_trait]
+impl TaskSecrets for EngineSecrets {
+    async fn secrets_for(
+        &self,
+        envelope: &TaskEnvelope,
+        worker: &WorkerId,
+    ) -> Result<SecretValues, drover_agents::SecretsUnavailable> {
+        let reader = format!("worker {worker}");
+        let request = SecretsRequest {
+            attempt: envelope.task_id,
+            project: &envelope.project_id,
+            token: envelope.fencing_token,
+            reader: &reader,
+        };
+        // The server's own workers run every agent type.
+        self.0
+            .attempt_secrets(&request, |_| true)
+            .await
+            .map_err(|err| drover_agents::SecretsUnavailable(err.to_string()))
+    }
 }
 
 /// The vault as the environment manager's secret source: one audited read (one query) per

@@ -9,9 +9,16 @@
 //! - **Sending.** Every poll, due deliveries are sent, at most `concurrency` at once and a
 //!   few per endpoint: `POST` of the body with `webhook-id` (the delivery's id, the same on
 //!   every attempt), `webhook-timestamp` and `webhook-signature` (Standard Webhooks,
-//!   HMAC-SHA256 with the endpoint's secret), within the request timeout, redirects not
-//!   followed. A 2xx answer succeeds; anything else is retried with exponential backoff
-//!   and jitter until `give_up_after` has passed (`dead`).
+//!   HMAC-SHA256 with the endpoint's secret, stored sealed and opened by the vault for each
+//!   attempt), within the request timeout, redirects not followed. A 2xx answer succeeds;
+//!   anything else is retried with exponential backoff and jitter until `give_up_after`
+//!   has passed (`dead`).
+//! - **Targets.** Beyond local mode, unless `allow_private_targets`, nothing is sent to
+//!   this machine or a private network (`drover_api::webhook_targets`): an address in the
+//!   URL is checked before connecting, and a name is resolved by [`GuardedResolver`], which
+//!   refuses it if any address it resolves to is private, so the address connected to is
+//!   one that was checked (DNS rebinding). No HTTP proxy is used: it would resolve and
+//!   connect where the checks cannot see. A refusal is the attempt's error.
 //! - **Failing endpoints.** Failed attempts in a row open the endpoint's circuit breaker
 //!   (nothing is sent for `breaker_open_for`, then one delivery goes through) and, at
 //!   `disable_after_failures`, disable it: its deliveries are given up and a
@@ -22,15 +29,18 @@
 //! ever logged.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use drover_api::webhook_targets::{TargetPolicy, TargetRefused, check_address, check_host};
 use drover_auth::webhook::SigningSecret;
 use drover_config::WebhooksConfig;
 use drover_domain::{
     Breaker, DeliveryId, Event, EventFilter, EventSeq, ProjectId, RetrySchedule, Timestamp,
     WebhookId,
 };
+use drover_secrets::Vault;
 use drover_store::{
     AttemptRecorded, AttemptResult, DueDelivery, EventQuery, FailurePolicy, NewDelivery, Store,
     StoreError, Webhook, WebhookStore,
@@ -78,16 +88,27 @@ impl From<&WebhooksConfig> for Settings {
     }
 }
 
+/// How attempts are made: the vault that opens signing secrets and the rule on targets.
+#[derive(Clone)]
+pub(crate) struct Sending {
+    /// `None`: nothing can be signed (a server always has one).
+    pub(crate) vault: Option<Arc<Vault>>,
+    pub(crate) targets: TargetPolicy,
+}
+
 /// Starts the loop over the server's store and the cluster's live feed, as `[webhooks]` says.
 pub(crate) fn start(
     store: &drover_store::AnyStore,
+    vault: Option<Arc<Vault>>,
     feed: broadcast::Receiver<Event>,
     leader: tokio::sync::watch::Receiver<bool>,
     config: &WebhooksConfig,
+    targets: TargetPolicy,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let settings = Settings::from(config);
-    spawn(Arc::new(store.clone()), Arc::new(store.clone()), feed, leader, settings, stop)
+    let sending = Sending { vault, targets };
+    spawn(Arc::new(store.clone()), Arc::new(store.clone()), feed, leader, settings, sending, stop)
 }
 
 /// Starts the loop; it ends when `stop` fires (attempts in flight are abandoned, and sent
@@ -98,11 +119,12 @@ pub(crate) fn spawn(
     feed: broadcast::Receiver<Event>,
     leader: tokio::sync::watch::Receiver<bool>,
     settings: Settings,
+    sending: Sending,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match http_client(settings.request_timeout) {
-            Ok(client) => client,
+        let clients = match Clients::new(settings.request_timeout) {
+            Ok(clients) => clients,
             Err(err) => {
                 tracing::error!(error = %err, "cannot build the webhook HTTP client; webhooks are not delivered");
                 return;
@@ -113,7 +135,8 @@ pub(crate) fn spawn(
             events,
             webhooks,
             settings,
-            client,
+            sending,
+            clients,
             last_seq: EventSeq(0),
             behind: false,
             more_due: false,
@@ -124,13 +147,59 @@ pub(crate) fn spawn(
     })
 }
 
-fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+/// The HTTP clients attempts go through: `guarded` connects only to public addresses (for
+/// while private targets are not allowed), `open` anywhere. Two clients, so that a
+/// connection kept alive from while private targets were allowed (local mode, before the
+/// first user) is never reused once they are not.
+#[derive(Clone)]
+struct Clients {
+    guarded: reqwest::Client,
+    open: reqwest::Client,
+}
+
+impl Clients {
+    fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(Self { guarded: http_client(timeout, true)?, open: http_client(timeout, false)? })
+    }
+
+    fn pick(&self, guarded: bool) -> &reqwest::Client {
+        if guarded { &self.guarded } else { &self.open }
+    }
+}
+
+fn http_client(timeout: Duration, guarded: bool) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(GuardedResolver { guarded }))
         .user_agent(concat!("drover-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+/// Resolves endpoint names as the system does; when `guarded`, refuses a name any of whose
+/// addresses is private: the client connects only to addresses checked here, however the
+/// name resolves next time.
+struct GuardedResolver {
+    guarded: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guarded = self.guarded;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if guarded {
+                for address in &addresses {
+                    check_address(&host, address.ip())?;
+                }
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 fn now() -> Timestamp {
@@ -160,7 +229,8 @@ struct Deliverer {
     events: Arc<dyn Store>,
     webhooks: Arc<dyn WebhookStore>,
     settings: Settings,
-    client: reqwest::Client,
+    sending: Sending,
+    clients: Clients,
     /// The last event fanned out (or skipped).
     last_seq: EventSeq,
     /// A fan-out failed: catch up from the store at the next poll.
@@ -376,7 +446,7 @@ impl Deliverer {
             *busy = if breaker == Breaker::HalfOpen { PER_ENDPOINT } else { *busy + 1 };
             self.in_flight.insert(delivery.id, delivery.webhook_id);
             let id = delivery.id;
-            let task = sending.spawn(attempt(self.client.clone(), due));
+            let task = sending.spawn(attempt(self.clients.clone(), self.sending.clone(), due));
             self.tasks.insert(task.id(), id);
         }
     }
@@ -474,8 +544,34 @@ fn deliveries_for(webhooks: &[Webhook], events: &[Event]) -> Vec<NewDelivery> {
     deliveries
 }
 
+/// The endpoint's signing secret, opened, or why it cannot be.
+fn signing_secret(sending: &Sending, due: &DueDelivery) -> Result<SigningSecret, String> {
+    let delivery = &due.delivery;
+    let sealed = due.secret.as_ref().ok_or_else(|| {
+        "the endpoint's signing secret is not sealed yet (a server seals it at start)".to_owned()
+    })?;
+    let vault = sending.vault.as_ref().ok_or_else(|| "this server keeps no secrets".to_owned())?;
+    let opened = vault
+        .open_webhook_secret(&delivery.project_id, delivery.webhook_id, sealed)
+        .map_err(|err| format!("the endpoint's signing secret does not open: {err}"))?;
+    SigningSecret::parse(&opened)
+        .map_err(|err| format!("the endpoint's signing secret is unusable: {err}"))
+}
+
+/// Refuses a URL whose host is an address (or a name of this machine) this server does not
+/// send to; names are checked as they resolve ([`GuardedResolver`]).
+fn check_target(url: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(url).map_err(|err| format!("invalid URL: {err}"))?;
+    check_host(&url).map(drop).map_err(|refused| format!("refused: {refused}"))
+}
+
 /// Sends one delivery, signed; reports the answer's status or why there was none.
-async fn attempt(client: reqwest::Client, due: DueDelivery) -> Sent {
+async fn attempt(clients: Clients, sending: Sending, due: DueDelivery) -> Sent {
+    let secret = signing_secret(&sending, &due);
+    // Decided once per attempt: the address check and the client's resolver agree.
+    let guarded = !sending.targets.private_allowed();
+    let target = if guarded { check_target(&due.url) } else { Ok(()) };
+    let client = clients.pick(guarded);
     let delivery = due.delivery;
     let mut sent = Sent {
         delivery: delivery.id,
@@ -485,10 +581,10 @@ async fn attempt(client: reqwest::Client, due: DueDelivery) -> Sent {
         error: None,
         latency: Duration::ZERO,
     };
-    let secret = match SigningSecret::parse(&due.secret) {
+    let secret = match secret.and_then(|secret| target.map(|()| secret)) {
         Ok(secret) => secret,
-        Err(err) => {
-            sent.error = Some(format!("the endpoint's signing secret is unusable: {err}"));
+        Err(error) => {
+            sent.error = Some(error);
             return sent;
         }
     };
@@ -536,6 +632,10 @@ fn describe(err: &reqwest::Error) -> String {
     let mut text = what.to_owned();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<TargetRefused>() {
+            // The resolver refused the name: that is the whole story.
+            return format!("refused: {refused}");
+        }
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
@@ -563,7 +663,6 @@ mod tests {
             url: "http://127.0.0.1:1/".to_owned(),
             kinds: EventFilter::parse_kinds(kinds.iter().copied()).unwrap(),
             description: None,
-            secret: SigningSecret::generate().expose().to_owned(),
             enabled: true,
             disabled_reason: None,
             consecutive_failures: 0,
@@ -647,12 +746,17 @@ mod tests {
         queue_run(&store, &project).await;
         let before = store.newest_event_seq().await.unwrap();
         let new = NewWebhook {
+            id: WebhookId::new(),
             project_id: project.clone(),
             url: "http://127.0.0.1:1/".to_owned(),
             origin: "http://127.0.0.1:1".to_owned(),
             kinds: EventFilter::parse_kinds(["run"]).unwrap(),
             description: None,
-            secret: SigningSecret::generate().expose().to_owned(),
+            secret: drover_store::SealedValue {
+                key_id: "k".to_owned(),
+                nonce: vec![0; 24],
+                ciphertext: vec![1; 32],
+            },
         };
         let webhook = store.create_webhook(new, "alice", now()).await.unwrap();
         queue_run(&store, &project).await;
@@ -664,7 +768,8 @@ mod tests {
             events: Arc::new(store.clone()),
             webhooks: Arc::new(store.clone()),
             settings: Settings::from(&WebhooksConfig::default()),
-            client: http_client(Duration::from_secs(1)).unwrap(),
+            sending: Sending { vault: None, targets: TargetPolicy::fixed(true) },
+            clients: Clients::new(Duration::from_secs(1)).unwrap(),
             last_seq: before,
             behind: true,
             more_due: false,

@@ -6,6 +6,12 @@
 //! always fails gets its endpoint disabled after `disable_after_failures`, with a
 //! `webhook.disabled` event in the event log; an endpoint for `run.succeeded` gets only
 //! that; another project's user cannot see or touch an endpoint.
+//!
+//! Signing secrets are stored sealed (the database row and file hold no plaintext, an
+//! older database's plaintext is sealed at start), deliveries verify with the secret shown
+//! at creation before and after `rotate-key`; beyond local mode, targets on this machine
+//! or a private network are refused when an endpoint is made and when a delivery is sent,
+//! unless `[webhooks] allow_private_targets`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -412,26 +418,14 @@ async fn an_endpoint_that_keeps_failing_is_disabled_with_an_event() {
 #[tokio::test]
 async fn filters_hold_and_another_project_cannot_see_or_touch_an_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(config(&dir.path().join("data"), true)).await;
+    let mut config = config(&dir.path().join("data"), true);
+    // Users end local mode; the receivers are on loopback.
+    config.webhooks.allow_private_targets = true;
+    let server = start(config).await;
     let http = Http::new(&server.url);
 
     // Users: root (admin), alice in `default`, bob in `beta`.
-    http.ok(
-        Method::POST,
-        "/users",
-        None,
-        Some(json!({ "name": "root", "role": "admin", "password": "correct horse battery" })),
-    )
-    .await;
-    let session = http
-        .ok(
-            Method::POST,
-            "/auth/login",
-            None,
-            Some(json!({ "user": "root", "password": "correct horse battery" })),
-        )
-        .await;
-    let root = session["access_token"].as_str().unwrap().to_owned();
+    let root = make_admin(&http).await;
     let root = Some(root.as_str());
     http.ok(Method::POST, "/projects", root, Some(json!({ "id": "beta" }))).await;
     let mut tokens = BTreeMap::new();
@@ -541,4 +535,262 @@ async fn filters_hold_and_another_project_cannot_see_or_touch_an_endpoint() {
     let shown = http.ok(Method::GET, &format!("/webhooks/{everything_id}"), alice, None).await;
     assert_eq!(shown["enabled"], true);
     server.stop().await;
+}
+
+/// Makes the first user, an administrator (which ends local mode); returns an access token.
+async fn make_admin(http: &Http) -> String {
+    let password = "correct horse battery";
+    let user = json!({ "name": "root", "role": "admin", "password": password });
+    http.ok(Method::POST, "/users", None, Some(user)).await;
+    let login = json!({ "user": "root", "password": password });
+    let session = http.ok(Method::POST, "/auth/login", None, Some(login)).await;
+    session["access_token"].as_str().unwrap().to_owned()
+}
+
+/// This machine's name, which the system resolves (through `/etc/hosts`, as on most
+/// machines) to loopback or a private address: a real name that leads here.
+async fn a_name_for_this_machine() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+    let addresses: Vec<std::net::IpAddr> = tokio::net::lookup_host((name.as_str(), 80))
+        .await
+        .unwrap_or_else(|err| panic!("this test needs the host name {name} to resolve: {err}"))
+        .map(|address| address.ip())
+        .collect();
+    assert!(
+        !addresses.is_empty()
+            && addresses.iter().all(|ip| drover_domain::non_public_range(*ip).is_some()),
+        "this test needs the host name {name} to resolve to this machine: {addresses:?}"
+    );
+    name
+}
+
+#[tokio::test]
+async fn beyond_local_mode_private_targets_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = start(config(&data_dir, false)).await;
+    let http = Http::new(&server.url);
+    let root = make_admin(&http).await;
+    let (rx, url) = receiver(Behaviour::Accept).await;
+    let port = url.split(':').nth(2).unwrap().split('/').next().unwrap().to_owned();
+    let hostname = a_name_for_this_machine().await;
+
+    for target in [
+        url.clone(),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        "http://[::1]/hook".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://localhost/hook".to_owned(),
+        format!("http://{hostname}:{port}/hook"),
+        "http://10.1.2.3/hook".to_owned(),
+        "http://100.64.0.1/hook".to_owned(),
+        "http://[fd00::1]/hook".to_owned(),
+        "http://0.0.0.0/hook".to_owned(),
+        "http://2130706433/hook".to_owned(),
+    ] {
+        let response = http
+            .http
+            .post(format!("{}/api/v1/webhooks", server.url))
+            .bearer_auth(&root)
+            .json(&json!({ "url": target }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(status, 422, "{target}: {problem}");
+        assert_eq!(content_type, "application/problem+json", "{target}");
+        assert_eq!(problem["code"], "webhook_target_not_allowed", "{target}: {problem}");
+        assert_eq!(problem["errors"][0]["field"], "url", "{target}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains("allow_private_targets"), "{problem}");
+        assert!(!problem.to_string().contains("t0ps3cret"), "the URL's token is quoted: {problem}");
+    }
+    let listed = http.ok(Method::GET, "/webhooks", Some(root.as_str()), None).await;
+    assert_eq!(listed["items"], json!([]), "a refused endpoint was made");
+    server.stop().await;
+
+    // With the flag, the same server sends there.
+    let mut config = config(&data_dir, false);
+    config.webhooks.allow_private_targets = true;
+    let server = start(config).await;
+    let http = Http::new(&server.url);
+    let id = create(&http, Some(root.as_str()), &rx, &url, json!([])).await;
+    http.ok(Method::POST, &format!("/webhooks/{id}/test"), Some(root.as_str()), None).await;
+    let seen = wait_for(10, "the test delivery", async || {
+        let seen = rx.seen();
+        (!seen.is_empty()).then_some(seen)
+    })
+    .await;
+    assert!(seen[0].verified && seen[0].body["type"] == "webhook.test", "{seen:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_to_a_private_address_is_refused_when_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(&dir.path().join("data"), false)).await;
+    let http = Http::new(&server.url);
+    // Made in local mode, where this machine is a fine target: one by address, one by a
+    // name that resolves here.
+    let (by_address, address_url) = receiver(Behaviour::Accept).await;
+    let (by_name, name_url) = receiver(Behaviour::Accept).await;
+    let name_url = name_url.replace("127.0.0.1", &a_name_for_this_machine().await);
+    let address_id = create(&http, None, &by_address, &address_url, json!([])).await;
+    let name_id = create(&http, None, &by_name, &name_url, json!([])).await;
+    http.ok(Method::POST, &format!("/webhooks/{name_id}/test"), None, None).await;
+    wait_for(10, "a delivery by name in local mode", async || {
+        by_name.seen().first().map(|r| assert!(r.verified))
+    })
+    .await;
+
+    // A user ends local mode: from now on what they resolve to is checked as they are sent.
+    let root = make_admin(&http).await;
+    for id in [&address_id, &name_id] {
+        let queued =
+            http.ok(Method::POST, &format!("/webhooks/{id}/test"), Some(root.as_str()), None).await;
+        let delivery = format!("/webhooks/{id}/deliveries/{}", queued["id"].as_str().unwrap());
+        let refused = wait_for(10, "the refused attempt to be recorded", async || {
+            let shown = http.ok(Method::GET, &delivery, Some(root.as_str()), None).await;
+            (shown["attempts"] == 1).then_some(shown)
+        })
+        .await;
+        assert_eq!(refused["status"], "failed", "{refused}");
+        assert!(refused["last_status_code"].is_null(), "{refused}");
+        let error = refused["last_error"].as_str().unwrap();
+        assert!(error.starts_with("refused: "), "{error}");
+        assert!(error.contains("loopback") && error.contains("allow_private_targets"), "{error}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(by_address.seen().is_empty(), "a refused delivery reached the receiver");
+    assert_eq!(by_name.seen().len(), 1, "a refused delivery reached the receiver");
+    server.stop().await;
+}
+
+/// What the webhooks table holds, read with a connection of its own: the plaintext
+/// column and the sealed secret's key id and ciphertext.
+async fn webhook_rows(data_dir: &Path) -> Vec<(Option<String>, Option<String>, Option<Vec<u8>>)> {
+    use sqlx::Connection;
+    let url = format!("sqlite://{}", data_dir.join("drover.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let rows =
+        sqlx::query_as("SELECT legacy_secret, secret_key_id, secret_ciphertext FROM webhooks")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    conn.close().await.unwrap();
+    rows
+}
+
+/// Files under `dir` that hold `needle`.
+fn files_holding(dir: &Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        if path.is_dir() {
+            todo.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if std::fs::read(&path)
+            .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// Sends the endpoint a test delivery and waits until the receiver verified it.
+async fn deliver_test(http: &Http, token: Option<&str>, rx: &Receiver, id: &str) {
+    let before = rx.seen().len();
+    http.ok(Method::POST, &format!("/webhooks/{id}/test"), token, None).await;
+    let seen = wait_for(10, "the test delivery", async || {
+        let seen = rx.seen();
+        (seen.len() > before).then_some(seen)
+    })
+    .await;
+    assert!(seen[before].verified, "the delivery does not verify: {seen:?}");
+}
+
+#[tokio::test]
+async fn signing_secrets_are_stored_sealed_and_deliveries_verify_before_and_after_a_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = start(config(&data_dir, false)).await;
+    let http = Http::new(&server.url);
+    let (rx, url) = receiver(Behaviour::Accept).await;
+    let id = create(&http, None, &rx, &url, json!([])).await;
+    let secret = rx.secret.lock().unwrap().clone();
+    let key = secret.trim_start_matches("whsec_").to_owned();
+
+    let rows = webhook_rows(&data_dir).await;
+    assert_eq!(rows.len(), 1);
+    let (plaintext, key_id, ciphertext) = rows[0].clone();
+    assert_eq!(plaintext, None);
+    assert_eq!(key_id.as_deref().map(str::len), Some(16), "the key's id is recorded");
+    let ciphertext = ciphertext.unwrap();
+    assert!(!ciphertext.windows(8).any(|w| w == &key.as_bytes()[..8]), "stored in clear");
+    deliver_test(&http, None, &rx, &id).await;
+    server.stop().await;
+    assert_eq!(files_holding(&data_dir, &key), Vec::<std::path::PathBuf>::new());
+
+    // `drover secrets rotate-key` (the same function) with the server stopped.
+    let config = config(&data_dir, false);
+    let store = drover_store::open(&drover_server::store_options(&config)).await.unwrap();
+    let source = drover_server::key_source(&config);
+    let rotation = drover_secrets::rotate(Arc::new(store.clone()), &source, "cli").await.unwrap();
+    store.close().await;
+    assert_eq!(rotation.resealed_webhook_secrets, 1);
+    let rows = webhook_rows(&data_dir).await;
+    assert_eq!(rows[0].1.as_deref(), Some(rotation.new_key.as_str()));
+    assert_ne!(rows[0].2.as_deref(), Some(ciphertext.as_slice()), "sealed anew");
+
+    let server = start(config).await;
+    let http = Http::new(&server.url);
+    deliver_test(&http, None, &rx, &id).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_older_databases_plaintext_signing_secret_is_sealed_at_start_and_still_signs() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let (rx, url) = receiver(Behaviour::Accept).await;
+    let secret = drover_auth::webhook::SigningSecret::generate().expose().to_owned();
+    rx.set_secret(&secret);
+    let id = drover_domain::WebhookId::new();
+
+    // The database as drover left it before signing secrets were sealed (migration 16).
+    let db_url = format!("sqlite://{}?mode=rwc", data_dir.join("drover.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db_url).await.unwrap();
+    let migrations =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../drover-store/migrations/sqlite");
+    let mut migrator = sqlx::migrate::Migrator::new(migrations).await.unwrap();
+    let older: Vec<_> = migrator.iter().filter(|m| m.version < 16).cloned().collect();
+    migrator.migrations = std::borrow::Cow::Owned(older);
+    migrator.run(&mut conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhooks (id, project_id, url, kinds, description, secret, enabled, \
+         consecutive_failures, created_by, created_at, updated_at) \
+         VALUES (?, 'default', ?, '[]', NULL, ?, TRUE, 0, 'alice', 1, 1)",
+    )
+    .bind(id.to_string())
+    .bind(&url)
+    .bind(&secret)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let key = secret.trim_start_matches("whsec_").to_owned();
+    assert!(!files_holding(&data_dir, &key).is_empty(), "the old database holds it");
+
+    let server = start(config(&data_dir, false)).await;
+    let rows = webhook_rows(&data_dir).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, None, "the plaintext is removed");
+    assert!(rows[0].1.is_some() && rows[0].2.is_some(), "sealed: {:?}", rows[0].1);
+    let http = Http::new(&server.url);
+    deliver_test(&http, None, &rx, &id.to_string()).await;
+    server.stop().await;
+    assert_eq!(files_holding(&data_dir, &key), Vec::<std::path::PathBuf>::new());
 }

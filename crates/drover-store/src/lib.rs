@@ -33,7 +33,10 @@ pub use identities::{
 };
 pub use open::{StoreOptions, create_scratch_database, drop_scratch_database, open};
 pub use postgres::PostgresStoreOptions;
-pub use secrets::{Reseal, SealedSecret, SecretMeta, SecretRead, SecretStore};
+pub use secrets::{
+    Reseal, ResealWebhook, Resealed, SealPlaintext, SealedSecret, SealedValue, SealedWebhookSecret,
+    SecretMeta, SecretRead, SecretStore,
+};
 pub use sql::{
     AnyBackend, AnyStore, Backend, PoolStats, PostgresBackend, PostgresStore, SqlStore,
     SqliteBackend, SqliteStore, counting_statements,

@@ -1,5 +1,5 @@
-//! The store's webhook side: each project's endpoints (URL, kind filter, signing secret,
-//! failure counters and circuit breaker) and the log of their deliveries (one row per
+//! The store's webhook side: each project's endpoints (URL, kind filter, sealed signing
+//! secret, failure counters and circuit breaker) and the log of their deliveries (one row per
 //! event and endpoint, retried in place: attempts, status, last answer, latency). The
 //! delivery loop's queries span projects and say so; everything users reach takes a
 //! [`ProjectId`]. Kept apart from [`Store`](crate::Store) because only the webhook API and
@@ -12,14 +12,15 @@
 use async_trait::async_trait;
 use drover_domain::{DeliveryId, DeliveryStatus, EventSeq, ProjectId, Timestamp, WebhookId};
 
-use crate::StoreResult;
+use crate::{SealedValue, StoreResult};
 
 /// Most endpoints one project may have.
 pub const MAX_WEBHOOKS_PER_PROJECT: u32 = 50;
 /// Deliveries kept per endpoint; older ones are deleted as new ones are made.
 pub const MAX_DELIVERIES_PER_WEBHOOK: u32 = 1000;
 
-/// An endpoint as stored. `Debug` leaves out its secret.
+/// An endpoint as stored, without its signing secret (only the delivery loop reads that,
+/// sealed: [`DueDelivery`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Webhook {
     pub id: WebhookId,
@@ -29,8 +30,6 @@ pub struct Webhook {
     /// every kind.
     pub kinds: Vec<String>,
     pub description: Option<String>,
-    /// The signing secret (`whsec_…`), needed in clear to sign.
-    pub secret: String,
     pub enabled: bool,
     /// Why it was disabled, when it is.
     pub disabled_reason: Option<String>,
@@ -58,13 +57,16 @@ impl std::fmt::Debug for Webhook {
 /// An endpoint to create.
 #[derive(Clone)]
 pub struct NewWebhook {
+    /// Chosen by the caller: the signing secret is sealed for it.
+    pub id: WebhookId,
     pub project_id: ProjectId,
     pub url: String,
     /// What the audit log says about the URL (its origin: the path may hold a token).
     pub origin: String,
     pub kinds: Vec<String>,
     pub description: Option<String>,
-    pub secret: String,
+    /// The signing secret (`whsec_…`), sealed by the vault for this project and endpoint.
+    pub secret: SealedValue,
 }
 
 impl std::fmt::Debug for NewWebhook {
@@ -114,12 +116,15 @@ pub struct NewDelivery {
     pub body: String,
 }
 
-/// A due delivery with what sending it needs: its endpoint's URL, secret and breaker.
+/// A due delivery with what sending it needs: its endpoint's URL, sealed secret and
+/// breaker.
 #[derive(Clone)]
 pub struct DueDelivery {
     pub delivery: WebhookDelivery,
     pub url: String,
-    pub secret: String,
+    /// The endpoint's signing secret, sealed for its project and id; `None` while an
+    /// endpoint made before secrets were sealed still waits for the server to seal it.
+    pub secret: Option<SealedValue>,
     pub consecutive_failures: u32,
     pub breaker_open_until: Option<Timestamp>,
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use drover_domain::{DeliveryStatus, EventKind, ProjectId, Timestamp, WebhookId};
 use drover_store::{
     AttemptRecorded, AttemptResult, DeliveryQuery, EventQuery, FailurePolicy, IdentityStore,
-    MAX_DELIVERIES_PER_WEBHOOK, NewDelivery, NewWebhook, Store, StoreError, WebhookStore,
+    MAX_DELIVERIES_PER_WEBHOOK, NewDelivery, NewWebhook, SealedValue, Store, StoreError,
+    WebhookStore,
 };
 
 use crate::common::TestDb;
@@ -21,14 +22,20 @@ const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 const POLICY: FailurePolicy =
     FailurePolicy { breaker_after: 2, breaker_open_for: Duration::from_secs(60), disable_after: 3 };
 
+/// What the vault would have sealed; the store keeps it as given.
+fn sealed_secret() -> SealedValue {
+    SealedValue { key_id: "k1".to_owned(), nonce: vec![7; 24], ciphertext: vec![9; 48] }
+}
+
 fn new_webhook(project: &ProjectId) -> NewWebhook {
     NewWebhook {
+        id: WebhookId::new(),
         project_id: project.clone(),
         url: "http://127.0.0.1:9/hook?token=t".to_owned(),
         origin: "http://127.0.0.1:9".to_owned(),
         kinds: vec!["run.succeeded".to_owned()],
         description: Some("ci".to_owned()),
-        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+        secret: sealed_secret(),
     }
 }
 
@@ -77,7 +84,6 @@ async fn endpoints_belong_to_their_project_and_changes_are_audited(db: TestDb) {
         store.enqueue_delivery(&other, delivery(webhook.id, &other), T0).await,
         Err(StoreError::WebhookNotFound(_))
     ));
-    assert!(!format!("{webhook:?}").contains("whsec_"), "Debug hides the secret");
     assert!(store.delete_webhook(&default, webhook.id, "alice", T0).await.unwrap());
     let audit = store.list_audit_entries(Some(default.as_str()), None, 10).await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
@@ -95,6 +101,8 @@ async fn failures_retry_then_open_the_breaker_then_disable_with_an_event(db: Tes
     let due = store.due_deliveries(T0, 10).await.unwrap();
     assert_eq!(due.len(), 2);
     assert_eq!(due[0].url, webhook.url);
+    assert_eq!(due[0].secret, Some(sealed_secret()), "the sealed secret, as stored");
+    assert!(!format!("{:?}", due[0]).contains("[9, 9"), "Debug shows no ciphertext");
 
     let t1 = T0.plus(Duration::from_secs(1));
     let retry_at = t1.plus(Duration::from_secs(5));

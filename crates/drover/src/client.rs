@@ -8,7 +8,8 @@ use drover_api::environments::{
 };
 use drover_api::wire::{
     AttemptView, CreateRun, DeadLetterPage, DeadLetterView, EventView, LeaseRequest, PipelineList,
-    RunPage, RunView, WorkerBootstrap, WorkerList, WorkerMessageAck,
+    RunPage, RunView, TaskSecretsRequest, TaskSecretsView, WorkerBootstrap, WorkerList,
+    WorkerMessageAck,
 };
 use drover_bus::{TaskEnvelope, WorkerMessage};
 use futures::{Stream, StreamExt};
@@ -240,6 +241,32 @@ impl Client {
     ) -> Result<WorkerMessageAck, ClientError> {
         self.json(self.request(reqwest::Method::POST, "/api/v1/worker-messages").json(message))
             .await
+    }
+
+    /// The values of the project's secrets for the attempt this worker holds (`envelope`).
+    /// A body that is not the expected JSON is reported without quoting it: it may hold a
+    /// value.
+    pub(crate) async fn task_secrets(
+        &self,
+        envelope: &TaskEnvelope,
+    ) -> Result<drover_domain::SecretValues, ClientError> {
+        let body = TaskSecretsRequest {
+            project_id: envelope.project_id.to_string(),
+            fencing_token: envelope.fencing_token.0,
+        };
+        let path = format!("/api/v1/tasks/{}/secrets", envelope.task_id);
+        let response = self.send(self.request(reqwest::Method::POST, &path).json(&body)).await?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|err| ClientError::Unreachable {
+            url: self.base.clone(),
+            message: describe(&err),
+        })?;
+        serde_json::from_slice::<TaskSecretsView>(&bytes).map(|view| view.secrets).map_err(|_| {
+            ClientError::Unexpected {
+                status,
+                body: "(an answer that is not the secrets)".to_owned(),
+            }
+        })
     }
 
     pub(crate) async fn dead_letters(

@@ -2,15 +2,20 @@
 //! embedded one: tasks are leased by long-poll, worker messages are posted, and a
 //! heartbeat's answer says when to stop. A worker then never needs database or broker
 //! credentials, only the server's URL (and token).
+//!
+//! Also where every `drover worker` (whatever bus brings it tasks) gets the values of the
+//! secrets a task names: [`ApiSecrets`] asks the server for the attempt it holds, with its
+//! service token. Neither the lease answer nor a broker carries a value.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use drover_agents::{SecretsUnavailable, TaskSecrets};
 use drover_bus::{
     Bus, BusError, Control, Delivery, DeliveryHandle, LiveMessage, MessageId, ResultDelivery,
     TaskEnvelope, WorkerMessage,
 };
-use drover_domain::AgentType;
+use drover_domain::{AgentType, SecretValues, WorkerId};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
@@ -134,5 +139,20 @@ impl Bus for HttpBus {
 
     async fn queue_depth(&self, _agent: &AgentType) -> Option<u64> {
         None
+    }
+}
+
+/// The server's API as a worker's secret source: `POST /api/v1/tasks/{id}/secrets` with the
+/// envelope's project and fencing token.
+pub(crate) struct ApiSecrets(pub(crate) Client);
+
+#[async_trait]
+impl TaskSecrets for ApiSecrets {
+    async fn secrets_for(
+        &self,
+        envelope: &TaskEnvelope,
+        _worker: &WorkerId,
+    ) -> Result<SecretValues, SecretsUnavailable> {
+        self.0.task_secrets(envelope).await.map_err(|err| SecretsUnavailable(err.to_string()))
     }
 }

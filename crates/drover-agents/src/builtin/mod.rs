@@ -74,7 +74,7 @@ pub(crate) fn environment_variables(task: &crate::AgentTask) -> Vec<(String, Str
 /// Apps an agent starts to run on their own (e2e, deploy) get the variables only.
 pub(crate) fn variables_and_secrets(task: &crate::AgentTask) -> Vec<(String, String)> {
     let mut env = environment_variables(task);
-    let secrets = task.envelope.context.secrets.iter();
+    let secrets = task.secrets.iter();
     env.extend(secrets.map(|(name, value)| (name.to_owned(), value.to_owned())));
     env
 }

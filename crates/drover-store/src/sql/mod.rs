@@ -234,6 +234,22 @@ impl<B: Backend> SqlStore<B> {
         }
     }
 
+    /// Overwrites what deleted or changed rows left behind, after a value that must not
+    /// linger (a plaintext secret) was removed: on SQLite the journal is checkpointed and
+    /// emptied, the file rebuilt without free pages (`VACUUM`), and the journal emptied
+    /// again. PostgreSQL keeps old row versions until its own vacuum reuses them; there is
+    /// nothing to do from here.
+    pub(crate) async fn wipe_freed_pages(&self) -> StoreResult<()> {
+        let Pool::Sqlite { writer, .. } = &self.pool else { return Ok(()) };
+        let mut writer = writer.lock().await;
+        for statement in
+            ["PRAGMA wal_checkpoint(TRUNCATE)", "VACUUM", "PRAGMA wal_checkpoint(TRUNCATE)"]
+        {
+            sqlx::query(statement).execute(&mut *writer).await?;
+        }
+        Ok(())
+    }
+
     /// Runs `write` in one transaction, appends the events it produced (stamped `now`),
     /// commits, then publishes them.
     ///

@@ -1,5 +1,6 @@
 //! The SQLite [`WebhookStore`]: the `webhooks` and `webhook_deliveries` tables, and the
-//! `webhook.*` rows of `audit_log`. An attempt's result, its endpoint's counters and, when
+//! `webhook.*` rows of `audit_log`. Signing secrets go in and out sealed (the vault seals
+//! and opens them); nothing here sees one in clear. An attempt's result, its endpoint's counters and, when
 //! the endpoint is disabled, its `webhook.disabled` event are written in one transaction;
 //! the event is published after the commit, like every other event.
 
@@ -13,13 +14,13 @@ use sqlx::FromRow;
 use super::{Backend, Db, SqlStore, corrupt, sql};
 use crate::{
     AttemptRecorded, AttemptResult, DeliveryQuery, DueDelivery, FailurePolicy,
-    MAX_DELIVERIES_PER_WEBHOOK, MAX_WEBHOOKS_PER_PROJECT, NewDelivery, NewWebhook, StoreError,
-    StoreResult, Webhook, WebhookDelivery, WebhookStore,
+    MAX_DELIVERIES_PER_WEBHOOK, MAX_WEBHOOKS_PER_PROJECT, NewDelivery, NewWebhook, SealedValue,
+    StoreError, StoreResult, Webhook, WebhookDelivery, WebhookStore,
 };
 
 macro_rules! webhook_columns {
     () => {
-        "id, project_id, url, kinds, description, secret, enabled, disabled_reason, \
+        "id, project_id, url, kinds, description, enabled, disabled_reason, \
          consecutive_failures, breaker_open_until, created_by, created_at, updated_at"
     };
 }
@@ -178,12 +179,11 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
         now: Timestamp,
     ) -> StoreResult<Webhook> {
         let webhook = Webhook {
-            id: WebhookId::new(),
+            id: new.id,
             project_id: new.project_id,
             url: new.url,
             kinds: new.kinds,
             description: new.description,
-            secret: new.secret,
             enabled: true,
             disabled_reason: None,
             consecutive_failures: 0,
@@ -215,14 +215,14 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
             sql(concat!(
                 "INSERT INTO webhooks (",
                 webhook_columns!(),
-                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ", secret_key_id, secret_nonce, secret_ciphertext) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .bind(webhook.id.to_string())
             .bind(webhook.project_id.as_str())
             .bind(&webhook.url)
             .bind(kinds)
             .bind(webhook.description.as_deref())
-            .bind(&webhook.secret)
             .bind(true)
             .bind(None::<String>)
             .bind(0_i64)
@@ -230,6 +230,9 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
             .bind(actor)
             .bind(now.as_millis())
             .bind(now.as_millis())
+            .bind(&new.secret.key_id)
+            .bind(&new.secret.nonce)
+            .bind(&new.secret.ciphertext)
             .execute(tx)
             .await?;
             let target = webhook.id.to_string();
@@ -439,8 +442,8 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
         let rows: Vec<DueRow> =
             sql("SELECT d.id, d.webhook_id, d.project_id, d.event_seq, d.kind, d.body, d.status, \
              d.attempts, d.next_attempt_at, d.window_start, d.last_status_code, d.last_error, \
-             d.latency_ms, d.created_at, d.updated_at, w.url, w.secret, \
-             w.consecutive_failures, w.breaker_open_until \
+             d.latency_ms, d.created_at, d.updated_at, w.url, w.secret_key_id, \
+             w.secret_nonce, w.secret_ciphertext, w.consecutive_failures, w.breaker_open_until \
              FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
              WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ? \
              AND w.enabled AND (w.breaker_open_until IS NULL OR w.breaker_open_until <= ?) \
@@ -452,9 +455,15 @@ impl<B: Backend> WebhookStore for SqlStore<B> {
             .await?;
         rows.into_iter()
             .map(|row| {
+                let secret = match (row.secret_key_id, row.secret_nonce, row.secret_ciphertext) {
+                    (Some(key_id), Some(nonce), Some(ciphertext)) => {
+                        Some(SealedValue { key_id, nonce, ciphertext })
+                    }
+                    _ => None,
+                };
                 Ok(DueDelivery {
                     url: row.url,
-                    secret: row.secret,
+                    secret,
                     consecutive_failures: to_u32(row.consecutive_failures),
                     breaker_open_until: row.breaker_open_until.map(Timestamp::from_millis),
                     delivery: WebhookDelivery::try_from(row.delivery)?,
@@ -587,7 +596,6 @@ struct WebhookRow {
     url: String,
     kinds: String,
     description: Option<String>,
-    secret: String,
     enabled: bool,
     disabled_reason: Option<String>,
     consecutive_failures: i64,
@@ -608,7 +616,6 @@ impl TryFrom<WebhookRow> for Webhook {
             url: row.url,
             kinds: serde_json::from_str(&row.kinds).map_err(|e| corrupt("webhooks.kinds", e))?,
             description: row.description,
-            secret: row.secret,
             enabled: row.enabled,
             disabled_reason: row.disabled_reason,
             consecutive_failures: to_u32(row.consecutive_failures),
@@ -672,7 +679,9 @@ struct DueRow {
     #[sqlx(flatten)]
     delivery: DeliveryRow,
     url: String,
-    secret: String,
+    secret_key_id: Option<String>,
+    secret_nonce: Option<Vec<u8>>,
+    secret_ciphertext: Option<Vec<u8>>,
     consecutive_failures: i64,
     breaker_open_until: Option<i64>,
 }

@@ -45,13 +45,20 @@ fn options(url: String) -> StoreOptions {
 impl TestDb {
     /// A fresh store on `backend`, or `None` (after printing why) when it cannot be had.
     pub async fn open(backend: Backend) -> Option<Self> {
-        match backend {
+        Self::open_upgraded(backend, i64::MAX, &[]).await
+    }
+
+    /// A fresh database on `backend` as an older drover left it: migrated up to (not
+    /// including) migration `until`, with `setup` (SQL statements) run on it; then opened
+    /// as the store, which applies the rest.
+    pub async fn open_upgraded(backend: Backend, until: i64, setup: &[&str]) -> Option<Self> {
+        let (options, dir, database) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let url = format!("sqlite://{}", dir.path().join("nested/drover.db").display());
-                let options = options(url);
-                let store = drover_store::open(&options).await.expect("store opens");
-                Some(Self { store, backend, options, _dir: Some(dir), database: None })
+                let nested = dir.path().join("nested");
+                std::fs::create_dir_all(&nested).expect("nested dir");
+                let url = format!("sqlite://{}", nested.join("drover.db").display());
+                (options(url), Some(dir), None)
             }
             Backend::Postgres => {
                 let server = drover_testkit::postgres_url()?;
@@ -69,11 +76,14 @@ impl TestDb {
                     .await
                     .expect("test database created");
                 let _ = admin.close().await;
-                let options = options(database_url(&server, &name));
-                let store = drover_store::open(&options).await.expect("store opens");
-                Some(Self { store, backend, options, _dir: None, database: Some((server, name)) })
+                (options(database_url(&server, &name)), None, Some((server, name)))
             }
+        };
+        if until < i64::MAX {
+            migrate_until(backend, &options.url, until, setup).await;
         }
+        let store = drover_store::open(&options).await.expect("store opens");
+        Some(Self { store, backend, options, _dir: dir, database })
     }
 
     /// Closes the store and opens the same database again.
@@ -86,6 +96,31 @@ impl TestDb {
     /// Opens the same database once more, beside the store.
     pub async fn open_again(&self) -> drover_store::StoreResult<AnyStore> {
         drover_store::open(&self.options).await
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> &str {
+        &self.options.url
+    }
+
+    /// The first column of every row `query` returns, as text, read over a connection of
+    /// its own (what is in the database, whatever the store makes of it).
+    pub async fn query_strings(&self, query: &str) -> Vec<String> {
+        macro_rules! with {
+            ($connection:ty) => {{
+                let mut conn = <$connection>::connect(&self.options.url).await.unwrap();
+                let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(query.to_owned()))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                let _ = conn.close().await;
+                rows.into_iter().map(|(value,)| value).collect()
+            }};
+        }
+        match self.backend {
+            Backend::Sqlite => with!(SqliteConnection),
+            Backend::Postgres => with!(PgConnection),
+        }
     }
 
     /// Records migration `version` as applied, as a newer drover would have.
@@ -129,6 +164,36 @@ impl Drop for TestDb {
         if let Ok(Err(err)) = dropped {
             eprintln!("could not drop test database: {err}");
         }
+    }
+}
+
+/// Applies `backend`'s migrations below `until` to the database at `url`, as the store
+/// would have, then runs `setup` on it.
+async fn migrate_until(backend: Backend, url: &str, until: i64, setup: &[&str]) {
+    let folder = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(folder);
+    let mut migrator = sqlx::migrate::Migrator::new(dir).await.expect("migrations load");
+    let older: Vec<_> = migrator.iter().filter(|m| m.version < until).cloned().collect();
+    migrator.migrations = std::borrow::Cow::Owned(older);
+    macro_rules! with {
+        ($connection:ty, $url:expr) => {{
+            let mut conn = <$connection>::connect($url).await.expect("database connects");
+            migrator.run(&mut conn).await.expect("older migrations apply");
+            for statement in setup {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+                    .execute(&mut conn)
+                    .await
+                    .expect("setup runs");
+            }
+            let _ = conn.close().await;
+        }};
+    }
+    match backend {
+        Backend::Sqlite => with!(SqliteConnection, &format!("{url}?mode=rwc")),
+        Backend::Postgres => with!(PgConnection, url),
     }
 }
 

@@ -165,17 +165,19 @@ async fn rotate_key(global: &GlobalArgs, config: &Config) -> anyhow::Result<Exit
             "new_key_id": rotation.new_key.to_string(),
             "old_key_ids": old,
             "resealed": rotation.resealed,
+            "resealed_webhook_secrets": rotation.resealed_webhook_secrets,
             "finished_interrupted": rotation.finished_interrupted,
             "key": rotation.origin.to_string(),
         }));
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(count) = rotation.finished_interrupted {
-        output::data(format!("finished an interrupted rotation first: {count} secrets re-sealed"));
+        output::data(format!("finished an interrupted rotation first: {count} values re-sealed"));
     }
     output::data(format!(
-        "re-sealed {} secrets under key {} (was {}); the key is in {}",
+        "re-sealed {} secrets and {} webhook signing secrets under key {} (was {}); the key is in {}",
         rotation.resealed,
+        rotation.resealed_webhook_secrets,
         rotation.new_key,
         old.join(", "),
         rotation.origin

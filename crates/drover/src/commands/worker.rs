@@ -13,7 +13,7 @@ use drover_env::Deployments;
 use drover_server::Mode;
 
 use crate::cli::{GlobalArgs, WorkerArgs};
-use crate::http_bus::HttpBus;
+use crate::http_bus::{ApiSecrets, HttpBus};
 use crate::output;
 use crate::target::Target;
 
@@ -61,6 +61,7 @@ pub(crate) async fn work(
             concurrency: args.concurrency.unwrap_or(config.workers.concurrency).max(1),
             heartbeat_interval: heartbeat,
             kind: "external".to_owned(),
+            secrets: Some(Arc::new(ApiSecrets(client.clone()))),
         },
     );
     if global.json {
