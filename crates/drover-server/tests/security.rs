@@ -526,3 +526,68 @@ async fn idempotency_keys_replay_and_rate_limits_answer_429() {
     assert_eq!(health.status(), 200, "probes are not limited");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_made_in_local_mode_belongs_to_the_local_admin_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(config(&data, "127.0.0.1:0", |_| {})).await;
+    let http = Http::new(&server.url);
+    let (status, headers, body) =
+        http.call(Method::POST, "/api/v1/tokens", None, None, Some(json!({ "name": "x" }))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("drv_"), "{created}");
+    assert_eq!(
+        (created["user"].as_str(), created["name"].as_str(), created["scope"].as_str()),
+        (Some("local"), Some("x"), Some("write")),
+        "{created}"
+    );
+    let (status, _, body) = http
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            None,
+            None,
+            Some(json!({ "name": "r", "scope": "read" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let read_only =
+        serde_json::from_str::<Value>(&body).unwrap()["token"].as_str().unwrap().to_owned();
+
+    // The token proves the local admin; the read-only one reads and does not write.
+    let me = http.json(Method::GET, "/api/v1/me", Some(&token), None).await;
+    assert_eq!((me["user"].as_str(), me["role"].as_str()), (Some("local"), Some("admin")), "{me}");
+    let (status, _, body) = http
+        .call(Method::POST, "/api/v1/runs", Some(&read_only), None, Some(json!({ "request": "x" })))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("\"forbidden\""), "{body}");
+    let listed = http.json(Method::GET, "/api/v1/tokens", Some(&read_only), None).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // Making it did not end local mode, here or after a restart.
+    assert_eq!(http.json(Method::GET, "/api/v1/me", None, None).await["local_mode"], true);
+    server.stop().await;
+    let server = start(config(&data, "127.0.0.1:0", |_| {})).await;
+    let http = Http::new(&server.url);
+    assert_eq!(http.json(Method::GET, "/api/v1/me", None, None).await["local_mode"], true);
+    let me = http.json(Method::GET, "/api/v1/me", Some(&token), None).await;
+    assert_eq!(me["user"], "local", "{me}");
+
+    // The first user ends local mode; the local admin's token stays an admin's credential.
+    http.json(
+        Method::POST,
+        "/api/v1/users",
+        None,
+        Some(json!({ "name": "root", "role": "admin", "password": "correct horse battery" })),
+    )
+    .await;
+    let (status, _, _) = http.call(Method::GET, "/api/v1/runs", None, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _, body) = http.call(Method::GET, "/api/v1/users", Some(&token), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
