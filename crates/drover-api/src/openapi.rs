@@ -163,8 +163,9 @@ impl utoipa::Modify for Security {
                     .build(),
             )
         };
-        // Every operation may be refused by the abuse limits, and every protected one by
-        // authentication and authorization: say so once, here, for all of them.
+        // Every operation may be refused by the abuse limits, every one with path parameters
+        // for a parameter that is not UTF-8, and every protected one by authentication and
+        // authorization: say so once, here, for all of them.
         for (path, item) in &mut openapi.paths.paths {
             let public = PUBLIC.contains(&path.as_str());
             for operation in
@@ -176,6 +177,11 @@ impl utoipa::Modify for Security {
                 responses.entry("429".to_owned()).or_insert_with(|| {
                     problem("Too many requests (`rate_limited`); see `Retry-After`")
                 });
+                if path.contains('{') {
+                    responses.entry("400".to_owned()).or_insert_with(|| {
+                        problem("A path parameter is not valid UTF-8 (`invalid_path`)")
+                    });
+                }
                 if public {
                     operation.security = Some(vec![SecurityRequirement::default()]);
                 } else {
@@ -224,6 +230,10 @@ mod tests {
                 seen += 1;
                 let responses = &operation["responses"];
                 assert!(responses["429"].is_object(), "{method} {path}: no 429");
+                if path.contains('{') {
+                    let content = &responses["400"]["content"]["application/problem+json"];
+                    assert!(content.is_object(), "{method} {path}: no 400 problem");
+                }
                 if PUBLIC.contains(&path.as_str()) {
                     assert_eq!(operation["security"], serde_json::json!([{}]), "{method} {path}");
                 } else {

@@ -10,7 +10,7 @@
 //! shows it. The server's delivery loop sends it, signed per Standard Webhooks.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use drover_auth::webhook::SigningSecret;
 use drover_domain::{
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::wire::{EventView, time};
 use crate::{AppState, Caller};
 
@@ -318,7 +318,7 @@ pub(crate) async fn list(
 pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<WebhookView>, ApiError> {
     Ok(Json(WebhookView::from(&find(&state, &caller, &id).await?)))
 }
@@ -335,7 +335,7 @@ pub(crate) async fn show(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let parsed = webhook_id(&id)?;
     if !state.webhooks().delete_webhook(&caller.project, parsed, &caller.user, now()).await? {
@@ -359,7 +359,7 @@ pub(crate) async fn delete(
 pub(crate) async fn enable(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let parsed = webhook_id(&id)?;
     let webhook =
@@ -382,7 +382,7 @@ pub(crate) async fn enable(
 pub(crate) async fn test(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let parsed = webhook_id(&id)?;
     let now = now();
@@ -410,7 +410,7 @@ pub(crate) async fn test(
 pub(crate) async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeliveriesQuery>,
 ) -> Result<Json<WebhookDeliveryPage>, ApiError> {
     let limit = query.limit.unwrap_or(50);
@@ -458,7 +458,7 @@ pub(crate) async fn deliveries(
 pub(crate) async fn delivery(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, delivery)): Path<(String, String)>,
+    ApiPath((id, delivery)): ApiPath<(String, String)>,
 ) -> Result<Json<WebhookDeliveryView>, ApiError> {
     let webhook = webhook_id(&id)?;
     let parsed = delivery_id(&delivery)?;
@@ -487,7 +487,7 @@ pub(crate) async fn delivery(
 pub(crate) async fn redeliver(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, delivery)): Path<(String, String)>,
+    ApiPath((id, delivery)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let webhook = webhook_id(&id)?;
     let parsed = delivery_id(&delivery)?;

@@ -52,6 +52,8 @@ pub enum ErrorCode {
     ValidationFailed,
     /// A query string parameter is invalid.
     InvalidQuery,
+    /// A path parameter is invalid (not UTF-8 once percent-decoded).
+    InvalidPath,
     /// The body exceeds the size limit.
     PayloadTooLarge,
     /// The requested pipeline does not exist.
@@ -161,6 +163,7 @@ impl ErrorCode {
             Self::InvalidBody => "invalid_body",
             Self::ValidationFailed => "validation_failed",
             Self::InvalidQuery => "invalid_query",
+            Self::InvalidPath => "invalid_path",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnknownPipeline => "unknown_pipeline",
             Self::RunNotFound => "run_not_found",
