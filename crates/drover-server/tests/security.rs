@@ -591,3 +591,63 @@ async fn a_token_made_in_local_mode_belongs_to_the_local_admin_and_works() {
     assert_eq!(status, 200, "{body}");
     server.stop().await;
 }
+
+/// The `RateLimit-*` headers of an answer, as numbers, and its `Retry-After` if any.
+fn rate_limit_headers(headers: &reqwest::header::HeaderMap) -> (u64, u64, u64, Option<u64>) {
+    let number = |name: &str| -> Option<u64> {
+        headers.get(name).map(|v| v.to_str().unwrap().parse().unwrap())
+    };
+    let limit = number("ratelimit-limit").expect("RateLimit-Limit");
+    let remaining = number("ratelimit-remaining").expect("RateLimit-Remaining");
+    let reset = number("ratelimit-reset").expect("RateLimit-Reset");
+    (limit, remaining, reset, number("retry-after"))
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_rate_limit_of_its_tightest_bucket_and_a_429_says_when_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path(), "127.0.0.1:0", |c| {
+        c.auth.rate_limit_per_minute = 4;
+        c.auth.ip_rate_limit_per_minute = 6;
+    }))
+    .await;
+    let http = Http::new(&server.url);
+
+    // Anonymous: the caller's bucket (4 a minute) is the tighter one.
+    for remaining in [3, 2, 1, 0] {
+        let (status, headers, body) =
+            http.call(Method::GET, "/api/v1/runs", None, None, None).await;
+        assert_eq!(status, 200, "{body}");
+        let (limit, left, reset, retry) = rate_limit_headers(&headers);
+        assert_eq!((limit, left, retry), (4, remaining, None));
+        // Seconds until the bucket is full again: 15 per request taken.
+        assert_eq!(reset, (4 - remaining) * 15);
+    }
+    let (status, headers, body) = http.call(Method::GET, "/api/v1/runs", None, None, None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["code"], "rate_limited");
+    let (limit, remaining, reset, retry) = rate_limit_headers(&headers);
+    let retry = retry.expect("Retry-After");
+    assert_eq!((limit, remaining), (4, 0));
+    assert!((1..=15).contains(&retry), "Retry-After {retry}");
+    assert!(reset >= retry + 45 && reset <= 60, "RateLimit-Reset {reset}, Retry-After {retry}");
+
+    // Other credentials from the same address: each has a bucket of its own, the address's
+    // (6 a minute, 5 taken) is the tighter one, until it refuses.
+    let (status, headers, _) =
+        http.call(Method::GET, "/api/v1/runs", Some("not-a-token-1"), None, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(rate_limit_headers(&headers), (6, 0, 60, None));
+    let (status, headers, body) =
+        http.call(Method::GET, "/api/v1/runs", Some("not-a-token-2"), None, None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["code"], "rate_limited");
+    let (limit, remaining, reset, retry) = rate_limit_headers(&headers);
+    let retry = retry.expect("Retry-After");
+    assert_eq!((limit, remaining), (6, 0));
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    assert!(reset >= retry + 50 && reset <= 60, "RateLimit-Reset {reset}, Retry-After {retry}");
+    server.stop().await;
+}
