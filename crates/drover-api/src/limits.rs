@@ -1,10 +1,10 @@
 //! Abuse limits: requests per minute per credential (or, without one, per IP address) and
 //! per IP address whatever the credential, as GCRA token buckets (`governor`). Every
-//! answer, a `429` too, carries `RateLimit-Limit` (requests a minute), `RateLimit-Remaining`
-//! and `RateLimit-Reset` (seconds until the bucket is full again) of the tighter of the two
-//! buckets (the one that refused, else the one with fewer left); a request over a limit
-//! gets `429 rate_limited` with `Retry-After` (seconds until one passes). Health, readiness and metrics
-//! are not limited (probes). The buckets are in memory, per server; idle keys are dropped
+//! answer, a `429` too, carries `RateLimit-Limit` (requests a minute),
+//! `RateLimit-Remaining` and `RateLimit-Reset` (seconds until the bucket is full again) of
+//! the tighter of the two buckets (the one that refused, else the one with fewer left); a
+//! request over a limit gets `429 rate_limited` with `Retry-After` (seconds until one
+//! passes). Health, readiness and metrics are not limited (probes). The buckets are in memory, per server; idle keys are dropped
 //! regularly, so the state stays as large as the set of recent callers.
 
 use std::net::SocketAddr;
