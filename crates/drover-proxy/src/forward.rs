@@ -17,8 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-use crate::UpstreamStates;
 use crate::routes::{RouteTable, normalize_host};
+use crate::{NameEveryHost, UpstreamStates};
 
 pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -43,6 +43,7 @@ pub(crate) struct Forwarder {
     client: Client<HttpConnector, Incoming>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
     states: Option<Arc<dyn UpstreamStates>>,
+    name_every_host: Option<NameEveryHost>,
 }
 
 impl Forwarder {
@@ -50,9 +51,20 @@ impl Forwarder {
         routes: RouteTable,
         activity: Option<tokio::sync::mpsc::Sender<String>>,
         states: Option<Arc<dyn UpstreamStates>>,
+        name_every_host: Option<NameEveryHost>,
     ) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { routes, client, activity, states }
+        Self { routes, client, activity, states, name_every_host }
+    }
+
+    /// The hostnames an unknown host's 404 may name (see `Proxy::naming_every_host_while`).
+    fn nameable_hosts(&self) -> Vec<String> {
+        let every = self.name_every_host.as_ref().is_some_and(|every| every());
+        let routes = self.routes.list().into_iter();
+        routes
+            .filter(|route| every || route.project.is_none())
+            .map(|route| normalize_host(&route.host))
+            .collect()
     }
 
     /// Forwards one request that arrived over `scheme` (`http` or `https`) from `peer`.
@@ -84,7 +96,7 @@ impl Forwarder {
             );
         }
         let Some(route) = self.routes.get(&host) else {
-            let known = self.routes.hosts();
+            let known = self.nameable_hosts();
             return problem(
                 StatusCode::NOT_FOUND,
                 ErrorCode::UnknownHost,

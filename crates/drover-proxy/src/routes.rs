@@ -14,6 +14,9 @@ pub struct Route {
     pub service: String,
     /// The environment it belongs to, if it is not shared.
     pub environment: Option<String>,
+    /// The project of that environment: an unknown host's 404 names the route only when
+    /// the proxy may name every project's (see [`crate::Proxy::naming_every_host_while`]).
+    pub project: Option<String>,
     /// Reported on every request routed here (see [`crate::Proxy::on_activity`]).
     pub activity: Option<String>,
     /// The supervised instance behind it, as its owner names it: asked about when the
@@ -92,6 +95,7 @@ mod tests {
             upstream: SocketAddr::from(([127, 0, 0, 1], port)),
             service: "app".into(),
             environment: None,
+            project: None,
             activity: None,
             instance: None,
         }

@@ -47,6 +47,7 @@ fn route(host: &str, upstream: SocketAddr, environment: &str) -> Route {
         upstream,
         service: "app".into(),
         environment: Some(environment.into()),
+        project: None,
         activity: Some(environment.into()),
         instance: None,
     }

@@ -332,12 +332,25 @@ impl Server {
                 draining.clone(),
             ));
         }
+        let auth = Arc::new(drover_api::AuthState::new(
+            auth.identities,
+            auth.signer,
+            auth.network,
+            auth.users_exist,
+            auth.trusted.as_deref(),
+        ));
         let proxy_task = proxy.map(|proxy| {
             let routes = RouteTable::new();
             tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), tls = ?proxy.tls_addr(), "routing proxy serving");
             let states = Arc::new(ServiceStates(envs.clone()));
-            tokio::spawn(proxy.on_activity(activity).with_states(states).run(routes, draining.clone()))
+            // In local mode every caller is the same user: a 404 may name every host.
+            let local = auth.clone();
+            let proxy = proxy
+                .on_activity(activity)
+                .with_states(states)
+                .naming_every_host_while(Arc::new(move || local.is_local()));
+            tokio::spawn(proxy.run(routes, draining.clone()))
         });
 
         let state = AppState::new(drover_api::AppParts {
@@ -347,13 +360,7 @@ impl Server {
             draining: draining.clone(),
             proxy: proxy_addrs,
             bootstrap: worker_bootstrap(&config),
-            auth: Arc::new(drover_api::AuthState::new(
-                auth.identities,
-                auth.signer,
-                auth.network,
-                auth.users_exist,
-                auth.trusted.as_deref(),
-            )),
+            auth,
             limits: drover_api::limits::RateLimits::new(
                 config.auth.rate_limit_per_minute,
                 config.auth.ip_rate_limit_per_minute,
@@ -547,8 +554,8 @@ pub fn proxy_ca_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Keeps the proxy's routes equal to what runs: each environment's services at
-/// `<service>.<env>.localhost`, shared ones at `<service>.localhost`, and the apps of the
-/// `deployments` environment at `app.run-<id>.localhost`.
+/// `<service>.<env>[.<project>].localhost`, shared ones at `<service>.localhost`, and the
+/// apps of the `deployments` environment at `app.run-<id>.localhost`, each with its project.
 async fn sync_routes(
     mut services: tokio::sync::watch::Receiver<Vec<ServiceRoute>>,
     routes: RouteTable,
@@ -563,6 +570,7 @@ async fn sync_routes(
                 upstream: route.upstream,
                 service: route.service.clone(),
                 environment: route.environment_name.clone(),
+                project: route.project.as_ref().map(ToString::to_string),
                 activity: route.environment.map(|id| id.to_string()),
                 instance: Some(route.instance.to_string()),
             })
