@@ -107,8 +107,11 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     /// The request already passed through a drover proxy.
     ProxyLoop,
-    /// The request target could not be forwarded.
+    /// The request could not be forwarded as sent (its target or its body is malformed).
     InvalidRequest,
+    /// The request's `Host` is missing, repeated or malformed, or disagrees with its HTTP/2
+    /// `:authority`: the proxy cannot tell which host it is for.
+    InvalidHost,
     /// No credential was given where one is required.
     Unauthenticated,
     /// The credential (token, password) is wrong, expired or revoked.
@@ -190,6 +193,7 @@ impl ErrorCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProxyLoop => "proxy_loop",
             Self::InvalidRequest => "invalid_request",
+            Self::InvalidHost => "invalid_host",
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidCredentials => "invalid_credentials",
             Self::Forbidden => "forbidden",

@@ -5,12 +5,14 @@
 //!
 //! HTTP/1.1 and HTTP/2 (cleartext by prior knowledge, or by ALPN over TLS), streamed
 //! bodies, SSE and WebSocket upgrades pass through. An unknown host gets a 404 problem
-//! listing the shared hostnames (every one in local mode); a route whose upstream does not answer gets a 502 naming
-//! the service. A request that already passed through a drover proxy is refused (508) so
-//! a misrouted table cannot loop. HTTPS uses certificates minted per hostname by a local
-//! CA ([`tls`]).
+//! listing the shared hostnames (every one in local mode); a route whose upstream does not
+//! answer gets a 502 naming the service; a request at fault itself (no single valid host,
+//! a malformed body) a 400 that no service is blamed for. A request that already passed
+//! through a drover proxy is refused (508) so a misrouted table cannot loop. HTTPS uses
+//! certificates minted per hostname by a local CA ([`tls`]).
 
 mod forward;
+mod host;
 mod routes;
 pub mod tls;
 

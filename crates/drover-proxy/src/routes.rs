@@ -79,7 +79,8 @@ pub(crate) fn normalize_host(host: &str) -> String {
         return format!("[{}]", address.to_ascii_lowercase());
     }
     let name = match host.rsplit_once(':') {
-        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        // An empty port (`name:`) is the default one.
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     };
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -105,7 +106,12 @@ mod tests {
     fn hosts_match_without_case_port_or_trailing_dot() {
         let table = RouteTable::new();
         table.upsert(route("app.run-1.localhost", 9000));
-        for host in ["app.run-1.localhost", "APP.Run-1.localhost:7080", "app.run-1.localhost."] {
+        for host in [
+            "app.run-1.localhost",
+            "APP.Run-1.localhost:7080",
+            "app.run-1.localhost.",
+            "app.run-1.localhost:",
+        ] {
             assert_eq!(table.get(host).map(|r| r.upstream.port()), Some(9000), "{host}");
         }
         assert!(table.get("other.localhost").is_none());
