@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use drover_auth::{ApiToken, REFRESH_PREFIX};
 use drover_domain::{
@@ -18,7 +18,7 @@ use utoipa::IntoParams;
 use crate::AppState;
 use crate::auth::{ACCESS_TTL, Account, Admin, REFRESH_TTL};
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::wire::{
     AuditEntryView, AuditPage, CreateProjectBody, CreateTokenBody, CreateUserBody,
     CreatedTokenView, LoginBody, MeView, MemberBody, MembershipView, ProjectView, RefreshBody,
@@ -334,7 +334,7 @@ pub(crate) async fn list_tokens(
 pub(crate) async fn revoke_token(
     State(state): State<AppState>,
     Account(caller): Account,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TokenView>, ApiError> {
     let owner = (!caller.is_admin()).then_some(&caller.name);
     let token =
@@ -403,7 +403,7 @@ pub(crate) async fn create_user(
 pub(crate) async fn set_user_role(
     State(state): State<AppState>,
     Admin(admin): Admin,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<SetRoleBody>,
 ) -> Result<Json<UserView>, ApiError> {
     let name = UserName::parse(name.as_str())
@@ -481,7 +481,7 @@ pub(crate) async fn create_project(
 pub(crate) async fn list_members(
     State(state): State<AppState>,
     Account(caller): Account,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<MembershipView>>, ApiError> {
     let project = visible_project(&caller, &id)?;
     let members = state.auth().identities.members_of(&project).await?;
@@ -532,7 +532,7 @@ fn manage_members(caller: &drover_domain::UserPrincipal, raw: &str) -> Result<Pr
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     Account(caller): Account,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<MemberBody>,
 ) -> Result<(StatusCode, Json<MembershipView>), ApiError> {
     let project = manage_members(&caller, &id)?;
@@ -559,7 +559,7 @@ pub(crate) async fn add_member(
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     Account(caller): Account,
-    Path((id, user)): Path<(String, String)>,
+    ApiPath((id, user)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let project = manage_members(&caller, &id)?;
     let user = UserName::parse(user.as_str()).map_err(|_| {

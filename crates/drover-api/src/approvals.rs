@@ -2,12 +2,12 @@
 //! stage (`approval = true`), which waits in `waiting_approval` until then.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use drover_domain::{ErrorCode, StageName};
 use drover_store::ApprovalDecision;
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiPath};
 use crate::openapi::InProject;
 use crate::runs::parse_run_id;
 use crate::wire::{ApprovalBody, AttemptView, RejectionBody, RunView};
@@ -31,7 +31,7 @@ pub(crate) const MAX_REASON_CHARS: usize = 2_000;
 pub(crate) async fn approve(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, stage)): Path<(String, String)>,
+    ApiPath((id, stage)): ApiPath<(String, String)>,
     body: Option<ApiJson<ApprovalBody>>,
 ) -> Result<Json<RunView>, ApiError> {
     let reason = body.and_then(|ApiJson(body)| body.reason);
@@ -53,7 +53,7 @@ pub(crate) async fn approve(
 pub(crate) async fn reject(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, stage)): Path<(String, String)>,
+    ApiPath((id, stage)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<RejectionBody>,
 ) -> Result<Json<RunView>, ApiError> {
     if body.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {

@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use drover_domain::ErrorCode;
@@ -14,7 +14,7 @@ use tokio_util::io::ReaderStream;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::openapi::InProject;
 use crate::runs::find_run;
 use crate::{AppState, Caller};
@@ -57,7 +57,7 @@ pub(crate) struct ArtifactsQuery {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<ArtifactsQuery>,
 ) -> Result<Json<ArtifactList>, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
@@ -105,7 +105,7 @@ pub(crate) async fn list(
 pub(crate) async fn download(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
     let missing = || {

@@ -4,7 +4,9 @@
 //! up by its hash), a user access token (a JWT from `POST /auth/login`), or a worker's
 //! service token (a JWT for the worker audience). Nothing else is believed: no header
 //! names a user. Without a credential, a server in local mode (loopback, no users yet)
-//! treats the caller as the implicit local admin; any other server answers 401.
+//! treats the caller as the implicit local admin, `local` (a user row made before it first
+//! acts, so the API tokens it makes belong to someone; it is no user that ends local mode);
+//! any other server answers 401.
 //!
 //! Extractors turn the proven principal into what a handler may use:
 //! [`Caller`] (a user acting in one project, chosen with `X-Drover-Project`, default
@@ -50,6 +52,8 @@ pub struct AuthState {
     /// Projects known to exist (an administrator may name any project: it must exist).
     /// Projects are never deleted, so a known one stays known.
     known_projects: std::sync::RwLock<std::collections::HashSet<ProjectId>>,
+    /// Set once the local admin's user row is known to exist (made on its first call).
+    local_admin_stored: tokio::sync::OnceCell<()>,
 }
 
 impl AuthState {
@@ -67,7 +71,17 @@ impl AuthState {
             users_exist: AtomicBool::new(users_exist),
             trusted: trusted_token.map(drover_auth::hash_token),
             known_projects: std::sync::RwLock::default(),
+            local_admin_stored: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The implicit local admin, whose user row is made (once, idempotently) before it
+    /// first acts, so that what it makes (an API token) belongs to a user like anyone's.
+    async fn local_admin(&self) -> Result<UserPrincipal, ApiError> {
+        self.local_admin_stored
+            .get_or_try_init(|| self.identities.ensure_local_admin(now()))
+            .await?;
+        Ok(local_admin())
     }
 
     /// Whether `project` exists (cached once seen).
@@ -100,7 +114,7 @@ pub enum Principal {
     Worker(WorkerPrincipal),
 }
 
-pub(crate) fn local_admin() -> UserPrincipal {
+fn local_admin() -> UserPrincipal {
     UserPrincipal {
         name: UserName::local(),
         role: Role::Admin,
@@ -148,7 +162,7 @@ pub(crate) async fn authenticate(state: &AppState, parts: &Parts) -> Result<Prin
             auth.user_created();
         }
         if auth.is_local() {
-            return Ok(Principal::User(local_admin()));
+            return Ok(Principal::User(auth.local_admin().await?));
         }
         return Err(ApiError::new(
             ErrorCode::Unauthenticated,
@@ -157,7 +171,7 @@ pub(crate) async fn authenticate(state: &AppState, parts: &Parts) -> Result<Prin
         ));
     };
     if auth.trusted.as_deref().is_some_and(|hash| hash == drover_auth::hash_token(credential)) {
-        return Ok(Principal::User(local_admin()));
+        return Ok(Principal::User(auth.local_admin().await?));
     }
     if drover_auth::is_api_token(credential) {
         let hash = drover_auth::hash_token(credential);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use drover_agents::{ChatReply, LlmAgentRunner};
@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::openapi::InProject;
 use crate::wire::time;
 use crate::{AppState, Caller};
@@ -292,7 +292,7 @@ pub(crate) async fn list(
 pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ChatTranscriptView>, ApiError> {
     let id = session_id(&id)?;
     let session = state.chat().chat_session(&caller.project, &caller.user, &id).await?;
@@ -316,7 +316,7 @@ pub(crate) async fn show(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let parsed = session_id(&id)?;
     if state.chat().delete_chat_session(&caller.project, &caller.user, &parsed).await? {
@@ -344,7 +344,7 @@ pub(crate) async fn delete(
 pub(crate) async fn send(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ChatMessageBody>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let content = body.content.trim().to_owned();

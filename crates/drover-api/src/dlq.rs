@@ -2,14 +2,14 @@
 //! redrive (run the stage again) or discard.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use drover_domain::{AttemptId, ErrorCode};
 use drover_store::DeadLetterQuery;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, Problem};
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::openapi::InProject;
 use crate::wire::{AttemptView, DeadLetterPage, DeadLetterView};
 use crate::{AppState, Caller};
@@ -88,7 +88,7 @@ pub(crate) async fn list(
 pub(crate) async fn redrive(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<AttemptView>, ApiError> {
     let retry = state.engine().redrive(&caller.project, parse_id(&id)?).await?;
     Ok(Json(AttemptView::from(&retry)))
@@ -107,7 +107,7 @@ pub(crate) async fn redrive(
 pub(crate) async fn discard(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let letter = state.engine().discard(&caller.project, parse_id(&id)?).await?;
     Ok(Json(DeadLetterView::from(&letter)))

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use tokio_util::io::ReaderStream;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::openapi::{Idempotent, InProject};
 use crate::wire::time;
 use crate::{AppState, Caller};
@@ -278,7 +278,7 @@ pub(crate) async fn list(
 pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<EnvironmentView>, ApiError> {
     let env = find(&state, &caller, &id).await?;
     Ok(Json(detailed(&state, &env).await?))
@@ -308,7 +308,7 @@ pub(crate) struct DeleteQuery {
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     let env = find(&state, &caller, &id).await?;
@@ -328,7 +328,7 @@ pub(crate) async fn delete(
 pub(crate) async fn start(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     let env = find(&state, &caller, &id).await?;
     let env = state.envs().start(&caller.project, env.id, LOCAL_ACTOR, None).await?;
@@ -344,7 +344,7 @@ pub(crate) async fn start(
 pub(crate) async fn stop(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     let env = find(&state, &caller, &id).await?;
     let env = state.envs().stop(&caller.project, env.id, LOCAL_ACTOR, None).await?;
@@ -360,7 +360,7 @@ pub(crate) async fn stop(
 pub(crate) async fn services(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ServiceList>, ApiError> {
     let env = find(&state, &caller, &id).await?;
     let services = state.envs().services(Some(env.id)).await?;
@@ -376,7 +376,7 @@ pub(crate) async fn services(
 pub(crate) async fn restart_service(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let env = find(&state, &caller, &id).await?;
     state.envs().restart_service(&env, &name).await?;
@@ -457,7 +457,7 @@ fn follow_service_log(
 pub(crate) async fn service_logs(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let env = find(&state, &caller, &id).await?;

@@ -1,8 +1,11 @@
 //! The one place errors become HTTP responses: RFC 9457 `application/problem+json` with a
 //! stable `code`, the request id, and field-level `errors[]` for validation. Every error
-//! of every lower layer is mapped here, and nowhere else.
+//! of every lower layer is mapped here, and nowhere else; and [`problems_only`] makes sure
+//! no error answer leaves the router in any other format.
 
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use drover_domain::{ErrorCode, ValidationError};
 use drover_engine::EngineError;
@@ -17,9 +20,10 @@ pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 /// The HTTP status of each error code. Codes are the contract; this table is the mapping.
 fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::MalformedJson | ErrorCode::EmptyBody | ErrorCode::InvalidQuery => {
-            StatusCode::BAD_REQUEST
-        }
+        ErrorCode::MalformedJson
+        | ErrorCode::EmptyBody
+        | ErrorCode::InvalidQuery
+        | ErrorCode::InvalidPath => StatusCode::BAD_REQUEST,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::UnknownField
         | ErrorCode::InvalidBody
@@ -45,7 +49,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::UnknownHost => StatusCode::NOT_FOUND,
         ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         ErrorCode::ProxyLoop => StatusCode::LOOP_DETECTED,
-        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidRequest | ErrorCode::InvalidHost => StatusCode::BAD_REQUEST,
         ErrorCode::Unauthenticated | ErrorCode::InvalidCredentials => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::ProjectNotFound
@@ -70,6 +74,24 @@ fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
+/// The code of an error answer that was not made from an [`ApiError`] (see
+/// [`problems_only`]): the generic one of its status.
+fn code_of_status(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthenticated,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::InvalidBody,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,
+        status if status.is_client_error() => ErrorCode::InvalidRequest,
+        _ => ErrorCode::Internal,
+    }
+}
+
 fn title_of(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::MalformedJson => "Malformed JSON",
@@ -79,6 +101,7 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidBody => "Invalid request body",
         ErrorCode::ValidationFailed => "Validation failed",
         ErrorCode::InvalidQuery => "Invalid query string",
+        ErrorCode::InvalidPath => "Invalid path parameter",
         ErrorCode::PayloadTooLarge => "Payload too large",
         ErrorCode::UnknownPipeline => "Unknown pipeline",
         ErrorCode::RunNotFound => "Run not found",
@@ -105,6 +128,7 @@ fn title_of(code: ErrorCode) -> &'static str {
         ErrorCode::UpstreamUnavailable => "Upstream unavailable",
         ErrorCode::ProxyLoop => "Proxy loop",
         ErrorCode::InvalidRequest => "Invalid request",
+        ErrorCode::InvalidHost => "Invalid host",
         ErrorCode::Unauthenticated => "Authentication required",
         ErrorCode::InvalidCredentials => "Invalid credentials",
         ErrorCode::Forbidden => "Forbidden",
@@ -206,7 +230,7 @@ impl ApiError {
         }
     }
 
-    fn internal(err: &dyn std::fmt::Display) -> Self {
+    pub(crate) fn internal(err: &dyn std::fmt::Display) -> Self {
         // The cause goes to the log, under this request's id; the client gets the id.
         tracing::error!(error = %err, "internal error");
         Self::new(
@@ -235,6 +259,46 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The longest plain-text error body kept as a converted problem's detail.
+const MAX_PLAIN_ERROR_BYTES: usize = 4096;
+
+/// The router's last resort: an error answer that is not problem+json (a rejection an
+/// axum extractor or layer made in plain text, which handlers' own extractors in
+/// `extract.rs` never let through) becomes one, with the generic code of its status, its
+/// text as the detail, and its other headers kept.
+pub(crate) async fn problems_only(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == PROBLEM_JSON.as_bytes());
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_PLAIN_ERROR_BYTES)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let code = code_of_status(status);
+    tracing::warn!(status = status.as_u16(), %code, "an error answer was not a problem; converted");
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut problem = ApiError::new(code, detail).into_response();
+    let own: std::collections::HashSet<header::HeaderName> =
+        problem.headers().keys().cloned().collect();
+    for (name, value) in &parts.headers {
+        if !own.contains(name) && *name != header::CONTENT_LENGTH {
+            problem.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    problem
 }
 
 impl From<StoreError> for ApiError {
@@ -385,7 +449,80 @@ impl From<drover_secrets::VaultError> for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
     use super::*;
+
+    async fn answer(
+        router: axum::Router,
+        request: axum::http::Request<Body>,
+    ) -> (Response, Problem) {
+        let response =
+            router.layer(axum::middleware::from_fn(problems_only)).oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 16).await.unwrap();
+        let problem = serde_json::from_slice(&bytes).unwrap();
+        (Response::from_parts(parts, Body::empty()), problem)
+    }
+
+    #[tokio::test]
+    async fn a_plain_text_rejection_leaves_as_a_problem_with_its_status_code_and_headers() {
+        // axum's own extractor, whose rejection is plain text.
+        let router = axum::Router::new().route(
+            "/{n}",
+            axum::routing::post(
+                |_: axum::extract::Path<u32>, _: axum::Json<serde_json::Value>| async {},
+            ),
+        );
+        let request = axum::http::Request::post("/7").body(Body::from("{}")).unwrap();
+        let (response, problem) = answer(router.clone(), request).await;
+        assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!((problem.code.as_str(), problem.status), ("unsupported_media_type", 415));
+        assert!(problem.detail.contains("Content-Type"), "{}", problem.detail);
+
+        let request = axum::http::Request::post("/seven").body(Body::empty()).unwrap();
+        let (response, problem) = answer(router, request).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!((problem.code.as_str(), problem.status), ("invalid_request", 400));
+
+        let refusal = axum::Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")], "only POST")
+            }),
+        );
+        let (response, problem) =
+            answer(refusal, axum::http::Request::get("/").body(Body::empty()).unwrap()).await;
+        assert_eq!(response.headers()[header::ALLOW], "POST", "its headers are kept");
+        assert_eq!(
+            (problem.code.as_str(), problem.detail.as_str()),
+            ("method_not_allowed", "only POST")
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_problems_or_not_errors_pass_untouched() {
+        let router =
+            axum::Router::new().route("/ok", axum::routing::get(|| async { "fine" })).route(
+                "/run",
+                axum::routing::get(|| async { ApiError::new(ErrorCode::RunNotFound, "no run") }),
+            );
+        let ok = router
+            .clone()
+            .layer(axum::middleware::from_fn(problems_only))
+            .oneshot(axum::http::Request::get("/ok").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(ok.into_body(), 1024).await.unwrap();
+        assert_eq!(&bytes[..], b"fine");
+        let request = axum::http::Request::get("/run").body(Body::empty()).unwrap();
+        let (response, problem) = answer(router, request).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!((problem.code.as_str(), problem.detail.as_str()), ("run_not_found", "no run"));
+    }
 
     #[test]
     fn every_code_maps_to_a_client_or_server_error_status() {
@@ -397,6 +534,7 @@ mod tests {
             ErrorCode::InvalidBody,
             ErrorCode::ValidationFailed,
             ErrorCode::InvalidQuery,
+            ErrorCode::InvalidPath,
             ErrorCode::PayloadTooLarge,
             ErrorCode::UnknownPipeline,
             ErrorCode::RunNotFound,
@@ -422,6 +560,7 @@ mod tests {
             ErrorCode::UpstreamUnavailable,
             ErrorCode::ProxyLoop,
             ErrorCode::InvalidRequest,
+            ErrorCode::InvalidHost,
             ErrorCode::Unauthenticated,
             ErrorCode::InvalidCredentials,
             ErrorCode::Forbidden,

@@ -1,10 +1,15 @@
 //! Extractors whose rejections are problem+json with precise codes: a body that is not
 //! JSON, is empty, names an unknown field or has the wrong shape each get their own code,
-//! as does a bad query string. A body is read as the OpenAPI document describes it: a JSON
-//! object (never an array standing for a struct's fields), whose integers may be written
-//! `3` or `3.0` (one JSON Schema integer).
+//! as do a bad query string and a path parameter that is not UTF-8. A body is read as the
+//! OpenAPI document describes it: a JSON object (never an array standing for a struct's
+//! fields), whose integers may be written `3` or `3.0` (one JSON Schema integer). Handlers
+//! take these, never axum's own `Path`, `Query` or `Json` (whose rejections are plain
+//! text; the router's last resort, `error::problems_only`, would still turn those into
+//! problems, but with only their status's generic code).
 
 use axum::body::Bytes;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -162,6 +167,46 @@ where
             .map(|query| ApiQuery(query.0))
             .map_err(|rejection| ApiError::new(ErrorCode::InvalidQuery, rejection.body_text()))
     }
+}
+
+/// Path parameters. One that is not UTF-8 once percent-decoded (or does not parse as `T`)
+/// is `400 invalid_path`, naming the parameter.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(path) => Ok(ApiPath(path.0)),
+            Err(rejection) => Err(path_error(&rejection)),
+        }
+    }
+}
+
+fn path_error(rejection: &PathRejection) -> ApiError {
+    // A route whose parameters do not fit its handler is a bug here, not the client's.
+    if rejection.status().is_server_error() {
+        return ApiError::internal(&rejection.body_text());
+    }
+    let (field, detail) = match rejection {
+        PathRejection::FailedToDeserializePathParams(failed) => match failed.kind() {
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                (key.clone(), format!("path parameter `{key}` is not valid UTF-8"))
+            }
+            ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+                (key.clone(), failed.body_text())
+            }
+            _ => ("path".to_owned(), failed.body_text()),
+        },
+        other => ("path".to_owned(), other.body_text()),
+    };
+    ApiError::new(ErrorCode::InvalidPath, detail.clone())
+        .with_errors(vec![FieldError { field, message: detail }])
 }
 
 #[cfg(test)]

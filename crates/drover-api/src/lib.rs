@@ -263,6 +263,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), limits::middleware))
         .layer(CatchPanicLayer::custom(system::panic_response))
+        .layer(axum::middleware::from_fn(error::problems_only))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .layer(DefaultBodyLimit::max(body_limit_bytes))
         .with_state(state)

@@ -1,8 +1,10 @@
 //! Abuse limits: requests per minute per credential (or, without one, per IP address) and
 //! per IP address whatever the credential, as GCRA token buckets (`governor`). Every
-//! answer carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`; a request
-//! over the limit gets `429 rate_limited` with `Retry-After`. Health, readiness and metrics
-//! are not limited (probes). The buckets are in memory, per server; idle keys are dropped
+//! answer, a `429` too, carries `RateLimit-Limit` (requests a minute),
+//! `RateLimit-Remaining` and `RateLimit-Reset` (seconds until the bucket is full again) of
+//! the tighter of the two buckets (the one that refused, else the one with fewer left); a
+//! request over a limit gets `429 rate_limited` with `Retry-After` (seconds until one
+//! passes). Health, readiness and metrics are not limited (probes). The buckets are in memory, per server; idle keys are dropped
 //! regularly, so the state stays as large as the set of recent callers.
 
 use std::net::SocketAddr;
@@ -67,26 +69,66 @@ impl RateLimits {
         }
     }
 
-    /// Takes one request from `key`'s bucket: the headers to send, or the refusal.
-    fn take(buckets: &Buckets, limit: u32, key: &String) -> Result<(u32, u32, u64), ApiError> {
+    /// Takes one request from `key`'s bucket of `limit` a minute, saying where it stands.
+    fn take(buckets: &Buckets, limit: u32, key: &String, holder: &'static str) -> Standing {
+        let per_request = 60.0 / f64::from(limit);
+        let seconds = |secs: f64| secs.max(0.0).ceil() as u64;
         match buckets.check_key(key) {
             Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                // Seconds until the bucket is full again.
-                let reset = u64::from(limit - remaining.min(limit)) * 60 / u64::from(limit);
-                Ok((limit, remaining, reset))
+                let remaining = snapshot.remaining_burst_capacity().min(limit);
+                // Each request taken refills in `per_request` seconds.
+                let reset = seconds(f64::from(limit - remaining) * per_request);
+                Standing { limit, remaining, reset, refused: None }
             }
             Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let wait = not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64();
+                // One request passes after `wait`; the bucket is full again the rest later.
+                let reset = seconds(wait + f64::from(limit - 1) * per_request);
+                let retry_after = seconds(wait).max(1);
                 let mut error = ApiError::new(
                     ErrorCode::RateLimited,
-                    format!("more than {limit} requests a minute; retry in {seconds} s"),
+                    format!(
+                        "more than {limit} requests a minute from this {holder}; \
+                         retry in {retry_after} s"
+                    ),
                 );
-                error.retry_after = Some(seconds.max(1));
-                Err(error)
+                error.retry_after = Some(retry_after);
+                Standing { limit, remaining: 0, reset, refused: Some(error) }
             }
         }
+    }
+
+    /// Takes one request from the address's bucket, then (if that passed) from the
+    /// caller's, and answers with the tighter of the two: the one that refused, else the
+    /// one with fewer requests left.
+    fn admit(&self, ip_key: &String, caller_key: &String) -> Standing {
+        let ip = Self::take(&self.per_ip, self.ip_limit, ip_key, "address");
+        if ip.refused.is_some() {
+            return ip;
+        }
+        let caller = Self::take(&self.per_caller, self.caller_limit, caller_key, "caller");
+        if caller.refused.is_some() || caller.remaining <= ip.remaining { caller } else { ip }
+    }
+}
+
+/// Where a request leaves one bucket: what its `RateLimit-*` headers say.
+#[derive(Debug)]
+struct Standing {
+    /// Requests a minute.
+    limit: u32,
+    /// Requests left now.
+    remaining: u32,
+    /// Seconds until the bucket is full again.
+    reset: u64,
+    /// The refusal (`429`, with `Retry-After`), if the bucket refused.
+    refused: Option<ApiError>,
+}
+
+impl Standing {
+    fn write_headers(&self, headers: &mut HeaderMap) {
+        headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
+        headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
+        headers.insert("ratelimit-reset", HeaderValue::from(self.reset));
     }
 }
 
@@ -115,25 +157,12 @@ pub(crate) async fn middleware(
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
     let key = caller_key(request.headers(), &ip);
-    let ip_key = format!("ip:{ip}");
-    let taken = RateLimits::take(&limits.per_ip, limits.ip_limit, &ip_key)
-        .and_then(|_| RateLimits::take(&limits.per_caller, limits.caller_limit, &key));
-    let (limit, remaining, reset) = match taken {
-        Ok(state) => state,
-        Err(refusal) => {
-            let seconds = refusal.retry_after.unwrap_or(1);
-            let mut response = refusal.into_response();
-            let headers = response.headers_mut();
-            headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
-            headers.insert("ratelimit-reset", HeaderValue::from(seconds));
-            return response;
-        }
+    let mut standing = limits.admit(&format!("ip:{ip}"), &key);
+    let mut response = match standing.refused.take() {
+        Some(refusal) => refusal.into_response(),
+        None => next.run(request).await,
     };
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    headers.insert("ratelimit-limit", HeaderValue::from(limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-    headers.insert("ratelimit-reset", HeaderValue::from(reset));
+    standing.write_headers(response.headers_mut());
     response
 }
 
@@ -146,16 +175,33 @@ mod tests {
         let limits = RateLimits::new(3, 100);
         let key = "cred:x".to_owned();
         for expected in [2, 1, 0] {
-            let (limit, remaining, _) =
-                RateLimits::take(&limits.per_caller, limits.caller_limit, &key).unwrap();
-            assert_eq!((limit, remaining), (3, expected));
+            let standing =
+                RateLimits::take(&limits.per_caller, limits.caller_limit, &key, "caller");
+            assert!(standing.refused.is_none());
+            assert_eq!((standing.limit, standing.remaining), (3, expected));
+            assert_eq!(standing.reset, u64::from(3 - expected) * 20);
         }
-        let refused = RateLimits::take(&limits.per_caller, limits.caller_limit, &key).unwrap_err();
-        assert_eq!(refused.code, ErrorCode::RateLimited);
-        assert!(refused.retry_after.is_some_and(|s| (1..=20).contains(&s)));
+        let refused = RateLimits::take(&limits.per_caller, limits.caller_limit, &key, "caller");
+        assert_eq!((refused.limit, refused.remaining), (3, 0));
+        let error = refused.refused.unwrap();
+        assert_eq!(error.code, ErrorCode::RateLimited);
+        let retry = error.retry_after.unwrap();
+        assert!((1..=20).contains(&retry), "{retry}");
+        assert_eq!(refused.reset, retry + 40, "a full bucket two requests after the next");
         // Another caller has a bucket of its own.
-        assert!(
-            RateLimits::take(&limits.per_caller, limits.caller_limit, &"cred:y".to_owned()).is_ok()
-        );
+        let other = "cred:y".to_owned();
+        let standing = RateLimits::take(&limits.per_caller, limits.caller_limit, &other, "caller");
+        assert!(standing.refused.is_none());
+    }
+
+    #[test]
+    fn the_tighter_bucket_is_the_one_reported() {
+        let limits = RateLimits::new(10, 3);
+        let (ip, callers) = ("ip:a".to_owned(), ["cred:1", "cred:2", "cred:3", "cred:4"]);
+        let standings: Vec<Standing> =
+            callers.iter().map(|caller| limits.admit(&ip, &caller.to_string())).collect();
+        let seen: Vec<(u32, u32, bool)> =
+            standings.iter().map(|s| (s.limit, s.remaining, s.refused.is_some())).collect();
+        assert_eq!(seen, [(3, 2, false), (3, 1, false), (3, 0, false), (3, 0, true)]);
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use tokio_util::io::ReaderStream;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, Problem};
-use crate::extract::ApiQuery;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::openapi::InProject;
 use crate::runs::find_run;
 use crate::{AppState, Caller};
@@ -54,7 +54,7 @@ pub(crate) struct LogsQuery {
 pub(crate) async fn run_logs(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;

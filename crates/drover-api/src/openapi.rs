@@ -361,6 +361,9 @@ fn complete_operation(path: &str, method: &str, operation: &mut Map<String, Valu
     if has_query {
         declare(responses, "400", "`invalid_query`: a query parameter is unknown or malformed");
     }
+    if path.contains('{') {
+        declare(responses, "400", "`invalid_path`: a path parameter is not valid UTF-8");
+    }
     if in_project {
         declare(
             responses,

@@ -1,11 +1,14 @@
-//! `GET /api/v1/routes`: every hostname the routing proxy answers for, where it leads,
+//! `GET /api/v1/routes`: the hostnames the routing proxy answers for, where they lead,
 //! and the custom names (`[routes]`) whose service is not running, so a user can see why
-//! a name does not answer.
+//! a name does not answer. A caller sees the shared services' names and those of their
+//! project's environments (services, deployed apps, custom names leading there), never
+//! another project's.
 
 use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::State;
+use drover_domain::ProjectId;
 use drover_env::manager::RouteKind;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -24,10 +27,11 @@ pub struct ProxyAddrs {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RouteView {
     pub host: String,
-    /// `service` (`<service>.<env>.localhost`, shared `<service>.localhost`), `app` (a
-    /// deployed app) or `custom` (from `[routes]`).
+    /// `service` (`<service>.<env>.localhost`, `<service>.<env>.<project>.localhost` in a
+    /// project other than `default`, shared `<service>.localhost`), `app` (a deployed app)
+    /// or `custom` (from `[routes]`).
     pub kind: String,
-    /// The service behind it (`ENV/SERVICE:PORT` for a custom route).
+    /// The service behind it (its `[routes]` target for a custom route).
     pub service: String,
     pub environment: Option<String>,
     pub environment_id: Option<String>,
@@ -55,11 +59,13 @@ pub struct RouteList {
     pub unrouted: Vec<UnroutedView>,
 }
 
-/// The proxy's route table.
+/// The proxy's route table, as far as the caller's project sees it: shared services and
+/// the project's own environments.
 #[utoipa::path(get, path = "/api/v1/routes", tag = "routes", params(InProject), responses((status = 200, body = RouteList)))]
-pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Json<RouteList> {
+pub(crate) async fn list(State(state): State<AppState>, caller: Caller) -> Json<RouteList> {
     let proxy = state.inner.proxy;
-    let routes = state.envs().routes().borrow().clone();
+    let visible = |project: Option<ProjectId>| project.is_none_or(|p| p == caller.project);
+    let all_routes = state.envs().routes().borrow().clone();
     let url = |scheme: &str, addr: Option<SocketAddr>, host: &str| {
         addr.map(|addr| format!("{scheme}://{host}:{}/", addr.port()))
     };
@@ -67,11 +73,13 @@ pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Json
         .envs()
         .custom_routes()
         .into_iter()
-        .filter(|custom| !routes.iter().any(|r| r.host == custom.host))
+        .filter(|custom| visible(custom.target.project()))
+        .filter(|custom| !all_routes.iter().any(|r| r.host == custom.host))
         .map(|custom| UnroutedView { host: custom.host, target: custom.target.to_string() })
         .collect();
-    let items = routes
+    let items = all_routes
         .into_iter()
+        .filter(|route| visible(route.project.clone()))
         .map(|route| RouteView {
             url: url("http", proxy.http, &route.host),
             https_url: url("https", proxy.https, &route.host),

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use drover_domain::{
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::openapi::{Idempotent, InProject};
 use crate::wire::{AttemptView, CreateRun, DeploymentView, EventView, RunPage, RunView};
 use crate::{AppState, Caller};
@@ -263,7 +263,7 @@ pub(crate) async fn list_runs(
 pub(crate) async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let run = find_run(&state, &caller.project, &id).await?;
     let attempts = state.engine().store().list_attempts(&caller.project, run.id).await?;
@@ -322,7 +322,7 @@ pub(crate) async fn get_run(
 pub(crate) async fn cancel_run(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RunView>, ApiError> {
     let id = parse_run_id(&id)?;
     let run = state.engine().cancel(&caller.project, id, "cancelled by request").await?;
@@ -353,7 +353,7 @@ pub(crate) struct EventsQuery {
 pub(crate) async fn run_events(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {

@@ -5,7 +5,7 @@
 //! Agents receive the values as environment variables, through the engine's vault.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use drover_domain::ErrorCode;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiPath};
 use crate::openapi::InProject;
 use crate::wire::time;
 use crate::{AppState, Caller};
@@ -108,7 +108,7 @@ fn value_of(body: serde_json::Value) -> Result<String, ApiError> {
 pub(crate) async fn put(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let value = value_of(body)?;
@@ -149,7 +149,7 @@ pub(crate) async fn list(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     vault(&state)?.delete(&caller.project, &name, &caller.user).await?;
     tracing::info!(project = %caller.project, secret = %name, "secret deleted");

@@ -11,7 +11,7 @@
 //! shows it. The server's delivery loop sends it, signed per Standard Webhooks.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use drover_auth::webhook::SigningSecret;
 use drover_domain::{
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::openapi::InProject;
 use crate::wire::{EventView, time};
 use crate::{AppState, Caller};
@@ -349,7 +349,7 @@ pub(crate) async fn list(
 pub(crate) async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<WebhookView>, ApiError> {
     Ok(Json(WebhookView::from(&find(&state, &caller, &id).await?)))
 }
@@ -366,7 +366,7 @@ pub(crate) async fn show(
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let parsed = webhook_id(&id)?;
     if !state.webhooks().delete_webhook(&caller.project, parsed, &caller.user, now()).await? {
@@ -390,7 +390,7 @@ pub(crate) async fn delete(
 pub(crate) async fn enable(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let parsed = webhook_id(&id)?;
     let webhook =
@@ -413,7 +413,7 @@ pub(crate) async fn enable(
 pub(crate) async fn test(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let parsed = webhook_id(&id)?;
     let now = now();
@@ -440,7 +440,7 @@ pub(crate) async fn test(
 pub(crate) async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeliveriesQuery>,
 ) -> Result<Json<WebhookDeliveryPage>, ApiError> {
     let limit = query.limit.unwrap_or(50);
@@ -489,7 +489,7 @@ pub(crate) async fn deliveries(
 pub(crate) async fn delivery(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, delivery)): Path<(String, String)>,
+    ApiPath((id, delivery)): ApiPath<(String, String)>,
 ) -> Result<Json<WebhookDeliveryView>, ApiError> {
     let webhook = webhook_id(&id)?;
     let parsed = delivery_id(&delivery)?;
@@ -519,7 +519,7 @@ pub(crate) async fn delivery(
 pub(crate) async fn redeliver(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, delivery)): Path<(String, String)>,
+    ApiPath((id, delivery)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<WebhookDeliveryView>), ApiError> {
     let webhook = webhook_id(&id)?;
     let parsed = delivery_id(&delivery)?;

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
 use axum::response::Response;
 use drover_domain::{Event, EventSeq, ProjectId};
 use drover_store::{EventQuery, Store};
@@ -36,6 +36,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, Problem};
 use crate::events::EventFilter;
+use crate::extract::ApiPath;
 use crate::openapi::InProject;
 use crate::wire::EventView;
 use crate::{AppState, Caller};
@@ -110,7 +111,7 @@ pub(crate) async fn upgrade(
 pub(crate) async fn run_presence(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<PresenceView>, ApiError> {
     let run = crate::runs::find_run(&state, &caller.project, &id).await?;
     let subject = format!("run:{}", run.id);

@@ -554,7 +554,7 @@ impl Config {
                 }
                 (Sharing::PerEnv, None) => {
                     return Err(invalid(format!(
-                        "`{}` runs per environment: name one, as ENV/{}",
+                        "`{}` runs per environment: name one, as [PROJECT/]ENV/{}",
                         target.service, target.service
                     )));
                 }
@@ -776,17 +776,19 @@ mod tests {
                 [services.mailpit]\ncommand = \"mailpit\"\nports = [\"smtp\", \"web\"]\n";
             jail.create_file(
                 "drover.toml",
-                &format!("{services}[routes]\n\"API.novu.loc\" = \"novu:api\"\n\"mail.alice.loc\" = \"alice/mailpit:web\"\n"),
+                &format!("{services}[routes]\n\"API.novu.loc\" = \"novu:api\"\n\"mail.alice.loc\" = \"alice/mailpit:web\"\n\"mail.b.loc\" = \"team-b/alice/mailpit\"\n"),
             )?;
             let routes = load_in(jail).expect("valid").custom_routes().unwrap();
             assert_eq!(routes[0].host, "api.novu.loc");
             assert_eq!(routes[0].target.to_string(), "novu:api");
             assert_eq!(routes[1].target.to_string(), "alice/mailpit:web");
+            assert_eq!(routes[2].target.to_string(), "team-b/alice/mailpit");
+            assert_eq!(routes[2].target.project().unwrap().as_str(), "team-b");
 
             for (route, expected) in [
                 ("\"api.novu.loc\" = \"nope\"", "no service `nope`"),
                 ("\"api.novu.loc\" = \"bob/novu\"", "`novu` is shared"),
-                ("\"mail.loc\" = \"mailpit\"", "name one, as ENV/mailpit"),
+                ("\"mail.loc\" = \"mailpit\"", "name one, as [PROJECT/]ENV/mailpit"),
                 (
                     "\"mail.loc\" = \"a/mailpit:imap\"",
                     "no routable port `imap` (it has: smtp, web)",

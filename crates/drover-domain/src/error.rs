@@ -52,6 +52,8 @@ pub enum ErrorCode {
     ValidationFailed,
     /// A query string parameter is invalid.
     InvalidQuery,
+    /// A path parameter is invalid (not UTF-8 once percent-decoded).
+    InvalidPath,
     /// The body exceeds the size limit.
     PayloadTooLarge,
     /// The requested pipeline does not exist.
@@ -105,8 +107,11 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     /// The request already passed through a drover proxy.
     ProxyLoop,
-    /// The request target could not be forwarded.
+    /// The request could not be forwarded as sent (its target or its body is malformed).
     InvalidRequest,
+    /// The request's `Host` is missing, repeated or malformed, or disagrees with its HTTP/2
+    /// `:authority`: the proxy cannot tell which host it is for.
+    InvalidHost,
     /// No credential was given where one is required.
     Unauthenticated,
     /// The credential (token, password) is wrong, expired or revoked.
@@ -169,6 +174,7 @@ impl ErrorCode {
             Self::InvalidBody => "invalid_body",
             Self::ValidationFailed => "validation_failed",
             Self::InvalidQuery => "invalid_query",
+            Self::InvalidPath => "invalid_path",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnknownPipeline => "unknown_pipeline",
             Self::RunNotFound => "run_not_found",
@@ -195,6 +201,7 @@ impl ErrorCode {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::ProxyLoop => "proxy_loop",
             Self::InvalidRequest => "invalid_request",
+            Self::InvalidHost => "invalid_host",
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidCredentials => "invalid_credentials",
             Self::Forbidden => "forbidden",

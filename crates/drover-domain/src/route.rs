@@ -1,10 +1,10 @@
-//! Custom hostnames (`[routes] "api.novu.loc" = "novu:api"`): the name agents use stays
+//! Custom hostnames (`[routes]` `"api.novu.loc" = "novu:api"`): the name agents use stays
 //! the same while the service behind it moves between shared and per-environment, or to
 //! another port. Parsed here so a bad route is refused at load, naming what is wrong.
 
 use std::fmt;
 
-use crate::{EnvName, ServiceName, ValidationError};
+use crate::{EnvName, ProjectId, ServiceName, ValidationError};
 
 /// A hostname routed to a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,10 +15,13 @@ pub struct CustomRoute {
 }
 
 /// Where a custom hostname leads: a shared service (`SERVICE[:PORT]`) or a service of
-/// one environment (`ENV/SERVICE[:PORT]`); `PORT` names one of the service's ports (its
-/// first by default).
+/// one environment of one project (`[PROJECT/]ENV/SERVICE[:PORT]`, project `default` when
+/// not named: environment names are unique within a project only); `PORT` names one of
+/// the service's ports (its first by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteTarget {
+    /// The project of `environment`, as written (see [`Self::project`]).
+    pub written_project: Option<ProjectId>,
     pub environment: Option<EnvName>,
     pub service: ServiceName,
     pub port: Option<String>,
@@ -29,25 +32,46 @@ impl RouteTarget {
         let bad = |reason: String| {
             ValidationError::new(
                 "route",
-                format!("`{value}` {reason}; expected SERVICE[:PORT] or ENV/SERVICE[:PORT]"),
+                format!(
+                    "`{value}` {reason}; expected SERVICE[:PORT] or [PROJECT/]ENV/SERVICE[:PORT]"
+                ),
             )
         };
-        let (environment, rest) = match value.split_once('/') {
-            Some((env, rest)) => (Some(EnvName::parse(env).map_err(|e| bad(e.message))?), rest),
-            None => (None, value),
+        let mut segments: Vec<&str> = value.split('/').collect();
+        let rest = segments.pop().unwrap_or_default();
+        let (written_project, environment) = match segments.as_slice() {
+            [] => (None, None),
+            [env] => (None, Some(*env)),
+            [project, env] => (Some(*project), Some(*env)),
+            _ => return Err(bad("has too many `/`".to_owned())),
         };
+        let written_project = written_project
+            .map(|project| ProjectId::parse(project).map_err(|e| bad(e.message)))
+            .transpose()?;
+        let environment =
+            environment.map(|env| EnvName::parse(env).map_err(|e| bad(e.message))).transpose()?;
         let (service, port) = match rest.split_once(':') {
             Some((service, port)) if !port.is_empty() => (service, Some(port.to_owned())),
             Some(_) => return Err(bad("names an empty port".to_owned())),
             None => (rest, None),
         };
         let service = ServiceName::parse(service).map_err(|e| bad(e.message))?;
-        Ok(Self { environment, service, port })
+        Ok(Self { written_project, environment, service, port })
+    }
+
+    /// The project whose environment it leads to (`default` unless named); none for a
+    /// shared service.
+    pub fn project(&self) -> Option<ProjectId> {
+        self.environment.as_ref()?;
+        Some(self.written_project.clone().unwrap_or_else(ProjectId::default_project))
     }
 }
 
 impl fmt::Display for RouteTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(project) = &self.written_project {
+            write!(f, "{project}/")?;
+        }
         if let Some(env) = &self.environment {
             write!(f, "{env}/")?;
         }
@@ -88,12 +112,18 @@ mod tests {
     #[test]
     fn targets_name_a_shared_or_an_environment_service_and_maybe_a_port() {
         let shared = RouteTarget::parse("novu:api").unwrap();
-        assert_eq!((shared.environment, shared.service.as_str()), (None, "novu"));
+        assert_eq!((&shared.environment, shared.service.as_str()), (&None, "novu"));
         assert_eq!(shared.port.as_deref(), Some("api"));
+        assert_eq!(shared.project(), None);
         let per_env = RouteTarget::parse("alice/mailpit").unwrap();
         assert_eq!(per_env.environment.as_ref().map(EnvName::as_str), Some("alice"));
+        assert_eq!(per_env.project(), Some(ProjectId::default_project()), "the default one");
         assert_eq!(per_env.to_string(), "alice/mailpit");
-        for bad in ["", "novu:", "a/b/c", "Novu", "/x", "x y"] {
+        let other = RouteTarget::parse("team-b/alice/mailpit:web").unwrap();
+        assert_eq!(other.project().as_ref().map(ProjectId::as_str), Some("team-b"));
+        assert_eq!(other.environment.as_ref().map(EnvName::as_str), Some("alice"));
+        assert_eq!(other.to_string(), "team-b/alice/mailpit:web");
+        for bad in ["", "novu:", "a/b/c/d", "Novu", "/x", "//x", "P/a/x", "x y"] {
             assert!(RouteTarget::parse(bad).is_err(), "{bad:?} parsed");
         }
     }

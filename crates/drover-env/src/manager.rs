@@ -116,6 +116,9 @@ pub struct ServiceRoute {
     pub host: String,
     pub upstream: SocketAddr,
     pub service: String,
+    /// The project of the environment it leads to: only its members are shown the route.
+    /// None for a shared service, which serves every project.
+    pub project: Option<ProjectId>,
     pub environment: Option<EnvironmentId>,
     pub environment_name: Option<String>,
     pub kind: RouteKind,
@@ -127,7 +130,7 @@ pub struct ServiceRoute {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteKind {
-    /// `<service>.<env>.localhost` or, shared, `<service>.localhost`.
+    /// `<service>.<env>[.<project>].localhost` or, shared, `<service>.localhost`.
     Service,
     /// A deployed app: `app.run-<id>.localhost`.
     App,
@@ -756,7 +759,7 @@ impl EnvManager {
                 if let Some(first) = ports.values().next() {
                     vars.insert(
                         format!("DROVER_HOST_{}", upper(service.as_str())),
-                        hostname(service, Some(&env.name)),
+                        hostname(service, Some(env)),
                     );
                     vars.insert(
                         format!("DROVER_SERVICE_{}_URL", upper(service.as_str())),
@@ -1363,7 +1366,7 @@ impl EnvManager {
             );
             instances.insert(
                 key,
-                Running { instance, ports, hostname: hostname(&spec.name, Some(&env.name)) },
+                Running { instance, ports, hostname: hostname(&spec.name, Some(env)) },
             );
         }
         Ok(())
@@ -1383,8 +1386,8 @@ impl EnvManager {
     }
 
     async fn publish_routes(&self) {
-        let names: HashMap<EnvironmentId, String> = match self.store.live_environments().await {
-            Ok(envs) => envs.into_iter().map(|env| (env.id, env.name.to_string())).collect(),
+        let live: HashMap<EnvironmentId, Environment> = match self.store.live_environments().await {
+            Ok(envs) => envs.into_iter().map(|env| (env.id, env)).collect(),
             Err(_) => HashMap::new(),
         };
         let custom = self.custom_routes();
@@ -1392,8 +1395,8 @@ impl EnvManager {
         let mut routes: Vec<ServiceRoute> = instances
             .iter()
             .filter_map(|(key, running)| {
-                let environment_name = key.environment.and_then(|id| names.get(&id).cloned());
-                let kind = match environment_name.as_deref() {
+                let env = key.environment.and_then(|id| live.get(&id));
+                let kind = match env.map(|env| env.name.as_str()) {
                     Some(DEPLOYMENTS_ENV) => RouteKind::App,
                     _ => RouteKind::Service,
                 };
@@ -1401,22 +1404,28 @@ impl EnvManager {
                     host: running.hostname.clone(),
                     upstream: self.upstream(key, running, None)?,
                     service: key.service.to_string(),
+                    project: env.map(|env| env.project_id.clone()),
                     environment: key.environment,
-                    environment_name,
+                    environment_name: env.map(|env| env.name.to_string()),
                     kind,
                     instance: key.clone(),
                 })
             })
             .collect();
-        // Custom names win over generated ones they collide with.
+        // Custom names win over generated ones they collide with. One naming an
+        // environment leads to that environment of its own project, never another's.
         for route in custom {
-            let environment = match &route.target.environment {
-                Some(name) => {
-                    let id = names.iter().find(|(_, n)| *n == name.as_str()).map(|(id, _)| *id);
-                    let Some(id) = id else { continue };
-                    Some(id)
+            let project = route.target.project();
+            let environment = match (&route.target.environment, &project) {
+                (Some(name), Some(project)) => {
+                    let Some(env) =
+                        live.values().find(|env| env.name == *name && env.project_id == *project)
+                    else {
+                        continue;
+                    };
+                    Some(env.id)
                 }
-                None => None,
+                _ => None,
             };
             let key = InstanceKey { environment, service: route.target.service.clone() };
             let Some(running) = instances.get(&key) else { continue };
@@ -1428,6 +1437,7 @@ impl EnvManager {
                 host: route.host,
                 upstream,
                 service: route.target.to_string(),
+                project,
                 environment,
                 environment_name: route.target.environment.map(|e| e.to_string()),
                 kind: RouteKind::Custom,
@@ -1543,10 +1553,16 @@ fn start_app(
     }
 }
 
-/// `<service>.<env>.localhost`, or `<service>.localhost` for a shared one.
-pub fn hostname(service: &ServiceName, env: Option<&EnvName>) -> String {
+/// `<service>.<env>.localhost` for a service of an environment of the `default` project,
+/// `<service>.<env>.<project>.localhost` for one of another project (environment names are
+/// unique within a project only, and one project's name must never lead to another's
+/// service), or `<service>.localhost` for a shared one.
+pub fn hostname(service: &ServiceName, env: Option<&Environment>) -> String {
     match env {
-        Some(env) => format!("{service}.{env}.localhost"),
+        Some(env) if env.project_id == ProjectId::default_project() => {
+            format!("{service}.{}.localhost", env.name)
+        }
+        Some(env) => format!("{service}.{}.{}.localhost", env.name, env.project_id),
         None => format!("{service}.localhost"),
     }
 }

@@ -1,5 +1,7 @@
 //! Forwarding one request: resolve its host, rewrite the hop-by-hop and forwarding
-//! headers, stream the body both ways, and turn failures into problem responses.
+//! headers, stream the body both ways, and turn failures into problem responses: the
+//! client's (a bad host or target, a malformed body) as 4xx, never blamed on the service;
+//! a service's that does not answer as a 502.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +19,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-use crate::UpstreamStates;
+use crate::host::requested_host;
 use crate::routes::{RouteTable, normalize_host};
+use crate::{NameEveryHost, UpstreamStates};
 
 pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -40,9 +43,10 @@ const HOP_BY_HOP: [&str; 8] = [
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     routes: RouteTable,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ClientBody>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
     states: Option<Arc<dyn UpstreamStates>>,
+    name_every_host: Option<NameEveryHost>,
 }
 
 impl Forwarder {
@@ -50,9 +54,20 @@ impl Forwarder {
         routes: RouteTable,
         activity: Option<tokio::sync::mpsc::Sender<String>>,
         states: Option<Arc<dyn UpstreamStates>>,
+        name_every_host: Option<NameEveryHost>,
     ) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { routes, client, activity, states }
+        Self { routes, client, activity, states, name_every_host }
+    }
+
+    /// The hostnames an unknown host's 404 may name (see `Proxy::naming_every_host_while`).
+    fn nameable_hosts(&self) -> Vec<String> {
+        let every = self.name_every_host.as_ref().is_some_and(|every| every());
+        let routes = self.routes.list().into_iter();
+        routes
+            .filter(|route| every || route.project.is_none())
+            .map(|route| normalize_host(&route.host))
+            .collect()
     }
 
     /// Forwards one request that arrived over `scheme` (`http` or `https`) from `peer`.
@@ -63,28 +78,27 @@ impl Forwarder {
         scheme: &'static str,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        let host = match requested_host(request.version(), request.uri(), request.headers()) {
+            Ok(host) => host,
+            Err(reason) => {
+                return client_error(StatusCode::BAD_REQUEST, ErrorCode::InvalidHost, &reason);
+            }
+        };
         let looped = request
             .headers()
             .get_all(header::VIA)
             .iter()
             .any(|via| via.to_str().is_ok_and(|v| v.contains("drover")));
         if looped {
-            return problem(
+            return client_error(
                 StatusCode::LOOP_DETECTED,
                 ErrorCode::ProxyLoop,
                 &format!("the request for {host} already passed through a drover proxy"),
-                None,
             );
         }
         let Some(route) = self.routes.get(&host) else {
-            let known = self.routes.hosts();
+            let known = self.nameable_hosts();
+            counted(StatusCode::NOT_FOUND);
             return problem(
                 StatusCode::NOT_FOUND,
                 ErrorCode::UnknownHost,
@@ -100,11 +114,10 @@ impl Forwarder {
         let upstream_uri = match format!("http://{}{path}", route.upstream).parse::<Uri>() {
             Ok(uri) => uri,
             Err(err) => {
-                return problem(
+                return client_error(
                     StatusCode::BAD_REQUEST,
                     ErrorCode::InvalidRequest,
                     &format!("bad request target: {err}"),
-                    None,
                 );
             }
         };
@@ -117,9 +130,8 @@ impl Forwarder {
         // its host in `:authority`, which becomes `Host`).
         *request.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(request.headers_mut());
-        if !request.headers().contains_key(header::HOST)
-            && let Ok(value) = HeaderValue::from_str(&host)
-        {
+        // The host it was routed by (`:authority` or an absolute target's included).
+        if let Ok(value) = HeaderValue::from_str(&host) {
             request.headers_mut().insert(header::HOST, value);
         }
         if let Some(protocol) = &upgrade {
@@ -129,6 +141,7 @@ impl Forwarder {
         add_forwarding_headers(request.headers_mut(), peer, &host, scheme);
 
         let service = route.service.clone();
+        let (request, client_body) = ClientBody::wrap(request);
         match self.client.request(request).await {
             Ok(mut response) => {
                 let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -149,6 +162,13 @@ impl Forwarder {
                 }
                 Response::from_parts(parts, body.boxed())
             }
+            // The client's body broke off or was malformed: the client's fault, never
+            // the service's (not blamed, not asked about, not counted as a 502).
+            Err(err) if client_body.failed() => client_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                &format!("the request body could not be read: {}", client_body.reason(&err)),
+            ),
             Err(err) => {
                 metrics::counter!("drover_proxy_requests_total", "status" => "502").increment(1);
                 let environment = route
@@ -245,6 +265,83 @@ fn add_forwarding_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str,
         }
     }
     headers.append(header::VIA, HeaderValue::from_static(VIA));
+}
+
+/// Counts a request the proxy answered itself, by status.
+fn counted(status: StatusCode) {
+    metrics::counter!("drover_proxy_requests_total", "status" => status.as_u16().to_string())
+        .increment(1);
+}
+
+/// A problem caused by the request itself, answered without reaching any service.
+fn client_error(status: StatusCode, code: ErrorCode, detail: &str) -> Response<ProxyBody> {
+    counted(status);
+    problem(status, code, detail, None)
+}
+
+/// The client's request body on its way upstream. It remembers why reading it failed, so
+/// that a forward that then fails is told apart from a service that does not answer.
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    failure: Arc<std::sync::OnceLock<String>>,
+}
+
+/// What a [`ClientBody`] handed to the upstream client leaves behind to ask.
+pub(crate) struct BodyFailure(Arc<std::sync::OnceLock<String>>);
+
+impl ClientBody {
+    fn wrap(request: Request<Incoming>) -> (Request<Self>, BodyFailure) {
+        let failure = Arc::new(std::sync::OnceLock::new());
+        let watch = BodyFailure(failure.clone());
+        (request.map(|inner| Self { inner, failure }), watch)
+    }
+}
+
+impl BodyFailure {
+    fn failed(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    /// Why reading the body failed (`fallback` if it is not known).
+    fn reason(&self, fallback: &dyn std::fmt::Display) -> String {
+        self.0.get().cloned().unwrap_or_else(|| fallback.to_string())
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(err))) = &polled {
+            let _ = self.failure.set(error_chain(err));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `err` and its sources, as one line (hyper's own message is often only the outermost).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// An RFC 9457 problem from the proxy itself.

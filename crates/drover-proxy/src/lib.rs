@@ -5,12 +5,14 @@
 //!
 //! HTTP/1.1 and HTTP/2 (cleartext by prior knowledge, or by ALPN over TLS), streamed
 //! bodies, SSE and WebSocket upgrades pass through. An unknown host gets a 404 problem
-//! listing the known hostnames; a route whose upstream does not answer gets a 502 naming
-//! the service. A request that already passed through a drover proxy is refused (508) so
-//! a misrouted table cannot loop. HTTPS uses certificates minted per hostname by a local
-//! CA ([`tls`]).
+//! listing the shared hostnames (every one in local mode); a route whose upstream does not
+//! answer gets a 502 naming the service; a request at fault itself (no single valid host,
+//! a malformed body) a 400 that no service is blamed for. A request that already passed
+//! through a drover proxy is refused (508) so a misrouted table cannot loop. HTTPS uses
+//! certificates minted per hostname by a local CA ([`tls`]).
 
 mod forward;
+mod host;
 mod routes;
 pub mod tls;
 
@@ -25,6 +27,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub use routes::{Route, RouteTable};
+
+/// Whether an unknown host's 404 may name every route now (see
+/// [`Proxy::naming_every_host_while`]).
+pub type NameEveryHost = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What the proxy asks when a route's upstream does not answer, to say in the 502 what
 /// state the service is in (`backoff: exited with status 1, restart 2`).
@@ -52,12 +58,22 @@ pub struct Proxy {
     tls: Option<(TcpListener, SocketAddr, Arc<tls::CertStore>)>,
     activity: Option<tokio::sync::mpsc::Sender<String>>,
     states: Option<Arc<dyn UpstreamStates>>,
+    name_every_host: Option<NameEveryHost>,
 }
 
 impl Proxy {
     pub async fn bind(addr: SocketAddr) -> Result<Self, ProxyError> {
         let (listener, addr) = bind(addr).await?;
-        Ok(Self { listener, addr, tls: None, activity: None, states: None })
+        Ok(Self { listener, addr, tls: None, activity: None, states: None, name_every_host: None })
+    }
+
+    /// An unknown host's 404 names the shared routes (those of no project) only: the
+    /// proxy cannot tell who asks, and one project's hostnames are no business of
+    /// another's. While `every` says so (a server in local mode, whose every caller is the
+    /// same user), it names every route.
+    pub fn naming_every_host_while(mut self, every: NameEveryHost) -> Self {
+        self.name_every_host = Some(every);
+        self
     }
 
     /// Also serves HTTPS on `addr`, with certificates from `ca`.
@@ -91,7 +107,12 @@ impl Proxy {
 
     /// Serves until `shutdown` fires, then lets open requests finish (up to 5 s).
     pub async fn run(self, routes: RouteTable, shutdown: CancellationToken) {
-        let forwarder = forward::Forwarder::new(routes, self.activity.clone(), self.states.clone());
+        let forwarder = forward::Forwarder::new(
+            routes,
+            self.activity.clone(),
+            self.states.clone(),
+            self.name_every_host.clone(),
+        );
         let graceful = GracefulShutdown::new();
         let tls = self.tls.and_then(|(listener, _, certs)| match certs.server_config() {
             Ok(config) => Some((listener, certs, config)),

@@ -14,6 +14,9 @@ pub struct Route {
     pub service: String,
     /// The environment it belongs to, if it is not shared.
     pub environment: Option<String>,
+    /// The project of that environment: an unknown host's 404 names the route only when
+    /// the proxy may name every project's (see [`crate::Proxy::naming_every_host_while`]).
+    pub project: Option<String>,
     /// Reported on every request routed here (see [`crate::Proxy::on_activity`]).
     pub activity: Option<String>,
     /// The supervised instance behind it, as its owner names it: asked about when the
@@ -76,7 +79,8 @@ pub(crate) fn normalize_host(host: &str) -> String {
         return format!("[{}]", address.to_ascii_lowercase());
     }
     let name = match host.rsplit_once(':') {
-        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        // An empty port (`name:`) is the default one.
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     };
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -92,6 +96,7 @@ mod tests {
             upstream: SocketAddr::from(([127, 0, 0, 1], port)),
             service: "app".into(),
             environment: None,
+            project: None,
             activity: None,
             instance: None,
         }
@@ -101,7 +106,12 @@ mod tests {
     fn hosts_match_without_case_port_or_trailing_dot() {
         let table = RouteTable::new();
         table.upsert(route("app.run-1.localhost", 9000));
-        for host in ["app.run-1.localhost", "APP.Run-1.localhost:7080", "app.run-1.localhost."] {
+        for host in [
+            "app.run-1.localhost",
+            "APP.Run-1.localhost:7080",
+            "app.run-1.localhost.",
+            "app.run-1.localhost:",
+        ] {
             assert_eq!(table.get(host).map(|r| r.upstream.port()), Some(9000), "{host}");
         }
         assert!(table.get("other.localhost").is_none());

@@ -47,6 +47,7 @@ fn route(host: &str, upstream: SocketAddr, environment: &str) -> Route {
         upstream,
         service: "app".into(),
         environment: Some(environment.into()),
+        project: None,
         activity: Some(environment.into()),
         instance: None,
     }
@@ -381,5 +382,210 @@ async fn https_uses_a_certificate_minted_for_the_host_and_signed_by_the_local_ca
         .build()
         .unwrap();
     assert!(untrusting.get(&url).send().await.is_err());
+    stop.cancel();
+}
+
+/// An upstream that takes any method, reads the whole body, counts the requests that reach
+/// it and answers with the `Host` it got and the body's length.
+async fn counting_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let app = Router::new().fallback(axum::routing::any(
+        move |headers: HeaderMap, body: axum::body::Bytes| async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            axum::Json(serde_json::json!({
+                "host": headers.get("host").and_then(|v| v.to_str().ok()),
+                "body_len": body.len(),
+            }))
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// Counts how often the proxy asks what state a service is in (it asks when it blames the
+/// service for a failed request).
+#[derive(Clone, Default)]
+struct Blamed(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl drover_proxy::UpstreamStates for Blamed {
+    async fn describe(&self, _route: &Route) -> Option<String> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some("ready".to_owned())
+    }
+}
+
+/// A proxy routing `app.a.localhost` to a counting upstream, and how often it blamed it.
+async fn proxy_with_counting_upstream()
+-> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>, Blamed, CancellationToken) {
+    let (upstream, seen) = counting_upstream().await;
+    let routes = RouteTable::new();
+    routes.upsert(Route {
+        instance: Some("app@a".into()),
+        ..route("app.a.localhost", upstream, "a")
+    });
+    let blamed = Blamed::default();
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+        .with_states(std::sync::Arc::new(blamed.clone()));
+    let addr = proxy.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(routes, stop.clone()));
+    (addr, seen, blamed, stop)
+}
+
+/// Writes `request` to the proxy as it is and reads the answer: status, content type and
+/// the body as JSON (`null` if it is not).
+async fn raw(proxy: SocketAddr, request: &str) -> (u16, String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // Until the head and as many body bytes as it announces have arrived.
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .unwrap_or(0);
+        answer.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned)
+                })
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            if read == 0 || length.is_some_and(|n| body.len() >= n) {
+                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                let content_type = head
+                    .lines()
+                    .find_map(|line| {
+                        line.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                return (status, content_type, serde_json::from_str(body).unwrap_or(Value::Null));
+            }
+        }
+        assert!(
+            read > 0,
+            "the proxy closed without an answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_400_and_never_blamed_on_the_service() {
+    let (proxy, _seen, blamed, stop) = proxy_with_counting_upstream().await;
+    for body in ["zz\r\nhello\r\n0\r\n\r\n", "5\r\nhelloXX0\r\n\r\n", "ffffffffffffffffff\r\nx"] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: app.a.localhost\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let (status, content_type, problem) = raw(proxy, &request).await;
+        assert_eq!(status, 400, "{body:?}: {problem}");
+        assert_eq!(content_type, "application/problem+json");
+        assert_eq!(problem["code"], "invalid_request", "{problem}");
+        assert!(problem["detail"].as_str().unwrap().contains("body"), "{problem}");
+    }
+    assert_eq!(blamed.0.load(std::sync::atomic::Ordering::SeqCst), 0, "the service was blamed");
+    // A well-formed chunked body goes through.
+    let request = "POST / HTTP/1.1\r\nHost: app.a.localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let (status, _, answer) = raw(proxy, request).await;
+    assert_eq!((status, &answer["body_len"]), (200, &serde_json::json!(5)), "{answer}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_missing_repeated_empty_or_malformed_host_is_a_400_and_routes_nowhere() {
+    let (proxy, seen, blamed, stop) = proxy_with_counting_upstream().await;
+    for head in [
+        "GET / HTTP/1.1\r\nHost: app.a.localhost\r\nHost: app.a.localhost\r\n",
+        "GET / HTTP/1.1\r\nHost: app.a.localhost\r\nHost: other.localhost\r\n",
+        "GET / HTTP/1.1\r\n",
+        "GET / HTTP/1.0\r\n",
+        "GET / HTTP/1.1\r\nHost: \r\n",
+        "GET / HTTP/1.1\r\nHost: app.a.localhost:99999\r\n",
+        "GET / HTTP/1.1\r\nHost: app.a.localhost:80x\r\n",
+        "GET / HTTP/1.1\r\nHost: :80\r\n",
+        "GET / HTTP/1.1\r\nHost: user@app.a.localhost\r\n",
+        "GET / HTTP/1.1\r\nHost: app.a.localhost/x\r\n",
+    ] {
+        let (status, content_type, problem) =
+            raw(proxy, &format!("{head}Connection: close\r\n\r\n")).await;
+        assert_eq!(status, 400, "{head:?}: {problem}");
+        assert_eq!(content_type, "application/problem+json", "{head:?}");
+        assert_eq!(problem["code"], "invalid_host", "{head:?}: {problem}");
+    }
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0, "a bad host was routed");
+    assert_eq!(blamed.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // A valid port, any case, a trailing dot: routed. An absolute-form target names the
+    // host itself (RFC 9112 §3.2.2: its authority, not `Host`, is what counts).
+    for (head, host) in [
+        ("GET / HTTP/1.1\r\nHost: APP.a.localhost:7080\r\n", "APP.a.localhost:7080"),
+        ("GET / HTTP/1.1\r\nHost: app.a.localhost.\r\n", "app.a.localhost."),
+        ("GET http://app.a.localhost/ HTTP/1.1\r\nHost: other.localhost\r\n", "app.a.localhost"),
+    ] {
+        let (status, _, answer) = raw(proxy, &format!("{head}Connection: close\r\n\r\n")).await;
+        assert_eq!(status, 200, "{head:?}: {answer}");
+        assert_eq!(answer["host"], host, "{head:?}");
+    }
+    stop.cancel();
+}
+
+/// Sends one HTTP/2 request (prior knowledge) for `uri` with these extra headers.
+async fn h2_request(
+    proxy: SocketAddr,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Value) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::get(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, content_type, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_http2_host_that_disagrees_with_its_authority_is_a_400() {
+    let (proxy, seen, _blamed, stop) = proxy_with_counting_upstream().await;
+    let (status, content_type, problem) =
+        h2_request(proxy, "http://app.a.localhost/", &[("host", "other.localhost")]).await;
+    assert_eq!((status, content_type.as_str()), (400, "application/problem+json"), "{problem}");
+    assert_eq!(problem["code"], "invalid_host", "{problem}");
+    let (status, _, problem) = h2_request(proxy, "http://app.a.localhost:99999/", &[]).await;
+    assert_eq!((status, &problem["code"]), (400, &serde_json::json!("invalid_host")), "{problem}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0, "a bad host was routed");
+
+    // The same host in both (whatever its case), or `:authority` alone: routed, as `Host`.
+    let (status, _, answer) =
+        h2_request(proxy, "http://app.a.localhost/", &[("host", "APP.a.localhost")]).await;
+    assert_eq!((status, &answer["host"]), (200, &serde_json::json!("app.a.localhost")), "{answer}");
+    let (status, _, answer) = h2_request(proxy, "http://app.a.localhost/", &[]).await;
+    assert_eq!((status, &answer["host"]), (200, &serde_json::json!("app.a.localhost")), "{answer}");
     stop.cancel();
 }

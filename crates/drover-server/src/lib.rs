@@ -350,7 +350,13 @@ impl Server {
             tokio::spawn(sync_routes(envs.routes(), routes.clone(), draining.clone()));
             tracing::info!(addr = %proxy.local_addr(), tls = ?proxy.tls_addr(), "routing proxy serving");
             let states = Arc::new(ServiceStates(envs.clone()));
-            tokio::spawn(proxy.on_activity(activity).with_states(states).run(routes, draining.clone()))
+            // In local mode every caller is the same user: a 404 may name every host.
+            let local = auth.clone();
+            let proxy = proxy
+                .on_activity(activity)
+                .with_states(states)
+                .naming_every_host_while(Arc::new(move || local.is_local()));
+            tokio::spawn(proxy.run(routes, draining.clone()))
         });
 
         let state = AppState::new(drover_api::AppParts {
@@ -555,8 +561,8 @@ pub fn proxy_ca_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Keeps the proxy's routes equal to what runs: each environment's services at
-/// `<service>.<env>.localhost`, shared ones at `<service>.localhost`, and the apps of the
-/// `deployments` environment at `app.run-<id>.localhost`.
+/// `<service>.<env>[.<project>].localhost`, shared ones at `<service>.localhost`, and the
+/// apps of the `deployments` environment at `app.run-<id>.localhost`, each with its project.
 async fn sync_routes(
     mut services: tokio::sync::watch::Receiver<Vec<ServiceRoute>>,
     routes: RouteTable,
@@ -571,6 +577,7 @@ async fn sync_routes(
                 upstream: route.upstream,
                 service: route.service.clone(),
                 environment: route.environment_name.clone(),
+                project: route.project.as_ref().map(ToString::to_string),
                 activity: route.environment.map(|id| id.to_string()),
                 instance: Some(route.instance.to_string()),
             })

@@ -647,3 +647,51 @@ async fn list_endpoints_run_as_many_statements_for_one_item_as_for_a_full_page()
     assert!(statements(&run) <= 4, "GET /runs/{{id}}: {}", statements(&run));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_is_a_400_invalid_path_problem_on_every_route() {
+    let server = TestServer::spawn().await;
+    let send = |method: reqwest::Method, path: String| {
+        server.http.request(method, server.at(&path)).send()
+    };
+    use reqwest::Method;
+    for (method, path) in [
+        (Method::GET, "/api/v1/runs/%FF%FE"),
+        (Method::GET, "/api/v1/environments/%FF"),
+        (Method::GET, "/api/v1/webhooks/%FF"),
+        (Method::GET, "/api/v1/runs/x/artifacts/%FF"),
+        (Method::PUT, "/api/v1/secrets/%FF"),
+    ] {
+        let problem =
+            assert_problem(send(method, path.to_owned()).await.unwrap(), 400, "invalid_path").await;
+        assert!(problem["detail"].as_str().unwrap().contains("UTF-8"), "{path}: {problem}");
+    }
+
+    // The other extractors' rejections are problems too: a query string, a WebSocket upgrade.
+    assert_problem(server.get("/api/v1/runs?status=%FF").await, 400, "invalid_query").await;
+    assert_problem(server.get("/api/v1/ws").await, 400, "invalid_request").await;
+
+    // Every operation of the document, each of its path parameters in turn not UTF-8.
+    let doc: Value = server.get("/api/v1/openapi.json").await.json().await.unwrap();
+    let mut walked = Vec::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        let params: Vec<&str> = template.split('/').filter(|s| s.starts_with('{')).collect();
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            for bad in &params {
+                let mut path = template.clone();
+                for param in &params {
+                    path = path.replace(param, if param == bad { "%FF" } else { "x" });
+                }
+                let response =
+                    send(method.to_uppercase().parse().unwrap(), path.clone()).await.unwrap();
+                assert_problem(response, 400, "invalid_path").await;
+                walked.push(format!("{method} {path}"));
+            }
+        }
+    }
+    assert!(walked.len() >= 35, "walked only {walked:?}");
+    server.stop().await;
+}

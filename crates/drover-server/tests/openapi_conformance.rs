@@ -383,10 +383,8 @@ async fn every_operation_answers_as_the_openapi_document_says() {
         &seeds(&runs, &things, "nobody", "none"),
         None,
         // The first user ends local mode and every later request would be a 401: users
-        // are made in the authenticated run. And in local mode, `POST /tokens` fails with
-        // a 500 (the implicit local admin has no user row: issue 15, point 4, fixed
-        // apart); tokens are made in the authenticated run. Drop this once merged.
-        &["POST /api/v1/users", "POST /api/v1/tokens"],
+        // are made in the authenticated run.
+        &["POST /api/v1/users"],
     )
     .await;
 

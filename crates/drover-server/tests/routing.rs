@@ -1,6 +1,6 @@
 //! The routing proxy inside the real server: each environment's services by hostname,
-//! custom names from `[routes]`, the routes API, and HTTPS through the data directory's
-//! local CA.
+//! custom names from `[routes]`, the routes API (each project sees its own routes only),
+//! and HTTPS through the data directory's local CA.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,6 +69,10 @@ struct TestServer {
 }
 
 async fn spawn() -> TestServer {
+    spawn_with(|_| {}).await
+}
+
+async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -82,6 +86,7 @@ async fn spawn() -> TestServer {
         ("web.alice.loc".to_owned(), "alice/web".to_owned()),
         ("web.carol.loc".to_owned(), "carol/web".to_owned()),
     ]);
+    tweak(&mut config);
     let server = Server::build(config, Mode::Full).await.unwrap();
     let url = server.url();
     let proxy = server.proxy_addr().unwrap();
@@ -103,7 +108,21 @@ async fn spawn() -> TestServer {
 
 impl TestServer {
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.send_as(None, method, path, body).await
+    }
+
+    /// As the holder of `credential` (a bearer token and the project it acts in).
+    async fn send_as(
+        &self,
+        credential: Option<(&str, &str)>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some((token, project)) = credential {
+            request = request.bearer_auth(token).header("x-drover-project", project);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -240,6 +259,127 @@ async fn two_environments_services_are_reached_by_hostname_and_custom_names() {
     assert_eq!(
         server.wait_routed("web.alice.localhost").await,
         "env=alice host=web.alice.localhost"
+    );
+    server.stop().await;
+}
+
+/// A per-environment web server that answers with its environment's id.
+fn env_id_web_service() -> ServiceConfig {
+    let mut service = named_web_service();
+    service.args[1] =
+        service.args[1].replace("os.environ['DROVER_ENV']", "os.environ['DROVER_ENV_ID']");
+    service
+}
+
+#[tokio::test]
+async fn a_project_sees_only_its_own_routes_and_its_names_lead_to_its_own_services() {
+    let server = spawn_with(|config| {
+        config.services = BTreeMap::from([("web".to_owned(), env_id_web_service())]);
+        config.routes = BTreeMap::from([
+            ("web.pa.loc".to_owned(), "pa/alpha/web".to_owned()),
+            ("web.pb.loc".to_owned(), "pb/alpha/web".to_owned()),
+            ("web.dflt.loc".to_owned(), "alpha/web".to_owned()),
+        ]);
+    })
+    .await;
+    use reqwest::Method;
+    // The local admin's token, then out of local mode: two projects, a member in each.
+    let (status, created) =
+        server.send(Method::POST, "/api/v1/tokens", Some(json!({ "name": "root" }))).await;
+    assert_eq!(status, 201, "{created}");
+    let root = created["token"].as_str().unwrap().to_owned();
+    let as_root = Some((root.as_str(), "default"));
+    let mut tokens = BTreeMap::new();
+    for (user, project) in [("ann", "pa"), ("ben", "pb")] {
+        let calls = [
+            ("/api/v1/projects", json!({ "id": project })),
+            ("/api/v1/users", json!({ "name": user, "role": "member" })),
+            (
+                &format!("/api/v1/projects/{project}/members"),
+                json!({ "user": user, "role": "member" }),
+            ),
+            ("/api/v1/tokens", json!({ "name": "t", "user": user })),
+        ];
+        for (path, body) in calls {
+            let (status, answer) = server.send_as(as_root, Method::POST, path, Some(body)).await;
+            assert_eq!(status, 201, "{path}: {answer}");
+            if path == "/api/v1/tokens" {
+                tokens.insert(project, answer["token"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    // Each project has an environment named `alpha`, with its `web` service.
+    let mut env_ids = BTreeMap::new();
+    for project in ["pa", "pb"] {
+        let credential = Some((tokens[project].as_str(), project));
+        let (status, env) = server
+            .send_as(
+                credential,
+                Method::POST,
+                "/api/v1/environments",
+                Some(json!({ "name": "alpha" })),
+            )
+            .await;
+        assert_eq!(status, 201, "{env}");
+        env_ids.insert(project, env["id"].as_str().unwrap().to_owned());
+    }
+    // Each project's names lead to its own environment's service.
+    for project in ["pa", "pb"] {
+        let env_id = &env_ids[project];
+        let host = format!("web.alpha.{project}.localhost");
+        assert_eq!(server.wait_routed(&host).await, format!("env={env_id} host={host}"));
+        let custom = format!("web.{project}.loc");
+        assert_eq!(server.wait_routed(&custom).await, format!("env={env_id} host={custom}"));
+    }
+
+    // The routes API shows each member their project's routes, nothing of the other's.
+    let mut upstreams = BTreeMap::new();
+    for (project, other) in [("pa", "pb"), ("pb", "pa")] {
+        let credential = Some((tokens[project].as_str(), project));
+        let (status, routes) =
+            server.send_as(credential, Method::GET, "/api/v1/routes", None).await;
+        assert_eq!(status, 200, "{routes}");
+        let items = routes["items"].as_array().unwrap();
+        let hosts: Vec<&str> = items.iter().map(|r| r["host"].as_str().unwrap()).collect();
+        assert_eq!(hosts, [format!("web.alpha.{project}.localhost"), format!("web.{project}.loc")]);
+        assert!(items.iter().all(|r| r["environment_id"] == env_ids[project].as_str()), "{routes}");
+        assert_eq!(items[1]["service"], format!("{project}/alpha/web"));
+        assert_eq!(routes["unrouted"], json!([]), "the default project's name is not theirs");
+        upstreams.insert(project, items[0]["upstream"].as_str().unwrap().to_owned());
+        let text = routes.to_string();
+        assert!(!text.contains(&env_ids[other]) && !text.contains(&format!(".{other}")), "{text}");
+        // Nor does their environment's view name the other project's.
+        let (status, env) =
+            server.send_as(credential, Method::GET, "/api/v1/environments/alpha", None).await;
+        assert_eq!(status, 200, "{env}");
+        assert_eq!(env["services"][0]["hostname"], format!("web.alpha.{project}.localhost"));
+    }
+    assert_ne!(upstreams["pa"], upstreams["pb"]);
+    for project in ["pa", "pb"] {
+        let credential = Some((tokens[project].as_str(), project));
+        let (_, routes) = server.send_as(credential, Method::GET, "/api/v1/routes", None).await;
+        let other = if project == "pa" { "pb" } else { "pa" };
+        assert!(!routes.to_string().contains(&upstreams[other]), "{routes}");
+    }
+    // The default project sees neither, and its own name (no `alpha` there) as unrouted.
+    let (_, routes) = server.send_as(as_root, Method::GET, "/api/v1/routes", None).await;
+    assert_eq!(routes["items"], json!([]), "{routes}");
+    assert_eq!(routes["unrouted"], json!([{ "host": "web.dflt.loc", "target": "alpha/web" }]));
+
+    // Out of local mode, the proxy's 404 names no project's hostnames.
+    let response = server
+        .http
+        .get(format!("http://{}/", server.proxy))
+        .header("host", "nothing.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(
+        (problem["code"].as_str(), &problem["known_hosts"]),
+        (Some("unknown_host"), &json!([]))
     );
     server.stop().await;
 }

@@ -527,3 +527,126 @@ async fn idempotency_keys_replay_and_rate_limits_answer_429() {
     assert_eq!(health.status(), 200, "probes are not limited");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_made_in_local_mode_belongs_to_the_local_admin_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(config(&data, "127.0.0.1:0", |_| {})).await;
+    let http = Http::new(&server.url);
+    let (status, headers, body) =
+        http.call(Method::POST, "/api/v1/tokens", None, None, Some(json!({ "name": "x" }))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("drv_"), "{created}");
+    assert_eq!(
+        (created["user"].as_str(), created["name"].as_str(), created["scope"].as_str()),
+        (Some("local"), Some("x"), Some("write")),
+        "{created}"
+    );
+    let (status, _, body) = http
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            None,
+            None,
+            Some(json!({ "name": "r", "scope": "read" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let read_only =
+        serde_json::from_str::<Value>(&body).unwrap()["token"].as_str().unwrap().to_owned();
+
+    // The token proves the local admin; the read-only one reads and does not write.
+    let me = http.json(Method::GET, "/api/v1/me", Some(&token), None).await;
+    assert_eq!((me["user"].as_str(), me["role"].as_str()), (Some("local"), Some("admin")), "{me}");
+    let (status, _, body) = http
+        .call(Method::POST, "/api/v1/runs", Some(&read_only), None, Some(json!({ "request": "x" })))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("\"forbidden\""), "{body}");
+    let listed = http.json(Method::GET, "/api/v1/tokens", Some(&read_only), None).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // Making it did not end local mode, here or after a restart.
+    assert_eq!(http.json(Method::GET, "/api/v1/me", None, None).await["local_mode"], true);
+    server.stop().await;
+    let server = start(config(&data, "127.0.0.1:0", |_| {})).await;
+    let http = Http::new(&server.url);
+    assert_eq!(http.json(Method::GET, "/api/v1/me", None, None).await["local_mode"], true);
+    let me = http.json(Method::GET, "/api/v1/me", Some(&token), None).await;
+    assert_eq!(me["user"], "local", "{me}");
+
+    // The first user ends local mode; the local admin's token stays an admin's credential.
+    http.json(
+        Method::POST,
+        "/api/v1/users",
+        None,
+        Some(json!({ "name": "root", "role": "admin", "password": "correct horse battery" })),
+    )
+    .await;
+    let (status, _, _) = http.call(Method::GET, "/api/v1/runs", None, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _, body) = http.call(Method::GET, "/api/v1/users", Some(&token), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
+/// The `RateLimit-*` headers of an answer, as numbers, and its `Retry-After` if any.
+fn rate_limit_headers(headers: &reqwest::header::HeaderMap) -> (u64, u64, u64, Option<u64>) {
+    let number = |name: &str| -> Option<u64> {
+        headers.get(name).map(|v| v.to_str().unwrap().parse().unwrap())
+    };
+    let limit = number("ratelimit-limit").expect("RateLimit-Limit");
+    let remaining = number("ratelimit-remaining").expect("RateLimit-Remaining");
+    let reset = number("ratelimit-reset").expect("RateLimit-Reset");
+    (limit, remaining, reset, number("retry-after"))
+}
+
+/// A `429 rate_limited` problem from a bucket of `limit` a minute: none left, one more
+/// within a request's refill time (`Retry-After`), full again the other `limit - 1` later.
+fn assert_refused((status, headers, body): (u16, reqwest::header::HeaderMap, String), limit: u64) {
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["code"], "rate_limited");
+    let (limit_header, remaining, reset, retry) = rate_limit_headers(&headers);
+    let retry = retry.expect("Retry-After");
+    assert_eq!((limit_header, remaining), (limit, 0));
+    let per_request = 60 / limit;
+    assert!((1..=per_request).contains(&retry), "Retry-After {retry}");
+    assert_eq!(reset, retry + (limit - 1) * per_request, "RateLimit-Reset");
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_rate_limit_of_its_tightest_bucket_and_a_429_says_when_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path(), "127.0.0.1:0", |c| {
+        c.auth.rate_limit_per_minute = 4;
+        c.auth.ip_rate_limit_per_minute = 6;
+    }))
+    .await;
+    let http = Http::new(&server.url);
+
+    // Anonymous: the caller's bucket (4 a minute) is the tighter one.
+    for remaining in [3, 2, 1, 0] {
+        let (status, headers, body) =
+            http.call(Method::GET, "/api/v1/runs", None, None, None).await;
+        assert_eq!(status, 200, "{body}");
+        let (limit, left, reset, retry) = rate_limit_headers(&headers);
+        assert_eq!((limit, left, retry), (4, remaining, None));
+        // Seconds until the bucket is full again: 15 per request taken.
+        assert_eq!(reset, (4 - remaining) * 15);
+    }
+    assert_refused(http.call(Method::GET, "/api/v1/runs", None, None, None).await, 4);
+
+    // Other credentials from the same address: each has a bucket of its own, the address's
+    // (6 a minute, 5 taken) is the tighter one, until it refuses.
+    let (status, headers, _) =
+        http.call(Method::GET, "/api/v1/runs", Some("not-a-token-1"), None, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(rate_limit_headers(&headers), (6, 0, 60, None));
+    let refused = http.call(Method::GET, "/api/v1/runs", Some("not-a-token-2"), None, None).await;
+    assert_refused(refused, 6);
+    server.stop().await;
+}

@@ -72,7 +72,14 @@ pub struct KeptResponse {
 
 #[async_trait]
 pub trait IdentityStore: Send + Sync + 'static {
+    /// Enabled users other than the implicit local admin: while there are none, a loopback
+    /// server is in local mode.
     async fn count_users(&self) -> StoreResult<u64>;
+
+    /// Makes the implicit local admin ([`UserName::local`], role admin, no password) a user
+    /// row, so that what it makes (API tokens) belongs to someone; audited when it is made,
+    /// nothing when it exists. It does not count as a user ([`Self::count_users`]).
+    async fn ensure_local_admin(&self, now: Timestamp) -> StoreResult<()>;
 
     /// Creates a user; audited. Fails if the name is taken.
     async fn create_user(

@@ -966,7 +966,30 @@ async fn a_database_migrated_by_a_newer_drover_is_refused(db: TestDb) {
     assert!(err.to_string().contains("upgrade drover"), "{err}");
 }
 
+async fn the_local_admin_is_made_once_and_is_not_a_user_that_ends_local_mode(db: TestDb) {
+    use drover_domain::{Role, User, UserName};
+    let store = &db.store;
+    store.ensure_local_admin(T0).await.unwrap();
+    store.ensure_local_admin(T0.plus(Duration::from_secs(1))).await.unwrap();
+    let (local, password) = store.get_user(&UserName::local()).await.unwrap().unwrap();
+    assert_eq!((local.role, local.created_at, password), (Role::Admin, T0, None));
+    assert_eq!(store.count_users().await.unwrap(), 0, "the local admin ends no local mode");
+    let alice = User {
+        name: UserName::parse("alice").unwrap(),
+        role: Role::Member,
+        created_at: T0,
+        disabled: false,
+    };
+    store.create_user(&alice, None, "local").await.unwrap();
+    assert_eq!(store.count_users().await.unwrap(), 1);
+    let audit = store.list_audit_entries(None, None, 100).await.unwrap();
+    let made: Vec<&str> =
+        audit.iter().filter(|e| e.action == "user.create").map(|e| e.target.as_str()).collect();
+    assert_eq!(made.len(), 2, "made once, then alice: {made:?}");
+}
+
 backend_tests!(
+    the_local_admin_is_made_once_and_is_not_a_user_that_ends_local_mode,
     creating_a_run_writes_it_queued_with_a_pending_first_attempt_and_events,
     another_projects_runs_are_invisible,
     starting_an_attempt_runs_it_and_its_run_with_a_deadline,

@@ -619,6 +619,7 @@ impl BenchServer {
                 upstream: *upstream,
                 service: "bench".to_owned(),
                 environment: Some("bench".to_owned()),
+                project: None,
                 activity: Some("bench".to_owned()),
                 instance: None,
             });

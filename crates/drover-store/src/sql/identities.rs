@@ -101,10 +101,32 @@ fn project_from((id, name, created_at): (String, String, i64)) -> StoreResult<Pr
 #[async_trait]
 impl<B: Backend> IdentityStore for SqlStore<B> {
     async fn count_users(&self) -> StoreResult<u64> {
-        let (count,): (i64,) = sql("SELECT COUNT(*) FROM users WHERE disabled_at IS NULL")
-            .fetch_one(&mut self.read())
-            .await?;
+        let (count,): (i64,) =
+            sql("SELECT COUNT(*) FROM users WHERE disabled_at IS NULL AND name <> ?")
+                .bind(UserName::LOCAL)
+                .fetch_one(&mut self.read())
+                .await?;
         Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn ensure_local_admin(&self, now: Timestamp) -> StoreResult<()> {
+        self.with_tx(async |tx| {
+            let made = sql(
+                "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, NULL, ?) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(UserName::LOCAL)
+            .bind(Role::Admin.as_str())
+            .bind(now.as_millis())
+            .execute(tx)
+            .await?;
+            if made > 0 {
+                let target = format!("user {} ({})", UserName::LOCAL, Role::Admin);
+                audit_in(tx, &global(UserName::LOCAL, "user.create", &target), now).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn create_user(
