@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use drover_bus::{TaskEnvelope, WorkerMessage};
@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use crate::auth::WorkerCaller;
 use crate::error::{ApiError, FieldError, Problem};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiPath};
 use crate::openapi::InProject;
 use crate::wire::{
     LeaseRequest, TaskSecretsRequest, TaskSecretsView, WorkerBootstrap, WorkerList,
@@ -190,7 +190,7 @@ pub(crate) async fn worker_message(
 pub(crate) async fn task_secrets(
     State(state): State<AppState>,
     WorkerCaller(worker): WorkerCaller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<TaskSecretsRequest>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::new(ErrorCode::AttemptNotFound, format!("no attempt {id}"));

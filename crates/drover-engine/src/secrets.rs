@@ -41,7 +41,13 @@ impl Engine {
         if !may_run(&attempt.agent) {
             return Err(EngineError::AgentNotAllowed(attempt.agent));
         }
-        let held = matches!(attempt.status, StageStatus::Dispatched | StageStatus::Running);
+        // The dispatcher publishes before it marks an attempt dispatched (the outbox relay),
+        // so a fast worker may ask while the store still says pending: the exact fencing
+        // token is what proves the task is the current one.
+        let held = matches!(
+            attempt.status,
+            StageStatus::Pending | StageStatus::Dispatched | StageStatus::Running
+        );
         if !held || attempt.fencing_token != request.token {
             return Err(EngineError::StaleAttempt {
                 attempt: attempt.id,

@@ -33,6 +33,7 @@ type Seen = (i64, String);
 
 fn config(data_dir: &std::path::Path) -> Config {
     let mut config = common::config(data_dir);
+    common::room_for_many_runs(&mut config);
     config.auth.rate_limit_per_minute = 1_000_000;
     config.auth.ip_rate_limit_per_minute = 1_000_000;
     config.agents = BTreeMap::from([quick_agent()]);

@@ -25,6 +25,16 @@ pub(crate) fn config(data_dir: &std::path::Path) -> Config {
     config
 }
 
+/// Room for a port block per run when hundreds of runs are submitted at once (each run
+/// gets an environment of its own, and a submission with no free block is refused): the
+/// whole default range in blocks of one port. Only for tests whose environments run no
+/// services, so nothing ever listens on those ports and tests sharing them cannot clash.
+pub(crate) fn room_for_many_runs(config: &mut Config) {
+    (config.environments.port_range_start, config.environments.port_range_end) = (20_000, 29_999);
+    config.environments.block_size = 1;
+    assert!(config.services.is_empty(), "runs' environments here must start no service");
+}
+
 /// `quick`: a command agent that prints a line and succeeds.
 pub(crate) fn quick_agent() -> (String, AgentConfig) {
     let agent = AgentConfig {
