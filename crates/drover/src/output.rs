@@ -55,7 +55,14 @@ pub(crate) fn stage_summary(stage: &str, output: &Value) -> String {
     let checked = match stage {
         "scaffold" if output.get("template").is_some() => {
             let name = output.get("template_name").and_then(Value::as_str).unwrap_or("template");
-            format!("{name} template, {} files", list("files"))
+            let lines = match (
+                output.pointer("/summary/lines_added").and_then(Value::as_u64),
+                output.pointer("/summary/lines_removed").and_then(Value::as_u64),
+            ) {
+                (Some(added), Some(removed)) => format!(" (+{added} −{removed})"),
+                _ => String::new(),
+            };
+            return format!("{name} template, {} files{lines}", list("files"));
         }
         "validate" => count("checked")
             .map(|n| {
@@ -335,10 +342,10 @@ mod tests {
         let template = json!({ "template": "hello-world-api", "template_name": "Hello World API",
             "files": ["app.py", "drover.json"],
             "summary": { "text": "2 files changed (+40 −0)" } });
-        assert_eq!(
-            stage_summary("scaffold", &template),
-            "Hello World API template, 2 files · 2 files changed (+40 −0)"
-        );
+        assert_eq!(stage_summary("scaffold", &template), "Hello World API template, 2 files");
+        let counted = json!({ "template": "t", "template_name": "Todo API", "files": ["a"],
+            "summary": { "lines_added": 40, "lines_removed": 0, "text": "1 file changed (+40 −0)" } });
+        assert_eq!(stage_summary("scaffold", &counted), "Todo API template, 1 files (+40 −0)");
         let agent = json!({ "agent": "coder", "exit_code": 0,
             "summary": { "text": "3 files changed (+42 −0), 1234 tokens, $0.0200" } });
         assert_eq!(
