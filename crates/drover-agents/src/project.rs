@@ -155,15 +155,12 @@ impl Toolchains {
     }
 }
 
-/// Whether `program` names an executable file: a path as it is, a bare name on `PATH`.
+/// Whether the bare program name `program` is an executable file on `PATH`.
 pub(crate) fn on_path(program: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| {
         path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    if program.contains('/') {
-        return executable(Path::new(program));
-    }
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
@@ -760,13 +757,17 @@ async fn pytest_imports(workspace: &Path) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// A failure if `argv`'s program is not there, naming it and what needed it.
+/// A failure if `argv`'s program is a bare name not on `PATH`, naming it and what needed
+/// it. A path (`./serve`, relative to the workspace the command runs in) is left to the
+/// start, which names it if it is not there.
 pub(crate) fn require_program(argv: &[String], what: &str) -> Result<(), AgentFailure> {
     match argv.first() {
-        Some(program) if !on_path(program) => Err(AgentFailure::permanent(format!(
-            "`{program}` is not on PATH (or not executable): it is needed to {what} (`{}`)",
-            shown(argv)
-        ))),
+        Some(program) if !program.contains('/') && !on_path(program) => {
+            Err(AgentFailure::permanent(format!(
+                "`{program}` is not on PATH (or not executable): it is needed to {what} (`{}`)",
+                shown(argv)
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -1074,6 +1075,7 @@ mod tests {
     #[test]
     fn a_program_missing_from_path_is_named_with_what_needed_it() {
         assert!(require_program(&argv(&["python3", "app.py"]), "start the app").is_ok());
+        assert!(require_program(&argv(&["./serve"]), "start the app").is_ok(), "a path");
         let err =
             require_program(&argv(&["no-such-tool-here", "run"]), "start the app").unwrap_err();
         assert_eq!(
