@@ -1,5 +1,6 @@
 //! What a stage attempt produced besides its result: for a workspace that is a git work
-//! tree, the diff the attempt made, kept beside its log as `<stage>.<attempt>.diff`.
+//! tree, the diff the attempt made, kept beside its log as `<stage>.<attempt>.diff`, and
+//! what it changed file by file (for the stage's summary, [`crate::changes`]).
 //!
 //! The workspace is snapshotted as a git tree before and after the attempt through a
 //! private index file, so the user's index, branch and stash are never touched, and
@@ -9,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use drover_domain::Redactor;
 use tokio::process::Command;
+
+use crate::changes::Changes;
 
 /// A workspace's content as a git tree, taken before an attempt.
 pub(crate) struct Snapshot {
@@ -30,26 +33,35 @@ impl Snapshot {
     }
 
     /// Writes what changed since the snapshot to `out` (nothing if nothing changed), with
-    /// `redact`'s values replaced; returns whether a diff was written.
-    pub(crate) async fn diff_into(self, out: &Path, redact: &Redactor) -> bool {
-        let written = async {
+    /// `redact`'s values replaced, and says what changed, file by file (`None` if git
+    /// could not tell).
+    pub(crate) async fn finish(self, out: &Path, redact: &Redactor) -> Option<Changes> {
+        let changes = async {
             let after = write_tree(&self.workspace, &self.index).await?;
             if after == self.tree {
-                return None;
+                return Some(Changes { files: Vec::new(), complete: true });
             }
+            let diff_tree = |format: &'static str| {
+                let mut command = git(&self.workspace, &self.index);
+                command.args(["diff-tree", "-r", "--no-renames", format, "-z", &self.tree, &after]);
+                command
+            };
             let output = git(&self.workspace, &self.index)
                 .args(["diff-tree", "-p", "--binary", &self.tree, &after])
                 .output()
                 .await
                 .ok()?;
-            (output.status.success() && !output.stdout.is_empty()).then_some(output.stdout)
+            if output.status.success() && !output.stdout.is_empty() {
+                let _ = tokio::fs::write(out, redact.redact_bytes(&output.stdout)).await;
+            }
+            let name_status = diff_tree("--name-status").output().await.ok()?;
+            let numstat = diff_tree("--numstat").output().await.ok()?;
+            (name_status.status.success() && numstat.status.success())
+                .then(|| crate::changes::from_git(&name_status.stdout, &numstat.stdout))
         }
         .await;
         let _ = tokio::fs::remove_file(&self.index).await;
-        match written {
-            Some(diff) => tokio::fs::write(out, redact.redact_bytes(&diff)).await.is_ok(),
-            None => false,
-        }
+        changes
     }
 }
 
@@ -118,7 +130,14 @@ mod tests {
         std::fs::write(ws.join("new.txt"), "new\n").unwrap();
         std::fs::write(ws.join("secret.env"), "KEY=1\n").unwrap();
         let out = dir.path().join("scaffold.1.diff");
-        assert!(snapshot.diff_into(&out, &Redactor::default()).await);
+        let changes = snapshot.finish(&out, &Redactor::default()).await.unwrap();
+        let changed: Vec<(&str, Option<u64>)> =
+            changes.files.iter().map(|f| (f.path.as_str(), f.added)).collect();
+        assert_eq!(
+            changed,
+            [("a.txt", Some(1)), ("new.txt", Some(1))],
+            "before.txt was there before"
+        );
 
         let diff = std::fs::read_to_string(&out).unwrap();
         assert!(diff.contains("+two"), "{diff}");
@@ -148,7 +167,7 @@ mod tests {
         let mut secrets = drover_domain::SecretValues::default();
         secrets.insert("MY_TOKEN", "tok-0123456789");
         let out = dir.path().join("code.1.diff");
-        assert!(snapshot.diff_into(&out, &Redactor::new(&secrets)).await);
+        assert_eq!(snapshot.finish(&out, &Redactor::new(&secrets)).await.unwrap().files.len(), 1);
         let diff = std::fs::read_to_string(&out).unwrap();
         assert!(diff.contains("+TOKEN = '[redacted:MY_TOKEN]'"), "{diff}");
         assert!(!diff.contains("tok-0123456789"), "{diff}");
@@ -160,6 +179,8 @@ mod tests {
         assert!(Snapshot::take(dir.path(), &dir.path().join("x.1.log")).await.is_none());
         run(dir.path(), &["init", "-q"]);
         let snapshot = Snapshot::take(dir.path(), &dir.path().join("x.1.log")).await.unwrap();
-        assert!(!snapshot.diff_into(&dir.path().join("x.1.diff"), &Redactor::default()).await);
+        let changes = snapshot.finish(&dir.path().join("x.1.diff"), &Redactor::default()).await;
+        assert_eq!(changes, Some(Changes { files: Vec::new(), complete: true }));
+        assert!(!dir.path().join("x.1.diff").exists());
     }
 }

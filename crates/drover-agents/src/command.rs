@@ -42,6 +42,7 @@ impl CommandAgentRunner {
         let mut env = super::builtin::variables_and_secrets(task);
         env.extend([
             ("DROVER_PROMPT".to_owned(), values.prompt.clone()),
+            ("DROVER_REQUEST".to_owned(), values.request().to_owned()),
             ("DROVER_WORKSPACE".to_owned(), task.workspace.display().to_string()),
             ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
             ("DROVER_STAGE".to_owned(), task.envelope.stage.to_string()),
@@ -110,21 +111,34 @@ fn last_line_json(output: &str) -> Option<Value> {
 /// How many final output lines may hold the JSON result.
 const RESULT_SEARCH_LINES: usize = 8;
 
+/// The request, then the project contract.
+pub(crate) fn with_contract(request: &str) -> String {
+    format!("{}\n\n{}", request.trim_end(), crate::CONTRACT)
+}
+
 /// What `{…}` placeholders stand for in one attempt.
 pub(crate) struct Placeholders {
     prompt: String,
+    /// The stage writes the project: `{prompt}` carries the contract.
+    contract: bool,
     simple: BTreeMap<&'static str, String>,
     variables: BTreeMap<String, String>,
     outputs: BTreeMap<String, Value>,
 }
 
 impl Placeholders {
+    /// The attempt's values. `{prompt}` is the run's request, followed by the project
+    /// [`CONTRACT`](crate::CONTRACT) when the stage writes the project; `{request}` is the
+    /// request alone.
     pub(crate) fn of(task: &AgentTask) -> Self {
         let envelope = &task.envelope;
-        let prompt =
+        let request =
             envelope.payload.get("request").and_then(Value::as_str).unwrap_or("").to_owned();
+        let contract = envelope.context.project_contract;
+        let prompt = if contract { with_contract(&request) } else { request.clone() };
         let simple = BTreeMap::from([
             ("prompt", prompt.clone()),
+            ("request", request),
             ("workspace", task.workspace.display().to_string()),
             ("run_id", envelope.run_id.to_string()),
             ("stage", envelope.stage.to_string()),
@@ -132,10 +146,21 @@ impl Placeholders {
         ]);
         Self {
             prompt,
+            contract,
             simple,
             variables: envelope.context.variables.clone(),
             outputs: envelope.context.outputs.clone(),
         }
+    }
+
+    /// The run's request, without the contract.
+    pub(crate) fn request(&self) -> &str {
+        self.simple.get("request").map_or("", String::as_str)
+    }
+
+    /// Whether `{prompt}` carries the project contract.
+    pub(crate) fn has_contract(&self) -> bool {
+        self.contract
     }
 
     /// Replaces every known `{name}`; unknown ones are left as written. Values are
@@ -193,8 +218,10 @@ mod tests {
     fn placeholders() -> Placeholders {
         Placeholders {
             prompt: "Hello {World}".into(),
+            contract: false,
             simple: BTreeMap::from([
                 ("prompt", "Hello {World}".into()),
+                ("request", "Hello {World}".into()),
                 ("stage", "scaffold".into()),
             ]),
             variables: BTreeMap::from([("PORT".into(), "8080".into())]),

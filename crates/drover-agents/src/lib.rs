@@ -7,17 +7,24 @@
 //! Tasks name their project's secrets; the pool fetches the values from its
 //! [`TaskSecrets`] when it runs one (the vault in a server, the API in `drover worker`).
 //! The built-in agents ([`builtin`]) work offline: they scaffold a project from a template
-//! catalog, validate it, run it end to end, run its tests and deploy it. Agents defined
-//! in the config run a command ([`CommandAgentRunner`]) or the template scaffolder.
+//! catalog, validate it, run it end to end, run its tests and deploy it, whoever wrote it:
+//! what its `drover.json` says, completed by detection of the project (`project`) where it
+//! says nothing. Agents defined in the config run a command ([`CommandAgentRunner`]), a
+//! model (`llm`) or the template scaffolder; a stage that writes the project (`contract`)
+//! gives its agent the project [`CONTRACT`] in its prompt.
 
 mod artifacts;
 pub mod builtin;
+mod changes;
 mod command;
 mod llm;
 mod manifest;
 pub mod policy;
+mod project;
 mod stage_log;
+mod summary;
 pub mod templates;
+mod walk;
 mod worker;
 
 use std::path::PathBuf;
@@ -29,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use command::CommandAgentRunner;
 pub use llm::{ChatReply, KeySource, LlmAgentRunner};
-pub use manifest::{Check, MANIFEST_FILE, Manifest, ManifestError};
+pub use manifest::{CONTRACT, Check, MANIFEST_FILE, Manifest, ManifestError, ManifestFile};
 pub use stage_log::StageLog;
 pub use worker::{WorkerPool, WorkerPoolConfig};
 

@@ -251,7 +251,12 @@ impl ToolCall {
 impl LlmAgentRunner {
     async fn execute(&self, task: &AgentTask) -> Result<Value, AgentFailure> {
         let values = Placeholders::of(task);
-        let prompt = values.expand(&self.spec.prompt);
+        let mut prompt = values.expand(&self.spec.prompt);
+        // A stage that writes the project tells the model the contract even when the
+        // agent's prompt does not use `{prompt}`.
+        if values.has_contract() && !prompt.contains(crate::CONTRACT) {
+            prompt = crate::command::with_contract(&prompt);
+        }
         let system = self.spec.system.as_deref().map(|s| values.expand(s));
         // The project's secrets first, then wherever the runner reads keys from.
         let key = match &self.spec.api_key_env {
@@ -319,6 +324,11 @@ impl LlmAgentRunner {
                 "usage": usage,
             },
         });
+        let tools_run: usize = turns
+            .iter()
+            .filter_map(|turn| turn.get("tool_calls").and_then(Value::as_array))
+            .map(Vec::len)
+            .sum();
         if self.spec.run_commands {
             transcript["turns"] = Value::Array(turns);
         }
@@ -337,7 +347,7 @@ impl LlmAgentRunner {
             }
             text.truncate(cut);
         }
-        Ok(json!({
+        let mut output = json!({
             "agent": self.agent_type.as_str(),
             "model": self.spec.model,
             "text": text,
@@ -345,7 +355,11 @@ impl LlmAgentRunner {
             "usage": usage,
             "cached": from_cache,
             "transcript": transcript_path.display().to_string(),
-        }))
+        });
+        if self.spec.run_commands {
+            output["tools_run"] = json!(tools_run);
+        }
+        Ok(output)
     }
 
     fn request(&self, system: Option<&str>, prompt: &str) -> (String, Value) {

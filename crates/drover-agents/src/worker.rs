@@ -16,6 +16,9 @@
 //! running finish with the agent they started with; a new type gets a consume loop; a type
 //! no longer present has its intake closed (its running tasks finish normally). The agent
 //! types the presence loop announces follow the set.
+//!
+//! Around every attempt the worker records what the agent did to the workspace (its diff,
+//! and the files and lines it changed) and adds the stage's summary to the result.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -411,7 +414,7 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         secrets,
     };
     tracing::info!("stage started");
-    let snapshot = crate::artifacts::Snapshot::take(&task.workspace, task.log.path()).await;
+    let before = crate::changes::Before::take(&task.workspace, task.log.path()).await;
     let protected =
         crate::policy::ProtectedFiles::take(&task.workspace, &task.envelope.context.policy).await;
     let deadline_after_cancel = async {
@@ -441,8 +444,12 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
             tracing::info!(files = kept, "declared outputs kept");
         }
     }
-    if let Some(snapshot) = snapshot {
-        snapshot.diff_into(&task.log.path().with_extension("diff"), &redactor).await;
+    let changes = match before {
+        Some(before) => before.finish(&task.log.path().with_extension("diff"), &redactor).await,
+        None => None,
+    };
+    if let Some(result) = &mut result {
+        summarize_into(&task.log, result, changes.as_ref()).await;
     }
     heartbeat.abort();
     shared.running().remove(&attempt_id);
@@ -462,6 +469,26 @@ async fn execute(shared: &Shared, agent: &dyn Agent, delivery: Delivery) {
         _ => tracing::info!("stage cancelled"),
     }
     delivery.handle.ack().await;
+}
+
+/// Says in the log what the attempt's agent did (files, lines, tools, tokens, cost) and,
+/// for a success, adds it to the output as `summary`.
+async fn summarize_into(
+    log: &StageLog,
+    result: &mut AgentResult,
+    changes: Option<&crate::changes::Changes>,
+) {
+    let reported = match result {
+        AgentResult::Succeeded { output } => output.clone(),
+        AgentResult::Failed { .. } => serde_json::Value::Null,
+    };
+    let Some(summary) = crate::summary::summarize(&reported, changes) else { return };
+    log.line(format!("summary: {}", summary.text)).await;
+    if let AgentResult::Succeeded { output: serde_json::Value::Object(fields) } = result
+        && let Ok(summary) = serde_json::to_value(&summary)
+    {
+        fields.insert("summary".to_owned(), summary);
+    }
 }
 
 /// The values of the secrets `envelope` names, from the pool's source (nothing to fetch

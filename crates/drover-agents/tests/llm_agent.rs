@@ -428,3 +428,50 @@ async fn a_command_the_model_proposes_runs_only_if_the_stage_allows_it() {
         AgentResult::Succeeded { output } => panic!("ran a command without a policy: {output}"),
     }
 }
+
+#[tokio::test]
+async fn a_stage_that_writes_the_project_gives_the_model_the_contract_after_the_request() {
+    let seen: Seen = Arc::default();
+    let addr = model_api(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = task(dir.path(), "Hello World API");
+    task.envelope.context.project_contract = true;
+    let runner = agent(LlmProvider::Openai, format!("http://{addr}/v1"), "OPENAI_KEY_OK");
+    assert!(matches!(runner.run(&task).await, AgentResult::Succeeded { .. }));
+    let (_, body) = seen.lock().unwrap()[0].clone();
+    let user = body["messages"][1]["content"].as_str().unwrap();
+    assert_eq!(
+        user,
+        format!("Make a plan for: Hello World API\n\n{}", drover_agents::CONTRACT),
+        "the request, then the contract"
+    );
+
+    // An agent whose prompt does not use `{prompt}` still gets it, after its own text.
+    let mut fixed = LlmAgent {
+        provider: LlmProvider::Openai,
+        base_url: format!("http://{addr}/v1"),
+        model: "tiny".into(),
+        api_key_env: Some("OPENAI_KEY_OK".into()),
+        system: None,
+        prompt: "Write a greeter.".into(),
+        max_tokens: 256,
+        cache_ttl: None,
+        run_commands: false,
+        max_turns: 8,
+    };
+    let runner = LlmAgentRunner::new(AgentType::parse("writer").unwrap(), fixed.clone())
+        .with_keys(Arc::new(keys));
+    assert!(matches!(runner.run(&task).await, AgentResult::Succeeded { .. }));
+    let (_, body) = seen.lock().unwrap()[1].clone();
+    let user = body["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(user, format!("Write a greeter.\n\n{}", drover_agents::CONTRACT));
+
+    // Elsewhere the prompt is the agent's own.
+    task.envelope.context.project_contract = false;
+    fixed.prompt = "{prompt}".into();
+    let runner =
+        LlmAgentRunner::new(AgentType::parse("writer").unwrap(), fixed).with_keys(Arc::new(keys));
+    assert!(matches!(runner.run(&task).await, AgentResult::Succeeded { .. }));
+    let (_, body) = seen.lock().unwrap()[2].clone();
+    assert_eq!(body["messages"][0]["content"], "Hello World API");
+}

@@ -103,6 +103,7 @@ pub(crate) async fn pipelines(
                     allowed_commands: stage.policy.allowed_commands.clone(),
                     protected_paths: stage.policy.protected_paths.clone(),
                     outputs: stage.outputs.clone(),
+                    contract: stage.contract,
                 })
                 .collect(),
         })

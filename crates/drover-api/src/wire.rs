@@ -462,6 +462,9 @@ pub struct StageView {
     /// Files it declares as outputs.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Whether its agent writes the project (its prompt carries the project contract).
+    #[serde(default)]
+    pub contract: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

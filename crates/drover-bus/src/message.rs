@@ -51,6 +51,10 @@ pub struct WorkflowContext {
     /// copied into the attempt's artifacts by the worker.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output_files: Vec<String>,
+    /// The stage writes the project (`contract` in its spec): the agent's prompt carries
+    /// the project contract.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub project_contract: bool,
     /// The names of the project's secrets, never their values: the broker carries this
     /// envelope in clear. The worker fetches the values when it runs the attempt (from the
     /// vault in a server, over the authenticated API in `drover worker`), hands them to the

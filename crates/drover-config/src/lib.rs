@@ -833,6 +833,16 @@ timeout = "20m"
 [[pipelines.mine.stages]]
 name = "review"
 agent = "coder"
+
+[pipelines.spec-first]
+extends = "sdlc"
+[[pipelines.spec-first.stages]]
+name = "scaffold"
+contract = false
+[[pipelines.spec-first.stages]]
+name = "code"
+agent = "coder"
+contract = true
 "#,
             )?;
             let config = load_in(jail).expect("valid");
@@ -858,6 +868,12 @@ agent = "coder"
             assert_eq!(mine.stages[0].timeout, Duration::from_secs(1200));
             assert_eq!(mine.stages[0].max_attempts, sdlc.stages[0].max_attempts, "inherited");
             assert_eq!(mine.stages[1], sdlc.stages[1], "untouched stages are the base's");
+            // The stage that writes the project keeps the contract with another agent.
+            assert!(mine.stages[0].contract && !mine.stages[5].contract);
+            let spec_first = catalog.get("spec-first").unwrap();
+            let authors: Vec<&str> =
+                spec_first.stages.iter().filter(|s| s.contract).map(|s| s.name.as_str()).collect();
+            assert_eq!(authors, ["code"]);
             Ok(())
         });
     }

@@ -104,6 +104,9 @@ pub struct StageConfig {
     pub policy: Option<PolicyConfig>,
     /// Files the stage produces (workspace-relative paths or globs), kept as artifacts.
     pub outputs: Option<Vec<String>>,
+    /// The stage's agent writes the project: its prompt carries the project contract
+    /// (default: on for `sdlc`'s `scaffold`, off elsewhere).
+    pub contract: Option<bool>,
 }
 
 /// `policy = { allowed_commands = [...], protected_paths = [...] }` of a stage.
@@ -421,6 +424,9 @@ fn apply_stage_fields(
     }
     if let Some(approval) = stage.approval {
         spec.approval = approval;
+    }
+    if let Some(contract) = stage.contract {
+        spec.contract = contract;
     }
     if let Some(when) = &stage.when {
         spec.when = if when.trim().is_empty() {

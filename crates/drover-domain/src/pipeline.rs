@@ -67,6 +67,11 @@ pub struct StageSpec {
     /// Files (workspace-relative paths or globs) the stage produces, kept as artifacts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// The stage's agent writes the project the later stages start, test and deploy: its
+    /// prompt carries the project contract (where to write it, what `drover.json` says).
+    /// The built-in `sdlc` sets it on `scaffold`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contract: bool,
 }
 
 impl StageSpec {
@@ -84,6 +89,7 @@ impl StageSpec {
             when: None,
             policy: StagePolicy::default(),
             outputs: Vec::new(),
+            contract: false,
         }
     }
 }
@@ -249,7 +255,7 @@ pub fn sdlc() -> PipelineSpec {
         name: PipelineName::parse("sdlc").expect("built-in pipeline name is a valid slug"),
         description: "scaffold → validate → e2e → integration → deploy".to_owned(),
         stages: vec![
-            stage("scaffold", 120),
+            StageSpec { contract: true, ..stage("scaffold", 120) },
             stage("validate", 120),
             stage("e2e", 180),
             stage("integration", 300),
@@ -666,6 +672,9 @@ mod tests {
     fn sdlc_has_the_five_seed_stages_in_order() {
         let names: Vec<_> = sdlc().stages.iter().map(|s| s.name.to_string()).collect();
         assert_eq!(names, ["scaffold", "validate", "e2e", "integration", "deploy"]);
+        let authors: Vec<_> =
+            sdlc().stages.iter().filter(|s| s.contract).map(|s| s.name.to_string()).collect();
+        assert_eq!(authors, ["scaffold"], "only scaffold writes the project");
     }
 
     #[test]

@@ -152,6 +152,7 @@ pub(crate) async fn envelopes(
                     variables: run.variables.clone(),
                     policy: stage.map(|s| s.policy.clone()).unwrap_or_default(),
                     output_files: stage.map(|s| s.outputs.clone()).unwrap_or_default(),
+                    project_contract: stage.is_some_and(|s| s.contract),
                     secret_names: secret_names
                         .get(&attempt.project_id)
                         .cloned()

@@ -46,27 +46,68 @@ pub(crate) fn between(start: Option<&str>, end: Option<&str>) -> Option<Duration
     end.duration_since(start).ok()
 }
 
-/// A one-line summary of what a stage produced.
+/// A one-line summary of what a stage produced: what a built-in stage checked, the project
+/// it detected (when no `drover.json` said it all), and what the agent did (`summary`: files
+/// and lines changed, tools, tokens, cost).
 pub(crate) fn stage_summary(stage: &str, output: &Value) -> String {
     let count = |key: &str| output.get(key).and_then(Value::as_u64);
-    match stage {
-        "scaffold" => {
+    let list = |key: &str| output.get(key).and_then(Value::as_array).map_or(0, Vec::len);
+    let checked = match stage {
+        "scaffold" if output.get("template").is_some() => {
             let name = output.get("template_name").and_then(Value::as_str).unwrap_or("template");
-            let files = output.get("files").and_then(Value::as_array).map_or(0, Vec::len);
-            format!("{name} template, {files} files")
+            let lines = match (
+                output.pointer("/summary/lines_added").and_then(Value::as_u64),
+                output.pointer("/summary/lines_removed").and_then(Value::as_u64),
+            ) {
+                (Some(added), Some(removed)) => format!(" (+{added} −{removed})"),
+                _ => String::new(),
+            };
+            return format!("{name} template, {} files{lines}", list("files"));
         }
-        "validate" => count("checked").map(|n| format!("{n} files valid")).unwrap_or_default(),
+        "validate" => count("checked")
+            .map(|n| {
+                let mut line = format!("{n} files valid");
+                if list("ran") > 0 {
+                    line.push_str(&format!(", {} toolchain checks passed", list("ran")));
+                }
+                if list("skipped") > 0 {
+                    line.push_str(&format!(", {} skipped", list("skipped")));
+                }
+                line
+            })
+            .unwrap_or_default(),
         "e2e" => output
             .get("checks")
             .and_then(Value::as_array)
             .map(|checks| format!("{} checks passed", checks.len()))
             .unwrap_or_default(),
-        "integration" => {
-            count("tests_run").map(|n| format!("{n} tests passed")).unwrap_or_default()
-        }
+        "integration" => match (count("tests_run"), count("links")) {
+            (Some(n), _) => format!("{n} tests passed"),
+            (None, Some(links)) => format!("{links} local links resolve"),
+            (None, None) => output
+                .get("command")
+                .and_then(Value::as_str)
+                .map(|command| format!("`{command}` passed"))
+                .unwrap_or_default(),
+        },
         "deploy" => output.get("url").and_then(Value::as_str).unwrap_or_default().to_owned(),
         _ => String::new(),
-    }
+    };
+    let project = output.get("project").and_then(|project| {
+        let source = project.get("source").and_then(Value::as_str)?;
+        if source == "drover.json" {
+            return None;
+        }
+        let kind = project.get("kind").and_then(Value::as_str).unwrap_or("project");
+        Some(format!("{kind} ({source})"))
+    });
+    let did = output.pointer("/summary/text").and_then(Value::as_str).map(str::to_owned);
+    [project, Some(checked), did]
+        .into_iter()
+        .flatten()
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 /// Live per-stage progress of a run: spinners on a terminal, plain lines otherwise,
@@ -287,5 +328,48 @@ pub(crate) fn run_headline(run: &RunView) -> String {
             run.id,
             run.error.as_deref().map(|e| format!(": {}", first_line(e))).unwrap_or_default()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::stage_summary;
+
+    #[test]
+    fn a_scaffold_by_an_agent_says_what_it_did_not_which_template() {
+        let template = json!({ "template": "hello-world-api", "template_name": "Hello World API",
+            "files": ["app.py", "drover.json"],
+            "summary": { "text": "2 files changed (+40 −0)" } });
+        assert_eq!(stage_summary("scaffold", &template), "Hello World API template, 2 files");
+        let counted = json!({ "template": "t", "template_name": "Todo API", "files": ["a"],
+            "summary": { "lines_added": 40, "lines_removed": 0, "text": "1 file changed (+40 −0)" } });
+        assert_eq!(stage_summary("scaffold", &counted), "Todo API template, 1 files (+40 −0)");
+        let agent = json!({ "agent": "coder", "exit_code": 0,
+            "summary": { "text": "3 files changed (+42 −0), 1234 tokens, $0.0200" } });
+        assert_eq!(
+            stage_summary("scaffold", &agent),
+            "3 files changed (+42 −0), 1234 tokens, $0.0200"
+        );
+        assert_eq!(stage_summary("scaffold", &json!({ "agent": "coder" })), "");
+    }
+
+    #[test]
+    fn the_checking_stages_say_what_they_detected() {
+        let validate = json!({ "checked": 3, "ran": ["node --check server.js"], "skipped": [],
+            "project": { "kind": "node", "source": "detected" } });
+        assert_eq!(
+            stage_summary("validate", &validate),
+            "node (detected) · 3 files valid, 1 toolchain checks passed"
+        );
+        let links = json!({ "links": 4, "project": { "kind": "static", "source": "detected" } });
+        assert_eq!(
+            stage_summary("integration", &links),
+            "static (detected) · 4 local links resolve"
+        );
+        let manifest =
+            json!({ "tests_run": 2, "project": { "kind": "python", "source": "drover.json" } });
+        assert_eq!(stage_summary("integration", &manifest), "2 tests passed");
     }
 }

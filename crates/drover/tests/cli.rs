@@ -564,7 +564,11 @@ agent = "fake-coder"
     let id = run["id"].as_str().unwrap();
     let logs =
         stdout(&run_ok(drover(dir.path()).args(["runs", "logs", id, "--stage", "scaffold"])));
-    assert!(logs.contains("fake-coder: asked to build 'Hello World API'"), "{logs}");
+    // As sdlc's scaffold, the agent's `{prompt}` is the request and the project contract.
+    assert!(
+        logs.contains(r"fake-coder: asked to build 'Hello World API\n\nProject contract (drover):"),
+        "{logs}"
+    );
     assert!(logs.contains("fake-coder: model tiny-for-scaffold"), "{logs}");
 
     let artifacts = stdout(&run_ok(drover(dir.path()).args(["runs", "artifacts", id])));

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use super::e2e::app_command;
 use super::probe;
-use crate::{Agent, AgentFailure, AgentTask, Manifest, into_result};
+use crate::project::require_program;
+use crate::{Agent, AgentFailure, AgentTask, into_result};
 
 pub struct DeployAgent {
     agent_type: AgentType,
@@ -46,12 +47,12 @@ impl Agent for DeployAgent {
 impl DeployAgent {
     async fn deploy(&self, task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
         let run = task.envelope.run_id;
-        let manifest = Manifest::load(&task.workspace)
-            .await
-            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+        let project = super::project(task).await?;
+        let start = project.start()?;
+        require_program(start, "start the app")?;
         let port =
             free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
-        let mut spec = app_command(&manifest, task, port);
+        let mut spec = app_command(start, task, port);
         // The app outlives this attempt: it writes to the run's app log.
         spec.log_path = task.log.path().parent().unwrap_or(Path::new(".")).join("app.log");
         let base = format!("http://127.0.0.1:{port}");
@@ -62,14 +63,14 @@ impl DeployAgent {
             run,
             command: spec,
             port,
-            health_path: manifest.health_path.clone(),
+            health_path: project.health_path.clone(),
         };
         let deployment = self.apps.deploy(launch).await.map_err(AgentFailure::permanent)?;
         if let Some(environment) = &deployment.environment {
             task.log.line(format!("the app is a service of environment `{environment}`")).await;
         }
 
-        let health_url = format!("{base}{}", manifest.health_path);
+        let health_url = format!("{base}{}", project.health_path);
         let log_path = deployment.log_path.display().to_string();
         let apps = self.apps.clone();
         let ready_in = probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
@@ -97,6 +98,7 @@ impl DeployAgent {
             "pid": deployment.pid,
             "ready_ms": u64::try_from(ready_in.as_millis()).unwrap_or(u64::MAX),
             "log_path": deployment.log_path.display().to_string(),
+            "project": project.to_json(),
         }))
     }
 }

@@ -1,5 +1,6 @@
 //! The e2e agent: starts the app on a free port, waits for its health probe, runs the
-//! manifest's checks against it, and stops it (its whole process group).
+//! project's checks against it (its manifest's, or those detection planned), and stops it
+//! (its whole process group).
 
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use drover_env::{CommandSpec, ProcessError, free_port, spawn_logged};
 use serde_json::json;
 
 use super::probe;
-use crate::{Agent, AgentFailure, AgentTask, Manifest, into_result};
+use crate::project::require_program;
+use crate::{Agent, AgentFailure, AgentTask, into_result};
 
 pub struct E2eAgent {
     agent_type: AgentType,
@@ -42,12 +44,12 @@ impl Agent for E2eAgent {
 
 impl E2eAgent {
     async fn e2e(&self, task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
-        let manifest = Manifest::load(&task.workspace)
-            .await
-            .map_err(|err| AgentFailure::permanent(err.to_string()))?;
+        let project = super::project(task).await?;
+        let start = project.start()?;
+        require_program(start, "start the app")?;
         let port =
             free_port().map_err(|err| AgentFailure::transient(format!("no free port: {err}")))?;
-        let spec = app_command(&manifest, task, port);
+        let spec = app_command(start, task, port);
         task.log.line(format!("starting `{}` on port {port}", spec.display())).await;
         // The app gets no secrets, but may print one an earlier stage wrote into the
         // workspace: its output is redacted like any other.
@@ -57,7 +59,7 @@ impl E2eAgent {
         })?;
 
         let base = format!("http://127.0.0.1:{port}");
-        let health_url = format!("{base}{}", manifest.health_path);
+        let health_url = format!("{base}{}", project.health_path);
         let outcome = async {
             let ready_in = probe::wait_healthy(&self.client, &health_url, &task.cancel, || {
                 std::future::ready(match app.try_exited() {
@@ -67,13 +69,14 @@ impl E2eAgent {
             })
             .await?;
             task.log.line(format!("healthy after {} ms", ready_in.as_millis())).await;
-            let results = probe::run_checks(&self.client, &base, &manifest.checks, &task.log).await;
+            let results = probe::run_checks(&self.client, &base, &project.checks, &task.log).await;
             match probe::failed_checks(&results) {
                 Some(failure) => Err(failure),
                 None => Ok(json!({
                     "port": port,
                     "ready_ms": u64::try_from(ready_in.as_millis()).unwrap_or(u64::MAX),
                     "checks": results,
+                    "project": project.to_json(),
                 })),
             }
         }
@@ -84,10 +87,12 @@ impl E2eAgent {
     }
 }
 
-/// The command that starts the app on `port`, writing to the attempt's log: the run
-/// environment's variables (service addresses and the like), then what the app itself
-/// needs (its own `PORT` wins over the environment's).
-pub(super) fn app_command(manifest: &Manifest, task: &AgentTask, port: u16) -> CommandSpec {
+/// The command `start` that starts the app on `port`, writing to the attempt's log: the
+/// run environment's variables (service addresses and the like), then what the app itself
+/// needs (its own `PORT` wins over the environment's). An argument that is exactly `$PORT`
+/// becomes the port, for programs that take it as an argument (nothing goes through a
+/// shell).
+pub(super) fn app_command(start: &[String], task: &AgentTask, port: u16) -> CommandSpec {
     let mut env = super::environment_variables(task);
     env.extend([
         ("PORT".to_owned(), port.to_string()),
@@ -95,10 +100,14 @@ pub(super) fn app_command(manifest: &Manifest, task: &AgentTask, port: u16) -> C
         ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
         ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
         ("DROVER_RUN_ID".to_owned(), task.envelope.run_id.to_string()),
+        // npm would look for a newer npm on the network at each start.
+        ("NPM_CONFIG_UPDATE_NOTIFIER".to_owned(), "false".to_owned()),
     ]);
+    let port = port.to_string();
+    let mut argv = start.iter().map(|arg| if arg == "$PORT" { port.clone() } else { arg.clone() });
     CommandSpec {
-        program: manifest.start[0].clone(),
-        args: manifest.start[1..].to_vec(),
+        program: argv.next().unwrap_or_default(),
+        args: argv.collect(),
         cwd: task.workspace.clone(),
         env,
         log_path: task.log.path().to_path_buf(),

@@ -1,5 +1,8 @@
 //! The built-in agents of the `sdlc` pipeline. They need nothing but Python 3 and work
-//! offline; each reads the project's `drover.json` manifest written by the scaffold stage.
+//! offline; each works on the project the scaffold stage wrote, as its `drover.json`
+//! describes it or, where that says nothing, as detection finds it (`crate::project`).
+//! Other toolchains (node, go, cargo) are used when the project needs them and they are on
+//! `PATH`; a missing one is named.
 
 mod deploy;
 mod e2e;
@@ -64,6 +67,21 @@ pub fn configured_agents(
     agents
 }
 
+/// The project the stage works on, said in its log: what it is and where that came from,
+/// or why there is none.
+async fn project(task: &crate::AgentTask) -> Result<crate::project::Project, crate::AgentFailure> {
+    match crate::project::resolve(&task.workspace).await {
+        Ok(project) => {
+            task.log.line(&project.description).await;
+            Ok(project)
+        }
+        Err(failure) => {
+            task.log.line(&failure.message).await;
+            Err(failure)
+        }
+    }
+}
+
 /// The variables of the run's environment, for the processes an agent starts.
 pub(crate) fn environment_variables(task: &crate::AgentTask) -> Vec<(String, String)> {
     task.envelope.context.variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -77,6 +95,75 @@ pub(crate) fn variables_and_secrets(task: &crate::AgentTask) -> Vec<(String, Str
     let secrets = task.secrets.iter();
     env.extend(secrets.map(|(name, value)| (name.to_owned(), value.to_owned())));
     env
+}
+
+/// Runs `argv` in the workspace, its output into the attempt's log, with the run's
+/// variables and the project's secrets: the project's tests, a toolchain's check.
+async fn run_in_workspace(
+    task: &crate::AgentTask,
+    argv: &[String],
+) -> Result<drover_env::CommandOutput, crate::AgentFailure> {
+    let mut env = variables_and_secrets(task);
+    env.extend([
+        ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
+        ("NPM_CONFIG_UPDATE_NOTIFIER".to_owned(), "false".to_owned()),
+    ]);
+    let spec = drover_env::CommandSpec {
+        program: argv.first().cloned().unwrap_or_default(),
+        args: argv.get(1..).unwrap_or_default().to_vec(),
+        cwd: task.workspace.clone(),
+        env,
+        log_path: task.log.path().to_path_buf(),
+    };
+    drover_env::run_command_redacting(&spec, task.log.redactor(), &task.cancel, None).await.map_err(
+        |err| match err {
+            drover_env::ProcessError::Spawn { .. } => {
+                crate::AgentFailure::permanent(err.to_string())
+            }
+            other => crate::AgentFailure::transient(other.to_string()),
+        },
+    )
+}
+
+/// The last lines of a command's output, for a failure message.
+fn excerpt(output: &str, lines: usize) -> String {
+    let last: Vec<&str> = output.lines().rev().take(lines).collect();
+    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Runs one of drover's own Python scripts in the workspace (`args` after it) and reads
+/// the JSON report it prints last.
+async fn python_report<Report: serde::de::DeserializeOwned>(
+    task: &crate::AgentTask,
+    script: &str,
+    args: &[&str],
+) -> Result<Report, crate::AgentFailure> {
+    let mut argv = vec!["-c".to_owned(), script.to_owned()];
+    argv.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let spec = drover_env::CommandSpec {
+        program: PYTHON.to_owned(),
+        args: argv,
+        cwd: task.workspace.clone(),
+        env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
+        log_path: task.log.path().to_path_buf(),
+    };
+    let output = drover_env::run_command_redacting(&spec, task.log.redactor(), &task.cancel, None)
+        .await
+        .map_err(|err| match err {
+            drover_env::ProcessError::Spawn { .. } => crate::AgentFailure::permanent(format!(
+                "{err} (is Python 3 installed and on PATH?)"
+            )),
+            other => crate::AgentFailure::transient(other.to_string()),
+        })?;
+    output.output_tail.lines().rev().find_map(|line| serde_json::from_str(line).ok()).ok_or_else(
+        || {
+            crate::AgentFailure::transient(format!(
+                "drover's check printed no report (exit {}): {}",
+                output.status,
+                output.output_tail.trim()
+            ))
+        },
+    )
 }
 
 fn agent_type(name: &str) -> AgentType {

@@ -1,13 +1,15 @@
-//! The validate agent: byte-compiles every Python file and parses every JSON file in the
-//! workspace, reporting each failure with its file and line.
+//! The validate agent: byte-compiles every Python file, parses every JSON file and decodes
+//! every HTML file in the workspace, then runs the checks of the project's toolchain
+//! (`node --check`, `go vet`, `cargo check`) where it is on `PATH` (saying so where it is
+//! not), reporting each failure with its file and line.
 
 use async_trait::async_trait;
 use drover_bus::AgentResult;
 use drover_domain::AgentType;
-use drover_env::{CommandSpec, ProcessError, run_command_redacting};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::project::{Validation, shown};
 use crate::{Agent, AgentFailure, AgentTask, into_result};
 
 /// Walks the workspace (skipping hidden and cache directories) and prints one JSON report.
@@ -35,6 +37,13 @@ for root, dirs, files in os.walk("."):
                     json.load(source)
             except ValueError as error:
                 failures.append({"file": path, "line": getattr(error, "lineno", 0), "message": str(error)})
+        elif name.endswith((".html", ".htm")):
+            checked += 1
+            try:
+                with open(path, encoding="utf-8") as source:
+                    source.read()
+            except ValueError as error:
+                failures.append({"file": path, "line": 0, "message": "not UTF-8: %s" % error})
 print(json.dumps({"checked": checked, "failures": failures}))
 "#;
 
@@ -79,52 +88,57 @@ impl Agent for ValidateAgent {
 }
 
 async fn validate(task: &AgentTask) -> Result<serde_json::Value, AgentFailure> {
-    let spec = CommandSpec {
-        program: super::PYTHON.to_owned(),
-        args: vec!["-c".to_owned(), VALIDATE_SCRIPT.to_owned()],
-        cwd: task.workspace.clone(),
-        env: vec![("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned())],
-        log_path: task.log.path().to_path_buf(),
-    };
-    let output = run_command_redacting(&spec, task.log.redactor(), &task.cancel, None)
-        .await
-        .map_err(|err| match err {
-            ProcessError::Spawn { .. } => {
-                AgentFailure::permanent(format!("{err} (is Python 3 installed and on PATH?)"))
+    let project = super::project(task).await?;
+    let report: Report = super::python_report(task, VALIDATE_SCRIPT, &[]).await?;
+    let mut failures: Vec<String> =
+        report.failures.iter().map(|f| format!("{}:{}: {}", f.file, f.line, f.message)).collect();
+    let (mut ran, mut skipped) = (Vec::new(), Vec::new());
+    for step in &project.validation {
+        match step {
+            Validation::Skipped(why) => {
+                task.log.line(format!("skipped: {why}")).await;
+                skipped.push(why.clone());
             }
-            other => AgentFailure::transient(other.to_string()),
-        })?;
-    let report: Report = output
-        .output_tail
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str(line).ok())
-        .ok_or_else(|| {
-            AgentFailure::transient(format!(
-                "the validator printed no report (exit {}): {}",
-                output.status,
-                output.output_tail.trim()
-            ))
-        })?;
-    if report.checked == 0 {
+            Validation::Run(argv) => {
+                let output = super::run_in_workspace(task, argv).await?;
+                if !output.success() {
+                    failures.push(format!(
+                        "`{}` failed ({}): {}",
+                        shown(argv),
+                        output.status,
+                        super::excerpt(&output.output_tail, 10)
+                    ));
+                }
+                ran.push(shown(argv));
+            }
+        }
+    }
+    if report.checked == 0 && ran.is_empty() && skipped.is_empty() {
         return Err(AgentFailure::permanent("the workspace has no source files to validate"));
     }
-    if !report.failures.is_empty() {
-        let listed: Vec<String> = report
-            .failures
-            .iter()
-            .map(|f| format!("{}:{}: {}", f.file, f.line, f.message))
-            .collect();
-        for line in &listed {
+    if !failures.is_empty() {
+        for line in &failures {
             task.log.line(format!("FAIL {line}")).await;
         }
-        return Err(AgentFailure::permanent(format!(
-            "{} of {} files failed validation: {}",
-            report.failures.len(),
-            report.checked,
-            listed.join("; ")
-        )));
+        let toolchain_failures = failures.len() - report.failures.len();
+        let mut counts =
+            format!("{} of {} files failed validation", report.failures.len(), report.checked);
+        if toolchain_failures > 0 {
+            counts.push_str(&format!(
+                ", {toolchain_failures} of {} toolchain checks failed",
+                ran.len()
+            ));
+        }
+        return Err(AgentFailure::permanent(format!("{counts}: {}", failures.join("; "))));
     }
-    task.log.line(format!("{} files valid", report.checked)).await;
-    Ok(json!({ "checked": report.checked, "failures": report.failures }))
+    task.log
+        .line(format!("{} files valid; {} toolchain checks passed", report.checked, ran.len()))
+        .await;
+    Ok(json!({
+        "checked": report.checked,
+        "failures": report.failures,
+        "ran": ran,
+        "skipped": skipped,
+        "project": project.to_json(),
+    }))
 }
